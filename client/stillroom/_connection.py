@@ -1,0 +1,129 @@
+"""The SDK's one connection to a server: a gRPC channel driven by a background event loop.
+
+All clients made from one ServiceClient share it. It sends calls (retrying UNAVAILABLE with
+backoff, which is safe because every model call is idempotent by its request number), long-polls
+futures, and turns gRPC failures into typed errors. It knows nothing of training or sampling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+import threading
+from typing import Any, Awaitable, Callable, Optional, TypeVar
+
+import grpc
+
+from stillroom import errors
+from stillroom._proto import stillroom_pb2 as pb
+from stillroom._proto import stillroom_pb2_grpc as pb_grpc
+from stillroom.futures import APIFuture
+
+T = TypeVar("T")
+logger = logging.getLogger("stillroom")
+
+MAX_MESSAGE_BYTES = 1 << 30
+POLL_SECONDS = 20.0
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+def normalize_target(base_url: str) -> str:
+    for scheme in ("grpc://", "http://", "stillroom://"):
+        if base_url.startswith(scheme):
+            base_url = base_url[len(scheme):]
+    return base_url.rstrip("/")
+
+
+class Connection:
+    def __init__(self, base_url: str, api_key: Optional[str], max_retries: int = 6) -> None:
+        self.target = normalize_target(base_url)
+        self.max_retries = max_retries
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="stillroom-connection")
+        self._thread.start()
+        self._channel: grpc.aio.Channel = self.run(self._open())
+        self.stub = pb_grpc.StillroomStub(self._channel)
+
+    async def _open(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+
+    # ---------------------------------------------------------------- running coroutines
+
+    def spawn(self, coro: Awaitable[T]) -> "concurrent.futures.Future[T]":
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Awaitable[T], timeout: Optional[float] = None) -> T:
+        return self.spawn(coro).result(timeout)
+
+    async def run_async(self, coro: Awaitable[T]) -> T:
+        return await asyncio.wrap_future(self.spawn(coro))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self.run(self._channel.close(), timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    # ---------------------------------------------------------------- calls
+
+    async def call(self, method: str, request: Any, timeout: Optional[float] = 60.0) -> Any:
+        """One unary call, retried with jittered backoff while the server is UNAVAILABLE."""
+        rpc = getattr(self.stub, method)
+        delay = 0.1
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await rpc(request, metadata=self._metadata, timeout=timeout)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_retries:
+                    raise errors.from_rpc_error(error) from None
+                logger.warning("%s: server unavailable (%s); retrying in %.1fs", method,
+                               error.details(), delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    async def wait_for(self, request_id: str) -> pb.FutureResult:
+        """Long-poll a future until it is done; raise its error if it failed."""
+        while True:
+            result = await self.call(
+                "RetrieveFuture",
+                pb.RetrieveFutureRequest(request_id=request_id, timeout_seconds=POLL_SECONDS),
+                timeout=POLL_SECONDS + 30,
+            )
+            if result.status == pb.DONE:
+                return result
+            if result.status == pb.FAILED:
+                raise errors.error_for(result.error.code, result.error.message, request_id)
+
+    def submit(self, send: Callable[[], Awaitable[pb.FutureRef]],
+               parse: Callable[[pb.FutureResult], T]) -> APIFuture[T]:
+        """Send a request with `send` and return an APIFuture for its parsed result."""
+        submitted: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+        async def send_then_poll() -> T:
+            try:
+                ref = await send()
+            except BaseException as error:
+                submitted.set_exception(error)
+                raise
+            submitted.set_result(ref.request_id)
+            return parse(await self.wait_for(ref.request_id))
+
+        return APIFuture(self.spawn(send_then_poll()), submitted)
+
+    async def submit_async(self, send: Callable[[], Awaitable[pb.FutureRef]],
+                           parse: Callable[[pb.FutureResult], T]) -> APIFuture[T]:
+        """Like `submit`, but return only once the server has accepted the request."""
+        future = self.submit(send, parse)
+        await asyncio.wrap_future(future._submitted)
+        return future

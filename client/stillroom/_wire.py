@@ -1,0 +1,128 @@
+"""Conversions between the SDK's pydantic types and the protobuf messages on the wire.
+
+Tensors travel as packed little-endian bytes (int64 or float32), built with the standard `array`
+module so the SDK needs neither numpy nor torch. This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from array import array
+from typing import Sequence
+
+from stillroom import types
+from stillroom._proto import stillroom_pb2 as pb
+
+_TYPECODES = {pb.INT64: "q", pb.FLOAT32: "f"}
+_DTYPE_TO_PB = {"int64": pb.INT64, "float32": pb.FLOAT32}
+_PB_TO_DTYPE = {pb.INT64: "int64", pb.FLOAT32: "float32"}
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def pack(values: Sequence[float] | Sequence[int], dtype: str, shape: Sequence[int] | None = None) -> pb.Tensor:
+    code = _DTYPE_TO_PB[dtype]
+    buffer = array(_TYPECODES[code], values)
+    if _BIG_ENDIAN:
+        buffer.byteswap()
+    return pb.Tensor(dtype=code, shape=list(shape) if shape is not None else [len(buffer)],
+                     data=buffer.tobytes())
+
+
+def unpack(tensor: pb.Tensor) -> list:
+    """The flat values of a packed tensor, as a Python list."""
+    if tensor.dtype not in _TYPECODES:
+        raise ValueError(f"tensor has unknown dtype {tensor.dtype}")
+    buffer = array(_TYPECODES[tensor.dtype])
+    buffer.frombytes(tensor.data)
+    if _BIG_ENDIAN:
+        buffer.byteswap()
+    return buffer.tolist()
+
+
+def tensor_to_pb(tensor: types.TensorData) -> pb.Tensor:
+    return pack(tensor.data, tensor.dtype, tensor.shape)
+
+
+def tensor_from_pb(tensor: pb.Tensor) -> types.TensorData:
+    return types.TensorData(data=unpack(tensor), dtype=_PB_TO_DTYPE[tensor.dtype],
+                            shape=list(tensor.shape))
+
+
+def model_input_to_pb(model_input: types.ModelInput) -> pb.ModelInput:
+    return pb.ModelInput(chunks=[
+        pb.ModelInputChunk(encoded_text=pb.EncodedTextChunk(tokens=pack(chunk.tokens, "int64")))
+        for chunk in model_input.chunks
+    ])
+
+
+def datum_to_pb(datum: types.Datum) -> pb.Datum:
+    return pb.Datum(
+        model_input=model_input_to_pb(datum.model_input),
+        loss_fn_inputs={key: tensor_to_pb(value) for key, value in datum.loss_fn_inputs.items()},
+    )
+
+
+def sampling_params_to_pb(params: types.SamplingParams) -> pb.SamplingParams:
+    stop = params.stop
+    if isinstance(stop, str):
+        stop = [stop]
+    conditions = []
+    for item in stop or []:
+        if isinstance(item, str):
+            conditions.append(pb.StopCondition(text=item))
+        else:
+            conditions.append(pb.StopCondition(token=item))
+    message = pb.SamplingParams(
+        max_tokens=-1 if params.max_tokens is None else params.max_tokens,
+        stop=conditions,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+    )
+    if params.seed is not None:
+        message.seed = params.seed
+    return message
+
+
+def adam_params_to_pb(params: types.AdamParams) -> pb.AdamParams:
+    return pb.AdamParams(**params.model_dump())
+
+
+def _nan_to_none(values: list[float]) -> list[float | None]:
+    return [None if math.isnan(v) else v for v in values]
+
+
+def forward_backward_from_pb(result: pb.ForwardBackwardResult) -> types.ForwardBackwardOutput:
+    return types.ForwardBackwardOutput(
+        loss_fn_outputs=[{key: tensor_from_pb(t) for key, t in out.tensors.items()}
+                         for out in result.loss_fn_outputs],
+        metrics=dict(result.metrics),
+    )
+
+
+_STOP_REASONS = {pb.STOP: "stop", pb.LENGTH: "length"}
+
+
+def sample_from_pb(result: pb.SampleResult) -> types.SampleResponse:
+    sequences = [
+        types.SampledSequence(tokens=unpack(seq.tokens), logprobs=unpack(seq.logprobs),
+                              stop_reason=_STOP_REASONS[seq.stop_reason])
+        for seq in result.sequences
+    ]
+    prompt_logprobs = None
+    if result.HasField("prompt_logprobs"):
+        prompt_logprobs = _nan_to_none(unpack(result.prompt_logprobs))
+    topk = None
+    if result.HasField("topk_prompt_logprobs"):
+        ids, values = (unpack(result.topk_prompt_logprobs.token_ids),
+                       unpack(result.topk_prompt_logprobs.logprobs))
+        rows, k = result.topk_prompt_logprobs.token_ids.shape
+        topk = [None] + [list(zip(ids[r * k:(r + 1) * k], values[r * k:(r + 1) * k]))
+                         for r in range(1, rows)]
+    return types.SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs,
+                                topk_prompt_logprobs=topk)
+
+
+def logprobs_from_pb(result: pb.ComputeLogprobsResult) -> list[float | None]:
+    return _nan_to_none(unpack(result.logprobs))

@@ -1,0 +1,49 @@
+"""Server configuration: one validated object, from command-line flags and STILLROOM_* variables.
+
+Flags win over variables, variables over defaults. The database defaults to a SQLite file in the
+data directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    database_url: Optional[str] = None
+    device: Literal["cpu", "cuda"] = "cpu"
+    max_num_samples: int = Field(128, ge=1)
+    log_level: str = "INFO"
+    local_models: dict[str, Path] = Field(default_factory=dict)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'stillroom.db'}"
+
+    @classmethod
+    def from_sources(cls, **flags) -> "ServerConfig":
+        """Flags (None = not given) over STILLROOM_<NAME> variables over defaults."""
+        values = {}
+        for name in cls.model_fields:
+            if name == "local_models":
+                continue
+            env = os.environ.get(f"STILLROOM_{name.upper()}")
+            if env is not None:
+                values[name] = env
+        values.update({k: v for k, v in flags.items() if v is not None})
+        values.setdefault("data_dir", Path.home() / ".stillroom")
+        return cls(**values)

@@ -1,0 +1,89 @@
+"""Checkpoint paths and files: `stillroom://<run_id>/<kind>/<name>` <-> a directory in the data dir.
+
+Every checkpoint is a directory of safetensors and JSON files, written under a temporary name and
+renamed into place, so a reader never sees half a checkpoint. Nothing here is ever pickled. This
+module knows the file layout, not who owns what (that is the store's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from stillroom_server.engine.errors import AlreadyExists, InvalidInput, NotFound
+
+SCHEME = "stillroom://"
+KINDS = ("weights", "sampler_weights")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+META_FILE = "stillroom_checkpoint.json"
+
+
+@dataclass(frozen=True)
+class CheckpointPath:
+    run_id: str
+    kind: str
+    name: str
+
+    @property
+    def uri(self) -> str:
+        return f"{SCHEME}{self.run_id}/{self.kind}/{self.name}"
+
+
+def check_name(name: str, field: str = "name") -> str:
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise InvalidInput(f"{field}: '{name[:80]}' is not a valid checkpoint name (1-128 characters "
+                           "of letters, digits, '.', '_' and '-', not starting with a symbol, no '..')")
+    return name
+
+
+def parse(uri: str, field: str = "model_path") -> CheckpointPath:
+    if not uri.startswith(SCHEME):
+        raise InvalidInput(f"{field}: '{uri[:120]}' is not a checkpoint path "
+                           f"({SCHEME}<run_id>/<weights|sampler_weights>/<name>)")
+    parts = uri[len(SCHEME):].split("/")
+    if len(parts) != 3 or parts[1] not in KINDS or not RUN_ID_PATTERN.match(parts[0]):
+        raise InvalidInput(f"{field}: '{uri[:120]}' is not a checkpoint path "
+                           f"({SCHEME}<run_id>/<weights|sampler_weights>/<name>)")
+    return CheckpointPath(parts[0], parts[1], check_name(parts[2], field))
+
+
+class CheckpointFiles:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "checkpoints"
+
+    def directory(self, path: CheckpointPath) -> Path:
+        return self.root / path.run_id / path.kind / path.name
+
+    def exists(self, path: CheckpointPath) -> bool:
+        return (self.directory(path) / META_FILE).exists()
+
+    def write(self, path: CheckpointPath, meta: dict, fill: Callable[[Path], None]) -> int:
+        """Create the checkpoint with `fill(staging_dir)`, then rename it into place; return its size."""
+        target = self.directory(path)
+        if target.exists():
+            raise AlreadyExists(f"name: checkpoint {path.uri} already exists")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=target.parent))
+        try:
+            fill(staging)
+            (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+            for file in staging.iterdir():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return sum(f.stat().st_size for f in target.iterdir())
+
+    def read_meta(self, path: CheckpointPath) -> dict:
+        if not self.exists(path):
+            raise NotFound(f"model_path: checkpoint {path.uri} does not exist")
+        return json.loads((self.directory(path) / META_FILE).read_text())

@@ -1,0 +1,268 @@
+"""The engine facade: training runs and samplers over the hosted base models.
+
+Every method that touches a model is called from the scheduler's one worker thread; `validate_*`
+methods are cheap, touch no weights and may be called from anywhere, before work is accepted.
+The engine knows nothing of gRPC, SQL, owners or request numbering.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stillroom_server.engine import checkpoints, compute, sampler
+from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
+from stillroom_server.engine.losses import LOSSES, get_loss
+from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
+from stillroom_server.engine.models import BaseModel, ModelHost
+from stillroom_server.engine.training import FullRun, TrainingRun
+from stillroom_server.engine.types import (ForwardBackwardResult, ForwardBackwardWork, LogprobsResult,
+                                           LogprobsWork, OptimResult, OptimWork, SampleResult, SampleWork)
+
+logger = logging.getLogger("stillroom.engine")
+MAX_LOADED_FULL_SNAPSHOTS = 4
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True
+
+
+@dataclass
+class Sampler:
+    key: str
+    base: BaseModel
+    adapter: str | None = None              # a LoRA snapshot in the base's host
+    module: torch.nn.Module | None = None   # a full snapshot's own weights
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size
+
+    @property
+    def max_context(self) -> int:
+        return self.base.max_context
+
+
+class Engine:
+    def __init__(self, data_dir: Path, device: str = "cpu", max_num_samples: int = 128,
+                 local_models: dict[str, Path] | None = None) -> None:
+        self.device = torch.device(device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.models = ModelHost(data_dir, self.device, dtype, local_models)
+        self.files = checkpoints.CheckpointFiles(data_dir)
+        self.max_num_samples = max_num_samples
+        self.runs: dict[str, TrainingRun] = {}
+        self._lora_hosts: dict[str, LoraHost] = {}
+        self._samplers: dict[str, Sampler] = {}
+        self._full_snapshots: collections.OrderedDict[str, torch.nn.Module] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- runs
+
+    def create_run(self, run_id: str, base_model: str, lora: LoraSpec | None,
+                   seed: int | None) -> TrainingRun:
+        base = self.models.get(base_model)
+        if lora is None:
+            with torch.random.fork_rng(devices=[]):
+                run: TrainingRun = FullRun(run_id, base, self.device)
+        else:
+            config = lora_config(base, lora.rank, lora.train_mlp, lora.train_attn, lora.train_unembed)
+            run = LoraRun(run_id, base, self._lora_host(base), config, self.device, seed)
+        self.runs[run_id] = run
+        logger.info("created %s run %s on %s (%d trainable parameters)",
+                    "LoRA" if lora else "full", run_id, base_model, run.num_trainable_params())
+        return run
+
+    def get_run(self, run_id: str) -> TrainingRun:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise FailedPrecondition(f"training_run_id: run {run_id} has no weights in this server's "
+                                     "memory (the server restarted since it was created)")
+        return run
+
+    def _lora_host(self, base: BaseModel) -> LoraHost:
+        if base.name not in self._lora_hosts:
+            self._lora_hosts[base.name] = LoraHost(base)
+        return self._lora_hosts[base.name]
+
+    def forward_backward(self, run_id: str, work: ForwardBackwardWork) -> ForwardBackwardResult:
+        return self.get_run(run_id).forward_backward(work)
+
+    def optim_step(self, run_id: str, work: OptimWork) -> OptimResult:
+        return self.get_run(run_id).optim_step(work.adam)
+
+    def save_sampler_weights(self, run_id: str, name: str) -> tuple[str, int]:
+        """Snapshot the run's weights for sampling; return the checkpoint path and its size."""
+        run = self.get_run(run_id)
+        path = checkpoints.CheckpointPath(run_id, "sampler_weights", checkpoints.check_name(name))
+        meta = {"base_model": run.base.name, "kind": "lora" if run.is_lora else "full",
+                "run_id": run_id, "name": name}
+        size = self.files.write(path, meta, run.save_sampler_weights)
+        return path.uri, size
+
+    # ---------------------------------------------------------------- samplers
+
+    def open_sampler(self, base_model: str | None = None, model_path: str | None = None) -> Sampler:
+        """A sampler on a base model or on saved sampler weights, loading them once."""
+        key = f"base:{base_model}" if base_model is not None else f"path:{model_path}"
+        with self._lock:
+            if key in self._samplers:
+                return self._samplers[key]
+        if base_model is not None:
+            opened = Sampler(key, self.models.get(base_model))
+        else:
+            opened = self._open_snapshot(key, checkpoints.parse(model_path))
+        with self._lock:
+            return self._samplers.setdefault(key, opened)
+
+    def _open_snapshot(self, key: str, path: checkpoints.CheckpointPath) -> Sampler:
+        if path.kind != "sampler_weights":
+            raise InvalidInput(f"model_path: {path.uri} is a training state, not sampler weights")
+        meta = self.files.read_meta(path)
+        base = self.models.get(meta["base_model"])
+        if meta["kind"] == "lora":
+            adapter = "snap-" + hashlib.sha1(path.uri.encode()).hexdigest()[:16]
+            self._lora_host(base).load_adapter(adapter, self.files.directory(path))
+            return Sampler(key, base, adapter=adapter)
+        return Sampler(key, base)
+
+    def drop_sampler(self, key: str) -> None:
+        with self._lock:
+            opened = self._samplers.pop(key, None)
+        if opened is not None and opened.adapter is not None:
+            self._lora_host(opened.base).remove_adapter(opened.adapter)
+        self._full_snapshots.pop(key, None)
+
+    def _module_for(self, opened: Sampler) -> torch.nn.Module:
+        if opened.adapter is not None:
+            return self._lora_host(opened.base).activate(opened.adapter)
+        if not opened.key.startswith("path:"):
+            return opened.base.module
+        if opened.key not in self._full_snapshots:
+            self._full_snapshots[opened.key] = self._load_full_snapshot(opened)
+            while len(self._full_snapshots) > MAX_LOADED_FULL_SNAPSHOTS:
+                self._full_snapshots.popitem(last=False)
+        self._full_snapshots.move_to_end(opened.key)
+        return self._full_snapshots[opened.key]
+
+    def _load_full_snapshot(self, opened: Sampler) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        directory = self.files.directory(checkpoints.parse(opened.key[len("path:"):]))
+        module = opened.base.owned_copy(requires_grad=False)
+        state = load_file(str(directory / "model.safetensors"), device=str(self.device))
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+        module.tie_weights()
+        return module.eval()
+
+    def sample(self, opened: Sampler, works: list[SampleWork]) -> list[SampleResult]:
+        module = self._module_for(opened)
+        sequences = sampler.sample(module, works, max_context=opened.max_context,
+                                   eos_ids=opened.base.eos_token_ids, tokenizer=opened.base.tokenizer,
+                                   device=self.device)
+        results = [SampleResult(seqs) for seqs in sequences]
+        wanting = [i for i, w in enumerate(works) if w.include_prompt_logprobs or w.topk_prompt_logprobs]
+        if wanting:
+            topk = max(works[i].topk_prompt_logprobs for i in wanting)
+            scored = compute.sequence_logprobs(module, [works[i].prompt_T for i in wanting],
+                                               self.device, topk)
+            for i, (logprobs_T, ids, values) in zip(wanting, scored):
+                k = works[i].topk_prompt_logprobs
+                results[i].prompt_logprobs_T = logprobs_T if works[i].include_prompt_logprobs else None
+                if k:
+                    results[i].topk_ids_T_K, results[i].topk_logprobs_T_K = ids[:, :k], values[:, :k]
+        return results
+
+    def compute_logprobs(self, opened: Sampler, works: list[LogprobsWork]) -> list[LogprobsResult]:
+        module = self._module_for(opened)
+        scored = compute.sequence_logprobs(module, [w.tokens_T for w in works], self.device)
+        return [LogprobsResult(logprobs_T) for logprobs_T, _, _ in scored]
+
+    # ---------------------------------------------------------------- validation
+
+    def validate_forward_backward(self, run_id: str, work: ForwardBackwardWork) -> None:
+        run = self.get_run(run_id)
+        spec = get_loss(work.loss_fn)
+        spec.resolve_config(work.loss_fn_config)
+        if not work.data:
+            raise InvalidInput("data: at least one datum is needed")
+        allowed = {"target_tokens", *spec.inputs}
+        for i, datum in enumerate(work.data):
+            field = f"data[{i}]"
+            self._check_tokens(datum.tokens_T, f"{field}.model_input", run.base)
+            missing = sorted(allowed - set(datum.inputs))
+            if missing:
+                raise InvalidInput(f"{field}.loss_fn_inputs: missing {missing} for loss '{work.loss_fn}'")
+            extra = sorted(set(datum.inputs) - allowed)
+            if extra:
+                raise InvalidInput(f"{field}.loss_fn_inputs: unexpected {extra} for loss "
+                                   f"'{work.loss_fn}' (expected {sorted(allowed)})")
+            length = datum.tokens_T.shape[0]
+            for key, tensor in datum.inputs.items():
+                if tuple(tensor.shape) != (length,):
+                    raise InvalidInput(f"{field}.loss_fn_inputs.{key}: shape {list(tensor.shape)} does "
+                                       f"not match model_input length {length}")
+                if key == "target_tokens":
+                    self._check_tokens(tensor, f"{field}.loss_fn_inputs.target_tokens", run.base)
+                elif tensor.is_floating_point():
+                    if not torch.isfinite(tensor).all():
+                        raise InvalidInput(f"{field}.loss_fn_inputs.{key}: values must be finite (found NaN or inf)")
+                else:
+                    raise InvalidInput(f"{field}.loss_fn_inputs.{key}: dtype must be float32")
+
+    def validate_sample(self, opened: Sampler, work: SampleWork) -> None:
+        self._check_tokens(work.prompt_T, "prompt", opened.base, allow_full=False)
+        params = work.params
+        if not 1 <= work.num_samples <= self.max_num_samples:
+            raise InvalidInput(f"num_samples: must be between 1 and {self.max_num_samples}, got {work.num_samples}")
+        if params.max_tokens < -1 or params.max_tokens == 0:
+            raise InvalidInput(f"sampling_params.max_tokens: must be >= 1 (or unset), got {params.max_tokens}")
+        if not (math.isfinite(params.temperature) and params.temperature >= 0):
+            raise InvalidInput(f"sampling_params.temperature: must be >= 0, got {params.temperature}")
+        if not (0 < params.top_p <= 1):
+            raise InvalidInput(f"sampling_params.top_p: must be in (0, 1], got {params.top_p}")
+        if params.top_k == 0 or params.top_k < -1:
+            raise InvalidInput(f"sampling_params.top_k: must be -1 (no limit) or >= 1, got {params.top_k}")
+        for token in params.stop_tokens:
+            if not 0 <= token < opened.vocab_size:
+                raise InvalidInput(f"sampling_params.stop: token {token} is outside the vocabulary "
+                                   f"[0, {opened.vocab_size})")
+        if any(not text for text in params.stop_texts):
+            raise InvalidInput("sampling_params.stop: stop strings must not be empty")
+        if not 0 <= work.topk_prompt_logprobs <= 100:
+            raise InvalidInput(f"topk_prompt_logprobs: must be between 0 and 100, got {work.topk_prompt_logprobs}")
+
+    def validate_logprobs(self, opened: Sampler, work: LogprobsWork) -> None:
+        self._check_tokens(work.tokens_T, "prompt", opened.base)
+
+    @staticmethod
+    def _check_tokens(tokens_T: torch.Tensor, field: str, base: BaseModel, allow_full: bool = True) -> None:
+        if tokens_T.dtype != torch.long or tokens_T.dim() != 1:
+            raise InvalidInput(f"{field}: tokens must be a 1-D int64 tensor")
+        length = tokens_T.shape[0]
+        if length == 0:
+            raise InvalidInput(f"{field}: must hold at least one token")
+        limit = base.max_context if allow_full else base.max_context - 1
+        if length > limit:
+            raise InvalidInput(f"{field}: {length} tokens is over the model's limit of {limit} "
+                               f"(context length {base.max_context})")
+        low, high = int(tokens_T.min()), int(tokens_T.max())
+        if low < 0 or high >= base.vocab_size:
+            bad = low if low < 0 else high
+            raise InvalidInput(f"{field}: token id {bad} is outside the vocabulary [0, {base.vocab_size})")
+
+
+def known_losses() -> list[str]:
+    return list(LOSSES)

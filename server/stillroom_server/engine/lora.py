@@ -1,0 +1,113 @@
+"""LoRA runs over one shared, frozen copy of a base model, through PEFT.
+
+Each base model gets one `LoraHost`: a PEFT model built over a structural copy of the base whose
+weights are the base's own tensors. Every LoRA run and every loaded LoRA snapshot is a named
+adapter in that host; `activate` switches the live adapter, so the host is used by one request
+at a time (the scheduler's single worker guarantees that). Adapters are saved and loaded in
+PEFT's own format, which is also the export format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from stillroom_server.engine.errors import InvalidInput
+from stillroom_server.engine.models import BaseModel
+from stillroom_server.engine.training import TrainingRun
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def lora_config(base: BaseModel, rank: int, train_mlp: bool, train_attn: bool,
+                train_unembed: bool) -> LoraConfig:
+    if rank < 1:
+        raise InvalidInput(f"lora.rank must be >= 1, got {rank}")
+    names = {name.rsplit(".", 1)[-1] for name, _ in base.module.named_modules()}
+    targets = [m for m in (ATTENTION_MODULES if train_attn else ()) + (MLP_MODULES if train_mlp else ())
+               if m in names]
+    if train_unembed and "lm_head" in names:
+        targets.append("lm_head")
+    if not targets:
+        raise InvalidInput("lora: train_mlp, train_attn and train_unembed select no module to adapt")
+    return LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0, target_modules=targets,
+                      base_model_name_or_path=str(base.directory))
+
+
+class LoraHost:
+    """One PEFT model per base model, holding every LoRA adapter trained or sampled on it."""
+
+    def __init__(self, base: BaseModel) -> None:
+        self.base = base
+        self.model: PeftModel | None = None
+
+    def add_adapter(self, name: str, config: LoraConfig, seed: int | None) -> None:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            if self.model is None:
+                self.model = get_peft_model(self.base.shared_copy(), config, adapter_name=name)
+            else:
+                self.model.add_adapter(name, config)
+        self.model.to(self.base.module.device)
+
+    def load_adapter(self, name: str, directory: Path) -> None:
+        config = LoraConfig.from_pretrained(str(directory))
+        self.add_adapter(name, config, seed=None)
+        state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(self.base.module.device))
+        set_peft_model_state_dict(self.model, state, adapter_name=name)
+        for param in self.adapter_parameters(name):
+            param.requires_grad_(False)
+
+    def remove_adapter(self, name: str) -> None:
+        self.model.delete_adapter(name)
+
+    def activate(self, name: str) -> torch.nn.Module:
+        self.model.set_adapter(name)
+        return self.model
+
+    def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        marker = f".{name}."
+        return [p for n, p in self.model.named_parameters() if marker in n]
+
+    def save_adapter(self, name: str, directory: Path) -> None:
+        state = get_peft_model_state_dict(self.model, adapter_name=name)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+                  str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        self.model.peft_config[name].save_pretrained(str(directory))
+
+
+class LoraRun(TrainingRun):
+    def __init__(self, run_id: str, base: BaseModel, host: LoraHost, config: LoraConfig,
+                 device: torch.device, seed: int | None) -> None:
+        super().__init__(run_id, base, device)
+        self.host = host
+        self.adapter = f"run-{run_id}"
+        self.config = config
+        host.add_adapter(self.adapter, config, seed)
+        self._params = host.adapter_parameters(self.adapter)
+
+    @property
+    def is_lora(self) -> bool:
+        return True
+
+    @property
+    def lora_rank(self) -> int:
+        return self.config.r
+
+    def activate(self) -> torch.nn.Module:
+        model = self.host.activate(self.adapter)
+        for param in self._params:
+            param.requires_grad_(True)
+        return model
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self._params
+
+    def save_sampler_weights(self, directory: Path) -> None:
+        self.host.save_adapter(self.adapter, directory)

@@ -1,0 +1,110 @@
+"""The built-in token-level losses, as the Tinker SDK defines them: summed, never averaged.
+
+Each loss gets the learner's target-token logprobs `logp_B_T` (with grad), a mask of the real
+(unpadded) positions and the datums' padded inputs, and returns the loss and its metrics. Losses
+know nothing of models or optimizers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from stillroom_server.engine.errors import InvalidInput
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, float]],
+                  tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    name: str
+    inputs: tuple[str, ...]             # required loss_fn_inputs, besides target_tokens
+    config_defaults: dict[str, float]
+    fn: LossFn
+
+    def resolve_config(self, config: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(config) - set(self.config_defaults))
+        if unknown:
+            allowed = ", ".join(sorted(self.config_defaults)) or "none"
+            raise InvalidInput(f"loss_fn_config: unknown key(s) {unknown} for loss '{self.name}' "
+                               f"(allowed: {allowed})")
+        resolved = {**self.config_defaults, **config}
+        for key, value in resolved.items():
+            if not torch.isfinite(torch.tensor(value)):
+                raise InvalidInput(f"loss_fn_config.{key} must be finite, got {value}")
+        if "clip_low_threshold" in resolved:
+            low, high = resolved["clip_low_threshold"], resolved["clip_high_threshold"]
+            if not 0 <= low <= 1 <= high:
+                raise InvalidInput("loss_fn_config: need 0 <= clip_low_threshold <= 1 <= "
+                                   f"clip_high_threshold, got {low} and {high}")
+        if resolved.get("beta", 0.0) < 0:
+            raise InvalidInput(f"loss_fn_config.beta must be >= 0, got {resolved['beta']}")
+        return resolved
+
+
+def _ratio_metrics(ratio_B_T: torch.Tensor, mask_B_T: torch.Tensor, clipped_B_T=None) -> dict[str, float]:
+    n = mask_B_T.sum().clamp(min=1)
+    metrics = {"importance_ratio:mean": float((ratio_B_T.detach() * mask_B_T).sum() / n)}
+    if clipped_B_T is not None:
+        metrics["clip_fraction:mean"] = float((clipped_B_T.float() * mask_B_T).sum() / n)
+    return metrics
+
+
+def cross_entropy(logp_B_T, mask_B_T, inputs, config):
+    loss = -(logp_B_T * inputs["weights"] * mask_B_T).sum()
+    return loss, {}
+
+
+def importance_sampling(logp_B_T, mask_B_T, inputs, config):
+    ratio_B_T = torch.exp(logp_B_T - inputs["logprobs"])
+    loss = -(ratio_B_T * inputs["advantages"] * mask_B_T).sum()
+    return loss, _ratio_metrics(ratio_B_T, mask_B_T)
+
+
+def ppo(logp_B_T, mask_B_T, inputs, config):
+    advantages_B_T = inputs["advantages"]
+    ratio_B_T = torch.exp(logp_B_T - inputs["logprobs"])
+    clipped_ratio_B_T = ratio_B_T.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    objective_B_T = torch.minimum(ratio_B_T * advantages_B_T, clipped_ratio_B_T * advantages_B_T)
+    loss = -(objective_B_T * mask_B_T).sum()
+    clipped_B_T = (clipped_ratio_B_T * advantages_B_T) < (ratio_B_T * advantages_B_T)
+    return loss, _ratio_metrics(ratio_B_T, mask_B_T, clipped_B_T)
+
+
+def cispo(logp_B_T, mask_B_T, inputs, config):
+    ratio_B_T = torch.exp(logp_B_T - inputs["logprobs"])
+    weight_B_T = ratio_B_T.clamp(config["clip_low_threshold"], config["clip_high_threshold"]).detach()
+    loss = -(weight_B_T * logp_B_T * inputs["advantages"] * mask_B_T).sum()
+    clipped_B_T = weight_B_T != ratio_B_T.detach()
+    return loss, _ratio_metrics(ratio_B_T, mask_B_T, clipped_B_T)
+
+
+def dro(logp_B_T, mask_B_T, inputs, config):
+    drift_B_T = logp_B_T - inputs["logprobs"]
+    objective_B_T = logp_B_T * inputs["advantages"] - config["beta"] / 2 * drift_B_T ** 2
+    loss = -(objective_B_T * mask_B_T).sum()
+    return loss, _ratio_metrics(torch.exp(drift_B_T), mask_B_T)
+
+
+_CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+_RL_INPUTS = ("logprobs", "advantages")
+
+LOSSES: dict[str, LossSpec] = {
+    spec.name: spec
+    for spec in (
+        LossSpec("cross_entropy", ("weights",), {}, cross_entropy),
+        LossSpec("importance_sampling", _RL_INPUTS, {}, importance_sampling),
+        LossSpec("ppo", _RL_INPUTS, dict(_CLIP), ppo),
+        LossSpec("cispo", _RL_INPUTS, dict(_CLIP), cispo),
+        LossSpec("dro", _RL_INPUTS, {"beta": 0.05}, dro),
+    )
+}
+
+
+def get_loss(name: str) -> LossSpec:
+    if name not in LOSSES:
+        raise InvalidInput(f"loss_fn: unknown loss '{name}' (known: {', '.join(LOSSES)})")
+    return LOSSES[name]

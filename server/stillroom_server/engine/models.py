@@ -1,0 +1,115 @@
+"""Where base models come from and where they live: presets, local Hugging Face directories.
+
+`ModelHost` resolves a `base_model` name to a directory, loads it once onto the engine's device as
+a frozen module, and hands out structural copies that share its weights (for LoRA hosts) or own
+them (for full fine-tuning and full snapshots). It knows nothing of runs or requests.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from stillroom_server.engine import presets
+from stillroom_server.engine.errors import InvalidInput, NotFound
+
+logger = logging.getLogger("stillroom.engine")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                   "added_tokens.json", "generation_config.json")
+
+
+@dataclasses.dataclass
+class BaseModel:
+    name: str
+    directory: Path
+    module: torch.nn.Module            # frozen, eval mode, on the engine's device
+    vocab_size: int
+    max_context: int
+    eos_token_ids: tuple[int, ...]
+    tokenizer: object                  # a transformers tokenizer, for stop strings
+
+    def shared_copy(self) -> torch.nn.Module:
+        """A copy of the module's structure whose parameters are this model's own tensors."""
+        memo = {id(t): t for t in [*self.module.parameters(), *self.module.buffers()]}
+        return copy.deepcopy(self.module, memo)
+
+    def owned_copy(self, requires_grad: bool) -> torch.nn.Module:
+        module = copy.deepcopy(self.module)
+        for param in module.parameters():
+            param.requires_grad_(requires_grad)
+        return module
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        return {name: (self.directory / name).read_bytes()
+                for name in TOKENIZER_FILES if (self.directory / name).exists()}
+
+
+class ModelHost:
+    def __init__(self, data_dir: Path, device: torch.device, dtype: torch.dtype,
+                 local_models: dict[str, Path] | None = None) -> None:
+        self.models_dir = data_dir / "models"
+        self.device = device
+        self.dtype = dtype
+        self.local_models = dict(local_models or {})
+        self._loaded: dict[str, BaseModel] = {}
+        self._lock = threading.Lock()
+
+    def known_models(self) -> list[str]:
+        return [*presets.PRESETS, *self.local_models]
+
+    def resolve(self, name: str) -> Path:
+        if presets.is_preset(name):
+            return presets.ensure_preset(name, self.models_dir)
+        if name in self.local_models:
+            return self.local_models[name]
+        path = Path(name).expanduser()
+        if path.is_absolute() and (path / "config.json").exists():
+            return path
+        raise NotFound(f"base_model: unknown model '{name}' (known: {', '.join(self.known_models())}, "
+                       "or an absolute path to a Hugging Face model directory)")
+
+    def describe(self, name: str) -> dict:
+        """Context length and vocabulary size, read from config.json without loading weights."""
+        if presets.is_preset(name):
+            spec = presets.PRESETS[name]
+            return {"max_context": spec.max_context,
+                    "vocab_size": len(presets.SPECIAL_TOKENS) + len(presets.CHARACTERS)}
+        config = json.loads((self.resolve(name) / "config.json").read_text())
+        config = config.get("text_config", config)
+        return {"max_context": int(config.get("max_position_embeddings", 2048)),
+                "vocab_size": int(config["vocab_size"])}
+
+    def get(self, name: str) -> BaseModel:
+        with self._lock:
+            if name not in self._loaded:
+                self._loaded[name] = self._load(name)
+            return self._loaded[name]
+
+    def _load(self, name: str) -> BaseModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory = self.resolve(name)
+        logger.info("loading base model %s from %s onto %s (%s)", name, directory, self.device,
+                    self.dtype)
+        try:
+            module = AutoModelForCausalLM.from_pretrained(directory, dtype=self.dtype)
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except (OSError, ValueError) as error:
+            raise InvalidInput(f"base_model: cannot load '{name}' from {directory}: {error}") from error
+        module.to(self.device).eval()
+        module.requires_grad_(False)
+        config = module.config
+        eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        return BaseModel(
+            name=name, directory=directory, module=module,
+            vocab_size=module.get_input_embeddings().weight.shape[0],
+            max_context=int(getattr(config, "max_position_embeddings", 2048)),
+            eos_token_ids=eos_ids, tokenizer=tokenizer)

@@ -1,0 +1,106 @@
+"""Plain request and result types that cross between the service layer and the engine.
+
+Tensors here are CPU torch tensors; the engine moves them to its device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class TrainDatum:
+    tokens_T: torch.Tensor               # int64 [T]: the model's input
+    inputs: dict[str, torch.Tensor]      # loss inputs, each [T]
+
+
+@dataclasses.dataclass
+class ForwardBackwardWork:
+    data: list[TrainDatum]
+    loss_fn: str
+    loss_fn_config: dict[str, float]
+    forward_only: bool = False
+
+
+@dataclasses.dataclass
+class AdamConfig:
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+@dataclasses.dataclass
+class OptimWork:
+    adam: AdamConfig
+
+
+@dataclasses.dataclass
+class SaveWork:
+    name: str
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    max_tokens: int                      # -1: up to the context length
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop_tokens: tuple[int, ...] = ()
+    stop_texts: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class SampleWork:
+    prompt_T: torch.Tensor               # int64 [T]
+    num_samples: int
+    params: SamplingConfig
+    include_prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@dataclasses.dataclass
+class LogprobsWork:
+    tokens_T: torch.Tensor               # int64 [T]
+
+
+@dataclasses.dataclass
+class ForwardBackwardResult:
+    outputs: list[dict[str, torch.Tensor]]
+    metrics: dict[str, float]
+
+
+@dataclasses.dataclass
+class OptimResult:
+    metrics: dict[str, float]
+
+
+@dataclasses.dataclass
+class SaveResult:
+    path: str
+
+
+@dataclasses.dataclass
+class SampledSequence:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str                      # "stop" | "length"
+
+
+@dataclasses.dataclass
+class SampleResult:
+    sequences: list[SampledSequence]
+    prompt_logprobs_T: Optional[torch.Tensor] = None   # float32 [T], entry 0 NaN
+    topk_ids_T_K: Optional[torch.Tensor] = None       # int64 [T, k], row 0 padding
+    topk_logprobs_T_K: Optional[torch.Tensor] = None  # float32 [T, k]
+
+
+@dataclasses.dataclass
+class LogprobsResult:
+    logprobs_T: torch.Tensor              # float32 [T], entry 0 NaN

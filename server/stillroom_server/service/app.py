@@ -1,0 +1,118 @@
+"""Building, running and stopping a Stillroom server: store, engine, scheduler and gRPC edge.
+
+`StillroomServer` runs on its own event loop thread (used by tests, the demo and benchmarks);
+`serve` runs one in the foreground until SIGTERM or SIGINT and shuts it down cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from stillroom._proto import stillroom_pb2 as pb
+from stillroom._proto import stillroom_pb2_grpc as pb_grpc
+from stillroom_server.config import ServerConfig
+from stillroom_server.engine.engine import Engine
+from stillroom_server.engine.scheduler import Scheduler
+from stillroom_server.service.futures import FutureHub
+from stillroom_server.service.servicer import StillroomServicer, batch_runners
+from stillroom_server.store import Store
+
+logger = logging.getLogger("stillroom.server")
+MAX_MESSAGE_BYTES = 1 << 30
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Stillroom"].full_name
+
+
+class StillroomServer:
+    """A running server. `start()` returns once it listens; `port` is the bound port."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.port: int | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> "StillroomServer":
+        self._thread = threading.Thread(target=self._loop.run_forever, name="stillroom-server",
+                                        daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
+        return self
+
+    async def _start(self) -> None:
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.resolved_database_url)
+        self.store.upgrade()
+        failed = self.store.fail_pending_futures(
+            "server restarted before this request finished; its work was lost: submit it again")
+        if failed:
+            logger.warning("marked %d unfinished requests from an earlier run as failed", failed)
+        self.engine = Engine(config.data_dir, config.device, config.max_num_samples,
+                             config.local_models)
+        self.scheduler = Scheduler(batch_runners(self.engine))
+        self.hub = FutureHub(self.store, asyncio.get_running_loop())
+        self.servicer = StillroomServicer(self.engine, self.scheduler, self.store, self.hub)
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_StillroomServicer_to_server(self.servicer, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("Stillroom %s serving on %s (device %s, data %s, database %s)",
+                    "gRPC", self.address, config.device, config.data_dir,
+                    config.resolved_database_url.split("@")[-1])
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        asyncio.run_coroutine_threadsafe(self._stop(grace), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _stop(self, grace: float) -> None:
+        logger.info("shutting down: refusing new calls, finishing queued work")
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop)
+        self.store.close()
+        logger.info("stopped")
+
+    def __enter__(self) -> "StillroomServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(config: ServerConfig, ready_file: str | None = None) -> None:
+    """Run a server in the foreground until SIGTERM or SIGINT."""
+    server = StillroomServer(config).start()
+    if ready_file:
+        with open(ready_file + ".tmp", "w") as handle:
+            handle.write(server.address)
+        import os
+        os.replace(ready_file + ".tmp", ready_file)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    server.stop()

@@ -1,0 +1,263 @@
+"""The Stillroom gRPC servicer: each method converts, validates, delegates and converts back.
+
+Model work is queued on the scheduler and answered with a future id at once; cheap calls answer
+directly. Every field is checked before a request is accepted, so a rejected request changes
+nothing. Owners are taken from the caller's metadata (one local owner until keys exist).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import Any, Callable
+
+from stillroom._proto import stillroom_pb2 as pb
+from stillroom._proto import stillroom_pb2_grpc as pb_grpc
+from stillroom_server import __version__
+from stillroom_server.engine import checkpoints
+from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, known_losses
+from stillroom_server.engine.errors import InvalidInput, NotFound
+from stillroom_server.engine.scheduler import Job, Scheduler
+from stillroom_server.engine.types import OptimWork
+from stillroom_server.service import convert
+from stillroom_server.service.errors import rpc
+from stillroom_server.service.futures import FutureHub, new_request_id
+from stillroom_server.store import Store
+
+logger = logging.getLogger("stillroom.service")
+LOCAL_OWNER = "local"
+MAX_LORA_RANK = 512
+
+
+class StillroomServicer(pb_grpc.StillroomServicer):
+    def __init__(self, engine: Engine, scheduler: Scheduler, store: Store, hub: FutureHub) -> None:
+        self.engine = engine
+        self.scheduler = scheduler
+        self.store = store
+        self.hub = hub
+        self.sessions: dict[str, Sampler] = {}
+
+    def owner(self, context) -> str:
+        return LOCAL_OWNER
+
+    async def on_worker(self, fn: Callable[[], Any], kind: str) -> Any:
+        """Run `fn` on the engine's worker thread, in queue order, and await its result."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future = loop.create_future()
+
+        def done(result, error):
+            def settle():
+                if not outcome.cancelled():
+                    outcome.set_exception(error) if error else outcome.set_result(result)
+            loop.call_soon_threadsafe(settle)
+
+        self.scheduler.submit(Job(kind=kind, run=fn, done=done))
+        return await outcome
+
+    # ---------------------------------------------------------------- capabilities
+
+    @rpc
+    async def GetServerCapabilities(self, request, context):
+        models = []
+        for name in self.engine.models.known_models():
+            facts = self.engine.models.describe(name)
+            models.append(pb.SupportedModel(
+                model_name=name, max_context_length=facts["max_context"],
+                vocab_size=facts["vocab_size"], trainable=True, sampleable=True,
+                source="preset" if name.startswith("stillroom/") else "local"))
+        return pb.ServerCapabilities(supported_models=models, loss_fns=known_losses(),
+                                     max_num_samples=self.engine.max_num_samples,
+                                     server_version=__version__)
+
+    @rpc
+    async def GetTokenizer(self, request, context):
+        base = await self.on_worker(lambda: self.engine.models.get(request.base_model), "load_model")
+        return pb.TokenizerFiles(base_model=base.name, files=base.tokenizer_files())
+
+    # ---------------------------------------------------------------- training runs
+
+    @rpc
+    async def CreateTrainingRun(self, request, context):
+        owner = self.owner(context)
+        self.engine.models.resolve(request.base_model)
+        lora = None
+        if request.HasField("lora"):
+            if not 1 <= request.lora.rank <= MAX_LORA_RANK:
+                raise InvalidInput(f"lora.rank: must be between 1 and {MAX_LORA_RANK}, got {request.lora.rank}")
+            lora = LoraSpec(request.lora.rank, request.lora.train_mlp, request.lora.train_attn,
+                            request.lora.train_unembed)
+        seed = request.seed if request.HasField("seed") else None
+        run_id = "run-" + uuid.uuid4().hex[:16]
+        run = await self.on_worker(lambda: self.engine.create_run(run_id, request.base_model, lora, seed),
+                                   "create_run")
+        config = {"lora": vars(lora) if lora else None, "seed": seed}
+        self.store.create_run(run_id, owner, request.base_model, run.is_lora, run.lora_rank, config,
+                              dict(request.user_metadata), run.num_trainable_params())
+        return self._run_info(run_id, owner)
+
+    @rpc
+    async def GetTrainingRun(self, request, context):
+        return self._run_info(request.training_run_id, self.owner(context))
+
+    def _own_run(self, run_id: str, owner: str):
+        row = self.store.get_run(run_id)
+        if row is None or row.owner != owner:
+            raise NotFound(f"training_run_id: run '{run_id[:80]}' does not exist")
+        return row
+
+    def _run_info(self, run_id: str, owner: str) -> pb.TrainingRunInfo:
+        row = self._own_run(run_id, owner)
+        facts = self.engine.models.describe(row.base_model)
+        return pb.TrainingRunInfo(
+            training_run_id=row.id, base_model=row.base_model, is_lora=row.is_lora,
+            lora_rank=row.lora_rank, last_request_seq=row.last_seq,
+            num_trainable_params=row.num_trainable_params, max_context_length=facts["max_context"],
+            user_metadata=json.loads(row.user_metadata_json), created_at=row.created_at.isoformat())
+
+    async def _sequenced(self, request, context, kind: str, validate: Callable[[], Callable[[], Any]],
+                         to_pb: Callable[[Any], pb.FutureResult]) -> pb.FutureRef:
+        """Accept request `seq` of a run: dedupe repeats, validate, record, queue in order."""
+        owner = self.owner(context)
+        self._own_run(request.training_run_id, owner)
+        if request.seq < 1:
+            raise InvalidInput(f"seq: request numbers start at 1, got {request.seq}")
+        earlier = self.store.find_sequenced(request.training_run_id, request.seq)
+        if earlier is not None:  # a retry: the first request's future answers it
+            return pb.FutureRef(request_id=earlier)
+        work = validate()
+        request_id, is_new = self.store.accept_sequenced(new_request_id(), owner, kind,
+                                                         request.training_run_id, request.seq)
+        if is_new:
+            self.hub.watch(request_id)
+            self.scheduler.submit(Job(
+                kind=kind, run=lambda: to_pb(work()),
+                done=lambda result, error: self.hub.complete(request_id, result, error)))
+        return pb.FutureRef(request_id=request_id)
+
+    @rpc
+    async def ForwardBackward(self, request, context):
+        def validate():
+            work = convert.forward_backward_from_pb(request)
+            self.engine.validate_forward_backward(request.training_run_id, work)
+            return lambda: self.engine.forward_backward(request.training_run_id, work)
+
+        return await self._sequenced(
+            request, context, "forward" if request.forward_only else "forward_backward", validate,
+            lambda result: pb.FutureResult(forward_backward=convert.forward_backward_to_pb(result)))
+
+    @rpc
+    async def OptimStep(self, request, context):
+        def validate():
+            adam = convert.adam_from_pb(request.adam_params)
+            self.engine.get_run(request.training_run_id)
+            return lambda: self.engine.optim_step(request.training_run_id,
+                                                  OptimWork(adam))
+
+        return await self._sequenced(
+            request, context, "optim_step", validate,
+            lambda result: pb.FutureResult(optim_step=pb.OptimStepResult(metrics=result.metrics)))
+
+    @rpc
+    async def SaveWeightsForSampler(self, request, context):
+        owner = self.owner(context)
+        run_id = request.training_run_id
+        name = request.name or f"auto-{request.seq:06d}-{uuid.uuid4().hex[:6]}"
+
+        def validate():
+            path = checkpoints.CheckpointPath(run_id, "sampler_weights", checkpoints.check_name(name))
+            run = self.engine.get_run(run_id)
+            if self.store.get_checkpoint(path.uri) is not None or self.engine.files.exists(path):
+                raise checkpoints.AlreadyExists(f"name: checkpoint {path.uri} already exists")
+
+            def save():
+                uri, size = self.engine.save_sampler_weights(run_id, name)
+                self.store.add_checkpoint(owner, run_id, "sampler_weights", name, uri,
+                                          run.base.name, run.is_lora, size)
+                return uri
+
+            return save
+
+        return await self._sequenced(
+            request, context, "save_weights_for_sampler", validate,
+            lambda uri: pb.FutureResult(save_weights=pb.SaveWeightsResult(path=uri)))
+
+    # ---------------------------------------------------------------- sampling
+
+    @rpc
+    async def CreateSamplingSession(self, request, context):
+        owner = self.owner(context)
+        source = request.WhichOneof("source")
+        if source == "model_path":
+            path = checkpoints.parse(request.model_path)
+            row = self.store.get_checkpoint(path.uri)
+            if row is None or row.owner != owner:
+                raise NotFound(f"model_path: checkpoint {path.uri} does not exist")
+            opened = await self.on_worker(lambda: self.engine.open_sampler(model_path=path.uri),
+                                          "open_sampler")
+        elif source == "base_model":
+            self.engine.models.resolve(request.base_model)
+            opened = await self.on_worker(lambda: self.engine.open_sampler(base_model=request.base_model),
+                                          "open_sampler")
+        else:
+            raise InvalidInput("source: give base_model or model_path")
+        session_id = "samp-" + uuid.uuid4().hex[:16]
+        self.sessions[session_id] = opened
+        return pb.SamplingSessionInfo(
+            sampling_session_id=session_id, base_model=opened.base.name,
+            model_path=request.model_path if source == "model_path" else "",
+            max_context_length=opened.max_context, vocab_size=opened.vocab_size)
+
+    def _session(self, session_id: str) -> Sampler:
+        opened = self.sessions.get(session_id)
+        if opened is None:
+            raise NotFound(f"sampling_session_id: session '{session_id[:80]}' does not exist "
+                           "(sessions do not survive a server restart; make a new sampling client)")
+        return opened
+
+    def _queue_batched(self, context, kind: str, opened: Sampler, work: Any,
+                       to_pb: Callable[[Any], pb.FutureResult]) -> pb.FutureRef:
+        request_id = new_request_id()
+        self.store.create_future(request_id, self.owner(context), kind)
+        self.hub.watch(request_id)
+        self.scheduler.submit(Job(
+            kind=kind, run=None, batch_key=opened.key, payload=(opened, work),
+            done=lambda result, error: self.hub.complete(
+                request_id, None if error else to_pb(result), error)))
+        return pb.FutureRef(request_id=request_id)
+
+    @rpc
+    async def Sample(self, request, context):
+        opened = self._session(request.sampling_session_id)
+        work = convert.sample_from_pb(request)
+        self.engine.validate_sample(opened, work)
+        return self._queue_batched(context, "sample", opened, work,
+                                   lambda r: pb.FutureResult(sample=convert.sample_to_pb(r)))
+
+    @rpc
+    async def ComputeLogprobs(self, request, context):
+        opened = self._session(request.sampling_session_id)
+        work = convert.logprobs_from_pb(request)
+        self.engine.validate_logprobs(opened, work)
+        return self._queue_batched(
+            context, "compute_logprobs", opened, work,
+            lambda r: pb.FutureResult(compute_logprobs=convert.logprobs_to_pb(r)))
+
+    # ---------------------------------------------------------------- futures
+
+    @rpc
+    async def RetrieveFuture(self, request, context):
+        record = await self.hub.wait(request.request_id, self.owner(context), request.timeout_seconds)
+        if record is None:
+            raise NotFound(f"request_id: request '{request.request_id[:80]}' does not exist")
+        return self.hub.to_pb(record)
+
+
+def batch_runners(engine: Engine) -> dict[str, Callable[[str, list], list]]:
+    """How the scheduler runs a batch of sampling or logprob jobs that share their weights."""
+    return {
+        "sample": lambda key, payloads: engine.sample(payloads[0][0], [w for _, w in payloads]),
+        "compute_logprobs": lambda key, payloads: engine.compute_logprobs(payloads[0][0],
+                                                                          [w for _, w in payloads]),
+    }

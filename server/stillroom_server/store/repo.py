@@ -1,0 +1,191 @@
+"""The repository over the store: every read and write the server makes, each in one transaction.
+
+`Store(url)` opens SQLite (the embedded default) or PostgreSQL; `upgrade()` runs the alembic
+migrations to head. Methods take and return plain values or detached rows; callers never hold a
+session. The store knows nothing of torch or gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Optional
+
+from sqlalchemy import create_engine, event, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from stillroom_server.store.models import CheckpointRow, FutureRow, TrainingRunRow
+
+FUTURE_TTL = timedelta(days=7)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class SequenceConflict(Exception):
+    """A request number that is neither a repeat nor the next one in its run."""
+
+
+@dataclass(frozen=True)
+class FutureRecord:
+    id: str
+    owner: str
+    kind: str
+    status: str
+    result: Optional[bytes]
+    error_code: Optional[str]
+    error_message: Optional[str]
+
+
+def _record(row: FutureRow) -> FutureRecord:
+    return FutureRecord(row.id, row.owner, row.kind, row.status, row.result, row.error_code,
+                        row.error_message)
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        connect_args = {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
+        self.engine = create_engine(url, connect_args=connect_args)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest migration (alembic `upgrade head`)."""
+        from alembic import command
+        from alembic.config import Config
+
+        import stillroom_server.migrations as migrations
+
+        import logging
+
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        config = Config()
+        config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # ---------------------------------------------------------------- training runs
+
+    def create_run(self, run_id: str, owner: str, base_model: str, is_lora: bool, lora_rank: int,
+                   config: dict, user_metadata: dict[str, str], num_trainable_params: int) -> TrainingRunRow:
+        now = utcnow()
+        row = TrainingRunRow(id=run_id, owner=owner, base_model=base_model, is_lora=is_lora,
+                             lora_rank=lora_rank, config_json=json.dumps(config),
+                             user_metadata_json=json.dumps(user_metadata), last_seq=0,
+                             num_trainable_params=num_trainable_params, created_at=now, updated_at=now)
+        with self.session() as session, session.begin():
+            session.add(row)
+        return row
+
+    def get_run(self, run_id: str) -> Optional[TrainingRunRow]:
+        with self.session() as session:
+            return session.get(TrainingRunRow, run_id)
+
+    def list_runs(self, owner: str, limit: int = 20, offset: int = 0) -> list[TrainingRunRow]:
+        with self.session() as session:
+            query = (select(TrainingRunRow).where(TrainingRunRow.owner == owner)
+                     .order_by(TrainingRunRow.created_at.desc()).limit(limit).offset(offset))
+            return list(session.scalars(query))
+
+    # ---------------------------------------------------------------- futures
+
+    def accept_sequenced(self, future_id: str, owner: str, kind: str, run_id: str,
+                         seq: int) -> tuple[str, bool]:
+        """Record request `seq` of `run_id` as a pending future.
+
+        Returns (future id, True) for the next number in the run, or the earlier future's id and
+        False for a number seen before. Any other number raises SequenceConflict.
+        """
+        with self.session() as session, session.begin():
+            run = session.get(TrainingRunRow, run_id, with_for_update=True)
+            if seq <= run.last_seq:
+                earlier = session.scalar(select(FutureRow.id).where(FutureRow.run_id == run_id,
+                                                                   FutureRow.seq == seq))
+                if earlier is None:
+                    raise SequenceConflict(f"seq: request {seq} of run {run_id} is unknown "
+                                           f"(numbers start at 1; the last accepted is {run.last_seq})")
+                return earlier, False
+            if seq != run.last_seq + 1:
+                raise SequenceConflict(f"seq: run {run_id} expects request {run.last_seq + 1} next, got {seq}")
+            run.last_seq = seq
+            run.updated_at = utcnow()
+            session.add(self._new_future(future_id, owner, kind, run_id, seq))
+        return future_id, True
+
+    def find_sequenced(self, run_id: str, seq: int) -> Optional[str]:
+        with self.session() as session:
+            return session.scalar(select(FutureRow.id).where(FutureRow.run_id == run_id,
+                                                             FutureRow.seq == seq))
+
+    def create_future(self, future_id: str, owner: str, kind: str) -> None:
+        with self.session() as session, session.begin():
+            session.add(self._new_future(future_id, owner, kind, None, None))
+
+    @staticmethod
+    def _new_future(future_id, owner, kind, run_id, seq) -> FutureRow:
+        now = utcnow()
+        return FutureRow(id=future_id, owner=owner, kind=kind, run_id=run_id, seq=seq,
+                         status="pending", created_at=now, expires_at=now + FUTURE_TTL)
+
+    def finish_future(self, future_id: str, result: bytes) -> None:
+        self._set_future(future_id, status="done", result=result)
+
+    def fail_future(self, future_id: str, code: str, message: str) -> None:
+        self._set_future(future_id, status="failed", error_code=code, error_message=message)
+
+    def _set_future(self, future_id: str, **values) -> None:
+        with self.session() as session, session.begin():
+            session.execute(update(FutureRow).where(FutureRow.id == future_id)
+                            .values(finished_at=utcnow(), **values))
+
+    def get_future(self, future_id: str) -> Optional[FutureRecord]:
+        with self.session() as session:
+            row = session.get(FutureRow, future_id)
+            return None if row is None else _record(row)
+
+    def fail_pending_futures(self, message: str) -> int:
+        """Mark every pending future failed (used at start-up: their work died with the process)."""
+        with self.session() as session, session.begin():
+            result = session.execute(update(FutureRow).where(FutureRow.status == "pending")
+                                     .values(status="failed", error_code="UNAVAILABLE",
+                                             error_message=message, finished_at=utcnow()))
+            return result.rowcount
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def add_checkpoint(self, owner: str, run_id: str, kind: str, name: str, path: str,
+                       base_model: str, is_lora: bool, size_bytes: int) -> None:
+        with self.session() as session, session.begin():
+            session.add(CheckpointRow(owner=owner, run_id=run_id, kind=kind, name=name, path=path,
+                                      base_model=base_model, is_lora=is_lora, size_bytes=size_bytes,
+                                      created_at=utcnow()))
+
+    def get_checkpoint(self, path: str) -> Optional[CheckpointRow]:
+        with self.session() as session:
+            return session.scalar(select(CheckpointRow).where(CheckpointRow.path == path))
+
+    def list_checkpoints(self, run_id: str) -> list[CheckpointRow]:
+        with self.session() as session:
+            query = (select(CheckpointRow).where(CheckpointRow.run_id == run_id)
+                     .order_by(CheckpointRow.created_at))
+            return list(session.scalars(query))
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

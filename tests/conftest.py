@@ -1,0 +1,38 @@
+"""Shared fixtures: a real Stillroom server on a real port (port 0), with a real data directory
+and SQLite file, driven through the SDK."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY = "stillroom/char-1m"
+SMALL = "stillroom/char-10m"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    from stillroom_server.config import ServerConfig
+    from stillroom_server.service.app import StillroomServer
+
+    data_dir = tmp_path_factory.mktemp("stillroom-data")
+    config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0)
+    with StillroomServer(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def service(server):
+    import stillroom
+
+    client = stillroom.ServiceClient(base_url=server.address)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(service):
+    return service._load_tokenizer(TINY)
