@@ -38,7 +38,7 @@ class CheckpointPath:
 
 def check_name(name: str, field: str = "name") -> str:
     if not NAME_PATTERN.match(name) or ".." in name:
-        raise InvalidInput(f"{field}: '{name[:80]}' is not a valid checkpoint name (1-128 characters "
+        raise InvalidInput(f"{field}: {name[:80]!r} is not a valid checkpoint name (1-128 characters "
                            "of letters, digits, '.', '_' and '-', not starting with a symbol, no '..')")
     return name
 

@@ -210,7 +210,7 @@ class Engine:
                 raise InvalidInput(f"{field}.loss_fn_inputs: unexpected {extra} for loss "
                                    f"'{work.loss_fn}' (expected {sorted(allowed)})")
             length = datum.tokens_T.shape[0]
-            for key, tensor in datum.inputs.items():
+            for key, tensor in sorted(datum.inputs.items()):
                 if tuple(tensor.shape) != (length,):
                     raise InvalidInput(f"{field}.loss_fn_inputs.{key}: shape {list(tensor.shape)} does "
                                        f"not match model_input length {length}")

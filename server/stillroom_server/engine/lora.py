@@ -31,7 +31,9 @@ def lora_config(base: BaseModel, rank: int, train_mlp: bool, train_attn: bool,
     names = {name.rsplit(".", 1)[-1] for name, _ in base.module.named_modules()}
     targets = [m for m in (ATTENTION_MODULES if train_attn else ()) + (MLP_MODULES if train_mlp else ())
                if m in names]
-    if train_unembed and "lm_head" in names:
+    # A tied unembedding is the embedding matrix itself: adapting it would make PEFT save the whole
+    # embedding with every adapter, so tied models train the unembedding through the other layers.
+    if train_unembed and "lm_head" in names and not base.module.config.tie_word_embeddings:
         targets.append("lm_head")
     if not targets:
         raise InvalidInput("lora: train_mlp, train_attn and train_unembed select no module to adapt")
@@ -76,7 +78,7 @@ class LoraHost:
         return [p for n, p in self.model.named_parameters() if marker in n]
 
     def save_adapter(self, name: str, directory: Path) -> None:
-        state = get_peft_model_state_dict(self.model, adapter_name=name)
+        state = get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
                   str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         self.model.peft_config[name].save_pretrained(str(directory))

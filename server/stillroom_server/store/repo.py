@@ -59,13 +59,11 @@ class Store:
         from alembic import command
         from alembic.config import Config
 
-        import stillroom_server.migrations as migrations
-
         import logging
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
         config = Config()
-        config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+        config.set_main_option("script_location", str(migrations_dir()))
         with self.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
@@ -181,6 +179,15 @@ class Store:
             query = (select(CheckpointRow).where(CheckpointRow.run_id == run_id)
                      .order_by(CheckpointRow.created_at))
             return list(session.scalars(query))
+
+
+def migrations_dir() -> Path:
+    """The alembic/ folder: installed as stillroom_server/migrations in a wheel, or read from the
+    source checkout (alembic/ has no __init__.py, so it never shadows the alembic package)."""
+    packaged = Path(__file__).resolve().parent.parent / "migrations"
+    if (packaged / "env.py").exists():
+        return packaged
+    return Path(__file__).resolve().parents[3] / "alembic"
 
 
 def _sqlite_pragmas(connection, _record) -> None:

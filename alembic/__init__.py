@@ -1,1 +1,0 @@
-"""Alembic migrations for the store; installed as the package `stillroom_server.migrations`."""

@@ -1,0 +1,59 @@
+"""Start a Stillroom server as a child process for a recipe or demo, and stop it afterwards.
+
+It runs the `stillroom serve` command (the server extra must be installed) on a free port and
+waits for it to say it is ready; it never imports the server's code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+class LocalServer:
+    def __init__(self, data_dir: Path, device: str = "cpu", log_file: Path | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.device = device
+        self.log_file = log_file or self.data_dir / "server.log"
+        self.address: str | None = None
+        self._process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ready = Path(tempfile.mkdtemp()) / "ready"
+        self._log = open(self.log_file, "a")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "stillroom.cli", "serve", "--port", "0", "--data-dir",
+             str(self.data_dir), "--device", self.device, "--ready-file", str(ready)],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ})
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start; see {self.log_file}")
+            time.sleep(0.1)
+        self.address = ready.read_text().strip()
+        return self.address
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+        if self._process is not None:
+            self._log.close()
+        self._process = None
+
+    def __enter__(self) -> "LocalServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
