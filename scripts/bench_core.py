@@ -10,8 +10,9 @@ best round of each is kept, so drifting background load hits both alike):
 1. training steps/sec: SDK forward_backward("cross_entropy") + optim_step, pipelined (both
    requests submitted, then both results awaited, once per step) / the same step in bare torch;
 2. sampling tokens/sec: SDK sample(num_samples=B) / HF generate on the prompt repeated B times.
-   The server stops a row at EOS but keeps decoding the batch until its last row stops, so its
-   work is B x (longest row) positions; HF is forced to exactly L new tokens. Both count positions;
+   The server stops a row at EOS (and drops finished rows from the batch once half have stopped);
+   HF is forced to exactly L new tokens. Both count the tokens they return, so the SDK's rate
+   is the conservative one;
 3. median round trip of a trivial RPC (get_info, get_server_capabilities).
 
 Informational: prints PASS/BELOW per target and always exits 0.
@@ -134,7 +135,7 @@ def hf_sample_rate(model_dir: Path, prompt_ids: list[int], samples: int, max_tok
 
 def sdk_sample_rate(sampler, prompt_ids: list[int], samples: int, max_tokens: int,
                     real_fractions: list[float]):
-    """Decoded positions/sec (B x longest row); appends each call's fraction of real tokens."""
+    """Returned tokens/sec; appends each call's tokens over the B x L most it could return."""
     prompt = types.ModelInput.from_ints(prompt_ids)
     seeds = iter(range(10**6))
 
@@ -149,8 +150,8 @@ def sdk_sample_rate(sampler, prompt_ids: list[int], samples: int, max_tokens: in
         result = run(max_tokens)
         elapsed = time.perf_counter() - start
         lengths = [len(seq.tokens) for seq in result.sequences]
-        real_fractions.append(sum(lengths) / (samples * max(lengths)))
-        return samples * max(lengths) / elapsed
+        real_fractions.append(sum(lengths) / (samples * max_tokens))
+        return sum(lengths) / elapsed
 
     return rate
 
@@ -224,8 +225,8 @@ def main() -> None:
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
     real = statistics.mean(real_fractions)
-    print(f"sample tokens/s counts decoded positions; {real:.0%} of the SDK's were real tokens "
-          "(rows that hit EOS idle until the batch's longest row finishes)")
+    print(f"sample tokens/s counts returned tokens; the SDK's rows averaged {real:.0%} of "
+          f"max_tokens (the random-init preset samples EOS now and then)")
 
 
 if __name__ == "__main__":

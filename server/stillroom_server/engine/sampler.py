@@ -70,6 +70,15 @@ def choose_tokens(logits_B_V: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
     return torch.where(greedy_B, logits_B_V.argmax(-1), sampled_B)
 
 
+def _append(row: _Row, token: int, logprob: float, eos_ids: tuple[int, ...], tokenizer) -> None:
+    row.tokens.append(token)
+    row.logprobs.append(logprob)
+    if _stopped(row, token, eos_ids, tokenizer):
+        row.stop_reason = "stop"
+    elif len(row.tokens) >= row.budget:
+        row.stop_reason = "length"
+
+
 def _stopped(row: _Row, token: int, eos_ids: tuple[int, ...], tokenizer) -> bool:
     if token in row.params.stop_tokens or token in eos_ids:
         return True
@@ -98,26 +107,23 @@ def sample(model: torch.nn.Module, works: list[SampleWork], *, max_context: int,
     logits_B_V = model(input_ids=input_B_T, attention_mask=mask_B_T, position_ids=position_B_T,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
     position_B = position_B_T[:, -1]
-    live = [r.budget > 0 for r in rows]
-    for i, row in enumerate(rows):
-        if not live[i]:
-            row.stop_reason = "length"
-    while any(live):
-        tokens_B = choose_tokens(logits_B_V, rows)
+    in_batch = list(range(len(rows)))          # the row behind each batch position
+    while True:
+        batch_rows = [rows[i] for i in in_batch]
+        tokens_B = choose_tokens(logits_B_V, batch_rows)
         logprobs_B = torch.log_softmax(logits_B_V, -1).gather(-1, tokens_B[:, None]).squeeze(-1)
-        for i, (token, logprob) in enumerate(zip(tokens_B.tolist(), logprobs_B.tolist())):
-            if not live[i]:
-                continue
-            row = rows[i]
-            row.tokens.append(token)
-            row.logprobs.append(logprob)
-            if _stopped(row, token, eos_ids, tokenizer):
-                row.stop_reason, live[i] = "stop", False
-            elif len(row.tokens) >= row.budget:
-                row.stop_reason, live[i] = "length", False
-        if not any(live):
+        for row, token, logprob in zip(batch_rows, tokens_B.tolist(), logprobs_B.tolist()):
+            if row.stop_reason is None:
+                _append(row, token, logprob, eos_ids, tokenizer)
+        live = [b for b, row in enumerate(batch_rows) if row.stop_reason is None]
+        if not live:
             break
-        mask_B_T = torch.cat([mask_B_T, mask_B_T.new_ones(len(rows), 1)], dim=1)
+        if len(live) <= len(in_batch) // 2:    # drop finished rows from the batch and the cache
+            keep = torch.tensor(live, device=device)
+            cache.batch_select_indices(keep)
+            mask_B_T, position_B, tokens_B = mask_B_T[keep], position_B[keep], tokens_B[keep]
+            in_batch = [in_batch[b] for b in live]
+        mask_B_T = torch.cat([mask_B_T, mask_B_T.new_ones(len(in_batch), 1)], dim=1)
         position_B = position_B + 1
         logits_B_V = model(input_ids=tokens_B[:, None], attention_mask=mask_B_T,
                            position_ids=position_B[:, None], past_key_values=cache,
