@@ -28,3 +28,20 @@ def is_datum(prompt: list[int], completion: list[int], sampler_logprobs: list[fl
             "logprobs": [0.0] * n_prompt + list(sampler_logprobs),
             "advantages": [0.0] * n_prompt + [advantage] * len(completion),
         })
+
+
+def checkpoint_tensors(server, path: str) -> dict:
+    """The tensors of a saved checkpoint, read straight from the server's data directory."""
+    from safetensors.torch import load_file
+
+    run_id, kind, name = path.removeprefix("stillroom://").split("/")
+    directory = server.config.data_dir / "checkpoints" / run_id / kind / name
+    weights = directory / "model.safetensors"
+    return load_file(weights if weights.exists() else directory / "adapter_model.safetensors")
+
+
+def load_local_model(server, name: str):
+    """The base model `name` as the server stored it, loaded here in fp32 for reference maths."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(server.config.data_dir / "models" / name).float()

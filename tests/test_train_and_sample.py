@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import stillroom
 from stillroom import types
@@ -15,17 +14,10 @@ from stillroom._proto import stillroom_pb2 as pb
 from stillroom import _wire
 
 from conftest import TINY
-from helpers import encode_line, is_datum, sft_datum
+from helpers import checkpoint_tensors, encode_line, is_datum, sft_datum
 
 LINE = "Stillroom trains models.\n"
 GREEDY = types.SamplingParams(max_tokens=40, temperature=0.0)
-
-
-def checkpoint_tensors(server, path: str) -> dict[str, torch.Tensor]:
-    run_id, kind, name = path.removeprefix("stillroom://").split("/")
-    directory = server.config.data_dir / "checkpoints" / run_id / kind / name
-    weights = directory / "model.safetensors"
-    return load_file(weights if weights.exists() else directory / "adapter_model.safetensors")
 
 
 def test_capabilities_list_the_presets(service):

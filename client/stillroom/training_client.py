@@ -8,6 +8,8 @@ repeated number once, so a retried send never applies an update twice.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import math
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Sequence
 
 from stillroom import _wire, types
@@ -17,6 +19,44 @@ from stillroom.futures import APIFuture
 if TYPE_CHECKING:
     from stillroom.sampling_client import SamplingClient
     from stillroom.service_client import ServiceClient
+
+
+CustomLossFn = Callable[[list[types.Datum], list[Any]], tuple[Any, dict[str, float]]]
+
+
+def _as_data(data: Sequence[types.Datum | dict]) -> list[types.Datum]:
+    return [types.Datum.model_validate(d) if isinstance(d, dict) else d for d in data]
+
+
+def _with_inputs(datum: types.Datum, **inputs: list) -> types.Datum:
+    return types.Datum(model_input=datum.model_input, loss_fn_inputs=inputs)
+
+
+def _custom_loss_weights(data: list[types.Datum], forward: types.ForwardBackwardOutput,
+                         loss_fn: CustomLossFn) -> tuple[list[list[float]], float, dict[str, float]]:
+    """Evaluate the user's loss on the forward's logprobs; return minus its gradient per datum."""
+    import torch  # only here: `import stillroom` must not import torch
+
+    logprobs_list = [torch.tensor(out["logprobs"].data, dtype=torch.float32).requires_grad_(True)
+                     for out in forward.loss_fn_outputs]
+    loss, metrics = loss_fn(data, logprobs_list)
+    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
+        raise ValueError("forward_backward_custom: loss_fn must return a scalar torch tensor that "
+                         "depends on the logprobs it was given")
+    grads = torch.autograd.grad(loss, logprobs_list, allow_unused=True)
+    weights = []
+    for i, (logprobs, grad) in enumerate(zip(logprobs_list, grads)):
+        grad = torch.zeros_like(logprobs) if grad is None else grad
+        if not bool(torch.isfinite(grad).all()):
+            raise ValueError(f"forward_backward_custom: the loss's gradient for data[{i}] is not "
+                             "finite (NaN or inf)")
+        weights.append((-grad).tolist())
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise ValueError(f"forward_backward_custom: the loss is not finite ({value})")
+    metrics = {key: float(v.detach() if isinstance(v, torch.Tensor) else v)
+               for key, v in (metrics or {}).items()}
+    return weights, value, metrics
 
 
 class TrainingClient:
@@ -31,17 +71,24 @@ class TrainingClient:
 
     # ---------------------------------------------------------------- numbering and sending
 
+    def _lock(self) -> asyncio.Lock:
+        """The lock that keeps numbering and sending in call order (on the connection's loop)."""
+        if self._send_lock is None:
+            self._send_lock = asyncio.Lock()
+        return self._send_lock
+
+    async def _send_next(self, build: Callable[[int], Any], method: str) -> pb.FutureRef:
+        """Send the request numbered `_next_seq`; the caller holds `_lock()`."""
+        ref = await self._connection.call(method, build(self._next_seq))
+        self._next_seq += 1
+        return ref
+
     def _numbered(self, build: Callable[[int], Any], method: str) -> Callable[[], Awaitable[pb.FutureRef]]:
         """A sender that takes the next request number and sends in call order."""
 
         async def send() -> pb.FutureRef:
-            if self._send_lock is None:
-                self._send_lock = asyncio.Lock()
-            async with self._send_lock:
-                request = build(self._next_seq)
-                ref = await self._connection.call(method, request)
-                self._next_seq += 1
-                return ref
+            async with self._lock():
+                return await self._send_next(build, method)
 
         return send
 
@@ -57,8 +104,7 @@ class TrainingClient:
 
     def _forward_request(self, data: Sequence[types.Datum], loss_fn: str,
                          loss_fn_config: Optional[dict[str, float]], forward_only: bool):
-        data_pb = [_wire.datum_to_pb(types.Datum.model_validate(d) if isinstance(d, dict) else d)
-                   for d in data]
+        data_pb = [_wire.datum_to_pb(datum) for datum in _as_data(data)]
 
         def build(seq: int) -> pb.ForwardBackwardRequest:
             return pb.ForwardBackwardRequest(
@@ -92,6 +138,60 @@ class TrainingClient:
                                      loss_fn_config: Optional[dict[str, float]] = None) -> APIFuture[types.ForwardBackwardOutput]:
         build = self._forward_request(data, loss_fn, loss_fn_config, forward_only=False)
         return await self._submit_async(build, "ForwardBackward", self._parse_forward)
+
+    # ---------------------------------------------------------------- custom losses
+
+    def forward_backward_custom(self, data: Sequence[types.Datum],
+                                loss_fn: CustomLossFn) -> APIFuture[types.ForwardBackwardOutput]:
+        """Train on any differentiable function of the target tokens' logprobs.
+
+        `loss_fn(data, logprobs_list) -> (loss, metrics)` gets one 1-D float32 torch tensor per
+        datum (requires_grad) and runs here, on the client. The SDK sends a `forward` for those
+        logprobs, then a `forward_backward` with `cross_entropy` weights equal to minus the
+        gradient of `loss` with respect to them, so the model's gradient is the loss's gradient.
+        The two requests go out back to back: a call made after this one is numbered after
+        both. Metrics are the user's, with `loss:sum` set to the value of `loss`.
+        """
+        data = _as_data(data)
+        for i, datum in enumerate(data):
+            if "target_tokens" not in datum.loss_fn_inputs:
+                raise ValueError(f"data[{i}].loss_fn_inputs: forward_backward_custom needs target_tokens")
+        submitted: concurrent.futures.Future[str] = concurrent.futures.Future()
+        done = self._connection.spawn(self._forward_backward_custom(data, loss_fn, submitted))
+        return APIFuture(done, submitted)
+
+    async def forward_backward_custom_async(self, data: Sequence[types.Datum],
+                                            loss_fn: CustomLossFn) -> APIFuture[types.ForwardBackwardOutput]:
+        """Like `forward_backward_custom`; returns once the gradient request has been accepted."""
+        future = self.forward_backward_custom(data, loss_fn)
+        await asyncio.wrap_future(future._submitted)
+        return future
+
+    async def _forward_backward_custom(self, data: list[types.Datum], loss_fn: CustomLossFn,
+                                       submitted: "concurrent.futures.Future[str]") -> types.ForwardBackwardOutput:
+        try:
+            async with self._lock():  # nothing else is numbered between the two requests
+                probe = [_with_inputs(d, target_tokens=d.loss_fn_inputs["target_tokens"].data,
+                                      weights=[0.0] * d.model_input.length) for d in data]
+                forward_ref = await self._send_next(
+                    self._forward_request(probe, "cross_entropy", None, forward_only=True),
+                    "ForwardBackward")
+                forward = self._parse_forward(await self._connection.wait_for(forward_ref.request_id))
+                loop = asyncio.get_running_loop()
+                weights, loss, metrics = await loop.run_in_executor(
+                    None, _custom_loss_weights, data, forward, loss_fn)
+                linear = [_with_inputs(d, target_tokens=d.loss_fn_inputs["target_tokens"].data,
+                                       weights=w) for d, w in zip(data, weights)]
+                ref = await self._send_next(
+                    self._forward_request(linear, "cross_entropy", None, forward_only=False),
+                    "ForwardBackward")
+        except BaseException as error:
+            submitted.set_exception(error)
+            raise
+        submitted.set_result(ref.request_id)
+        result = self._parse_forward(await self._connection.wait_for(ref.request_id))
+        return types.ForwardBackwardOutput(loss_fn_outputs=result.loss_fn_outputs,
+                                           metrics={**metrics, "loss:sum": loss})
 
     # ---------------------------------------------------------------- optimizer
 
