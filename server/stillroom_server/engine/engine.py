@@ -74,8 +74,7 @@ class Engine:
                    seed: int | None) -> TrainingRun:
         base = self.models.get(base_model)
         if lora is None:
-            with torch.random.fork_rng(devices=[]):
-                run: TrainingRun = FullRun(run_id, base, self.device)
+            run: TrainingRun = FullRun(run_id, base, self.device)
         else:
             config = lora_config(base, lora.rank, lora.train_mlp, lora.train_attn, lora.train_unembed)
             run = LoraRun(run_id, base, self._lora_host(base), config, self.device, seed)
