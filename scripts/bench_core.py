@@ -10,9 +10,10 @@ best round of each is kept, so drifting background load hits both alike):
 1. training steps/sec: SDK forward_backward("cross_entropy") + optim_step, pipelined (both
    requests submitted, then both results awaited, once per step) / the same step in bare torch;
 2. sampling tokens/sec: SDK sample(num_samples=B) / HF generate on the prompt repeated B times.
-   The server stops a row at EOS (and drops finished rows from the batch once half have stopped);
-   HF is forced to exactly L new tokens. Both count the tokens they return, so the SDK's rate
-   is the conservative one;
+   The server stops a row at EOS, but a batch takes as many decode steps as its longest row;
+   HF is forced to exactly L new tokens. Both count positions (B x decode steps): the same
+   work per step. Counting only returned tokens would charge the SDK for the random-init
+   preset's early EOS samples;
 3. median round trip of a trivial RPC (get_info, get_server_capabilities).
 
 Informational: prints PASS/BELOW per target and always exits 0.
@@ -135,7 +136,7 @@ def hf_sample_rate(model_dir: Path, prompt_ids: list[int], samples: int, max_tok
 
 def sdk_sample_rate(sampler, prompt_ids: list[int], samples: int, max_tokens: int,
                     real_fractions: list[float]):
-    """Returned tokens/sec; appends each call's tokens over the B x L most it could return."""
+    """Decoded positions/sec (B x longest row); appends each call's fraction of real tokens."""
     prompt = types.ModelInput.from_ints(prompt_ids)
     seeds = iter(range(10**6))
 
@@ -150,8 +151,8 @@ def sdk_sample_rate(sampler, prompt_ids: list[int], samples: int, max_tokens: in
         result = run(max_tokens)
         elapsed = time.perf_counter() - start
         lengths = [len(seq.tokens) for seq in result.sequences]
-        real_fractions.append(sum(lengths) / (samples * max_tokens))
-        return sum(lengths) / elapsed
+        real_fractions.append(sum(lengths) / (samples * max(lengths)))
+        return samples * max(lengths) / elapsed
 
     return rate
 
@@ -225,8 +226,8 @@ def main() -> None:
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
     real = statistics.mean(real_fractions)
-    print(f"sample tokens/s counts returned tokens; the SDK's rows averaged {real:.0%} of "
-          f"max_tokens (the random-init preset samples EOS now and then)")
+    print(f"sample tokens/s counts decoded positions; {real:.0%} of the SDK's were returned tokens "
+          "(rows that stop at EOS early are dropped from the batch once half have stopped)")
 
 
 if __name__ == "__main__":
