@@ -136,13 +136,6 @@ class Engine:
             return Sampler(key, base, adapter=adapter)
         return Sampler(key, base)
 
-    def drop_sampler(self, key: str) -> None:
-        with self._lock:
-            opened = self._samplers.pop(key, None)
-        if opened is not None and opened.adapter is not None:
-            self._lora_host(opened.base).remove_adapter(opened.adapter)
-        self._full_snapshots.pop(key, None)
-
     def _module_for(self, opened: Sampler) -> torch.nn.Module:
         if opened.adapter is not None:
             return self._lora_host(opened.base).activate(opened.adapter)

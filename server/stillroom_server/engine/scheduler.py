@@ -48,9 +48,6 @@ class Scheduler:
             self._queue.append(job)
             self._wakeup.notify()
 
-    def queued(self) -> int:
-        return len(self._queue)
-
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the queued jobs, then stop the worker."""
         with self._wakeup:

@@ -14,7 +14,6 @@ from stillroom_server.engine.types import (AdamConfig, ForwardBackwardResult, Fo
                                            SamplingConfig, TrainDatum)
 
 _NUMPY = {pb.INT64: np.dtype("<i8"), pb.FLOAT32: np.dtype("<f4")}
-MAX_TOKEN_ID = 2**62
 
 
 def tensor_from_pb(message: pb.Tensor, field: str, dtype: int | None = None) -> torch.Tensor:
