@@ -164,3 +164,16 @@ def test_the_server_still_serves_after_all_of_that(service, tokenizer):
     result = sampler.sample(types.ModelInput.from_ints([1, 40]), 2,
                             types.SamplingParams(max_tokens=3, seed=0)).result()
     assert len(result.sequences) == 2
+
+
+def test_a_stop_condition_without_text_or_token_is_refused(sampler):
+    connection = sampler._connection
+    request = pb.SampleRequest(
+        sampling_session_id=sampler.sampling_session_id, num_samples=1,
+        prompt=_wire.model_input_to_pb(types.ModelInput.from_ints([1, 40])),
+        sampling_params=pb.SamplingParams(max_tokens=3, temperature=1.0, top_k=-1, top_p=1.0,
+                                          stop=[pb.StopCondition(text="x"), pb.StopCondition()]))
+    with pytest.raises(stillroom.BadRequestError, match="sampling_params.stop\\[1\\]: needs a text or a token"):
+        connection.run(connection.call("Sample", request))
+    with pytest.raises(ValueError, match="stop"):
+        types.SamplingParams(max_tokens=3, stop=[1.5, "x"])
