@@ -45,3 +45,13 @@ def load_local_model(server, name: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(server.config.data_dir / "models" / name).float()
+
+
+def train_steps(trainer, data: list[types.Datum], steps: int, learning_rate: float) -> list[float]:
+    """`steps` rounds of cross_entropy forward_backward + optim_step; the loss:sum of each."""
+    losses = []
+    for _ in range(steps):
+        forward = trainer.forward_backward(data, "cross_entropy")
+        trainer.optim_step(types.AdamParams(learning_rate=learning_rate))
+        losses.append(forward.result().metrics["loss:sum"])
+    return losses

@@ -14,7 +14,7 @@ from stillroom._proto import stillroom_pb2 as pb
 from stillroom import _wire
 
 from conftest import TINY
-from helpers import checkpoint_tensors, encode_line, is_datum, sft_datum
+from helpers import checkpoint_tensors, encode_line, is_datum, sft_datum, train_steps
 
 LINE = "Stillroom trains models.\n"
 GREEDY = types.SamplingParams(max_tokens=40, temperature=0.0)
@@ -35,11 +35,7 @@ def test_train_a_line_then_sample_it_back_while_the_base_is_unchanged(service, t
     base_before = base.sample(prompt, 1, GREEDY).result().sequences[0].tokens
 
     trainer = service.create_full_training_client(TINY, seed=0)
-    losses = []
-    for _ in range(80):
-        fb = trainer.forward_backward([sft_datum(tokens)], "cross_entropy")
-        trainer.optim_step(types.AdamParams(learning_rate=3e-3))
-        losses.append(fb.result().metrics["loss:sum"])
+    losses = train_steps(trainer, [sft_datum(tokens)], 80, learning_rate=3e-3)
     assert losses[-1] < losses[0] / 10, losses
 
     sampler = trainer.save_weights_and_get_sampling_client("line")
@@ -175,11 +171,7 @@ def test_lora_training_lowers_the_loss_and_its_snapshot_samples_the_trained_weig
     info = trainer.get_info()
     assert info.is_lora and info.lora_rank == 16 and 0 < info.num_trainable_params < 1_194_496
     tokens = encode_line(tokenizer, "low rank\n")
-    losses = []
-    for _ in range(20):
-        out = trainer.forward_backward([sft_datum(tokens)], "cross_entropy")
-        trainer.optim_step(types.AdamParams(learning_rate=3e-3))
-        losses.append(out.result().metrics["loss:sum"])
+    losses = train_steps(trainer, [sft_datum(tokens)], 20, learning_rate=3e-3)
     assert losses[-1] < losses[0] / 2, losses
     sampler = trainer.save_weights_and_get_sampling_client("lora-line")
     trained = trainer.forward([sft_datum(tokens)], "cross_entropy").result()
