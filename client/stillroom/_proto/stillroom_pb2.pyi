@@ -200,7 +200,7 @@ class GetTrainingRunRequest(_message.Message):
     def __init__(self, training_run_id: _Optional[str] = ...) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("training_run_id", "seq", "data", "loss_fn", "loss_fn_config", "forward_only")
+    __slots__ = ("training_run_id", "seq", "data", "loss_fn", "loss_fn_config", "forward_only", "part", "num_parts")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -214,13 +214,17 @@ class ForwardBackwardRequest(_message.Message):
     LOSS_FN_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARTS_FIELD_NUMBER: _ClassVar[int]
     training_run_id: str
     seq: int
     data: _containers.RepeatedCompositeFieldContainer[Datum]
     loss_fn: str
     loss_fn_config: _containers.ScalarMap[str, float]
     forward_only: bool
-    def __init__(self, training_run_id: _Optional[str] = ..., seq: _Optional[int] = ..., data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., forward_only: _Optional[bool] = ...) -> None: ...
+    part: int
+    num_parts: int
+    def __init__(self, training_run_id: _Optional[str] = ..., seq: _Optional[int] = ..., data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., forward_only: _Optional[bool] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ...) -> None: ...
 
 class AdamParams(_message.Message):
     __slots__ = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
