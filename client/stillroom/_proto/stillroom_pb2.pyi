@@ -200,7 +200,7 @@ class GetTrainingRunRequest(_message.Message):
     def __init__(self, training_run_id: _Optional[str] = ...) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("training_run_id", "seq", "data", "loss_fn", "loss_fn_config", "forward_only", "part", "num_parts")
+    __slots__ = ("training_run_id", "seq", "data", "loss_fn", "loss_fn_config", "forward_only", "part", "num_parts", "loss_fn_config_strings")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,13 @@ class ForwardBackwardRequest(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class LossFnConfigStringsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TRAINING_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +223,7 @@ class ForwardBackwardRequest(_message.Message):
     FORWARD_ONLY_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     NUM_PARTS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FN_CONFIG_STRINGS_FIELD_NUMBER: _ClassVar[int]
     training_run_id: str
     seq: int
     data: _containers.RepeatedCompositeFieldContainer[Datum]
@@ -224,7 +232,8 @@ class ForwardBackwardRequest(_message.Message):
     forward_only: bool
     part: int
     num_parts: int
-    def __init__(self, training_run_id: _Optional[str] = ..., seq: _Optional[int] = ..., data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., forward_only: _Optional[bool] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ...) -> None: ...
+    loss_fn_config_strings: _containers.ScalarMap[str, str]
+    def __init__(self, training_run_id: _Optional[str] = ..., seq: _Optional[int] = ..., data: _Optional[_Iterable[_Union[Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., forward_only: _Optional[bool] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ..., loss_fn_config_strings: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class AdamParams(_message.Message):
     __slots__ = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
