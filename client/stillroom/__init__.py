@@ -10,6 +10,7 @@ from stillroom.errors import (APIConnectionError, APIError, APITimeoutError, Aut
                               InternalServerError, NotFoundError, PermissionDeniedError,
                               RateLimitError, StillroomError)
 from stillroom.futures import APIFuture
+from stillroom.rest_client import RestClient
 from stillroom.sampling_client import SamplingClient
 from stillroom.service_client import ServiceClient
 from stillroom.training_client import TrainingClient
@@ -17,6 +18,8 @@ from stillroom.types import (AdamParams, Datum, EncodedTextChunk, ForwardBackwar
                              GetInfoResponse, GetServerCapabilitiesResponse, ModelInput,
                              OptimStepResponse, SampledSequence, SampleResponse, SamplingParams,
                              SaveWeightsForSamplerResponse, SupportedModel, TensorData)
+from stillroom.types import (Checkpoint, CheckpointsListResponse, Cursor, LoadWeightsResponse,
+                             SaveWeightsResponse, TrainingRun, TrainingRunsResponse)
 
 __version__ = "0.1.0"
 
@@ -28,4 +31,6 @@ __all__ = [
     "OptimStepResponse", "PermissionDeniedError", "RateLimitError", "SampleResponse",
     "SampledSequence", "SamplingClient", "SamplingParams", "SaveWeightsForSamplerResponse",
     "ServiceClient", "StillroomError", "SupportedModel", "TensorData", "TrainingClient",
+    "Checkpoint", "CheckpointsListResponse", "Cursor", "LoadWeightsResponse", "RestClient",
+    "SaveWeightsResponse", "TrainingRun", "TrainingRunsResponse",
 ]

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from stillroom import types
 from stillroom._connection import Connection
 from stillroom._proto import stillroom_pb2 as pb
+from stillroom.rest_client import RestClient
 from stillroom.sampling_client import SamplingClient
 from stillroom.training_client import TrainingClient
 
@@ -100,6 +101,38 @@ class ServiceClient:
             request.seed = seed
         info = await self._connection.call("CreateTrainingRun", request, timeout=600)
         return TrainingClient(self, info)
+
+    def create_training_client_from_state(self, path: str,
+                                          user_metadata: Optional[dict[str, str]] = None) -> TrainingClient:
+        """A new training run with the weights of a saved state (stillroom://<run>/weights/<name>)
+        and fresh optimizer moments."""
+        return self._connection.run(self._create_from_state(path, False, user_metadata))
+
+    async def create_training_client_from_state_async(
+            self, path: str, user_metadata: Optional[dict[str, str]] = None) -> TrainingClient:
+        return await self._connection.run_async(self._create_from_state(path, False, user_metadata))
+
+    def create_training_client_from_state_with_optimizer(
+            self, path: str, user_metadata: Optional[dict[str, str]] = None) -> TrainingClient:
+        """A new training run that continues a saved state exactly: weights and optimizer state."""
+        return self._connection.run(self._create_from_state(path, True, user_metadata))
+
+    async def create_training_client_from_state_with_optimizer_async(
+            self, path: str, user_metadata: Optional[dict[str, str]] = None) -> TrainingClient:
+        return await self._connection.run_async(self._create_from_state(path, True, user_metadata))
+
+    async def _create_from_state(self, path: str, with_optimizer: bool,
+                                 user_metadata: Optional[dict[str, str]]) -> TrainingClient:
+        request = pb.CreateTrainingRunFromStateRequest(path=path, with_optimizer=with_optimizer,
+                                                       user_metadata=user_metadata or {})
+        info = await self._connection.call("CreateTrainingRunFromState", request, timeout=600)
+        return TrainingClient(self, info)
+
+    # ---------------------------------------------------------------- REST client
+
+    def create_rest_client(self) -> RestClient:
+        """A client for listing, expiring, deleting and downloading runs and checkpoints."""
+        return RestClient(self)
 
     # ---------------------------------------------------------------- sampling clients
 

@@ -22,6 +22,38 @@ if TYPE_CHECKING:
 
 
 CustomLossFn = Callable[[list[types.Datum], list[Any]], tuple[Any, dict[str, float]]]
+LossConfig = dict[str, "float | str"]
+MAX_CHUNK_BYTES = 32 << 20
+
+
+def _split_by_size(data: list[pb.Datum], limit: int) -> list[list[pb.Datum]]:
+    parts: list[list[pb.Datum]] = [[]]
+    size = 0
+    for datum in data:
+        n = datum.ByteSize()
+        if parts[-1] and size + n > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append(datum)
+        size += n
+    return parts
+
+
+def _merge_outputs(outputs: list[types.ForwardBackwardOutput]) -> types.ForwardBackwardOutput:
+    """One call's output from its parts': `:sum` metrics add up, `:mean` ones are averaged
+    weighted by each part's tokens, others keep the last part's value."""
+    tokens = [sum(len(o["logprobs"].data) for o in out.loss_fn_outputs) for out in outputs]
+    metrics: dict[str, float] = {}
+    for key in outputs[-1].metrics:
+        values = [out.metrics[key] for out in outputs]
+        if key.endswith(":sum"):
+            metrics[key] = sum(values)
+        elif key.endswith(":mean"):
+            metrics[key] = sum(v * n for v, n in zip(values, tokens)) / max(sum(tokens), 1)
+        else:
+            metrics[key] = values[-1]
+    return types.ForwardBackwardOutput(
+        loss_fn_outputs=[o for out in outputs for o in out.loss_fn_outputs], metrics=metrics)
 
 
 def _as_data(data: Sequence[types.Datum | dict]) -> list[types.Datum]:
@@ -68,6 +100,7 @@ class TrainingClient:
         self.model_id = info.training_run_id
         self._next_seq = info.last_request_seq + 1
         self._send_lock: Optional[asyncio.Lock] = None  # created on the connection's loop
+        self.max_chunk_bytes = MAX_CHUNK_BYTES
 
     # ---------------------------------------------------------------- numbering and sending
 
@@ -103,41 +136,79 @@ class TrainingClient:
     # ---------------------------------------------------------------- forward / backward
 
     def _forward_request(self, data: Sequence[types.Datum], loss_fn: str,
-                         loss_fn_config: Optional[dict[str, float]], forward_only: bool):
+                         loss_fn_config: Optional[LossConfig], forward_only: bool):
+        return self._forward_parts(data, loss_fn, loss_fn_config, forward_only, chunk=False)[0]
+
+    def _forward_parts(self, data: Sequence[types.Datum], loss_fn: str,
+                       loss_fn_config: Optional[LossConfig], forward_only: bool,
+                       chunk: bool = True) -> list[Callable[[int], pb.ForwardBackwardRequest]]:
+        """Request builders for a forward(_backward) call: one, or one per part of a call too
+        large for one message (parts of at most `max_chunk_bytes` of data, in order)."""
+        numbers = {k: float(v) for k, v in (loss_fn_config or {}).items() if not isinstance(v, str)}
+        strings = {k: v for k, v in (loss_fn_config or {}).items() if isinstance(v, str)}
         data_pb = [_wire.datum_to_pb(datum) for datum in _as_data(data)]
+        parts = _split_by_size(data_pb, self.max_chunk_bytes) if chunk else [data_pb]
 
-        def build(seq: int) -> pb.ForwardBackwardRequest:
-            return pb.ForwardBackwardRequest(
-                training_run_id=self.training_run_id, seq=seq, data=data_pb, loss_fn=loss_fn,
-                loss_fn_config=loss_fn_config or {}, forward_only=forward_only)
+        def builder(part_data: list[pb.Datum], part: int):
+            def build(seq: int) -> pb.ForwardBackwardRequest:
+                return pb.ForwardBackwardRequest(
+                    training_run_id=self.training_run_id, seq=seq, data=part_data, loss_fn=loss_fn,
+                    loss_fn_config=numbers, loss_fn_config_strings=strings,
+                    forward_only=forward_only, part=part if len(parts) > 1 else 0,
+                    num_parts=len(parts) if len(parts) > 1 else 0)
+            return build
 
-        return build
+        return [builder(part_data, i) for i, part_data in enumerate(parts)]
 
     @staticmethod
     def _parse_forward(result: pb.FutureResult) -> types.ForwardBackwardOutput:
         return _wire.forward_backward_from_pb(result.forward_backward)
 
+    def _forward_call(self, data, loss_fn, loss_fn_config, forward_only) -> APIFuture[types.ForwardBackwardOutput]:
+        builds = self._forward_parts(data, loss_fn, loss_fn_config, forward_only)
+        if len(builds) == 1:
+            return self._submit(builds[0], "ForwardBackward", self._parse_forward)
+        submitted: concurrent.futures.Future[str] = concurrent.futures.Future()
+        return APIFuture(self._connection.spawn(self._send_parts(builds, submitted)), submitted)
+
+    async def _send_parts(self, builds, submitted: "concurrent.futures.Future[str]") -> types.ForwardBackwardOutput:
+        """Send a chunked call's parts back to back, then merge their outputs in order."""
+        try:
+            async with self._lock():
+                refs = [await self._send_next(build, "ForwardBackward") for build in builds]
+        except BaseException as error:
+            submitted.set_exception(error)
+            raise
+        submitted.set_result(refs[-1].request_id)
+        outputs = [self._parse_forward(await self._connection.wait_for(ref.request_id)) for ref in refs]
+        return _merge_outputs(outputs)
+
+    async def _forward_call_async(self, data, loss_fn, loss_fn_config, forward_only):
+        future = self._forward_call(data, loss_fn, loss_fn_config, forward_only)
+        await asyncio.wrap_future(future._submitted)
+        return future
+
     def forward(self, data: Sequence[types.Datum], loss_fn: str,
-                loss_fn_config: Optional[dict[str, float]] = None) -> APIFuture[types.ForwardBackwardOutput]:
+                loss_fn_config: Optional[LossConfig] = None) -> APIFuture[types.ForwardBackwardOutput]:
         """The loss and its outputs without computing gradients."""
-        build = self._forward_request(data, loss_fn, loss_fn_config, forward_only=True)
-        return self._submit(build, "ForwardBackward", self._parse_forward)
+        return self._forward_call(data, loss_fn, loss_fn_config, forward_only=True)
 
     async def forward_async(self, data: Sequence[types.Datum], loss_fn: str,
-                            loss_fn_config: Optional[dict[str, float]] = None) -> APIFuture[types.ForwardBackwardOutput]:
-        build = self._forward_request(data, loss_fn, loss_fn_config, forward_only=True)
-        return await self._submit_async(build, "ForwardBackward", self._parse_forward)
+                            loss_fn_config: Optional[LossConfig] = None) -> APIFuture[types.ForwardBackwardOutput]:
+        return await self._forward_call_async(data, loss_fn, loss_fn_config, forward_only=True)
 
     def forward_backward(self, data: Sequence[types.Datum], loss_fn: str,
-                         loss_fn_config: Optional[dict[str, float]] = None) -> APIFuture[types.ForwardBackwardOutput]:
-        """Compute the loss and add its gradients to the run's accumulated gradients."""
-        build = self._forward_request(data, loss_fn, loss_fn_config, forward_only=False)
-        return self._submit(build, "ForwardBackward", self._parse_forward)
+                         loss_fn_config: Optional[LossConfig] = None) -> APIFuture[types.ForwardBackwardOutput]:
+        """Compute the loss and add its gradients to the run's accumulated gradients.
+
+        Data larger than `max_chunk_bytes` travels as several numbered parts whose outputs are
+        merged back in order; the server adds the parts' gradients only once all have succeeded.
+        """
+        return self._forward_call(data, loss_fn, loss_fn_config, forward_only=False)
 
     async def forward_backward_async(self, data: Sequence[types.Datum], loss_fn: str,
-                                     loss_fn_config: Optional[dict[str, float]] = None) -> APIFuture[types.ForwardBackwardOutput]:
-        build = self._forward_request(data, loss_fn, loss_fn_config, forward_only=False)
-        return await self._submit_async(build, "ForwardBackward", self._parse_forward)
+                                     loss_fn_config: Optional[LossConfig] = None) -> APIFuture[types.ForwardBackwardOutput]:
+        return await self._forward_call_async(data, loss_fn, loss_fn_config, forward_only=False)
 
     # ---------------------------------------------------------------- custom losses
 
@@ -237,6 +308,48 @@ class TrainingClient:
         future = await self._submit_async(self._save_request(name), "SaveWeightsForSampler",
                                           self._parse_save)
         return await self._service.create_sampling_client_async(model_path=(await future).path)
+
+    # ---------------------------------------------------------------- training state
+
+    def _save_state_request(self, name: Optional[str]):
+        return lambda seq: pb.SaveWeightsRequest(training_run_id=self.training_run_id, seq=seq,
+                                                 name=name or "")
+
+    @staticmethod
+    def _parse_save_state(result: pb.FutureResult) -> types.SaveWeightsResponse:
+        return types.SaveWeightsResponse(path=result.save_weights.path)
+
+    def save_state(self, name: Optional[str] = None) -> APIFuture[types.SaveWeightsResponse]:
+        """Save weights and optimizer state as stillroom://<run>/weights/<name>, in request order."""
+        return self._submit(self._save_state_request(name), "SaveState", self._parse_save_state)
+
+    async def save_state_async(self, name: Optional[str] = None) -> APIFuture[types.SaveWeightsResponse]:
+        return await self._submit_async(self._save_state_request(name), "SaveState",
+                                        self._parse_save_state)
+
+    def _load_state_request(self, path: str, with_optimizer: bool):
+        return lambda seq: pb.LoadStateRequest(training_run_id=self.training_run_id, seq=seq,
+                                               path=path, with_optimizer=with_optimizer)
+
+    @staticmethod
+    def _parse_load_state(result: pb.FutureResult) -> types.LoadWeightsResponse:
+        return types.LoadWeightsResponse(path=result.save_weights.path)
+
+    def load_state(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        """Replace this run's weights with a saved state's; the optimizer starts afresh."""
+        return self._submit(self._load_state_request(path, False), "LoadState", self._parse_load_state)
+
+    async def load_state_async(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        return await self._submit_async(self._load_state_request(path, False), "LoadState",
+                                        self._parse_load_state)
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        """Replace this run's weights and optimizer state (moments, step counts) with a saved state's."""
+        return self._submit(self._load_state_request(path, True), "LoadState", self._parse_load_state)
+
+    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        return await self._submit_async(self._load_state_request(path, True), "LoadState",
+                                        self._parse_load_state)
 
     # ---------------------------------------------------------------- information
 

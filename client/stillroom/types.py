@@ -226,3 +226,77 @@ class GetInfoResponse(StrictModel):
     @property
     def model_id(self) -> str:
         return self.training_run_id
+
+
+# ---------------------------------------------------------------- training state and checkpoints
+
+
+class SaveWeightsResponse(StrictModel):
+    """What `TrainingClient.save_state` returns: the path of the full training state."""
+
+    path: str
+
+
+class LoadWeightsResponse(StrictModel):
+    """What `TrainingClient.load_state` / `load_state_with_optimizer` return."""
+
+    path: str
+
+
+CheckpointType = Literal["training", "sampler"]
+
+
+class Checkpoint(StrictModel):
+    """A saved checkpoint: `training` (weights + optimizer, from save_state) or `sampler`."""
+
+    checkpoint_id: str                  # its name, the last part of the path
+    checkpoint_type: CheckpointType
+    time: datetime
+    path: str                           # stillroom://<run>/<weights|sampler_weights>/<name>
+    size_bytes: Optional[int] = None
+    public: bool = False
+    expires_at: Optional[datetime] = None
+    training_run_id: str
+    base_model: str
+    is_lora: bool
+
+    @property
+    def tinker_path(self) -> str:
+        return self.path
+
+
+class Cursor(StrictModel):
+    offset: int
+    limit: int
+    total_count: int
+
+
+class TrainingRun(StrictModel):
+    training_run_id: str
+    base_model: str
+    model_owner: str = ""
+    is_lora: bool
+    corrupted: bool = False
+    lora_rank: Optional[int] = None
+    last_request_seq: int = 0
+    num_trainable_params: int = 0
+    created_at: Optional[datetime] = None
+    last_checkpoint: Optional[Checkpoint] = None
+    last_sampler_checkpoint: Optional[Checkpoint] = None
+    user_metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class TrainingRunsResponse(StrictModel):
+    training_runs: list[TrainingRun]
+    cursor: Cursor
+
+
+class CheckpointsListResponse(StrictModel):
+    checkpoints: list[Checkpoint]
+    cursor: Optional[Cursor] = None
+
+
+class CheckpointArchiveUrlResponse(StrictModel):
+    url: str
+    expires: Optional[datetime] = None
+    size_bytes: int = 0

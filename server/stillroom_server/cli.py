@@ -16,6 +16,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-samples", type=int, help="most samples one request may ask for (default 128)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                         help="serve a local Hugging Face model directory under NAME (repeatable)")
+    parser.add_argument("--http-port", type=int, help="port for checkpoint downloads (default 0: any free one; STILLROOM_HTTP_PORT)")
     parser.add_argument("--ready-file", help="write host:port to this file once serving")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO; STILLROOM_LOG_LEVEL)")
 
@@ -32,7 +33,8 @@ def run_serve(args: argparse.Namespace) -> None:
         local_models[name] = Path(directory).expanduser().resolve()
     config = ServerConfig.from_sources(host=args.host, port=args.port, data_dir=args.data_dir,
                                        database_url=args.database_url, device=args.device,
-                                       max_num_samples=args.max_num_samples, log_level=args.log_level)
+                                       max_num_samples=args.max_num_samples, log_level=args.log_level,
+                                       http_port=args.http_port)
     config.local_models = local_models
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

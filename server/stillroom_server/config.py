@@ -24,6 +24,8 @@ class ServerConfig(BaseModel):
     max_num_samples: int = Field(128, ge=1)
     log_level: str = "INFO"
     local_models: dict[str, Path] = Field(default_factory=dict)
+    http_port: int = Field(0, ge=0, le=65535)            # checkpoint downloads; 0: any free port
+    checkpoint_sweep_seconds: float = Field(60.0, gt=0)  # how often expired checkpoints are deleted
 
     @field_validator("data_dir")
     @classmethod

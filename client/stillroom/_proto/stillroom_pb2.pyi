@@ -165,7 +165,7 @@ class CreateTrainingRunRequest(_message.Message):
     def __init__(self, base_model: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., seed: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class TrainingRunInfo(_message.Message):
-    __slots__ = ("training_run_id", "base_model", "is_lora", "lora_rank", "last_request_seq", "num_trainable_params", "max_context_length", "user_metadata", "created_at")
+    __slots__ = ("training_run_id", "base_model", "is_lora", "lora_rank", "last_request_seq", "num_trainable_params", "max_context_length", "user_metadata", "created_at", "last_checkpoint", "last_sampler_checkpoint")
     class UserMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,8 @@ class TrainingRunInfo(_message.Message):
     MAX_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     USER_METADATA_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SAMPLER_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     training_run_id: str
     base_model: str
     is_lora: bool
@@ -191,7 +193,9 @@ class TrainingRunInfo(_message.Message):
     max_context_length: int
     user_metadata: _containers.ScalarMap[str, str]
     created_at: str
-    def __init__(self, training_run_id: _Optional[str] = ..., base_model: _Optional[str] = ..., is_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., last_request_seq: _Optional[int] = ..., num_trainable_params: _Optional[int] = ..., max_context_length: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[str] = ...) -> None: ...
+    last_checkpoint: CheckpointInfo
+    last_sampler_checkpoint: CheckpointInfo
+    def __init__(self, training_run_id: _Optional[str] = ..., base_model: _Optional[str] = ..., is_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., last_request_seq: _Optional[int] = ..., num_trainable_params: _Optional[int] = ..., max_context_length: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[str] = ..., last_checkpoint: _Optional[_Union[CheckpointInfo, _Mapping]] = ..., last_sampler_checkpoint: _Optional[_Union[CheckpointInfo, _Mapping]] = ...) -> None: ...
 
 class GetTrainingRunRequest(_message.Message):
     __slots__ = ("training_run_id",)
@@ -270,6 +274,35 @@ class SaveWeightsRequest(_message.Message):
     seq: int
     name: str
     def __init__(self, training_run_id: _Optional[str] = ..., seq: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class LoadStateRequest(_message.Message):
+    __slots__ = ("training_run_id", "seq", "path", "with_optimizer")
+    TRAINING_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    training_run_id: str
+    seq: int
+    path: str
+    with_optimizer: bool
+    def __init__(self, training_run_id: _Optional[str] = ..., seq: _Optional[int] = ..., path: _Optional[str] = ..., with_optimizer: _Optional[bool] = ...) -> None: ...
+
+class CreateTrainingRunFromStateRequest(_message.Message):
+    __slots__ = ("path", "with_optimizer", "user_metadata")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    with_optimizer: bool
+    user_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, path: _Optional[str] = ..., with_optimizer: _Optional[bool] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CreateSamplingSessionRequest(_message.Message):
     __slots__ = ("base_model", "model_path")
@@ -463,3 +496,81 @@ class FutureResult(_message.Message):
     compute_logprobs: ComputeLogprobsResult
     error: FutureError
     def __init__(self, request_id: _Optional[str] = ..., status: _Optional[_Union[FutureStatus, str]] = ..., forward_backward: _Optional[_Union[ForwardBackwardResult, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepResult, _Mapping]] = ..., save_weights: _Optional[_Union[SaveWeightsResult, _Mapping]] = ..., sample: _Optional[_Union[SampleResult, _Mapping]] = ..., compute_logprobs: _Optional[_Union[ComputeLogprobsResult, _Mapping]] = ..., error: _Optional[_Union[FutureError, _Mapping]] = ...) -> None: ...
+
+class ListTrainingRunsRequest(_message.Message):
+    __slots__ = ("limit", "offset")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    offset: int
+    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ListTrainingRunsResponse(_message.Message):
+    __slots__ = ("training_runs", "total_count")
+    TRAINING_RUNS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    training_runs: _containers.RepeatedCompositeFieldContainer[TrainingRunInfo]
+    total_count: int
+    def __init__(self, training_runs: _Optional[_Iterable[_Union[TrainingRunInfo, _Mapping]]] = ..., total_count: _Optional[int] = ...) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ("training_run_id",)
+    TRAINING_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    training_run_id: str
+    def __init__(self, training_run_id: _Optional[str] = ...) -> None: ...
+
+class CheckpointInfo(_message.Message):
+    __slots__ = ("path", "training_run_id", "kind", "name", "base_model", "is_lora", "size_bytes", "created_at", "expires_at")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    IS_LORA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    training_run_id: str
+    kind: str
+    name: str
+    base_model: str
+    is_lora: bool
+    size_bytes: int
+    created_at: str
+    expires_at: str
+    def __init__(self, path: _Optional[str] = ..., training_run_id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., base_model: _Optional[str] = ..., is_lora: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[str] = ..., expires_at: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsResponse(_message.Message):
+    __slots__ = ("checkpoints",)
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
+
+class CheckpointPathRequest(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class SetCheckpointTtlRequest(_message.Message):
+    __slots__ = ("path", "ttl_seconds")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    ttl_seconds: int
+    def __init__(self, path: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class CheckpointArchiveUrl(_message.Message):
+    __slots__ = ("url", "http_port", "url_path", "expires_at", "size_bytes")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    HTTP_PORT_FIELD_NUMBER: _ClassVar[int]
+    URL_PATH_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    http_port: int
+    url_path: str
+    expires_at: str
+    size_bytes: int
+    def __init__(self, url: _Optional[str] = ..., http_port: _Optional[int] = ..., url_path: _Optional[str] = ..., expires_at: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...

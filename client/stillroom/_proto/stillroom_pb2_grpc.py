@@ -90,6 +90,46 @@ class StillroomStub:
                 request_serializer=stillroom_dot_v1_dot_stillroom__pb2.RetrieveFutureRequest.SerializeToString,
                 response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.FutureResult.FromString,
                 _registered_method=True)
+        self.SaveState = channel.unary_unary(
+                '/stillroom.v1.Stillroom/SaveState',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.SaveWeightsRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.FutureRef.FromString,
+                _registered_method=True)
+        self.LoadState = channel.unary_unary(
+                '/stillroom.v1.Stillroom/LoadState',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.LoadStateRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.FutureRef.FromString,
+                _registered_method=True)
+        self.CreateTrainingRunFromState = channel.unary_unary(
+                '/stillroom.v1.Stillroom/CreateTrainingRunFromState',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.CreateTrainingRunFromStateRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.TrainingRunInfo.FromString,
+                _registered_method=True)
+        self.ListTrainingRuns = channel.unary_unary(
+                '/stillroom.v1.Stillroom/ListTrainingRuns',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.ListTrainingRunsRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.ListTrainingRunsResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/stillroom.v1.Stillroom/ListCheckpoints',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.DeleteCheckpoint = channel.unary_unary(
+                '/stillroom.v1.Stillroom/DeleteCheckpoint',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.FromString,
+                _registered_method=True)
+        self.SetCheckpointTtl = channel.unary_unary(
+                '/stillroom.v1.Stillroom/SetCheckpointTtl',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.SetCheckpointTtlRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.FromString,
+                _registered_method=True)
+        self.GetCheckpointArchiveUrl = channel.unary_unary(
+                '/stillroom.v1.Stillroom/GetCheckpointArchiveUrl',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointArchiveUrl.FromString,
+                _registered_method=True)
 
 
 class StillroomServicer:
@@ -161,6 +201,55 @@ class StillroomServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveState(self, request, context):
+        """Training state (weights + optimizer) and checkpoint management.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateTrainingRunFromState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTrainingRuns(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCheckpointTtl(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpointArchiveUrl(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StillroomServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +307,46 @@ def add_StillroomServicer_to_server(servicer, server):
                     servicer.RetrieveFuture,
                     request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.RetrieveFutureRequest.FromString,
                     response_serializer=stillroom_dot_v1_dot_stillroom__pb2.FutureResult.SerializeToString,
+            ),
+            'SaveState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveState,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.SaveWeightsRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.FutureRef.SerializeToString,
+            ),
+            'LoadState': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadState,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.LoadStateRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.FutureRef.SerializeToString,
+            ),
+            'CreateTrainingRunFromState': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTrainingRunFromState,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CreateTrainingRunFromStateRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.TrainingRunInfo.SerializeToString,
+            ),
+            'ListTrainingRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrainingRuns,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.ListTrainingRunsRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.ListTrainingRunsResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCheckpoint,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.SerializeToString,
+            ),
+            'SetCheckpointTtl': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCheckpointTtl,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.SetCheckpointTtlRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.SerializeToString,
+            ),
+            'GetCheckpointArchiveUrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpointArchiveUrl,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointArchiveUrl.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -517,6 +646,222 @@ class Stillroom:
             '/stillroom.v1.Stillroom/RetrieveFuture',
             stillroom_dot_v1_dot_stillroom__pb2.RetrieveFutureRequest.SerializeToString,
             stillroom_dot_v1_dot_stillroom__pb2.FutureResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/SaveState',
+            stillroom_dot_v1_dot_stillroom__pb2.SaveWeightsRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.FutureRef.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/LoadState',
+            stillroom_dot_v1_dot_stillroom__pb2.LoadStateRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.FutureRef.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTrainingRunFromState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/CreateTrainingRunFromState',
+            stillroom_dot_v1_dot_stillroom__pb2.CreateTrainingRunFromStateRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.TrainingRunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrainingRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/ListTrainingRuns',
+            stillroom_dot_v1_dot_stillroom__pb2.ListTrainingRunsRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.ListTrainingRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/ListCheckpoints',
+            stillroom_dot_v1_dot_stillroom__pb2.ListCheckpointsRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/DeleteCheckpoint',
+            stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCheckpointTtl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/SetCheckpointTtl',
+            stillroom_dot_v1_dot_stillroom__pb2.SetCheckpointTtlRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpointArchiveUrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/GetCheckpointArchiveUrl',
+            stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.CheckpointArchiveUrl.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,10 +11,11 @@ import json
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 from stillroom_server.engine.errors import AlreadyExists, InvalidInput, NotFound
 
@@ -87,3 +88,31 @@ class CheckpointFiles:
         if not self.exists(path):
             raise NotFound(f"model_path: checkpoint {path.uri} does not exist")
         return json.loads((self.directory(path) / META_FILE).read_text())
+
+    def delete(self, path: CheckpointPath) -> None:
+        """Remove a checkpoint's directory: renamed aside first, so no reader sees half of it."""
+        target = self.directory(path)
+        if not target.exists():
+            return
+        doomed = Path(tempfile.mkdtemp(prefix=f".deleting.{path.name}.", dir=target.parent))
+        os.rename(target, doomed / path.name)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def files_of(self, path: CheckpointPath) -> list[Path]:
+        """The checkpoint's files, in a stable order (what an archive of it holds)."""
+        directory = self.directory(path)
+        if not (directory / META_FILE).exists():
+            raise NotFound(f"path: checkpoint {path.uri} does not exist")
+        return sorted(f for f in directory.rglob("*") if f.is_file())
+
+    def write_archive(self, path: CheckpointPath, out: BinaryIO) -> None:
+        """Stream the checkpoint as an uncompressed tar whose one top-level folder is its name."""
+        directory = self.directory(path)
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+            for file in self.files_of(path):
+                info = archive.gettarinfo(str(file), arcname=f"{path.name}/{file.relative_to(directory)}")
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mode = 0o644
+                with open(file, "rb") as handle:
+                    archive.addfile(info, handle)

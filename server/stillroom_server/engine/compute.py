@@ -30,13 +30,6 @@ def logits_for(model: torch.nn.Module, tokens_B_T: torch.Tensor) -> torch.Tensor
     return model(input_ids=tokens_B_T, use_cache=False).logits.float()
 
 
-def target_logprobs(model: torch.nn.Module, tokens_B_T: torch.Tensor,
-                    targets_B_T: torch.Tensor) -> torch.Tensor:
-    """log p(targets[t] | tokens[:t+1]) for every position: float32 [B, T]."""
-    logits_B_T_V = logits_for(model, tokens_B_T)
-    return torch.log_softmax(logits_B_T_V, dim=-1).gather(-1, targets_B_T[..., None]).squeeze(-1)
-
-
 @torch.no_grad()
 def sequence_logprobs(model: torch.nn.Module, sequences: list[torch.Tensor], device: torch.device,
                       topk: int = 0) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 
-from stillroom_server.engine import checkpoints, compute, sampler
+from stillroom_server.engine import checkpoints, compute, sampler, state
 from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
 from stillroom_server.engine.losses import LOSSES, get_loss
 from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
@@ -44,6 +45,7 @@ class Sampler:
     base: BaseModel
     adapter: str | None = None              # a LoRA snapshot in the base's host
     module: torch.nn.Module | None = None   # a full snapshot's own weights
+    deleted: bool = False                   # its checkpoint was deleted: unusable
 
     @property
     def vocab_size(self) -> int:
@@ -96,7 +98,36 @@ class Engine:
         return self._lora_hosts[base.name]
 
     def forward_backward(self, run_id: str, work: ForwardBackwardWork) -> ForwardBackwardResult:
-        return self.get_run(run_id).forward_backward(work)
+        run = self.get_run(run_id)
+        teacher = None
+        if get_loss(work.loss_fn).needs_teacher:
+            teacher = self._module_for(self._open_teacher(run, work.loss_fn_config_strings))
+        return run.forward_backward(work, teacher)
+
+    def _open_teacher(self, run: TrainingRun, strings: dict[str, str]) -> Sampler:
+        """The sampler named by loss_fn_config.teacher, after checking it shares the tokenizer."""
+        name = strings.get("teacher", "")
+        if not name:
+            raise InvalidInput("loss_fn_config.teacher: name the teacher (a base model or a "
+                               "stillroom://.../sampler_weights/... path)")
+        if name.startswith(checkpoints.SCHEME):
+            teacher = self.open_sampler(model_path=name)
+        else:
+            teacher = self.open_sampler(base_model=name)
+        self._check_same_tokenizer(run.base, teacher.base, name)
+        return teacher
+
+    @staticmethod
+    def _check_same_tokenizer(student: BaseModel, teacher: BaseModel, name: str) -> None:
+        if student.name == teacher.name:
+            return
+        if (teacher.vocab_size != student.vocab_size
+                or teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab()):
+            raise InvalidInput(
+                f"loss_fn_config.teacher: {name} does not share the student's tokenizer (teacher "
+                f"vocabulary {teacher.vocab_size} tokens, student {student.vocab_size}); "
+                "teacher_reverse_kl compares next-token distributions token by token, so both "
+                "models must use the same tokenizer")
 
     def optim_step(self, run_id: str, work: OptimWork) -> OptimResult:
         return self.get_run(run_id).optim_step(work.adam)
@@ -137,6 +168,8 @@ class Engine:
         return Sampler(key, base)
 
     def _module_for(self, opened: Sampler) -> torch.nn.Module:
+        if opened.deleted:
+            raise NotFound(f"model_path: checkpoint {opened.key[len('path:'):]} was deleted")
         if opened.adapter is not None:
             return self._lora_host(opened.base).activate(opened.adapter)
         if not opened.key.startswith("path:"):
@@ -182,12 +215,82 @@ class Engine:
         scored = compute.sequence_logprobs(module, [w.tokens_T for w in works], self.device)
         return [LogprobsResult(logprobs_T) for logprobs_T, _, _ in scored]
 
+    # ---------------------------------------------------------------- training state and checkpoint files
+
+    def save_state(self, run_id: str, name: str) -> tuple[str, int]:
+        """Write the run's weights and optimizer state; return the checkpoint path and its size."""
+        run = self.get_run(run_id)
+        path = checkpoints.CheckpointPath(run_id, "weights", checkpoints.check_name(name))
+        meta = {"base_model": run.base.name, "kind": "lora" if run.is_lora else "full",
+                "run_id": run_id, "name": name, "is_lora": run.is_lora, "lora": _lora_meta(run)}
+        size = self.files.write(path, meta, lambda directory: state.save_state(run, directory))
+        return path.uri, size
+
+    def state_meta(self, uri: str, field: str = "path") -> dict:
+        """The meta of a saved training state; cheap (reads one JSON file)."""
+        path = checkpoints.parse(uri, field)
+        if path.kind != "weights":
+            raise InvalidInput(f"{field}: {path.uri} is sampler weights, not a training state "
+                               f"({checkpoints.SCHEME}<run_id>/weights/<name>, from save_state)")
+        return self.files.read_meta(path)
+
+    def validate_load_state(self, run_id: str, uri: str) -> None:
+        run, meta = self.get_run(run_id), self.state_meta(uri)
+        if meta["base_model"] != run.base.name or meta["is_lora"] != run.is_lora:
+            raise InvalidInput(f"path: {uri} is a {meta['kind']} state of {meta['base_model']}; this run "
+                               f"is a {'lora' if run.is_lora else 'full'} run of {run.base.name}")
+        if run.is_lora and meta["lora"] != _lora_meta(run):
+            raise InvalidInput(f"path: {uri} has LoRA settings {meta['lora']}, this run {_lora_meta(run)}")
+
+    def load_state(self, run_id: str, uri: str, with_optimizer: bool) -> None:
+        self.validate_load_state(run_id, uri)
+        run = self.get_run(run_id)
+        state.restore(run, self.files.directory(checkpoints.parse(uri)), with_optimizer)
+
+    def create_run_from_state(self, run_id: str, uri: str, with_optimizer: bool) -> TrainingRun:
+        """A new run holding a saved state's weights (and optimizer moments, if asked)."""
+        meta = self.state_meta(uri)
+        directory = self.files.directory(checkpoints.parse(uri))
+        base = self.models.get(meta["base_model"])
+        if meta["is_lora"]:
+            config = LoraConfig.from_pretrained(str(directory))
+            run: TrainingRun = LoraRun(run_id, base, self._lora_host(base), config, self.device, None)
+        else:
+            run = FullRun(run_id, base, self.device)
+        try:
+            state.restore(run, directory, with_optimizer)
+        except BaseException:
+            if isinstance(run, LoraRun):
+                run.host.remove_adapter(run.adapter)
+            raise
+        self.runs[run_id] = run
+        logger.info("created %s run %s from %s", meta["kind"], run_id, uri)
+        return run
+
+    def unload_checkpoint(self, uri: str) -> None:
+        """Forget a checkpoint's loaded weights (before its files are deleted)."""
+        key = f"path:{uri}"
+        with self._lock:
+            opened = self._samplers.pop(key, None)
+        self._full_snapshots.pop(key, None)
+        if opened is not None:
+            opened.deleted = True
+        if opened is not None and opened.adapter is not None:
+            self._lora_host(opened.base).remove_adapter(opened.adapter)
+
+    def delete_checkpoint(self, uri: str) -> None:
+        self.unload_checkpoint(uri)
+        self.files.delete(checkpoints.parse(uri))
+
     # ---------------------------------------------------------------- validation
 
     def validate_forward_backward(self, run_id: str, work: ForwardBackwardWork) -> None:
         run = self.get_run(run_id)
         spec = get_loss(work.loss_fn)
         spec.resolve_config(work.loss_fn_config)
+        self._validate_strings(spec, run, work.loss_fn_config_strings)
+        if work.num_parts < 0 or not (work.num_parts == 0 and work.part == 0 or 0 <= work.part < work.num_parts):
+            raise InvalidInput(f"part: need 0 <= part < num_parts, got part {work.part} of {work.num_parts}")
         if not work.data:
             raise InvalidInput("data: at least one datum is needed")
         allowed = {"target_tokens", *spec.inputs}
@@ -213,6 +316,29 @@ class Engine:
                         raise InvalidInput(f"{field}.loss_fn_inputs.{key}: values must be finite (found NaN or inf)")
                 else:
                     raise InvalidInput(f"{field}.loss_fn_inputs.{key}: dtype must be float32")
+
+    def _validate_strings(self, spec, run: TrainingRun, strings: dict[str, str]) -> None:
+        allowed = {"teacher"} if spec.needs_teacher else set()
+        unknown = sorted(set(strings) - allowed)
+        if unknown:
+            raise InvalidInput(f"loss_fn_config: unknown key(s) {unknown} for loss '{spec.name}'")
+        if not spec.needs_teacher:
+            return
+        name = strings.get("teacher", "")
+        if name.startswith(checkpoints.SCHEME):
+            path = checkpoints.parse(name, "loss_fn_config.teacher")
+            meta = self.files.read_meta(path)
+            teacher_vocab = self.models.describe(meta["base_model"])["vocab_size"]
+        elif name:
+            teacher_vocab = self.models.describe(name)["vocab_size"]
+        else:
+            raise InvalidInput("loss_fn_config.teacher: name the teacher (a base model or a "
+                               "stillroom://.../sampler_weights/... path)")
+        if teacher_vocab != run.base.vocab_size:
+            raise InvalidInput(
+                f"loss_fn_config.teacher: {name} does not share the student's tokenizer (teacher "
+                f"vocabulary {teacher_vocab} tokens, student {run.base.vocab_size}); teacher and "
+                "student must use the same tokenizer")
 
     def validate_sample(self, opened: Sampler, work: SampleWork) -> None:
         self._check_tokens(work.prompt_T, "prompt", opened.base, allow_full=False)
@@ -254,6 +380,14 @@ class Engine:
         if low < 0 or high >= base.vocab_size:
             bad = low if low < 0 else high
             raise InvalidInput(f"{field}: token id {bad} is outside the vocabulary [0, {base.vocab_size})")
+
+
+def _lora_meta(run: TrainingRun) -> dict | None:
+    if not run.is_lora:
+        return None
+    config = run.config
+    return {"rank": config.r, "lora_alpha": config.lora_alpha,
+            "target_modules": sorted(config.target_modules)}
 
 
 def known_losses() -> list[str]:

@@ -24,6 +24,7 @@ class LossSpec:
     inputs: tuple[str, ...]             # required loss_fn_inputs, besides target_tokens
     config_defaults: dict[str, float]
     fn: LossFn
+    needs_teacher: bool = False         # gets full student and teacher distributions in `inputs`
 
     def resolve_config(self, config: dict[str, float]) -> dict[str, float]:
         unknown = sorted(set(config) - set(self.config_defaults))
@@ -42,6 +43,9 @@ class LossSpec:
                                    f"clip_high_threshold, got {low} and {high}")
         if resolved.get("beta", 0.0) < 0:
             raise InvalidInput(f"loss_fn_config.beta must be >= 0, got {resolved['beta']}")
+        topk = resolved.get("topk", 0.0)
+        if topk < 0 or topk != int(topk):
+            raise InvalidInput(f"loss_fn_config.topk must be a whole number >= 0 (0: full vocabulary), got {topk}")
         return resolved
 
 
@@ -89,6 +93,23 @@ def dro(logp_B_T, mask_B_T, inputs, config):
     return loss, _ratio_metrics(torch.exp(drift_B_T), mask_B_T)
 
 
+def teacher_reverse_kl(logp_B_T, mask_B_T, inputs, config):
+    """Exact reverse KL(student || teacher) of the next-token distributions at every weighted
+    position, summed. With `topk` > 0 both distributions are renormalised over the student's
+    top-k tokens at each position (for large vocabularies)."""
+    student_B_T_V, teacher_B_T_V = inputs["student_logprobs"], inputs["teacher_logprobs"]
+    topk = int(config["topk"])
+    if 0 < topk < student_B_T_V.shape[-1]:
+        index_B_T_K = student_B_T_V.detach().topk(topk, dim=-1).indices
+        student_B_T_V = torch.log_softmax(student_B_T_V.gather(-1, index_B_T_K), dim=-1)
+        teacher_B_T_V = torch.log_softmax(teacher_B_T_V.gather(-1, index_B_T_K), dim=-1)
+    kl_B_T = (student_B_T_V.exp() * (student_B_T_V - teacher_B_T_V)).sum(-1)
+    weights_B_T = inputs["weights"] * mask_B_T
+    loss = (kl_B_T * weights_B_T).sum()
+    mean_kl = (kl_B_T.detach() * weights_B_T).sum() / weights_B_T.sum().clamp(min=1e-12)
+    return loss, {"teacher_kl:mean": float(mean_kl)}
+
+
 _CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
 _RL_INPUTS = ("logprobs", "advantages")
 
@@ -100,6 +121,8 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec("ppo", _RL_INPUTS, dict(_CLIP), ppo),
         LossSpec("cispo", _RL_INPUTS, dict(_CLIP), cispo),
         LossSpec("dro", _RL_INPUTS, {"beta": 0.05}, dro),
+        LossSpec("teacher_reverse_kl", ("weights",), {"topk": 0.0}, teacher_reverse_kl,
+                 needs_teacher=True),
     )
 }
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from stillroom_server.engine import compute
+from stillroom_server.engine.errors import FailedPrecondition
 from stillroom_server.engine.losses import get_loss
 from stillroom_server.engine.models import BaseModel
 from stillroom_server.engine.types import AdamConfig, ForwardBackwardResult, ForwardBackwardWork, OptimResult
@@ -26,6 +27,9 @@ class TrainingRun(abc.ABC):
         self.device = device
         self.optimizer: torch.optim.AdamW | None = None
         self.accumulated_tokens = 0
+        self._staged: list[torch.Tensor | None] | None = None   # a chunked call's parts so far
+        self._staged_tokens = 0
+        self._next_part = 0
 
     # ---------------------------------------------------------------- what subclasses provide
 
@@ -53,40 +57,72 @@ class TrainingRun(abc.ABC):
 
     # ---------------------------------------------------------------- forward / backward
 
-    def forward_backward(self, work: ForwardBackwardWork) -> ForwardBackwardResult:
+    def forward_backward(self, work: ForwardBackwardWork,
+                         teacher: torch.nn.Module | None = None) -> ForwardBackwardResult:
+        """Compute the loss; unless `forward_only`, add its gradient (a chunked call's parts are
+        held aside and added together when the last part succeeds)."""
         loss_spec = get_loss(work.loss_fn)
         config = loss_spec.resolve_config(work.loss_fn_config)
-        model = self.activate()
         lengths = [d.tokens_T.shape[0] for d in work.data]
         tokens_B_T = compute.pad_right([d.tokens_T for d in work.data]).to(self.device)
         targets_B_T = compute.pad_right([d.inputs["target_tokens"] for d in work.data]).to(self.device)
         inputs = {key: compute.pad_right([d.inputs[key] for d in work.data]).to(self.device)
                   for key in loss_spec.inputs}
+        if loss_spec.needs_teacher:
+            with torch.no_grad():
+                inputs["teacher_logprobs"] = torch.log_softmax(compute.logits_for(teacher, tokens_B_T), -1)
         mask_B_T = compute.lengths_mask(lengths, self.device)
+        model = self.activate()
         with torch.set_grad_enabled(not work.forward_only):
-            logp_B_T = compute.target_logprobs(model, tokens_B_T, targets_B_T)
+            logprobs_B_T_V = torch.log_softmax(compute.logits_for(model, tokens_B_T), dim=-1)
+            logp_B_T = logprobs_B_T_V.gather(-1, targets_B_T[..., None]).squeeze(-1)
+            if loss_spec.needs_teacher:
+                inputs["student_logprobs"] = logprobs_B_T_V
             loss, metrics = loss_spec.fn(logp_B_T, mask_B_T, inputs, config)
             if not work.forward_only:
-                self._accumulate(loss)
-                self.accumulated_tokens += sum(lengths)
+                self._collect(self._gradients(loss), sum(lengths), work.part, work.num_parts)
         logp_B_T = logp_B_T.detach().cpu()
         outputs = [{"logprobs": logp_B_T[row, :n].clone()} for row, n in enumerate(lengths)]
         return ForwardBackwardResult(outputs, {"loss:sum": float(loss.detach()), **metrics})
 
-    def _accumulate(self, loss: torch.Tensor) -> None:
-        params = self.trainable_parameters()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for param, grad in zip(params, grads):
+    def _gradients(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
+        return list(torch.autograd.grad(loss, self.trainable_parameters(), allow_unused=True))
+
+    def _collect(self, grads: list[torch.Tensor | None], tokens: int, part: int, num_parts: int) -> None:
+        """Add a call's gradient, or hold a chunked call's parts until its last one succeeds."""
+        if num_parts <= 1:
+            self._staged = None
+            self._add_to_grads(grads, tokens)
+            return
+        if part == 0:
+            self._staged, self._staged_tokens = grads, 0
+        elif self._staged is None or part != self._next_part:
+            self._staged = None
+            raise FailedPrecondition(f"part: part {part} of a chunked forward_backward came after an "
+                                     "earlier part failed or was skipped; nothing of that call was applied")
+        else:
+            self._staged = [s if g is None else g if s is None else s.add_(g)
+                            for s, g in zip(self._staged, grads)]
+        self._staged_tokens += tokens
+        self._next_part = part + 1
+        if part == num_parts - 1:
+            staged, self._staged = self._staged, None
+            self._add_to_grads(staged, self._staged_tokens)
+
+    def _add_to_grads(self, grads: list[torch.Tensor | None], tokens: int) -> None:
+        for param, grad in zip(self.trainable_parameters(), grads):
             if grad is None:
                 continue
             if param.grad is None:
                 param.grad = grad
             else:
                 param.grad.add_(grad)
+        self.accumulated_tokens += tokens
 
     # ---------------------------------------------------------------- optimizer
 
     def optim_step(self, adam: AdamConfig) -> OptimResult:
+        self._staged = None  # an unfinished chunked call is dropped, never half-applied
         params = self.trainable_parameters()
         self.activate()
         if self.optimizer is None:

@@ -23,6 +23,9 @@ class ForwardBackwardWork:
     loss_fn: str
     loss_fn_config: dict[str, float]
     forward_only: bool = False
+    loss_fn_config_strings: dict[str, str] = dataclasses.field(default_factory=dict)
+    part: int = 0                        # a chunked call's part, 0..num_parts-1
+    num_parts: int = 0                   # 0: not chunked
 
 
 @dataclasses.dataclass

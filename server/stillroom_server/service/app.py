@@ -19,6 +19,7 @@ from stillroom._proto import stillroom_pb2_grpc as pb_grpc
 from stillroom_server.config import ServerConfig
 from stillroom_server.engine.engine import Engine
 from stillroom_server.engine.scheduler import Scheduler
+from stillroom_server.service.archives import ArchiveServer
 from stillroom_server.service.futures import FutureHub
 from stillroom_server.service.servicer import StillroomServicer, batch_runners
 from stillroom_server.store import Store
@@ -62,7 +63,9 @@ class StillroomServer:
                              config.local_models)
         self.scheduler = Scheduler(batch_runners(self.engine))
         self.hub = FutureHub(self.store, asyncio.get_running_loop())
-        self.servicer = StillroomServicer(self.engine, self.scheduler, self.store, self.hub)
+        self.archives = ArchiveServer(self.engine.files, config.host, config.http_port).start()
+        self.servicer = StillroomServicer(self.engine, self.scheduler, self.store, self.hub,
+                                          self.archives)
         self.server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -75,9 +78,21 @@ class StillroomServer:
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("Stillroom %s serving on %s (device %s, data %s, database %s)",
-                    "gRPC", self.address, config.device, config.data_dir,
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_checkpoints())
+        logger.info("Stillroom %s serving on %s, downloads on %s (device %s, data %s, database %s)",
+                    "gRPC", self.address, self.archives.base_url, config.device, config.data_dir,
                     config.resolved_database_url.split("@")[-1])
+
+    async def _sweep_checkpoints(self) -> None:
+        """Delete checkpoints whose TTL has passed, every `checkpoint_sweep_seconds`."""
+        while True:
+            await asyncio.sleep(self.config.checkpoint_sweep_seconds)
+            try:
+                swept = await self.servicer.sweep_expired_checkpoints()
+                if swept:
+                    logger.info("deleted %d expired checkpoints", swept)
+            except Exception:  # noqa: BLE001 - the sweep must outlive one failure
+                logger.exception("checkpoint sweep failed")
 
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():
@@ -90,6 +105,8 @@ class StillroomServer:
     async def _stop(self, grace: float) -> None:
         logger.info("shutting down: refusing new calls, finishing queued work")
         await self.health.enter_graceful_shutdown()
+        self._sweeper.cancel()
+        self.archives.stop()
         await self.server.stop(grace)
         await asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop)
         self.store.close()

@@ -65,7 +65,9 @@ def forward_backward_from_pb(request: pb.ForwardBackwardRequest) -> ForwardBackw
         data.append(TrainDatum(tokens_T, inputs))
     return ForwardBackwardWork(data=data, loss_fn=request.loss_fn,
                                loss_fn_config=dict(request.loss_fn_config),
-                               forward_only=request.forward_only)
+                               forward_only=request.forward_only,
+                               loss_fn_config_strings=dict(request.loss_fn_config_strings),
+                               part=request.part, num_parts=request.num_parts)
 
 
 def adam_from_pb(params: pb.AdamParams) -> AdamConfig:

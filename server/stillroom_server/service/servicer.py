@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from stillroom._proto import stillroom_pb2 as pb
@@ -18,21 +19,28 @@ from stillroom._proto import stillroom_pb2_grpc as pb_grpc
 from stillroom_server import __version__
 from stillroom_server.engine import checkpoints
 from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, known_losses
-from stillroom_server.engine.errors import InvalidInput, NotFound
+from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
 from stillroom_server.engine.scheduler import Job, Scheduler
 from stillroom_server.engine.types import OptimWork
 from stillroom_server.service import convert
+from stillroom_server.service.archives import ArchiveServer
 from stillroom_server.service.errors import rpc
 from stillroom_server.service.futures import FutureHub, new_request_id
 from stillroom_server.store import Store
+from stillroom_server.store.repo import utcnow
 
 logger = logging.getLogger("stillroom.service")
 LOCAL_OWNER = "local"
 MAX_LORA_RANK = 512
+DEFAULT_LIST_LIMIT = 20
+MAX_LIST_LIMIT = 1000
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 
 
 class StillroomServicer(pb_grpc.StillroomServicer):
-    def __init__(self, engine: Engine, scheduler: Scheduler, store: Store, hub: FutureHub) -> None:
+    def __init__(self, engine: Engine, scheduler: Scheduler, store: Store, hub: FutureHub,
+                 archives: ArchiveServer | None = None) -> None:
+        self.archives = archives
         self.engine = engine
         self.scheduler = scheduler
         self.store = store
@@ -140,6 +148,10 @@ class StillroomServicer(pb_grpc.StillroomServicer):
     async def ForwardBackward(self, request, context):
         def validate():
             work = convert.forward_backward_from_pb(request)
+            teacher = work.loss_fn_config_strings.get("teacher", "")
+            if teacher.startswith(checkpoints.SCHEME):
+                self._own_checkpoint(checkpoints.parse(teacher, "loss_fn_config.teacher"),
+                                     self.owner(context), "loss_fn_config.teacher")
             self.engine.validate_forward_backward(request.training_run_id, work)
             return lambda: self.engine.forward_backward(request.training_run_id, work)
 
@@ -191,9 +203,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         source = request.WhichOneof("source")
         if source == "model_path":
             path = checkpoints.parse(request.model_path)
-            row = self.store.get_checkpoint(path.uri)
-            if row is None or row.owner != owner:
-                raise NotFound(f"model_path: checkpoint {path.uri} does not exist")
+            self._own_checkpoint(path, owner, "model_path")
             opened = await self.on_worker(lambda: self.engine.open_sampler(model_path=path.uri),
                                           "open_sampler")
         elif source == "base_model":
@@ -208,6 +218,11 @@ class StillroomServicer(pb_grpc.StillroomServicer):
             sampling_session_id=session_id, base_model=opened.base.name,
             model_path=request.model_path if source == "model_path" else "",
             max_context_length=opened.max_context, vocab_size=opened.vocab_size)
+
+    def _own_checkpoint(self, path: checkpoints.CheckpointPath, owner: str, field: str) -> None:
+        row = self.store.get_checkpoint(path.uri)
+        if row is None or row.owner != owner:
+            raise NotFound(f"{field}: checkpoint {path.uri} does not exist")
 
     def _session(self, session_id: str) -> Sampler:
         opened = self.sessions.get(session_id)
@@ -254,6 +269,151 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         return self.hub.to_pb(record)
 
 
+    # ---------------------------------------------------------------- training state
+
+    @rpc
+    async def SaveState(self, request, context):
+        owner = self.owner(context)
+        run_id = request.training_run_id
+        name = request.name or f"state-{request.seq:06d}-{uuid.uuid4().hex[:6]}"
+
+        def validate():
+            path = checkpoints.CheckpointPath(run_id, "weights", checkpoints.check_name(name))
+            run = self.engine.get_run(run_id)
+            if self.store.get_checkpoint(path.uri) is not None or self.engine.files.exists(path):
+                raise checkpoints.AlreadyExists(f"name: checkpoint {path.uri} already exists")
+
+            def save():
+                uri, size = self.engine.save_state(run_id, name)
+                self.store.add_checkpoint(owner, run_id, "weights", name, uri, run.base.name,
+                                          run.is_lora, size)
+                return uri
+
+            return save
+
+        return await self._sequenced(
+            request, context, "save_state", validate,
+            lambda uri: pb.FutureResult(save_weights=pb.SaveWeightsResult(path=uri)))
+
+    @rpc
+    async def LoadState(self, request, context):
+        owner = self.owner(context)
+        run_id = request.training_run_id
+
+        def validate():
+            path, _ = self._owned_checkpoint(request.path, owner)
+            self.engine.validate_load_state(run_id, path.uri)
+
+            def load():
+                self.engine.load_state(run_id, path.uri, request.with_optimizer)
+                return path.uri
+
+            return load
+
+        return await self._sequenced(
+            request, context, "load_state", validate,
+            lambda uri: pb.FutureResult(save_weights=pb.SaveWeightsResult(path=uri)))
+
+    @rpc
+    async def CreateTrainingRunFromState(self, request, context):
+        owner = self.owner(context)
+        path, _ = self._owned_checkpoint(request.path, owner)
+        meta = self.engine.state_meta(path.uri)
+        self.engine.models.resolve(meta["base_model"])
+        run_id = "run-" + uuid.uuid4().hex[:16]
+        run = await self.on_worker(
+            lambda: self.engine.create_run_from_state(run_id, path.uri, request.with_optimizer),
+            "create_run")
+        config = {"lora": meta["lora"], "seed": None, "from_state": path.uri,
+                  "with_optimizer": request.with_optimizer}
+        self.store.create_run(run_id, owner, meta["base_model"], run.is_lora, run.lora_rank, config,
+                              dict(request.user_metadata), run.num_trainable_params())
+        return self._run_info(run_id, owner)
+
+    # ---------------------------------------------------------------- checkpoint management
+
+    def _owned_checkpoint(self, uri: str, owner: str, field: str = "path"):
+        """The parsed path and store row of the caller's checkpoint; malformed paths touch nothing."""
+        path = checkpoints.parse(uri, field)
+        row = self.store.get_checkpoint(path.uri)
+        if row is None or row.owner != owner:
+            raise NotFound(f"{field}: checkpoint {path.uri} does not exist")
+        return path, row
+
+    def _run_summary(self, run_id: str, owner: str) -> pb.TrainingRunInfo:
+        info = self._run_info(run_id, owner)
+        for row in self.store.list_checkpoints(run_id):
+            target = info.last_checkpoint if row.kind == "weights" else info.last_sampler_checkpoint
+            target.CopyFrom(checkpoint_to_pb(row))
+        return info
+
+    @rpc
+    async def ListTrainingRuns(self, request, context):
+        owner = self.owner(context)
+        limit = request.limit or DEFAULT_LIST_LIMIT
+        if not 1 <= limit <= MAX_LIST_LIMIT or request.offset < 0:
+            raise InvalidInput(f"limit: must be between 1 and {MAX_LIST_LIMIT} and offset >= 0, "
+                               f"got limit {request.limit}, offset {request.offset}")
+        rows = self.store.list_runs(owner, limit, request.offset)
+        return pb.ListTrainingRunsResponse(training_runs=[self._run_summary(r.id, owner) for r in rows],
+                                           total_count=self.store.count_runs(owner))
+
+    @rpc
+    async def ListCheckpoints(self, request, context):
+        owner = self.owner(context)
+        if request.training_run_id:
+            self._own_run(request.training_run_id, owner)
+            rows = self.store.list_checkpoints(request.training_run_id)
+        else:
+            rows = self.store.list_user_checkpoints(owner)
+        return pb.ListCheckpointsResponse(checkpoints=[checkpoint_to_pb(r) for r in rows])
+
+    @rpc
+    async def DeleteCheckpoint(self, request, context):
+        path, row = self._owned_checkpoint(request.path, self.owner(context))
+        await self.delete_checkpoint(path.uri)
+        return checkpoint_to_pb(row)
+
+    async def delete_checkpoint(self, uri: str) -> None:
+        """Forget the row, unload the weights (on the worker, after queued work) and remove the files."""
+        self.store.delete_checkpoint(uri)
+        for session_id, opened in list(self.sessions.items()):
+            if opened.key == f"path:{uri}":
+                del self.sessions[session_id]
+        await self.on_worker(lambda: self.engine.delete_checkpoint(uri), "delete_checkpoint")
+        logger.info("deleted checkpoint %s", uri)
+
+    async def sweep_expired_checkpoints(self) -> int:
+        """Delete every checkpoint whose TTL has passed; return how many."""
+        expired = self.store.expired_checkpoints()
+        for row in expired:
+            await self.delete_checkpoint(row.path)
+        return len(expired)
+
+    @rpc
+    async def SetCheckpointTtl(self, request, context):
+        path, _ = self._owned_checkpoint(request.path, self.owner(context))
+        expires_at = None
+        if request.HasField("ttl_seconds"):
+            if not 1 <= request.ttl_seconds <= MAX_TTL_SECONDS:
+                raise InvalidInput(f"ttl_seconds: must be between 1 and {MAX_TTL_SECONDS} (or unset: "
+                                   f"never expires), got {request.ttl_seconds}")
+            expires_at = utcnow() + timedelta(seconds=request.ttl_seconds)
+        return checkpoint_to_pb(self.store.set_checkpoint_expiry(path.uri, expires_at))
+
+    @rpc
+    async def GetCheckpointArchiveUrl(self, request, context):
+        path, row = self._owned_checkpoint(request.path, self.owner(context))
+        if self.archives is None:
+            raise FailedPrecondition("path: this server does not serve checkpoint downloads "
+                                     "(it runs without its HTTP port)")
+        self.engine.files.files_of(path)  # NOT_FOUND if the files are gone
+        token, expires_at = self.archives.issue(path)
+        url_path = f"/archives/{token}"
+        return pb.CheckpointArchiveUrl(url=self.archives.base_url + url_path,
+                                       http_port=self.archives.port, url_path=url_path,
+                                       expires_at=iso(expires_at), size_bytes=row.size_bytes)
+
 def batch_runners(engine: Engine) -> dict[str, Callable[[str, list], list]]:
     """How the scheduler runs a batch of sampling or logprob jobs that share their weights."""
     return {
@@ -261,3 +421,17 @@ def batch_runners(engine: Engine) -> dict[str, Callable[[str, list], list]]:
         "compute_logprobs": lambda key, payloads: engine.compute_logprobs(payloads[0][0],
                                                                           [w for _, w in payloads]),
     }
+
+
+def iso(moment: datetime | None) -> str:
+    """ISO 8601 in UTC ('' for None); SQLite hands back naive datetimes that are UTC."""
+    if moment is None:
+        return ""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).isoformat()
+
+
+def checkpoint_to_pb(row) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(path=row.path, training_run_id=row.run_id, kind=row.kind, name=row.name,
+                             base_model=row.base_model, is_lora=row.is_lora,
+                             size_bytes=row.size_bytes, created_at=iso(row.created_at),
+                             expires_at=iso(row.expires_at))

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
-from sqlalchemy import create_engine, event, select, update
+from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from stillroom_server.store.models import CheckpointRow, FutureRow, TrainingRunRow
@@ -180,6 +180,34 @@ class Store:
                      .order_by(CheckpointRow.created_at))
             return list(session.scalars(query))
 
+
+    def list_user_checkpoints(self, owner: str) -> list[CheckpointRow]:
+        with self.session() as session:
+            query = (select(CheckpointRow).where(CheckpointRow.owner == owner)
+                     .order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc()))
+            return list(session.scalars(query))
+
+    def delete_checkpoint(self, path: str) -> bool:
+        with self.session() as session, session.begin():
+            return session.execute(delete(CheckpointRow).where(CheckpointRow.path == path)).rowcount > 0
+
+    def set_checkpoint_expiry(self, path: str, expires_at: Optional[datetime]) -> Optional[CheckpointRow]:
+        with self.session() as session, session.begin():
+            row = session.scalar(select(CheckpointRow).where(CheckpointRow.path == path))
+            if row is not None:
+                row.expires_at = expires_at
+            return row
+
+    def expired_checkpoints(self, now: Optional[datetime] = None) -> list[CheckpointRow]:
+        with self.session() as session:
+            query = select(CheckpointRow).where(CheckpointRow.expires_at.is_not(None),
+                                                CheckpointRow.expires_at <= (now or utcnow()))
+            return list(session.scalars(query))
+
+    def count_runs(self, owner: str) -> int:
+        with self.session() as session:
+            return session.scalar(select(func.count()).select_from(TrainingRunRow)
+                                  .where(TrainingRunRow.owner == owner))
 
 def migrations_dir() -> Path:
     """The alembic/ folder: installed as stillroom_server/migrations in a wheel, or read from the

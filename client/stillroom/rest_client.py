@@ -1,0 +1,247 @@
+"""RestClient: list, inspect, expire, delete and download training runs and checkpoints.
+
+Names follow the Tinker SDK's RestClient. Every method has an `_async` twin. Downloads fetch a
+checkpoint as a tar over the server's HTTP port (a short-lived URL from a gRPC call), stream it
+to disk with httpx and extract it safely; a progress bar shows when tqdm is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tarfile
+import tempfile
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Optional
+
+from stillroom import types
+from stillroom._proto import stillroom_pb2 as pb
+
+if TYPE_CHECKING:
+    from stillroom.service_client import ServiceClient
+
+_CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
+CHUNK_BYTES = 1 << 20
+
+
+def _time(text: str) -> Optional[datetime]:
+    return datetime.fromisoformat(text) if text else None
+
+
+def checkpoint_from_pb(info: pb.CheckpointInfo) -> types.Checkpoint:
+    return types.Checkpoint(
+        checkpoint_id=info.name, checkpoint_type=_CHECKPOINT_TYPES[info.kind],
+        time=_time(info.created_at), path=info.path, size_bytes=info.size_bytes,
+        expires_at=_time(info.expires_at), training_run_id=info.training_run_id,
+        base_model=info.base_model, is_lora=info.is_lora)
+
+
+def training_run_from_pb(info: pb.TrainingRunInfo) -> types.TrainingRun:
+    return types.TrainingRun(
+        training_run_id=info.training_run_id, base_model=info.base_model, is_lora=info.is_lora,
+        lora_rank=info.lora_rank if info.is_lora else None, last_request_seq=info.last_request_seq,
+        num_trainable_params=info.num_trainable_params, created_at=_time(info.created_at),
+        last_checkpoint=(checkpoint_from_pb(info.last_checkpoint)
+                         if info.HasField("last_checkpoint") else None),
+        last_sampler_checkpoint=(checkpoint_from_pb(info.last_sampler_checkpoint)
+                                 if info.HasField("last_sampler_checkpoint") else None),
+        user_metadata=dict(info.user_metadata))
+
+
+class RestClient:
+    def __init__(self, service: "ServiceClient") -> None:
+        self._service = service
+        self._connection = service._connection
+
+    def _run(self, coro):
+        return self._connection.run(coro)
+
+    async def _run_async(self, coro):
+        return await self._connection.run_async(coro)
+
+    # ---------------------------------------------------------------- training runs
+
+    async def _list_training_runs(self, limit: int, offset: int) -> types.TrainingRunsResponse:
+        reply = await self._connection.call("ListTrainingRuns",
+                                            pb.ListTrainingRunsRequest(limit=limit, offset=offset))
+        return types.TrainingRunsResponse(
+            training_runs=[training_run_from_pb(r) for r in reply.training_runs],
+            cursor=types.Cursor(offset=offset, limit=limit, total_count=reply.total_count))
+
+    def list_training_runs(self, limit: int = 20, offset: int = 0) -> types.TrainingRunsResponse:
+        """The caller's training runs, newest first."""
+        return self._run(self._list_training_runs(limit, offset))
+
+    async def list_training_runs_async(self, limit: int = 20, offset: int = 0) -> types.TrainingRunsResponse:
+        return await self._run_async(self._list_training_runs(limit, offset))
+
+    async def _get_training_run(self, training_run_id: str) -> types.TrainingRun:
+        info = await self._connection.call("GetTrainingRun",
+                                           pb.GetTrainingRunRequest(training_run_id=training_run_id))
+        checkpoints = (await self._list_checkpoints(training_run_id)).checkpoints
+        run = training_run_from_pb(info)
+        for checkpoint in checkpoints:  # oldest first: the last of each kind wins
+            if checkpoint.checkpoint_type == "training":
+                run.last_checkpoint = checkpoint
+            else:
+                run.last_sampler_checkpoint = checkpoint
+        return run
+
+    def get_training_run(self, training_run_id: str) -> types.TrainingRun:
+        return self._run(self._get_training_run(training_run_id))
+
+    async def get_training_run_async(self, training_run_id: str) -> types.TrainingRun:
+        return await self._run_async(self._get_training_run(training_run_id))
+
+    # ---------------------------------------------------------------- checkpoints
+
+    async def _list_checkpoints(self, training_run_id: str) -> types.CheckpointsListResponse:
+        reply = await self._connection.call("ListCheckpoints",
+                                            pb.ListCheckpointsRequest(training_run_id=training_run_id))
+        return types.CheckpointsListResponse(checkpoints=[checkpoint_from_pb(c) for c in reply.checkpoints])
+
+    def list_checkpoints(self, training_run_id: str) -> types.CheckpointsListResponse:
+        """One run's checkpoints, oldest first."""
+        if not training_run_id:
+            raise ValueError("list_checkpoints needs a training_run_id (list_user_checkpoints lists all)")
+        return self._run(self._list_checkpoints(training_run_id))
+
+    async def list_checkpoints_async(self, training_run_id: str) -> types.CheckpointsListResponse:
+        if not training_run_id:
+            raise ValueError("list_checkpoints needs a training_run_id (list_user_checkpoints lists all)")
+        return await self._run_async(self._list_checkpoints(training_run_id))
+
+    def list_user_checkpoints(self) -> types.CheckpointsListResponse:
+        """Every checkpoint of the caller, newest first."""
+        return self._run(self._list_checkpoints(""))
+
+    async def list_user_checkpoints_async(self) -> types.CheckpointsListResponse:
+        return await self._run_async(self._list_checkpoints(""))
+
+    async def _delete(self, path: str) -> types.Checkpoint:
+        return checkpoint_from_pb(await self._connection.call(
+            "DeleteCheckpoint", pb.CheckpointPathRequest(path=path), timeout=600))
+
+    def delete_checkpoint(self, path: str) -> types.Checkpoint:
+        """Delete a checkpoint's files and record; sampling clients on it stop working."""
+        return self._run(self._delete(path))
+
+    async def delete_checkpoint_async(self, path: str) -> types.Checkpoint:
+        return await self._run_async(self._delete(path))
+
+    async def _set_ttl(self, path: str, ttl_seconds: Optional[int]) -> types.Checkpoint:
+        request = pb.SetCheckpointTtlRequest(path=path)
+        if ttl_seconds is not None:
+            request.ttl_seconds = ttl_seconds
+        return checkpoint_from_pb(await self._connection.call("SetCheckpointTtl", request))
+
+    def set_checkpoint_ttl(self, path: str, ttl_seconds: Optional[int]) -> types.Checkpoint:
+        """Have the server delete the checkpoint `ttl_seconds` from now (None: keep it forever)."""
+        return self._run(self._set_ttl(path, ttl_seconds))
+
+    async def set_checkpoint_ttl_async(self, path: str, ttl_seconds: Optional[int]) -> types.Checkpoint:
+        return await self._run_async(self._set_ttl(path, ttl_seconds))
+
+    # ---------------------------------------------------------------- downloads
+
+    async def _archive_url(self, path: str) -> types.CheckpointArchiveUrlResponse:
+        reply = await self._connection.call("GetCheckpointArchiveUrl", pb.CheckpointPathRequest(path=path))
+        host = self._connection.target.rsplit(":", 1)[0] or "127.0.0.1"
+        return types.CheckpointArchiveUrlResponse(
+            url=f"http://{host}:{reply.http_port}{reply.url_path}", expires=_time(reply.expires_at),
+            size_bytes=reply.size_bytes)
+
+    def get_checkpoint_archive_url(self, path: str) -> types.CheckpointArchiveUrlResponse:
+        """A short-lived URL that serves the checkpoint as a tar archive."""
+        return self._run(self._archive_url(path))
+
+    async def get_checkpoint_archive_url_async(self, path: str) -> types.CheckpointArchiveUrlResponse:
+        return await self._run_async(self._archive_url(path))
+
+    def download_checkpoint_archive(self, path: str, dest_dir: str | os.PathLike,
+                                    progress: bool = True) -> Path:
+        """Download and extract a checkpoint into `dest_dir`; return its folder `dest_dir/<name>`.
+
+        A LoRA sampler checkpoint is a PEFT adapter folder (adapter_config.json,
+        adapter_model.safetensors); a full one is a Hugging Face model folder. Either holds
+        stillroom_checkpoint.json, which names the base model.
+        """
+        url = self.get_checkpoint_archive_url(path)
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".stillroom-download-", dir=dest) as staging:
+            archive = Path(staging) / "archive.tar"
+            _fetch(url.url, archive, url.size_bytes, progress, label=path.rsplit("/", 1)[-1])
+            return _extract(archive, Path(staging) / "extracted", dest)
+
+    async def download_checkpoint_archive_async(self, path: str, dest_dir: str | os.PathLike,
+                                                progress: bool = True) -> Path:
+        return await asyncio.to_thread(self.download_checkpoint_archive, path, dest_dir, progress)
+
+
+def _progress_bar(total: int, label: str, enabled: bool) -> Any:
+    if enabled:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            return tqdm(total=total or None, unit="B", unit_scale=True, desc=label, leave=False)
+
+    class Silent:
+        def update(self, n: int) -> None: ...
+        def close(self) -> None: ...
+
+    return Silent()
+
+
+def _fetch(url: str, target: Path, expected: int, progress: bool, label: str) -> None:
+    """Stream `url` to `target`, never holding more than a chunk in memory."""
+    import httpx
+
+    bar = _progress_bar(expected, label, progress)
+    try:
+        with httpx.stream("GET", url, timeout=httpx.Timeout(60.0, read=600.0)) as response:
+            if response.status_code == 404:
+                from stillroom.errors import NotFoundError
+
+                raise NotFoundError(f"download: {response.read().decode(errors='replace')[:200]}")
+            response.raise_for_status()
+            with open(target, "wb") as out:
+                for chunk in response.iter_bytes(CHUNK_BYTES):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+def _safe_members(archive: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The archive's members, refusing links, devices, absolute paths and `..`."""
+    members = archive.getmembers()
+    for member in members:
+        name = PurePosixPath(member.name)
+        if (not name.parts or name.is_absolute() or ".." in name.parts
+                or member.name.startswith(("/", "\\")) or ":" in name.parts[0]):
+            raise ValueError(f"archive member {member.name!r} would land outside the destination")
+        if not (member.isfile() or member.isdir()):
+            raise ValueError(f"archive member {member.name!r} is not a plain file or folder")
+    return members
+
+
+def _extract(archive_path: Path, staging: Path, dest: Path) -> Path:
+    """Extract into `staging`, then move the one top-level folder into `dest`."""
+    with tarfile.open(archive_path, mode="r:") as archive:
+        members = _safe_members(archive)
+        tops = {PurePosixPath(m.name).parts[0] for m in members}
+        if len(tops) != 1:
+            raise ValueError(f"archive should hold one top-level folder, found {sorted(tops)[:5]}")
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        archive.extractall(staging, members=members, **kwargs)
+    top = tops.pop()
+    target = dest / top
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; remove it or download elsewhere")
+    shutil.move(str(staging / top), str(target))
+    return target

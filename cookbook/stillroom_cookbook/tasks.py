@@ -1,0 +1,85 @@
+"""Tasks with graders: problems as text, a worked reference answer, and a grader that reads a
+completion back. A task knows text only, never tokens, models or the server.
+
+Addition, written out step by step with carries, is the reasoning task the CPU demo runs on. Why it:
+- it is a real chain of thought: each step (one digit column plus the carry from the step before)
+  is a table look-up, but the final answer is only right if every step is, so accuracy falls with
+  every column a model gets wrong and the scratchpad is where a teacher's per-token signal helps;
+- a character-level model learns it from scratch on a CPU in minutes, and a 10M-parameter model
+  learns it clearly faster and better than a 1M one at the same number of steps (measured: see
+  distillation_demo), so there is a gap for distillation to close;
+- problems are unlimited and free, the answer is exact, and the grader needs no model.
+
+A problem reads `347+85=`; its worked completion reads `7+5+0=12 4+8+1=13 3+0+1=04 >432`: one
+`a+b+carry=sum` step per column from the right (operands padded with zeros), then the answer after
+the `>` marker. The grader parses the integer after the last marker, so a completion is judged on
+its answer alone, scratchpad or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+
+ANSWER_MARKER = ">"
+_ANSWER_RE = re.compile(re.escape(ANSWER_MARKER) + r"\s*(-?\d+)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    prompt: str        # what the model reads
+    completion: str    # a worked, correct completion (the SFT target)
+    answer: int
+
+
+def grade_answer(completion: str, answer: int) -> bool:
+    """True when the completion ends with the answer marker followed by `answer`."""
+    match = _ANSWER_RE.search(completion.strip())
+    return match is not None and int(match.group(1)) == answer
+
+
+@dataclasses.dataclass(frozen=True)
+class AdditionTask:
+    """Sums of two numbers of min_digits..max_digits digits each, worked column by column."""
+
+    min_digits: int = 2
+    max_digits: int = 3
+    name: str = "addition"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise ValueError(f"AdditionTask: need 1 <= min_digits <= max_digits, got "
+                             f"{self.min_digits} and {self.max_digits}")
+
+    def _operand(self, rng: random.Random) -> int:
+        digits = rng.randint(self.min_digits, self.max_digits)
+        return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1)
+
+    def make_problem(self, rng: random.Random) -> Problem:
+        a, b = self._operand(rng), self._operand(rng)
+        return Problem(prompt=f"{a}+{b}=", completion=worked_addition(a, b), answer=a + b)
+
+    def problems(self, n: int, seed: int) -> list[Problem]:
+        rng = random.Random(seed)
+        return [self.make_problem(rng) for _ in range(n)]
+
+    def grade(self, problem: Problem, completion: str) -> bool:
+        return grade_answer(completion, problem.answer)
+
+    @property
+    def max_completion_chars(self) -> int:
+        """Room for a worked completion and a little slack, for sampling's max_tokens."""
+        return len(worked_addition(10 ** self.max_digits - 1, 10 ** self.max_digits - 1)) + 8
+
+
+def worked_addition(a: int, b: int) -> str:
+    """`7+5+0=12 4+8+1=13 3+0+1=04 >432` for 347+85: one step per column, then the answer."""
+    width = max(len(str(a)), len(str(b)))
+    digits_a, digits_b = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    steps, carry = [], 0
+    for da, db in zip(digits_a, digits_b):
+        total = int(da) + int(db) + carry
+        steps.append(f"{da}+{db}+{carry}={total:02d}")
+        carry = total // 10
+    return " ".join(steps) + f" {ANSWER_MARKER}{a + b}"
