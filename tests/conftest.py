@@ -19,7 +19,8 @@ def server(tmp_path_factory):
     from stillroom_server.service.app import StillroomServer
 
     data_dir = tmp_path_factory.mktemp("stillroom-data")
-    config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0)
+    config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0,
+                          checkpoint_sweep_seconds=0.2)  # TTL tests wait on the sweep
     with StillroomServer(config) as running:
         yield running
 

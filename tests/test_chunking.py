@@ -61,3 +61,19 @@ def test_chunked_forward_merges_mean_metrics_by_tokens(service, tokenizer):
     chunked = trainer.forward(data, "importance_sampling").result()
     for key in ("loss:sum", "importance_ratio:mean"):
         assert chunked.metrics[key] == pytest.approx(whole.metrics[key], rel=1e-5)
+
+
+def test_micro_batches_inside_one_call_give_the_same_result(service, tokenizer, monkeypatch):
+    from stillroom_server.engine import training
+
+    data = [sft_datum(encode_line(tokenizer, text)) for text in TEXTS]
+    trainer = service.create_full_training_client(TINY, seed=0)
+    whole = trainer.forward_backward(data, "cross_entropy").result()
+    whole_step = trainer.optim_step(types.AdamParams(learning_rate=0.0)).result()
+    monkeypatch.setattr(training, "MICROBATCH_TOKENS", 40)  # about one datum per pass
+    split = trainer.forward_backward(data, "cross_entropy").result()
+    split_step = trainer.optim_step(types.AdamParams(learning_rate=0.0)).result()
+    assert split.metrics["loss:sum"] == pytest.approx(whole.metrics["loss:sum"], rel=1e-5)
+    assert split_step.metrics["grad_norm:value"] == pytest.approx(whole_step.metrics["grad_norm:value"], rel=1e-5)
+    for a, b in zip(split.loss_fn_outputs, whole.loss_fn_outputs):
+        assert a["logprobs"].data == pytest.approx(b["logprobs"].data, abs=1e-5)

@@ -181,6 +181,15 @@ class RestClient:
         return await asyncio.to_thread(self.download_checkpoint_archive, path, dest_dir, progress)
 
 
+    # Tinker's names for the path-taking calls
+    delete_checkpoint_from_tinker_path = delete_checkpoint
+    delete_checkpoint_from_tinker_path_async = delete_checkpoint_async
+    set_checkpoint_ttl_from_tinker_path = set_checkpoint_ttl
+    set_checkpoint_ttl_from_tinker_path_async = set_checkpoint_ttl_async
+    get_checkpoint_archive_url_from_tinker_path = get_checkpoint_archive_url
+    get_checkpoint_archive_url_from_tinker_path_async = get_checkpoint_archive_url_async
+
+
 def _progress_bar(total: int, label: str, enabled: bool) -> Any:
     if enabled:
         try:

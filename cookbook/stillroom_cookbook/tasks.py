@@ -58,7 +58,9 @@ class AdditionTask:
 
     def make_problem(self, rng: random.Random) -> Problem:
         a, b = self._operand(rng), self._operand(rng)
-        return Problem(prompt=f"{a}+{b}=", completion=worked_addition(a, b), answer=a + b)
+        width = self.max_digits
+        return Problem(prompt=f"{a:0{width}d}+{b:0{width}d}=", completion=worked_addition(a, b, width),
+                       answer=a + b)
 
     def problems(self, n: int, seed: int) -> list[Problem]:
         rng = random.Random(seed)
@@ -73,9 +75,10 @@ class AdditionTask:
         return len(worked_addition(10 ** self.max_digits - 1, 10 ** self.max_digits - 1)) + 8
 
 
-def worked_addition(a: int, b: int) -> str:
-    """`7+5+0=12 4+8+1=13 3+0+1=04 >432` for 347+85: one step per column, then the answer."""
-    width = max(len(str(a)), len(str(b)))
+def worked_addition(a: int, b: int, width: int = 0) -> str:
+    """`7+5+0=12 4+8+1=13 3+0+1=04 >432` for 347+85: one step per column (at least `width`
+    columns), then the answer."""
+    width = max(width, len(str(a)), len(str(b)))
     digits_a, digits_b = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
     steps, carry = [], 0
     for da, db in zip(digits_a, digits_b):

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,7 +277,9 @@ class Engine:
         if opened is not None:
             opened.deleted = True
         if opened is not None and opened.adapter is not None:
-            self._lora_host(opened.base).remove_adapter(opened.adapter)
+            with warnings.catch_warnings():  # PEFT warns when the live adapter goes; we set it per call
+                warnings.simplefilter("ignore", UserWarning)
+                self._lora_host(opened.base).remove_adapter(opened.adapter)
 
     def delete_checkpoint(self, uri: str) -> None:
         self.unload_checkpoint(uri)

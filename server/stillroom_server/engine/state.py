@@ -69,9 +69,9 @@ def load_weights(run: TrainingRun, directory: Path) -> None:
     state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(run.device))
     with torch.no_grad():
         result = set_peft_model_state_dict(run.host.model, state, adapter_name=run.adapter)
-    stray = [k for k in result.unexpected_keys]
-    if stray:
-        raise InvalidInput(f"path: the saved adapter does not fit this run (unexpected {stray[:3]})")
+    if result.unexpected_keys:
+        raise InvalidInput(f"path: the saved adapter does not fit this run "
+                           f"(unexpected {list(result.unexpected_keys)[:3]})")
 
 
 def load_optimizer(run: TrainingRun, directory: Path) -> None:
@@ -105,3 +105,4 @@ def restore(run: TrainingRun, directory: Path, with_optimizer: bool) -> None:
     for param in run.trainable_parameters():
         param.grad = None
     run.accumulated_tokens = 0
+    run._staged = None  # an unfinished chunked forward_backward is dropped, as optim_step does

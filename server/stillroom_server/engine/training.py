@@ -20,6 +20,43 @@ from stillroom_server.engine.models import BaseModel
 from stillroom_server.engine.types import AdamConfig, ForwardBackwardResult, ForwardBackwardWork, OptimResult
 
 
+MICROBATCH_TOKENS = 16384  # padded tokens in one forward pass: bounds activation memory
+
+
+def microbatches(data: list, limit: int) -> list[list]:
+    """Consecutive groups of datums whose padded size (count x longest) stays within `limit`."""
+    groups, longest = [[]], 0
+    for datum in data:
+        n = datum.tokens_T.shape[0]
+        if groups[-1] and (len(groups[-1]) + 1) * max(longest, n) > limit:
+            groups.append([])
+            longest = 0
+        groups[-1].append(datum)
+        longest = max(longest, n)
+    return groups
+
+
+def merge_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """`:sum` metrics add up; `:mean` ones are averaged weighted by tokens; others keep the last."""
+    merged = {}
+    total = max(sum(n for _, n in parts), 1)
+    for key in parts[-1][0]:
+        values = [(metrics[key], n) for metrics, n in parts]
+        if key.endswith(":sum"):
+            merged[key] = sum(v for v, _ in values)
+        elif key.endswith(":mean"):
+            merged[key] = sum(v * n for v, n in values) / total
+        else:
+            merged[key] = values[-1][0]
+    return merged
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a.add_(b)
+
+
 class TrainingRun(abc.ABC):
     def __init__(self, run_id: str, base: BaseModel, device: torch.device) -> None:
         self.run_id = run_id
@@ -60,30 +97,44 @@ class TrainingRun(abc.ABC):
     def forward_backward(self, work: ForwardBackwardWork,
                          teacher: torch.nn.Module | None = None) -> ForwardBackwardResult:
         """Compute the loss; unless `forward_only`, add its gradient (a chunked call's parts are
-        held aside and added together when the last part succeeds)."""
+        held aside and added together when the last part succeeds). Large calls run as several
+        micro-batches; the losses are sums over tokens, so the result is the same."""
         loss_spec = get_loss(work.loss_fn)
         config = loss_spec.resolve_config(work.loss_fn_config)
-        lengths = [d.tokens_T.shape[0] for d in work.data]
-        tokens_B_T = compute.pad_right([d.tokens_T for d in work.data]).to(self.device)
-        targets_B_T = compute.pad_right([d.inputs["target_tokens"] for d in work.data]).to(self.device)
-        inputs = {key: compute.pad_right([d.inputs[key] for d in work.data]).to(self.device)
+        model = self.activate()
+        grads, outputs, parts = None, [], []
+        for batch in microbatches(work.data, MICROBATCH_TOKENS):
+            loss, metrics, logprobs = self._batch_loss(model, batch, loss_spec, config, teacher,
+                                                       work.forward_only)
+            if not work.forward_only:
+                batch_grads = self._gradients(loss)
+                grads = batch_grads if grads is None else [_add(a, b) for a, b in zip(grads, batch_grads)]
+            outputs.extend({"logprobs": row} for row in logprobs)
+            parts.append(({"loss:sum": float(loss.detach()), **metrics}, sum(r.numel() for r in logprobs)))
+        if not work.forward_only:
+            self._collect(grads, sum(n for _, n in parts), work.part, work.num_parts)
+        return ForwardBackwardResult(outputs, merge_metrics(parts))
+
+    def _batch_loss(self, model, data, loss_spec, config, teacher, forward_only):
+        """One padded forward pass over `data`: the loss, its metrics, each datum's logprobs."""
+        lengths = [d.tokens_T.shape[0] for d in data]
+        tokens_B_T = compute.pad_right([d.tokens_T for d in data]).to(self.device)
+        targets_B_T = compute.pad_right([d.inputs["target_tokens"] for d in data]).to(self.device)
+        inputs = {key: compute.pad_right([d.inputs[key] for d in data]).to(self.device)
                   for key in loss_spec.inputs}
         if loss_spec.needs_teacher:
             with torch.no_grad():
                 inputs["teacher_logprobs"] = torch.log_softmax(compute.logits_for(teacher, tokens_B_T), -1)
+            model = self.activate()  # the teacher may be another adapter of the same host
         mask_B_T = compute.lengths_mask(lengths, self.device)
-        model = self.activate()
-        with torch.set_grad_enabled(not work.forward_only):
+        with torch.set_grad_enabled(not forward_only):
             logprobs_B_T_V = torch.log_softmax(compute.logits_for(model, tokens_B_T), dim=-1)
             logp_B_T = logprobs_B_T_V.gather(-1, targets_B_T[..., None]).squeeze(-1)
             if loss_spec.needs_teacher:
                 inputs["student_logprobs"] = logprobs_B_T_V
             loss, metrics = loss_spec.fn(logp_B_T, mask_B_T, inputs, config)
-            if not work.forward_only:
-                self._collect(self._gradients(loss), sum(lengths), work.part, work.num_parts)
         logp_B_T = logp_B_T.detach().cpu()
-        outputs = [{"logprobs": logp_B_T[row, :n].clone()} for row, n in enumerate(lengths)]
-        return ForwardBackwardResult(outputs, {"loss:sum": float(loss.detach()), **metrics})
+        return loss, metrics, [logp_B_T[row, :n].clone() for row, n in enumerate(lengths)]
 
     def _gradients(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
         return list(torch.autograd.grad(loss, self.trainable_parameters(), allow_unused=True))
@@ -101,8 +152,7 @@ class TrainingRun(abc.ABC):
             raise FailedPrecondition(f"part: part {part} of a chunked forward_backward came after an "
                                      "earlier part failed or was skipped; nothing of that call was applied")
         else:
-            self._staged = [s if g is None else g if s is None else s.add_(g)
-                            for s, g in zip(self._staged, grads)]
+            self._staged = [_add(s, g) for s, g in zip(self._staged, grads)]
         self._staged_tokens += tokens
         self._next_part = part + 1
         if part == num_parts - 1:

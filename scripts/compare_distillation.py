@@ -1,0 +1,47 @@
+"""Reproduce the on-policy distillation paper's comparison at CPU scale and write it into docs/.
+
+    python scripts/compare_distillation.py [--data-dir .stillroom] [--seeds 0 1 2] [--steps 60]
+
+Starts a server, reuses (or trains) the demo's teacher, then runs SFT on teacher samples, RL with a
+correctness reward, on-policy distillation and (when the server offers it) the exact
+`teacher_reverse_kl` from the same student start, for every seed; writes
+docs/distillation_comparison.md and its two plots. See stillroom_cookbook.comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+import stillroom
+from stillroom_cookbook.comparison import METHODS, ComparisonConfig, run_comparison
+from stillroom_cookbook.local_server import LocalServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    defaults = ComparisonConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(".stillroom"))
+    parser.add_argument("--docs-dir", type=Path, default=ROOT / "docs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(defaults.methods))
+    args = parser.parse_args()
+    config = dataclasses.replace(defaults, seeds=tuple(args.seeds), steps=args.steps,
+                                 eval_every=args.eval_every, methods=tuple(args.methods))
+    command = "python scripts/compare_distillation.py " + shlex.join(sys.argv[1:])
+    with LocalServer(args.data_dir) as server:
+        with stillroom.ServiceClient(base_url=server.address) as service:
+            table = run_comparison(service, config, args.data_dir / "cookbook" / "comparison",
+                                   args.data_dir / "cookbook", args.docs_dir, command.strip())
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

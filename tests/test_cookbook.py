@@ -1,0 +1,199 @@
+"""The cookbook: task grading and advantages on hand-worked cases, renderers, and every loop run for
+a couple of steps against a real server on the tiny preset."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+
+from stillroom_cookbook.distillation import DistillationConfig, distill, reverse_kl_advantages
+from stillroom_cookbook.evaluation import TaskEvaluator, evaluate
+from stillroom_cookbook.metrics import MetricsLog, plot_curves, read_jsonl
+from stillroom_cookbook.renderers import CharRenderer, ChatRenderer
+from stillroom_cookbook.rl import RLConfig, group_advantages, train_rl
+from stillroom_cookbook.schedules import cycle_batches, linear_lr
+from stillroom_cookbook.supervised import SFTConfig, sft_datum, train_sft
+from stillroom_cookbook.tasks import AdditionTask, grade_answer, worked_addition
+
+TINY = "stillroom/char-1m"
+TASK = AdditionTask(min_digits=1, max_digits=2)
+
+
+# ---------------------------------------------------------------- tasks, advantages, schedules
+
+
+def test_worked_addition_writes_every_column_with_its_carry():
+    assert worked_addition(347, 85) == "7+5+0=12 4+8+1=13 3+0+1=04 >432"
+    assert worked_addition(99, 1) == "9+1+0=10 9+0+1=10 >100"
+    assert worked_addition(5, 3) == "5+3+0=08 >8"
+
+
+def test_grader_reads_the_number_after_the_last_marker():
+    assert grade_answer("7+5+0=12 4+8+1=13 3+0+1=04 >432", 432)
+    assert grade_answer("anything at all >432  \n", 432)
+    assert grade_answer(">12 >432", 432)
+    assert not grade_answer("7+5+0=12 4+8+1=13 3+0+1=04 >431", 432)
+    assert not grade_answer("432", 432)                 # no marker
+    assert not grade_answer(">432 and more", 432)       # the answer must end the completion
+    assert not grade_answer("", 432)
+
+
+def test_task_problems_are_reproducible_and_graded_correct_by_their_own_answer():
+    problems = AdditionTask(2, 3).problems(50, seed=7)
+    assert problems == AdditionTask(2, 3).problems(50, seed=7)
+    for p in problems:
+        a, b = map(int, p.prompt.removesuffix("=").split("+"))
+        assert 10 <= a <= 999 and 10 <= b <= 999 and p.answer == a + b
+        assert AdditionTask().grade(p, p.completion)
+    with pytest.raises(ValueError):
+        AdditionTask(min_digits=3, max_digits=2)
+
+
+def test_group_advantages_are_centred_within_the_group():
+    assert group_advantages([1.0, 0.0, 0.0, 1.0]) == [0.5, -0.5, -0.5, 0.5]
+    assert group_advantages([1.0, 0.0, 0.0, 0.0]) == [0.75, -0.25, -0.25, -0.25]
+    assert group_advantages([1.0, 1.0]) == [0.0, 0.0]
+
+
+def test_reverse_kl_advantages_reward_tokens_the_teacher_likes_more():
+    # student logprob - teacher logprob: 0.5 (student overconfident) and -0.75 (teacher likes it more)
+    assert reverse_kl_advantages([-0.5, -1.0], [-1.0, -0.25], kl_coef=1.0) == [-0.5, 0.75]
+    assert reverse_kl_advantages([-0.5, -1.0], [-1.0, -0.25], kl_coef=2.0) == [-1.0, 1.5]
+    assert reverse_kl_advantages([-0.3], [-0.3], kl_coef=1.0) == [0.0]
+    with pytest.raises(ValueError):
+        reverse_kl_advantages([-0.3, -0.1], [-0.3], kl_coef=1.0)
+
+
+def test_batches_cover_every_item_each_pass_and_lr_warms_up_then_decays():
+    batches = cycle_batches(list(range(10)), 5, seed=0)
+    assert sorted(next(batches) + next(batches)) == list(range(10))
+    with pytest.raises(ValueError):
+        next(cycle_batches([1, 2], 3, seed=0))
+    lrs = [linear_lr(1.0, s, 10, warmup_steps=2, final_fraction=0.1) for s in range(10)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > 0.1
+
+
+# ---------------------------------------------------------------- renderers
+
+
+def test_char_renderer_adds_bos_to_the_prompt_and_eos_to_the_completion(tokenizer):
+    renderer = CharRenderer(tokenizer)
+    prompt, completion = renderer.prompt_tokens("12+3="), renderer.completion_tokens("12+3=", ">15")
+    assert prompt[0] == tokenizer.bos_token_id and tokenizer.decode(prompt[1:]) == "12+3="
+    assert completion[-1] == tokenizer.eos_token_id and renderer.decode(completion) == ">15"
+    assert renderer.stop_tokens == [tokenizer.eos_token_id]
+    datum = sft_datum(renderer, "12+3=", ">15")
+    weights = datum.loss_fn_inputs["weights"].data
+    # targets: the 5 prompt characters after bos carry no loss; the 3 answer characters and eos do
+    assert weights == [0.0] * 5 + [1.0] * 4
+    assert datum.loss_fn_inputs["target_tokens"].data == (prompt + completion)[1:]
+
+
+def test_chat_renderer_uses_the_template_and_stops_at_the_end_of_turn(tokenizer):
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{{ eos_token }}\n"
+                          "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    renderer = ChatRenderer(chat, system="be brief")
+    prompt = renderer.prompt_tokens("1+1=")
+    assert chat.decode(prompt) == "system:be brief<eos>\nuser:1+1=<eos>\nassistant:"
+    completion = renderer.completion_tokens("1+1=", ">2")
+    assert completion == [*chat.encode(">2"), chat.eos_token_id]   # the trailing newline is cut
+    assert renderer.stop_tokens == [chat.eos_token_id]
+    with pytest.raises(ValueError, match="chat_template"):
+        ChatRenderer(tokenizer)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_go_to_jsonl_and_curves_to_png(tmp_path):
+    log = MetricsLog(tmp_path / "run" / "metrics.jsonl")
+    log.log(0, loss=2.0)
+    log.log(1, loss=1.0, accuracy=0.5)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["loss"] for r in records] == [2.0, 1.0] and log.last("accuracy") == 0.5
+    png = plot_curves({"a": [(0, 0.1), (1, 0.4)]}, tmp_path / "plot.png", title="t", xlabel="x",
+                      ylabel="y", hlines={"teacher": 0.5})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- loops against the server
+
+
+@pytest.fixture(scope="module")
+def renderer(tokenizer):
+    return CharRenderer(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def evaluator(renderer):
+    return TaskEvaluator(renderer, TASK, TASK.problems(4, seed=1), max_tokens=24)
+
+
+def test_sft_lowers_the_loss_and_logs_evaluations(service, renderer, evaluator, tmp_path):
+    trainer = service.create_full_training_client(TINY, seed=0)
+    examples = [(p.prompt, p.completion) for p in TASK.problems(16, seed=0)]
+    log = MetricsLog(tmp_path / "sft.jsonl")
+    train_sft(trainer, renderer, examples, SFTConfig(steps=6, learning_rate=3e-3, batch_size=8,
+                                                     eval_every=3), log, evaluator, progress=False)
+    losses = [r["loss"] for r in log.records if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert [r["step"] for r in log.records if "eval/accuracy" in r] == [0, 3, 6]
+    assert len(read_jsonl(tmp_path / "sft.jsonl")) == len(log.records)
+
+
+def test_evaluation_grades_greedy_completions(service, renderer):
+    sampler = service.create_sampling_client(base_model=TINY)
+    problems = TASK.problems(3, seed=2)
+    result = evaluate(sampler, renderer, TASK, problems, max_tokens=8)
+    assert len(result.completions) == 3 and 1 <= result.mean_length <= 8
+    assert result.accuracy == sum(TASK.grade(p, c) for p, c in zip(problems, result.completions)) / 3
+    again = evaluate(sampler, renderer, TASK, problems, max_tokens=8)
+    assert again.completions == result.completions   # greedy
+
+
+def test_rl_trains_only_on_groups_with_a_reward_signal(service, renderer, tmp_path):
+    trainer = service.create_full_training_client(TINY, seed=0)
+    problems = TASK.problems(8, seed=3)
+    rng = random.Random(0)
+    log = train_rl(trainer, renderer, problems, lambda p, text: float(rng.random() < 0.5),
+                   RLConfig(steps=2, learning_rate=1e-3, max_tokens=8, groups_per_batch=2,
+                            group_size=4), MetricsLog(tmp_path / "rl.jsonl"), progress=False)
+    steps = [r for r in log.records if "reward" in r]
+    assert len(steps) == 2 and all(0 <= r["reward"] <= 1 for r in steps)
+    assert all(r["trained_sequences"] <= 8 and r["sampled_tokens"] > 0 for r in steps)
+
+
+def test_distilling_from_an_identical_teacher_sees_no_kl(service, renderer, evaluator, tmp_path):
+    # The student starts as the teacher's exact weights, so the sampled reverse-KL estimate is 0
+    # at the first step; after an update it moves away from 0.
+    trainer = service.create_full_training_client(TINY, seed=0)
+    teacher = service.create_sampling_client(base_model=TINY)
+    prompts = [p.prompt for p in TASK.problems(8, seed=4)]
+    log = distill(trainer, teacher, renderer, prompts,
+                  DistillationConfig(steps=2, learning_rate=1e-2, max_tokens=8, groups_per_batch=2,
+                                     group_size=2), MetricsLog(tmp_path / "distill.jsonl"),
+                  evaluator, progress=False)
+    kls = [r["teacher_kl"] for r in log.records if "teacher_kl" in r]
+    assert len(kls) == 2 and abs(kls[0]) < 1e-3 and math.isfinite(kls[1]) and kls[1] != kls[0]
+    assert [r["step"] for r in log.records if "eval/accuracy" in r] == [0, 2]
+
+
+def test_distillation_with_the_server_side_teacher_loss(service, renderer, tmp_path):
+    if "teacher_reverse_kl" not in service.get_server_capabilities().loss_fns:
+        pytest.skip("the server does not offer teacher_reverse_kl")
+    trainer = service.create_full_training_client(TINY, seed=0)
+    teacher_trainer = service.create_full_training_client(TINY, seed=0)
+    teacher = teacher_trainer.save_weights_and_get_sampling_client("identical-teacher")
+    prompts = [p.prompt for p in TASK.problems(8, seed=5)]
+    log = distill(trainer, teacher, renderer, prompts,
+                  DistillationConfig(steps=2, learning_rate=1e-2, max_tokens=8, groups_per_batch=2,
+                                     group_size=2, loss="teacher_reverse_kl"),
+                  MetricsLog(tmp_path / "distill-exact.jsonl"), progress=False)
+    kls = [r["teacher_kl"] for r in log.records if "teacher_kl" in r]
+    # the exact reverse KL of identical models is 0, and never negative
+    assert len(kls) == 2 and abs(kls[0]) < 1e-4 and kls[1] >= -1e-6
