@@ -1,9 +1,12 @@
-"""The scheduler: one worker thread that runs all model work, in order, off the event loop.
+"""The scheduler: one worker thread that runs all model work, off the event loop, fairly.
 
-Jobs run first-in first-out, so a run's requests, queued in their sequence order, run in that
-order. When the worker takes a sampling or logprob job it also takes every queued job of the same
-kind for the same weights and runs them as one batch. Each job's `done` callback receives the
-result or the exception. The scheduler knows nothing of what the jobs mean to clients.
+Every job belongs to a lane (a training run, or one owner's sampling). Within a lane jobs run
+first-in first-out, so a run's requests, queued in their sequence order, run in that order; across
+lanes the worker takes turns, so one lane's long queue (a sampling storm, a big training loop)
+delays another lane by at most one job per turn. When the worker takes a sampling or logprob job it
+also takes every queued job of the same kind for the same weights, from any lane, and runs them as
+one batch. Each job's `done` callback receives the result or the exception. The scheduler knows
+nothing of what the jobs mean to clients.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class Job:
     kind: str                              # e.g. "forward_backward", "sample"
     run: Callable[[], Any] | None          # a single job's work; None for batchable jobs
     done: Done
+    lane: str = ""                         # jobs of one lane run in order; lanes take turns
     batch_key: str | None = None           # jobs with the same (kind, batch_key) run together
     payload: Any = None                    # a batchable job's input
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
@@ -35,7 +39,7 @@ class Scheduler:
                  max_batch: int = 64) -> None:
         self._batch_runners = batch_runners
         self._max_batch = max_batch
-        self._queue: collections.deque[Job] = collections.deque()
+        self._lanes: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="stillroom-engine", daemon=True)
@@ -45,7 +49,7 @@ class Scheduler:
         with self._wakeup:
             if self._stopping:
                 raise RuntimeError("the scheduler is shutting down")
-            self._queue.append(job)
+            self._lanes.setdefault(job.lane, collections.deque()).append(job)
             self._wakeup.notify()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -57,19 +61,23 @@ class Scheduler:
 
     def _take(self) -> list[Job] | None:
         with self._wakeup:
-            while not self._queue:
+            while not self._lanes:
                 if self._stopping:
                     return None
                 self._wakeup.wait()
-            first = self._queue.popleft()
-            if first.batch_key is None:
-                return [first]
-            batch, rest = [first], collections.deque()
-            while self._queue:
-                job = self._queue.popleft()
-                same = job.kind == first.kind and job.batch_key == first.batch_key
-                (batch if same and len(batch) < self._max_batch else rest).append(job)
-            self._queue = rest
+            lane, queue = next(iter(self._lanes.items()))
+            first = queue.popleft()
+            self._lanes.move_to_end(lane)  # the next turn goes to the next lane
+            batch = [first]
+            if first.batch_key is not None:
+                for other in self._lanes.values():
+                    for job in [j for j in other if j.kind == first.kind and j.batch_key == first.batch_key]:
+                        if len(batch) == self._max_batch:
+                            break
+                        other.remove(job)
+                        batch.append(job)
+            for name in [name for name, jobs in self._lanes.items() if not jobs]:
+                del self._lanes[name]
             return batch
 
     def _work(self) -> None:

@@ -61,7 +61,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
                     outcome.set_exception(error) if error else outcome.set_result(result)
             loop.call_soon_threadsafe(settle)
 
-        self.scheduler.submit(Job(kind=kind, run=fn, done=done))
+        self.scheduler.submit(Job(kind=kind, run=fn, done=done, lane="admin"))
         return await outcome
 
     # ---------------------------------------------------------------- capabilities
@@ -140,7 +140,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         if is_new:
             self.hub.watch(request_id)
             self.scheduler.submit(Job(
-                kind=kind, run=lambda: to_pb(work()),
+                kind=kind, run=lambda: to_pb(work()), lane=request.training_run_id,
                 done=lambda result, error: self.hub.complete(request_id, result, error)))
         return pb.FutureRef(request_id=request_id)
 
@@ -233,11 +233,11 @@ class StillroomServicer(pb_grpc.StillroomServicer):
 
     def _queue_batched(self, context, kind: str, opened: Sampler, work: Any,
                        to_pb: Callable[[Any], pb.FutureResult]) -> pb.FutureRef:
-        request_id = new_request_id()
-        self.store.create_future(request_id, self.owner(context), kind)
+        request_id, owner = new_request_id(), self.owner(context)
+        self.store.create_future(request_id, owner, kind)
         self.hub.watch(request_id)
         self.scheduler.submit(Job(
-            kind=kind, run=None, batch_key=opened.key, payload=(opened, work),
+            kind=kind, run=None, lane=f"sampling:{owner}", batch_key=opened.key, payload=(opened, work),
             done=lambda result, error: self.hub.complete(
                 request_id, None if error else to_pb(result), error)))
         return pb.FutureRef(request_id=request_id)
