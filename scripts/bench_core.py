@@ -186,7 +186,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="stillroom-bench-") as tmp:
         data_dir = args.data_dir or Path(tmp)
         server = StillroomServer(ServerConfig(data_dir=data_dir, port=0, log_level="WARNING")).start()
-        service = stillroom.ServiceClient(base_url=server.address)
+        service = stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key)
         try:
             tc = service.create_full_training_client(MODEL, seed=0)  # writes the preset to disk
             model_dir = data_dir / "models" / MODEL

@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data_dir:
         server = StillroomServer(ServerConfig(data_dir=Path(data_dir), port=0)).start()
-        service = stillroom.ServiceClient(base_url=server.address)
+        service = stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key)
         try:
             trainer = service.create_full_training_client(MODEL, seed=0)
             data = make_data(args.megabytes)

@@ -29,7 +29,7 @@ def server(tmp_path_factory):
 def service(server):
     import stillroom
 
-    client = stillroom.ServiceClient(base_url=server.address)
+    client = stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key)
     yield client
     client.close()
 

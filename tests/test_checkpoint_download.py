@@ -125,7 +125,7 @@ def test_unsafe_archives_are_refused_and_write_nothing(tmp_path, member):
 def test_the_stillroom_command_lists_downloads_and_deletes(service, server, tokenizer, tmp_path, capsys):
     trainer = service.create_lora_training_client(TINY, rank=4, seed=0)
     path = trainer.save_weights_for_sampler("cli-made").result().path
-    url = ["--base-url", server.address]
+    url = ["--base-url", server.address, "--api-key", server.local_api_key]
 
     cli(["runs", "list", "--limit", "1000", *url])
     assert trainer.training_run_id in capsys.readouterr().out

@@ -151,7 +151,7 @@ def test_everything_saved_is_listed_loads_and_samples_the_same_after_a_restart(t
     config = ServerConfig(data_dir=tmp_path, host="127.0.0.1", port=0)
     data = [sft_datum(encode_line(tokenizer, "restart me"))]
     prompt = types.ModelInput.from_ints(encode_line(tokenizer, "re")[:2])
-    with StillroomServer(config) as server, stillroom.ServiceClient(base_url=server.address) as client:
+    with StillroomServer(config) as server, stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key) as client:
         expected = {}
         for trainer in (client.create_lora_training_client(TINY, rank=4, seed=0),
                         client.create_full_training_client(TINY, seed=0)):
@@ -166,7 +166,7 @@ def test_everything_saved_is_listed_loads_and_samples_the_same_after_a_restart(t
                                             sampler.compute_logprobs(prompt).result())
         listed = {c.path for c in client.create_rest_client().list_user_checkpoints().checkpoints}
 
-    with StillroomServer(config) as server, stillroom.ServiceClient(base_url=server.address) as client:
+    with StillroomServer(config) as server, stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key) as client:
         assert {c.path for c in client.create_rest_client().list_user_checkpoints().checkpoints} == listed
         assert set(expected) == listed
         for path, want in expected.items():
@@ -198,3 +198,18 @@ def test_another_owners_runs_and_checkpoints_are_not_found(service, server, monk
     monkeypatch.undo()
     assert _checkpoint_dir(server, state).exists()
     assert state in {c.path for c in rest.list_user_checkpoints().checkpoints}
+
+
+def test_samples_queued_when_their_weights_are_deleted_finish_or_say_not_found(service, tokenizer):
+    trainer = service.create_lora_training_client(TINY, rank=4, seed=0)
+    sampler = trainer.save_weights_and_get_sampling_client("racing")
+    prompt = types.ModelInput.from_ints(encode_line(tokenizer, "ab")[:2])
+    futures = [sampler.sample(prompt, 2, PARAMS) for _ in range(6)]
+    service.create_rest_client().delete_checkpoint(sampler.model_path)
+    for future in futures:  # never INTERNAL: either sampled before the delete, or NOT_FOUND
+        try:
+            assert len(future.result().sequences) == 2
+        except stillroom.NotFoundError:
+            pass
+    with pytest.raises(stillroom.NotFoundError):
+        sampler.sample(prompt, 1, PARAMS).result()

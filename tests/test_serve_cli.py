@@ -10,6 +10,7 @@ import sys
 import time
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import stillroom
@@ -25,7 +26,8 @@ def wait_for_file(path, process, seconds=60.0) -> str:
     raise TimeoutError("server did not start")
 
 
-def test_serve_answers_health_and_stops_cleanly_on_sigterm(tmp_path):
+def test_serve_answers_health_and_stops_cleanly_on_sigterm(tmp_path, monkeypatch):
+    monkeypatch.delenv("STILLROOM_API_KEY", raising=False)
     ready = tmp_path / "ready"
     env = {**os.environ, "STILLROOM_LOG_LEVEL": "INFO"}
     process = subprocess.Popen(
@@ -39,6 +41,11 @@ def test_serve_answers_health_and_stops_cleanly_on_sigterm(tmp_path):
                 health_pb2.HealthCheckRequest(service="stillroom.v1.Stillroom"), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         with stillroom.ServiceClient(base_url=address) as client:
+            with pytest.raises(stillroom.AuthenticationError, match="API key"):
+                client.get_server_capabilities()
+        key_file = tmp_path / "data" / "local_api_key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        with stillroom.ServiceClient(base_url=address, api_key=key_file.read_text().strip()) as client:
             assert client.get_server_capabilities().supported_models
         assert (tmp_path / "data" / "stillroom.db").exists()
     finally:
@@ -46,6 +53,7 @@ def test_serve_answers_health_and_stops_cleanly_on_sigterm(tmp_path):
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "serving on" in output and "stopped" in output
+    assert key_file.read_text().strip() in output  # the first start prints the key it made
 
 
 def test_serve_takes_settings_from_stillroom_variables(tmp_path):

@@ -1,5 +1,6 @@
-"""The `stillroom` command. `serve` needs the server extra (pip install 'stillroom[server]');
-`runs` and `checkpoints` use the SDK against a running server (--base-url or STILLROOM_BASE_URL)."""
+"""The `stillroom` command. `serve` and `keys` need the server extra (pip install
+'stillroom[server]'); `runs` and `checkpoints` use the SDK against a running server (--base-url or
+STILLROOM_BASE_URL, --api-key or STILLROOM_API_KEY)."""
 
 from __future__ import annotations
 
@@ -11,24 +12,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="stillroom", description="Stillroom post-training service")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run a Stillroom server")
-    try:
-        from stillroom_server.cli import add_serve_arguments, run_serve
+    keys = commands.add_parser("keys", help="make, list and revoke API keys in a server's store")
+    try:  # the one place the SDK reaches the server: to run it, when the server extra is installed
+        from stillroom_server.cli import add_keys_arguments, add_serve_arguments, run_keys, run_serve
     except ImportError as error:
-        add_serve_arguments = run_serve = None
+        add_serve_arguments = run_serve = run_keys = None
         missing = error
     if add_serve_arguments is not None:
         add_serve_arguments(serve)
+        add_keys_arguments(keys)
     add_management_commands(commands)
     args = parser.parse_args(argv)
-    if args.command == "serve":
+    if args.command in ("serve", "keys"):
         if run_serve is None:
-            sys.exit(f"stillroom serve needs the server extra: pip install 'stillroom[server]' ({missing})")
-        run_serve(args)
+            sys.exit(f"stillroom {args.command} needs the server extra: pip install 'stillroom[server]' ({missing})")
+        (run_serve if args.command == "serve" else run_keys)(args)
     else:
         import stillroom
 
         try:
-            with stillroom.ServiceClient(base_url=args.base_url) as service:
+            with stillroom.ServiceClient(base_url=args.base_url, api_key=args.api_key) as service:
                 args.handler(service.create_rest_client(), args)
         except (stillroom.StillroomError, ValueError, FileExistsError) as error:
             sys.exit(f"stillroom {args.command}: {error}")
@@ -37,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 def add_management_commands(commands) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--base-url", help="server address (default: STILLROOM_BASE_URL or localhost:50051)")
+    common.add_argument("--api-key", help="API key (default: STILLROOM_API_KEY)")
     runs = commands.add_parser("runs", help="training runs").add_subparsers(dest="action", required=True)
     listing = runs.add_parser("list", parents=[common], help="list your training runs, newest first")
     listing.add_argument("--limit", type=int, default=20)

@@ -1,7 +1,8 @@
 """Start a Stillroom server as a child process for a recipe or demo, and stop it afterwards.
 
 It runs the `stillroom serve` command (the server extra must be installed) on a free port and
-waits for it to say it is ready; it never imports the server's code.
+waits for it to say it is ready; it never imports the server's code. It reads the local API key
+the server made in its data dir and, unless STILLROOM_API_KEY is set, sets it for this process.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class LocalServer:
         self.device = device
         self.log_file = log_file or self.data_dir / "server.log"
         self.address: str | None = None
+        self.local_api_key: str | None = None
         self._process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> str:
@@ -38,6 +40,10 @@ class LocalServer:
                 raise RuntimeError(f"the server did not start; see {self.log_file}")
             time.sleep(0.1)
         self.address = ready.read_text().strip()
+        key_file = self.data_dir / "local_api_key"  # made by the server at its first start
+        self.local_api_key = key_file.read_text().strip() if key_file.exists() else None
+        if self.local_api_key and not os.environ.get("STILLROOM_API_KEY"):
+            os.environ["STILLROOM_API_KEY"] = self.local_api_key  # for SDK clients in this process
         return self.address
 
     def stop(self) -> None:

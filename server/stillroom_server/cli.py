@@ -1,4 +1,6 @@
-"""`stillroom serve`: start a server from flags and STILLROOM_* variables."""
+"""`stillroom serve` (start a server from flags and STILLROOM_* variables) and `stillroom keys`
+(make, list and revoke API keys directly in a server's store: an admin's command, run where the
+server's data dir or database is)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve a local Hugging Face model directory under NAME (repeatable)")
     parser.add_argument("--http-port", type=int, help="port for checkpoint downloads (default 0: any free one; STILLROOM_HTTP_PORT)")
     parser.add_argument("--ready-file", help="write host:port to this file once serving")
+    parser.add_argument("--auth", choices=["keys", "off"],
+                        help="keys (default): every call needs an API key; off: loopback hosts only (STILLROOM_AUTH)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO; STILLROOM_LOG_LEVEL)")
 
 
@@ -34,8 +38,47 @@ def run_serve(args: argparse.Namespace) -> None:
     config = ServerConfig.from_sources(host=args.host, port=args.port, data_dir=args.data_dir,
                                        database_url=args.database_url, device=args.device,
                                        max_num_samples=args.max_num_samples, log_level=args.log_level,
+                                       auth=args.auth,
                                        http_port=args.http_port)
     config.local_models = local_models
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(config, ready_file=args.ready_file)
+
+
+def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--data-dir", type=Path, help="the server's data dir (default ~/.stillroom; STILLROOM_DATA_DIR)")
+    store.add_argument("--database-url", help="the server's database (default: SQLite in the data dir)")
+    create = actions.add_parser("create", parents=[store], help="make a key; its secret is shown once")
+    create.add_argument("--name", required=True, help="what the key is for")
+    create.add_argument("--owner", help="who owns what the key creates (default: the name)")
+    actions.add_parser("list", parents=[store], help="list keys (never their secrets)")
+    revoke = actions.add_parser("revoke", parents=[store], help="revoke a key by id, prefix or secret")
+    revoke.add_argument("key")
+
+
+def run_keys(args: argparse.Namespace) -> None:
+    from stillroom_server.config import ServerConfig
+    from stillroom_server.store import Store, keys
+
+    config = ServerConfig.from_sources(data_dir=args.data_dir, database_url=args.database_url)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(config.resolved_database_url)
+    store.upgrade()
+    try:
+        if args.action == "create":
+            info, secret = keys.create_key(store, args.owner or args.name, args.name)
+            print(f"{info.id} for owner '{info.owner}' ({info.name}). The key, shown only now:\n{secret}")
+        elif args.action == "list":
+            for info in keys.list_keys(store):
+                state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "live"
+                print(f"{info.id}  {info.prefix}...  owner={info.owner}  name={info.name}  {state}")
+        else:
+            info = keys.revoke_key(store, args.key)
+            if info is None:
+                raise SystemExit(f"stillroom keys revoke: no live key matches {args.key!r}")
+            print(f"revoked {info.id} ({info.prefix}..., owner '{info.owner}')")
+    finally:
+        store.close()

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ServerConfig(BaseModel):
@@ -26,6 +26,17 @@ class ServerConfig(BaseModel):
     local_models: dict[str, Path] = Field(default_factory=dict)
     http_port: int = Field(0, ge=0, le=65535)            # checkpoint downloads; 0: any free port
     checkpoint_sweep_seconds: float = Field(60.0, gt=0)  # how often expired checkpoints are deleted
+    # "keys": every call but health needs an API key; "off": one local owner, loopback hosts only.
+    auth: Literal["keys", "off"] = "keys"
+
+    @model_validator(mode="after")
+    def _auth_off_only_on_loopback(self) -> "ServerConfig":
+        from stillroom_server.service.auth import is_loopback
+
+        if self.auth == "off" and not is_loopback(self.host):
+            raise ValueError(f"auth 'off' is refused on the non-loopback address {self.host}: "
+                             "serve with keys (the default) or bind 127.0.0.1")
+        return self
 
     @field_validator("data_dir")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 
@@ -21,10 +22,12 @@ from stillroom_server.engine.engine import Engine
 from stillroom_server.engine.scheduler import Scheduler
 from stillroom_server.service.archives import ArchiveServer
 from stillroom_server.service.futures import FutureHub
+from stillroom_server.service.auth import LOCAL_OWNER
 from stillroom_server.service.servicer import StillroomServicer, batch_runners
-from stillroom_server.store import Store
+from stillroom_server.store import Store, keys
 
 logger = logging.getLogger("stillroom.server")
+LOCAL_KEY_FILE = "local_api_key"
 MAX_MESSAGE_BYTES = 1 << 30
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Stillroom"].full_name
 
@@ -64,8 +67,9 @@ class StillroomServer:
         self.scheduler = Scheduler(batch_runners(self.engine))
         self.hub = FutureHub(self.store, asyncio.get_running_loop())
         self.archives = ArchiveServer(self.engine.files, config.host, config.http_port).start()
+        self.local_api_key = self._ensure_a_key() if config.auth == "keys" else None
         self.servicer = StillroomServicer(self.engine, self.scheduler, self.store, self.hub,
-                                          self.archives)
+                                          self.archives, require_keys=config.auth == "keys")
         self.server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -82,6 +86,20 @@ class StillroomServer:
         logger.info("Stillroom %s serving on %s, downloads on %s (device %s, data %s, database %s)",
                     "gRPC", self.address, self.archives.base_url, config.device, config.data_dir,
                     config.resolved_database_url.split("@")[-1])
+
+    def _ensure_a_key(self) -> str | None:
+        """On a store with no live key, make one for the local owner, print it once and keep it in
+        <data_dir>/local_api_key (readable by this user only). Returns that file's key, if any."""
+        key_file = self.config.data_dir / LOCAL_KEY_FILE
+        if not any(k.revoked_at is None for k in keys.list_keys(self.store)):
+            info, secret = keys.create_key(self.store, LOCAL_OWNER, "local (made at first start)")
+            descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secret + "\n")
+            logger.warning("no API keys existed: made %s for owner '%s': %s (saved in %s; make more "
+                           "with `stillroom keys create --name NAME`)", info.id, LOCAL_OWNER, secret,
+                           key_file)
+        return key_file.read_text().strip() if key_file.exists() else None
 
     async def _sweep_checkpoints(self) -> None:
         """Delete checkpoints whose TTL has passed, every `checkpoint_sweep_seconds`."""

@@ -12,6 +12,7 @@ import logging
 import grpc
 
 from stillroom_server.engine.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from stillroom_server.service.auth import CURRENT_OWNER, Unauthenticated
 from stillroom_server.store import SequenceConflict
 
 logger = logging.getLogger("stillroom.service")
@@ -23,6 +24,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 ]
 
 
@@ -37,11 +39,13 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def rpc(method):
-    """Wrap a servicer method so that any error it raises is answered with its status code."""
+    """Wrap a servicer method: authenticate the caller, then answer any error it raises with
+    its status code."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
+            CURRENT_OWNER.set(self.authenticate(context))
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise

@@ -22,7 +22,7 @@ from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, known_loss
 from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
 from stillroom_server.engine.scheduler import Job, Scheduler
 from stillroom_server.engine.types import OptimWork
-from stillroom_server.service import convert
+from stillroom_server.service import auth, convert
 from stillroom_server.service.archives import ArchiveServer
 from stillroom_server.service.errors import rpc
 from stillroom_server.service.futures import FutureHub, new_request_id
@@ -30,7 +30,6 @@ from stillroom_server.store import Store
 from stillroom_server.store.repo import utcnow
 
 logger = logging.getLogger("stillroom.service")
-LOCAL_OWNER = "local"
 MAX_LORA_RANK = 512
 DEFAULT_LIST_LIMIT = 20
 MAX_LIST_LIMIT = 1000
@@ -39,16 +38,22 @@ MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 
 class StillroomServicer(pb_grpc.StillroomServicer):
     def __init__(self, engine: Engine, scheduler: Scheduler, store: Store, hub: FutureHub,
-                 archives: ArchiveServer | None = None) -> None:
+                 archives: ArchiveServer | None = None, require_keys: bool = False) -> None:
         self.archives = archives
+        self.require_keys = require_keys
         self.engine = engine
         self.scheduler = scheduler
         self.store = store
         self.hub = hub
         self.sessions: dict[str, Sampler] = {}
+        self.session_owners: dict[str, str] = {}
+
+    def authenticate(self, context) -> str:
+        return auth.authenticate(self.store, context.invocation_metadata(), self.require_keys)
 
     def owner(self, context) -> str:
-        return LOCAL_OWNER
+        """The owner of the call in progress (set by `authenticate` before the method runs)."""
+        return auth.CURRENT_OWNER.get()
 
     async def on_worker(self, fn: Callable[[], Any], kind: str) -> Any:
         """Run `fn` on the engine's worker thread, in queue order, and await its result."""
@@ -214,6 +219,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
             raise InvalidInput("source: give base_model or model_path")
         session_id = "samp-" + uuid.uuid4().hex[:16]
         self.sessions[session_id] = opened
+        self.session_owners[session_id] = owner
         return pb.SamplingSessionInfo(
             sampling_session_id=session_id, base_model=opened.base.name,
             model_path=request.model_path if source == "model_path" else "",
@@ -224,9 +230,9 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         if row is None or row.owner != owner:
             raise NotFound(f"{field}: checkpoint {path.uri} does not exist")
 
-    def _session(self, session_id: str) -> Sampler:
+    def _session(self, session_id: str, owner: str) -> Sampler:
         opened = self.sessions.get(session_id)
-        if opened is None:
+        if opened is None or self.session_owners.get(session_id) != owner:
             raise NotFound(f"sampling_session_id: session '{session_id[:80]}' does not exist "
                            "(sessions do not survive a server restart; make a new sampling client)")
         return opened
@@ -244,7 +250,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
 
     @rpc
     async def Sample(self, request, context):
-        opened = self._session(request.sampling_session_id)
+        opened = self._session(request.sampling_session_id, self.owner(context))
         work = convert.sample_from_pb(request)
         self.engine.validate_sample(opened, work)
         return self._queue_batched(context, "sample", opened, work,
@@ -252,7 +258,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
 
     @rpc
     async def ComputeLogprobs(self, request, context):
-        opened = self._session(request.sampling_session_id)
+        opened = self._session(request.sampling_session_id, self.owner(context))
         work = convert.logprobs_from_pb(request)
         self.engine.validate_logprobs(opened, work)
         return self._queue_batched(
@@ -380,6 +386,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         for session_id, opened in list(self.sessions.items()):
             if opened.key == f"path:{uri}":
                 del self.sessions[session_id]
+                self.session_owners.pop(session_id, None)
         await self.on_worker(lambda: self.engine.delete_checkpoint(uri), "delete_checkpoint")
         logger.info("deleted checkpoint %s", uri)
 

@@ -1,4 +1,4 @@
-"""The store's tables: training runs, checkpoints and futures.
+"""The store's tables: API keys, training runs, checkpoints and futures.
 
 The schema is built by the alembic migrations in alembic/versions, never by create_all in the
 server. A future's result is the serialized protobuf the client will receive: opaque bytes here.
@@ -70,3 +70,17 @@ class FutureRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKeyRow(Base):
+    """An API key: only its SHA-256 is stored; `prefix` (the first characters) identifies it."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
