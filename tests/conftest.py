@@ -20,7 +20,8 @@ def server(tmp_path_factory):
 
     data_dir = tmp_path_factory.mktemp("stillroom-data")
     config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0,
-                          checkpoint_sweep_seconds=0.2)  # TTL tests wait on the sweep
+                          checkpoint_sweep_seconds=0.2,  # TTL tests wait on the sweep
+                          max_live_runs_per_owner=1000)  # the suite makes many runs
     with StillroomServer(config) as running:
         yield running
 

@@ -113,3 +113,19 @@ def test_auth_off_is_refused_on_a_public_address(tmp_path):
     with pytest.raises(ValueError, match="auth 'off' is refused on the non-loopback address 0.0.0.0"):
         ServerConfig(data_dir=tmp_path, host="0.0.0.0", auth="off")
     assert ServerConfig(data_dir=tmp_path, host="127.0.0.1", auth="off").auth == "off"
+
+
+def test_limits_name_themselves(server, service, tokenizer):
+    from dataclasses import replace
+
+    live = sum(1 for owner in server.servicer.run_owners.values() if owner == "local")
+    saved = server.servicer.limits
+    server.servicer.limits = replace(saved, max_live_runs_per_owner=live + 1, max_tokens_per_request=10)
+    try:
+        trainer = service.create_full_training_client(TINY, seed=0)
+        with pytest.raises(stillroom.RateLimitError, match=f"{live + 1} live runs is the limit of {live + 1} per owner"):
+            service.create_full_training_client(TINY, seed=0)
+        with pytest.raises(stillroom.BadRequestError, match="data: 11 tokens is over the limit of 10 per request"):
+            trainer.forward_backward([sft_datum(list(range(3, 15)))], "cross_entropy").result()
+    finally:
+        server.servicer.limits = saved

@@ -23,6 +23,7 @@ def test_saved_weights_survive_a_restart_and_lost_runs_say_so(tmp_path):
         trainer = client.create_lora_training_client(TINY, rank=4, seed=0)
         trainer.forward_backward([sft_datum(tokens)], "cross_entropy")
         trainer.optim_step(types.AdamParams(learning_rate=1e-2))
+        state = trainer.save_state("kept-state").result().path
         sampler = trainer.save_weights_and_get_sampling_client("kept")
         before = sampler.sample(types.ModelInput.from_ints(tokens[:2]), 2, params).result()
         run_id, path = trainer.training_run_id, sampler.model_path
@@ -34,5 +35,5 @@ def test_saved_weights_survive_a_restart_and_lost_runs_say_so(tmp_path):
         trainer = stillroom.TrainingClient(client, client._connection.run(client._connection.call(
             "GetTrainingRun", stillroom._proto.stillroom_pb2.GetTrainingRunRequest(training_run_id=run_id))))
         assert trainer.get_info().training_run_id == run_id
-        with pytest.raises(stillroom.FailedPreconditionError, match="restarted"):
+        with pytest.raises(stillroom.FailedPreconditionError, match=f"restarted.*last saved state is {state}"):
             trainer.forward_backward([sft_datum(tokens)], "cross_entropy").result()

@@ -89,24 +89,24 @@ def worked_addition(a: int, b: int, width: int = 0) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class DigitSumTask:
-    """Sums of min_terms..max_terms single digits modulo `modulo` (10 or 100), with the running
-    total written after each term, each step as wide as a term and its separator in the prompt."""
+class RunningSumTask:
+    """Sums of min_terms..max_terms digits below `base`, taken modulo `base`, with the running total
+    written after each term: each step is as wide as a term and its separator in the prompt."""
 
     min_terms: int = 6
     max_terms: int = 10
-    modulo: int = 100
-    name: str = "digit-sum"
+    base: int = 10
+    name: str = "running-sum"
 
     def __post_init__(self) -> None:
-        if not 2 <= self.min_terms <= self.max_terms or self.modulo not in (10, 100):
-            raise ValueError(f"DigitSumTask: need 2 <= min_terms <= max_terms and modulo 10 or 100, "
-                             f"got {self.min_terms}, {self.max_terms}, {self.modulo}")
+        if not 2 <= self.min_terms <= self.max_terms or not 2 <= self.base <= 10:
+            raise ValueError(f"RunningSumTask: need 2 <= min_terms <= max_terms and 2 <= base <= 10, "
+                             f"got {self.min_terms}, {self.max_terms}, {self.base}")
 
     def make_problem(self, rng: random.Random) -> Problem:
-        terms = [rng.randint(0, 9) for _ in range(rng.randint(self.min_terms, self.max_terms))]
+        terms = [rng.randrange(self.base) for _ in range(rng.randint(self.min_terms, self.max_terms))]
         return Problem(prompt=", ".join(map(str, terms)) + "=",
-                       completion=worked_digit_sum(terms, self.modulo), answer=sum(terms) % self.modulo)
+                       completion=worked_running_sum(terms, self.base), answer=sum(terms) % self.base)
 
     def problems(self, n: int, seed: int) -> list[Problem]:
         rng = random.Random(seed)
@@ -117,13 +117,11 @@ class DigitSumTask:
 
     @property
     def max_completion_chars(self) -> int:
-        return len(worked_digit_sum([9] * self.max_terms, self.modulo)) + 8
+        return len(worked_running_sum([0] * self.max_terms, self.base)) + 4
 
 
-def worked_digit_sum(terms: list[int], modulo: int = 100) -> str:
-    """`08 11 16 17 >17` for 8, 3, 5, 1 (modulo 100; `8, 1, 6, 7 >7` modulo 10): the running total
-    after each term, then the answer."""
-    totals = [sum(terms[:i + 1]) % modulo for i in range(len(terms))]
-    if modulo == 10:
-        return ", ".join(map(str, totals)) + f" {ANSWER_MARKER}{totals[-1]}"
-    return " ".join(f"{t:02d}" for t in totals) + f" {ANSWER_MARKER}{totals[-1]}"
+def worked_running_sum(terms: list[int], base: int) -> str:
+    """`8, 1, 6, 7 >7` for 8, 3, 5, 1 in base 10: the running total modulo `base` after each term,
+    then the answer."""
+    totals = [sum(terms[:i + 1]) % base for i in range(len(terms))]
+    return ", ".join(map(str, totals)) + f" {ANSWER_MARKER}{totals[-1]}"

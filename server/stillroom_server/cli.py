@@ -20,6 +20,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve a local Hugging Face model directory under NAME (repeatable)")
     parser.add_argument("--http-port", type=int, help="port for checkpoint downloads (default 0: any free one; STILLROOM_HTTP_PORT)")
     parser.add_argument("--ready-file", help="write host:port to this file once serving")
+    parser.add_argument("--max-live-runs-per-owner", type=int, help="training runs one owner may hold in memory (default 32)")
+    parser.add_argument("--max-tokens-per-request", type=int, help="tokens in one forward_backward request (default 4000000)")
     parser.add_argument("--auth", choices=["keys", "off"],
                         help="keys (default): every call needs an API key; off: loopback hosts only (STILLROOM_AUTH)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO; STILLROOM_LOG_LEVEL)")
@@ -38,7 +40,8 @@ def run_serve(args: argparse.Namespace) -> None:
     config = ServerConfig.from_sources(host=args.host, port=args.port, data_dir=args.data_dir,
                                        database_url=args.database_url, device=args.device,
                                        max_num_samples=args.max_num_samples, log_level=args.log_level,
-                                       auth=args.auth,
+                                       auth=args.auth, max_live_runs_per_owner=args.max_live_runs_per_owner,
+                                       max_tokens_per_request=args.max_tokens_per_request,
                                        http_port=args.http_port)
     config.local_models = local_models
     logging.basicConfig(level=config.log_level.upper(),

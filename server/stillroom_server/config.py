@@ -22,6 +22,8 @@ class ServerConfig(BaseModel):
     database_url: Optional[str] = None
     device: Literal["cpu", "cuda"] = "cpu"
     max_num_samples: int = Field(128, ge=1)
+    max_live_runs_per_owner: int = Field(32, ge=1)
+    max_tokens_per_request: int = Field(4_000_000, ge=1)
     log_level: str = "INFO"
     local_models: dict[str, Path] = Field(default_factory=dict)
     http_port: int = Field(0, ge=0, le=65535)            # checkpoint downloads; 0: any free port

@@ -84,6 +84,15 @@ class CheckpointFiles:
             raise
         return sum(f.stat().st_size for f in target.iterdir())
 
+    def latest(self, run_id: str, kind: str) -> CheckpointPath | None:
+        """The run's most recently written complete checkpoint of `kind`, if any."""
+        folder = self.root / run_id / kind
+        done = [d for d in folder.glob("*") if (d / META_FILE).exists()] if folder.exists() else []
+        if not done:
+            return None
+        newest = max(done, key=lambda d: (d / META_FILE).stat().st_mtime)
+        return CheckpointPath(run_id, kind, newest.name)
+
     def read_meta(self, path: CheckpointPath) -> dict:
         if not self.exists(path):
             raise NotFound(f"model_path: checkpoint {path.uri} does not exist")

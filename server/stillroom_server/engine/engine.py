@@ -89,8 +89,12 @@ class Engine:
     def get_run(self, run_id: str) -> TrainingRun:
         run = self.runs.get(run_id)
         if run is None:
+            saved = self.files.latest(run_id, "weights")
+            resume = (f"its last saved state is {saved.uri}: continue from it with "
+                      "create_training_client_from_state_with_optimizer" if saved else
+                      "it saved no training state (save_state) to continue from")
             raise FailedPrecondition(f"training_run_id: run {run_id} has no weights in this server's "
-                                     "memory (the server restarted since it was created)")
+                                     f"memory (the server restarted since it was created); {resume}")
         return run
 
     def _lora_host(self, base: BaseModel) -> LoraHost:

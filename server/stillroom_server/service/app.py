@@ -23,7 +23,7 @@ from stillroom_server.engine.scheduler import Scheduler
 from stillroom_server.service.archives import ArchiveServer
 from stillroom_server.service.futures import FutureHub
 from stillroom_server.service.auth import LOCAL_OWNER
-from stillroom_server.service.servicer import StillroomServicer, batch_runners
+from stillroom_server.service.servicer import Limits, StillroomServicer, batch_runners
 from stillroom_server.store import Store, keys
 
 logger = logging.getLogger("stillroom.server")
@@ -69,7 +69,9 @@ class StillroomServer:
         self.archives = ArchiveServer(self.engine.files, config.host, config.http_port).start()
         self.local_api_key = self._ensure_a_key() if config.auth == "keys" else None
         self.servicer = StillroomServicer(self.engine, self.scheduler, self.store, self.hub,
-                                          self.archives, require_keys=config.auth == "keys")
+                                          self.archives, require_keys=config.auth == "keys",
+                                          limits=Limits(config.max_live_runs_per_owner,
+                                                        config.max_tokens_per_request))
         self.server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -18,6 +18,10 @@ from stillroom_server.store import SequenceConflict
 logger = logging.getLogger("stillroom.service")
 
 
+class ResourceExhausted(Exception):
+    """A configured limit was reached; the message names the limit."""
+
+
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (SequenceConflict, grpc.StatusCode.INVALID_ARGUMENT),
@@ -25,6 +29,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 

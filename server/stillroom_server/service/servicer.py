@@ -8,6 +8,7 @@ nothing. Owners are taken from the caller's metadata (one local owner until keys
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -24,7 +25,7 @@ from stillroom_server.engine.scheduler import Job, Scheduler
 from stillroom_server.engine.types import OptimWork
 from stillroom_server.service import auth, convert
 from stillroom_server.service.archives import ArchiveServer
-from stillroom_server.service.errors import rpc
+from stillroom_server.service.errors import ResourceExhausted, rpc
 from stillroom_server.service.futures import FutureHub, new_request_id
 from stillroom_server.store import Store
 from stillroom_server.store.repo import utcnow
@@ -36,11 +37,20 @@ MAX_LIST_LIMIT = 1000
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_live_runs_per_owner: int = 32
+    max_tokens_per_request: int = 4_000_000
+
+
 class StillroomServicer(pb_grpc.StillroomServicer):
     def __init__(self, engine: Engine, scheduler: Scheduler, store: Store, hub: FutureHub,
-                 archives: ArchiveServer | None = None, require_keys: bool = False) -> None:
+                 archives: ArchiveServer | None = None, require_keys: bool = False,
+                 limits: Limits = Limits()) -> None:
         self.archives = archives
         self.require_keys = require_keys
+        self.limits = limits
+        self.run_owners: dict[str, str] = {}  # runs live in this process, by owner
         self.engine = engine
         self.scheduler = scheduler
         self.store = store
@@ -102,13 +112,30 @@ class StillroomServicer(pb_grpc.StillroomServicer):
             lora = LoraSpec(request.lora.rank, request.lora.train_mlp, request.lora.train_attn,
                             request.lora.train_unembed)
         seed = request.seed if request.HasField("seed") else None
-        run_id = "run-" + uuid.uuid4().hex[:16]
-        run = await self.on_worker(lambda: self.engine.create_run(run_id, request.base_model, lora, seed),
-                                   "create_run")
+        run_id = self._reserve_run(owner)
+        run = await self._create_on_worker(
+            run_id, lambda: self.engine.create_run(run_id, request.base_model, lora, seed))
         config = {"lora": vars(lora) if lora else None, "seed": seed}
         self.store.create_run(run_id, owner, request.base_model, run.is_lora, run.lora_rank, config,
                               dict(request.user_metadata), run.num_trainable_params())
         return self._run_info(run_id, owner)
+
+    def _reserve_run(self, owner: str) -> str:
+        """A new run id for `owner`, counted against their live runs before any work starts."""
+        live = sum(1 for o in self.run_owners.values() if o == owner)
+        if live >= self.limits.max_live_runs_per_owner:
+            raise ResourceExhausted(f"training runs: {live} live runs is the limit of "
+                                    f"{self.limits.max_live_runs_per_owner} per owner")
+        run_id = "run-" + uuid.uuid4().hex[:16]
+        self.run_owners[run_id] = owner
+        return run_id
+
+    async def _create_on_worker(self, run_id: str, create: Callable[[], Any]):
+        try:
+            return await self.on_worker(create, "create_run")
+        except BaseException:
+            self.run_owners.pop(run_id, None)
+            raise
 
     @rpc
     async def GetTrainingRun(self, request, context):
@@ -153,6 +180,11 @@ class StillroomServicer(pb_grpc.StillroomServicer):
     async def ForwardBackward(self, request, context):
         def validate():
             work = convert.forward_backward_from_pb(request)
+            tokens = sum(d.tokens_T.numel() for d in work.data)
+            if tokens > self.limits.max_tokens_per_request:
+                raise InvalidInput(f"data: {tokens} tokens is over the limit of "
+                                   f"{self.limits.max_tokens_per_request} per request (the SDK splits "
+                                   "larger calls into parts; lower TrainingClient.max_chunk_bytes)")
             teacher = work.loss_fn_config_strings.get("teacher", "")
             if teacher.startswith(checkpoints.SCHEME):
                 self._own_checkpoint(checkpoints.parse(teacher, "loss_fn_config.teacher"),
@@ -326,10 +358,9 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         path, _ = self._owned_checkpoint(request.path, owner)
         meta = self.engine.state_meta(path.uri)
         self.engine.models.resolve(meta["base_model"])
-        run_id = "run-" + uuid.uuid4().hex[:16]
-        run = await self.on_worker(
-            lambda: self.engine.create_run_from_state(run_id, path.uri, request.with_optimizer),
-            "create_run")
+        run_id = self._reserve_run(owner)
+        run = await self._create_on_worker(
+            run_id, lambda: self.engine.create_run_from_state(run_id, path.uri, request.with_optimizer))
         config = {"lora": meta["lora"], "seed": None, "from_state": path.uri,
                   "with_optimizer": request.with_optimizer}
         self.store.create_run(run_id, owner, meta["base_model"], run.is_lora, run.lora_rank, config,
