@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m stillroom_cookbook.quickstart "$@"
+python -m stillroom_cookbook.distillation_demo "$@"

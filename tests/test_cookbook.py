@@ -16,19 +16,36 @@ from stillroom_cookbook.renderers import CharRenderer, ChatRenderer
 from stillroom_cookbook.rl import RLConfig, group_advantages, train_rl
 from stillroom_cookbook.schedules import cycle_batches, linear_lr
 from stillroom_cookbook.supervised import SFTConfig, sft_datum, train_sft
-from stillroom_cookbook.tasks import AdditionTask, grade_answer, worked_addition
+from stillroom_cookbook.tasks import (AdditionTask, RunningSumTask, grade_answer, worked_addition,
+                                     worked_running_sum)
 
 TINY = "stillroom/char-1m"
-TASK = AdditionTask(min_digits=1, max_digits=2)
+TASK = RunningSumTask(min_terms=2, max_terms=4, base=5)
 
 
 # ---------------------------------------------------------------- tasks, advantages, schedules
+
+
+def test_worked_running_sum_writes_the_total_after_every_term():
+    assert worked_running_sum([8, 3, 5, 1], base=10) == "8, 1, 6, 7 >7"
+    assert worked_running_sum([3, 4, 1], base=5) == "3, 2, 3 >3"
+    problems = RunningSumTask(6, 10, base=5).problems(50, seed=3)
+    assert problems == RunningSumTask(6, 10, base=5).problems(50, seed=3)
+    for p in problems:
+        terms = [int(t) for t in p.prompt.removesuffix("=").split(", ")]
+        assert 6 <= len(terms) <= 10 and all(0 <= t < 5 for t in terms)
+        assert p.answer == sum(terms) % 5 and RunningSumTask().grade(p, p.completion)
+        # each step is as wide as a term in the prompt: three characters
+        assert len(p.completion.split(" >")[0]) == len(p.prompt) - 1
+    with pytest.raises(ValueError):
+        RunningSumTask(base=11)
 
 
 def test_worked_addition_writes_every_column_with_its_carry():
     assert worked_addition(347, 85) == "7+5+0=12 4+8+1=13 3+0+1=04 >432"
     assert worked_addition(99, 1) == "9+1+0=10 9+0+1=10 >100"
     assert worked_addition(5, 3) == "5+3+0=08 >8"
+    assert worked_addition(5, 3, width=2) == "5+3+0=08 0+0+0=00 >8"
 
 
 def test_grader_reads_the_number_after_the_last_marker():
@@ -41,12 +58,13 @@ def test_grader_reads_the_number_after_the_last_marker():
     assert not grade_answer("", 432)
 
 
-def test_task_problems_are_reproducible_and_graded_correct_by_their_own_answer():
+def test_addition_problems_are_reproducible_and_graded_correct_by_their_own_answer():
     problems = AdditionTask(2, 3).problems(50, seed=7)
     assert problems == AdditionTask(2, 3).problems(50, seed=7)
     for p in problems:
-        a, b = map(int, p.prompt.removesuffix("=").split("+"))
-        assert 10 <= a <= 999 and 10 <= b <= 999 and p.answer == a + b
+        a, b = p.prompt.removesuffix("=").split("+")
+        assert len(a) == len(b) == 3                      # zero-padded to max_digits
+        assert 10 <= int(a) <= 999 and 10 <= int(b) <= 999 and p.answer == int(a) + int(b)
         assert AdditionTask().grade(p, p.completion)
     with pytest.raises(ValueError):
         AdditionTask(min_digits=3, max_digits=2)
@@ -83,7 +101,7 @@ def test_batches_cover_every_item_each_pass_and_lr_warms_up_then_decays():
 def test_char_renderer_adds_bos_to_the_prompt_and_eos_to_the_completion(tokenizer):
     renderer = CharRenderer(tokenizer)
     prompt, completion = renderer.prompt_tokens("12+3="), renderer.completion_tokens("12+3=", ">15")
-    assert prompt[0] == tokenizer.bos_token_id and tokenizer.decode(prompt[1:]) == "12+3="
+    assert prompt[0] == tokenizer.bos_token_id and renderer.decode(prompt[1:]) == "12+3="
     assert completion[-1] == tokenizer.eos_token_id and renderer.decode(completion) == ">15"
     assert renderer.stop_tokens == [tokenizer.eos_token_id]
     datum = sft_datum(renderer, "12+3=", ">15")
@@ -131,7 +149,7 @@ def renderer(tokenizer):
 
 @pytest.fixture(scope="module")
 def evaluator(renderer):
-    return TaskEvaluator(renderer, TASK, TASK.problems(4, seed=1), max_tokens=24)
+    return TaskEvaluator(renderer, TASK, TASK.problems(4, seed=1), max_tokens=16)
 
 
 def test_sft_lowers_the_loss_and_logs_evaluations(service, renderer, evaluator, tmp_path):
@@ -197,3 +215,52 @@ def test_distillation_with_the_server_side_teacher_loss(service, renderer, tmp_p
     kls = [r["teacher_kl"] for r in log.records if "teacher_kl" in r]
     # the exact reverse KL of identical models is 0, and never negative
     assert len(kls) == 2 and abs(kls[0]) < 1e-4 and kls[1] >= -1e-6
+
+
+# ---------------------------------------------------------------- the demo and the comparison, tiny
+
+
+def tiny_demo_config():
+    from stillroom_cookbook.distillation_demo import DemoConfig
+
+    return DemoConfig(task=TASK, teacher_model=TINY, student_model=TINY,
+                      teacher_sft=SFTConfig(steps=2, learning_rate=3e-3, batch_size=4, name="teacher-sft"),
+                      student_sft=SFTConfig(steps=1, learning_rate=3e-3, batch_size=4, name="student-sft"),
+                      distillation=DistillationConfig(steps=2, learning_rate=1e-3, max_tokens=16,
+                                                      groups_per_batch=2, group_size=2, eval_every=1),
+                      eval_problems=4)
+
+
+def test_demo_trains_caches_and_reuses_its_teacher(service, tmp_path, capsys):
+    from stillroom_cookbook.distillation_demo import run_demo
+
+    config = tiny_demo_config()
+    results = run_demo(service, config, tmp_path / "demo", tmp_path)
+    assert set(results) == {"teacher", "student before", "student after"}
+    assert all(0.0 <= v <= 1.0 for v in results.values())
+    assert (tmp_path / "demo" / "distillation.png").exists()
+    evals = [r for r in read_jsonl(tmp_path / "demo" / "distillation.jsonl") if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    cached = (tmp_path / "teacher.json").read_text()
+    run_demo(service, config, tmp_path / "demo", tmp_path)
+    assert "teacher: reusing" in capsys.readouterr().out
+    assert (tmp_path / "teacher.json").read_text() == cached
+
+
+def test_comparison_writes_a_table_and_plots(service, tmp_path):
+    import dataclasses
+
+    from stillroom_cookbook.comparison import METHODS, ComparisonConfig, run_comparison
+
+    config = ComparisonConfig(demo=tiny_demo_config(), steps=2, eval_every=1, seeds=(0, 1))
+    table = run_comparison(service, config, tmp_path / "runs", tmp_path, tmp_path / "docs",
+                           "python scripts/compare_distillation.py --steps 2")
+    report = (tmp_path / "docs" / "distillation_comparison.md").read_text()
+    assert table in report and "--steps 2" in report
+    offered = "teacher_reverse_kl" in service.get_server_capabilities().loss_fns
+    for method, label in METHODS.items():
+        assert (f"| {label} |" in table) == (method != "distill_exact" or offered)
+    for kind in ("steps", "flops"):
+        assert (tmp_path / "docs" / f"distillation_comparison_{kind}.png").exists()
+    with pytest.raises(ValueError):
+        dataclasses.replace(config, methods=("nope",))

@@ -42,3 +42,17 @@ def test_pending_futures_fail_after_a_restart(store):
     record = store.get_future("f9")
     assert (record.status, record.error_code, record.error_message) == ("failed", "UNAVAILABLE", "server restarted")
     assert store.get_future("f10").status == "done"
+
+
+def test_expired_results_are_deleted_but_pending_ones_kept(store):
+    from datetime import timedelta
+
+    from stillroom_server.store.repo import utcnow
+
+    store.create_future("done", "alice", "sample")
+    store.finish_future("done", b"x")
+    store.create_future("pending", "alice", "sample")
+    assert store.delete_expired_futures() == 0  # nothing has expired yet
+    assert store.delete_expired_futures(now=utcnow() + timedelta(days=8)) == 1
+    assert store.get_future("done") is None
+    assert store.get_future("pending").status == "pending"

@@ -76,14 +76,23 @@ class Connection:
 
     # ---------------------------------------------------------------- calls
 
-    async def call(self, method: str, request: Any, timeout: Optional[float] = 60.0) -> Any:
-        """One unary call, retried with jittered backoff while the server is UNAVAILABLE."""
+    async def call(self, method: str, request: Any, timeout: Optional[float] = 60.0,
+                   retry: bool = True) -> Any:
+        """One unary call, retried with jittered backoff while the server is UNAVAILABLE.
+
+        Pass retry=False for a call that is not safe to repeat (one that creates something
+        without a request number): it fails at once with a clear error instead."""
         rpc = getattr(self.stub, method)
         delay = 0.1
         for attempt in range(self.max_retries + 1):
             try:
                 return await rpc(request, metadata=self._metadata, timeout=timeout)
             except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE and not retry:
+                    raise errors.APIConnectionError(
+                        f"{method}: server unavailable ({error.details()}); not retried, because "
+                        "the server may have acted on it: check with the RestClient, then call again"
+                    ) from None
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_retries:
                     raise errors.from_rpc_error(error) from None
                 logger.warning("%s: server unavailable (%s); retrying in %.1fs", method,

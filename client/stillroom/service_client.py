@@ -99,7 +99,7 @@ class ServiceClient:
             request.lora.CopyFrom(lora)
         if seed is not None:
             request.seed = seed
-        info = await self._connection.call("CreateTrainingRun", request, timeout=600)
+        info = await self._connection.call("CreateTrainingRun", request, timeout=600, retry=False)
         return TrainingClient(self, info)
 
     def create_training_client_from_state(self, path: str,
@@ -125,7 +125,8 @@ class ServiceClient:
                                  user_metadata: Optional[dict[str, str]]) -> TrainingClient:
         request = pb.CreateTrainingRunFromStateRequest(path=path, with_optimizer=with_optimizer,
                                                        user_metadata=user_metadata or {})
-        info = await self._connection.call("CreateTrainingRunFromState", request, timeout=600)
+        info = await self._connection.call("CreateTrainingRunFromState", request, timeout=600,
+                                           retry=False)
         return TrainingClient(self, info)
 
     # ---------------------------------------------------------------- REST client

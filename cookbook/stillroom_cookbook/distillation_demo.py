@@ -25,19 +25,19 @@ from stillroom_cookbook.local_server import LocalServer
 from stillroom_cookbook.metrics import MetricsLog, plot_curves
 from stillroom_cookbook.renderers import CharRenderer
 from stillroom_cookbook.supervised import SFTConfig, train_sft
-from stillroom_cookbook.tasks import AdditionTask
+from stillroom_cookbook.tasks import RunningSumTask
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    task: AdditionTask = AdditionTask(min_digits=2, max_digits=3)
+    task: RunningSumTask = RunningSumTask(min_terms=6, max_terms=10, base=5)
     teacher_model: str = "stillroom/char-10m"
     student_model: str = "stillroom/char-1m"
-    teacher_sft: SFTConfig = SFTConfig(steps=300, learning_rate=1e-3, batch_size=32, warmup_steps=10,
+    teacher_sft: SFTConfig = SFTConfig(steps=250, learning_rate=2e-3, batch_size=32, warmup_steps=10,
                                        name="teacher-sft")
-    student_sft: SFTConfig = SFTConfig(steps=100, learning_rate=3e-3, batch_size=32, warmup_steps=10,
+    student_sft: SFTConfig = SFTConfig(steps=150, learning_rate=4e-3, batch_size=32, warmup_steps=10,
                                        name="student-sft")
-    distillation: DistillationConfig = DistillationConfig(steps=60, learning_rate=1e-3, max_tokens=48,
+    distillation: DistillationConfig = DistillationConfig(steps=60, learning_rate=1e-3, max_tokens=40,
                                                           groups_per_batch=16, group_size=4,
                                                           eval_every=10)
     eval_problems: int = 200

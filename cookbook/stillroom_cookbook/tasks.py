@@ -1,19 +1,20 @@
-"""Tasks with graders: problems as text, a worked reference answer, and a grader that reads a
+"""Tasks with graders: problems as text, a worked reference completion, and a grader that reads a
 completion back. A task knows text only, never tokens, models or the server.
 
-Addition, written out step by step with carries, is the reasoning task the CPU demo runs on. Why it:
-- it is a real chain of thought: each step (one digit column plus the carry from the step before)
-  is a table look-up, but the final answer is only right if every step is, so accuracy falls with
-  every column a model gets wrong and the scratchpad is where a teacher's per-token signal helps;
-- a character-level model learns it from scratch on a CPU in minutes, and a 10M-parameter model
-  learns it clearly faster and better than a 1M one at the same number of steps (measured: see
-  distillation_demo), so there is a gap for distillation to close;
-- problems are unlimited and free, the answer is exact, and the grader needs no model.
+The CPU demo's task is `RunningSumTask`: add up 6-10 digits modulo 5, writing the running total
+after every term (`3, 4, 1=` -> `3, 2, 3 >3`). Why it:
+- it is a chain of thought: each step is a small look-up (previous total, next term), but the
+  answer is right only if every step is, so accuracy falls fast with a model's per-step error rate,
+  and the scratchpad is where a teacher's per-token signal lands; without the scratchpad it is a
+  parity-like problem that small transformers learn badly;
+- each step sits at a fixed distance from the term it reads and from the step before (prompt and
+  completion both advance three characters per term), so a character-level model trained from
+  random weights learns it on a CPU in minutes; a 10M model learns it faster than a 1M one;
+- problems are unlimited and free, answers exact, and the grader needs no model.
+`AdditionTask` (multi-digit sums with carries, worked column by column) is the harder sibling: the
+presets learned it too slowly for a 10-minute demo (measured: under 10% after 200 SFT steps).
 
-A problem reads `347+85=`; its worked completion reads `7+5+0=12 4+8+1=13 3+0+1=04 >432`: one
-`a+b+carry=sum` step per column from the right (operands padded with zeros), then the answer after
-the `>` marker. The grader parses the integer after the last marker, so a completion is judged on
-its answer alone, scratchpad or not.
+Graders parse the integer after the last `>` marker, so a completion is judged on its answer alone.
 """
 
 from __future__ import annotations

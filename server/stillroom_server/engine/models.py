@@ -99,7 +99,8 @@ class ModelHost:
         logger.info("loading base model %s from %s onto %s (%s)", name, directory, self.device,
                     self.dtype)
         try:
-            module = AutoModelForCausalLM.from_pretrained(directory, dtype=self.dtype)
+            # safetensors only: a pytorch_model.bin is a pickle, and no pickle is ever loaded
+            module = AutoModelForCausalLM.from_pretrained(directory, dtype=self.dtype, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError) as error:
             raise InvalidInput(f"base_model: cannot load '{name}' from {directory}: {error}") from error

@@ -104,13 +104,17 @@ class StillroomServer:
         return key_file.read_text().strip() if key_file.exists() else None
 
     async def _sweep_checkpoints(self) -> None:
-        """Delete checkpoints whose TTL has passed, every `checkpoint_sweep_seconds`."""
+        """Delete checkpoints whose TTL has passed and expired request results, every
+        `checkpoint_sweep_seconds`, so the store stays bounded."""
         while True:
             await asyncio.sleep(self.config.checkpoint_sweep_seconds)
             try:
                 swept = await self.servicer.sweep_expired_checkpoints()
                 if swept:
                     logger.info("deleted %d expired checkpoints", swept)
+                forgotten = self.store.delete_expired_futures()
+                if forgotten:
+                    logger.info("deleted %d expired request results", forgotten)
             except Exception:  # noqa: BLE001 - the sweep must outlive one failure
                 logger.exception("checkpoint sweep failed")
 

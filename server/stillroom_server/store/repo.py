@@ -153,6 +153,13 @@ class Store:
             row = session.get(FutureRow, future_id)
             return None if row is None else _record(row)
 
+    def delete_expired_futures(self, now: Optional[datetime] = None) -> int:
+        """Remove finished futures whose results have expired; pending ones are never removed."""
+        with self.session() as session, session.begin():
+            result = session.execute(delete(FutureRow).where(
+                FutureRow.expires_at < (now or utcnow()), FutureRow.status != "pending"))
+            return result.rowcount
+
     def fail_pending_futures(self, message: str) -> int:
         """Mark every pending future failed (used at start-up: their work died with the process)."""
         with self.session() as session, session.begin():

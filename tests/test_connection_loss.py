@@ -1,0 +1,40 @@
+"""The SDK rides out a server that is briefly unreachable for calls that are safe to repeat, and
+says so at once for a call that is not."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+import stillroom
+from stillroom_server.config import ServerConfig
+from stillroom_server.service.app import StillroomServer
+
+from conftest import TINY
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_safe_calls_are_retried_until_the_server_is_back_and_creates_are_not(tmp_path):
+    port = free_port()
+    config = ServerConfig(data_dir=tmp_path, host="127.0.0.1", port=port, auth="off")
+    with stillroom.ServiceClient(base_url=f"127.0.0.1:{port}") as client:
+        with pytest.raises(stillroom.APIConnectionError, match="CreateTrainingRun: .* not retried"):
+            client.create_full_training_client(TINY)
+        holder = {}
+        starter = threading.Timer(1.0, lambda: holder.setdefault("server", StillroomServer(config).start()))
+        starter.start()
+        try:
+            started = time.monotonic()
+            caps = client.get_server_capabilities()  # UNAVAILABLE at first, then answered
+            assert caps.supported_models and time.monotonic() - started >= 0.9
+        finally:
+            starter.join()
+            holder["server"].stop()
