@@ -78,7 +78,7 @@ def distill(trainer: stillroom.TrainingClient, teacher: stillroom.SamplingClient
         student = trainer.save_weights_and_get_sampling_client(f"{config.name}-{step}")
         maybe_eval(trainer, evaluator, config, step, log, force=step == 0, sampler=student)
         groups = sample_groups(student, renderer, next(batches), config.group_size, config.max_tokens,
-                               temperature=1.0, seed=config.seed * 100_003 + step)
+                               temperature=1.0, seed=(config.seed * 1000 + step) * 1000)
         rollouts = [r for group in groups for r in group]
         forward, kl = teacher_step(trainer, teacher, rollouts, config)
         lr = linear_lr(config.learning_rate, step, config.steps, final_fraction=config.final_lr_fraction)

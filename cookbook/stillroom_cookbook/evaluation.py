@@ -52,4 +52,5 @@ class TaskEvaluator:
     prefix: str = "eval"
 
     def __call__(self, sampler: stillroom.SamplingClient) -> dict[str, float]:
-        return evaluate(sampler, self.renderer, self.task, self.problems, self.max_tokens).as_metrics(self.prefix)
+        result = evaluate(sampler, self.renderer, self.task, self.problems, self.max_tokens)
+        return result.as_metrics(self.prefix)

@@ -41,8 +41,9 @@ class ChatRenderer:
     """A user turn (after an optional system turn) through the tokenizer's chat template.
 
     The completion is the tokens the template adds for the assistant's reply, up to and including
-    its end-of-turn marker (where sampling stops); templates whose full conversation does not start with the prompt's rendering (some
-    strip reasoning from earlier turns) are refused rather than silently misaligned.
+    its end-of-turn marker (where sampling stops). Templates whose full conversation does not start
+    with the prompt's rendering (some strip reasoning from earlier turns) are refused rather than
+    silently misaligned.
     """
 
     def __init__(self, tokenizer: Any, system: str | None = None) -> None:

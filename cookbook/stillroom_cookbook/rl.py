@@ -60,7 +60,8 @@ def train_rl(trainer: stillroom.TrainingClient, renderer: Renderer, problems: Se
         maybe_eval(trainer, evaluator, config, step, log, force=step == 0, sampler=sampler)
         batch = next(batches)
         groups = sample_groups(sampler, renderer, [p.prompt for p in batch], config.group_size,
-                               config.max_tokens, config.temperature, seed=config.seed * 100_003 + step)
+                               config.max_tokens, config.temperature,
+                               seed=(config.seed * 1000 + step) * 1000)
         data, rewards = [], []
         for problem, group in zip(batch, groups):
             group_rewards = [reward_fn(problem, renderer.decode(r.tokens)) for r in group]

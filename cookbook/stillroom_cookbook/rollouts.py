@@ -30,11 +30,15 @@ class Rollout:
 def sample_groups(sampler: stillroom.SamplingClient, renderer: Renderer, prompts: Sequence[str],
                   group_size: int, max_tokens: int, temperature: float = 1.0,
                   seed: int | None = None) -> list[list[Rollout]]:
-    """`group_size` completions of each prompt; every prompt's request is in flight at once."""
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                  stop=renderer.stop_tokens)
+    """`group_size` completions of each prompt; every prompt's request is in flight at once.
+    With a `seed`, prompt i samples with seed + i (reproducible, and not the same draws for all)."""
+    def params(i: int) -> types.SamplingParams:
+        return types.SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                    seed=None if seed is None else seed + i, stop=renderer.stop_tokens)
+
     prompt_tokens = [renderer.prompt_tokens(p) for p in prompts]
-    futures = [sampler.sample(types.ModelInput.from_ints(t), group_size, params) for t in prompt_tokens]
+    futures = [sampler.sample(types.ModelInput.from_ints(t), group_size, params(i))
+               for i, t in enumerate(prompt_tokens)]
     return [[Rollout(tokens_T, list(seq.tokens), list(seq.logprobs)) for seq in f.result().sequences]
             for tokens_T, f in zip(prompt_tokens, futures)]
 

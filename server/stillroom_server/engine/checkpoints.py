@@ -79,15 +79,24 @@ class CheckpointFiles:
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
             os.rename(staging, target)
+            _fsync_directory(target.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return sum(f.stat().st_size for f in target.iterdir())
 
+    def remove_partial(self) -> int:
+        """Delete staging folders a crash left behind (never visible as checkpoints)."""
+        partial = list(self.root.glob("*/*/.*")) if self.root.exists() else []
+        for folder in partial:
+            shutil.rmtree(folder, ignore_errors=True)
+        return len(partial)
+
     def latest(self, run_id: str, kind: str) -> CheckpointPath | None:
         """The run's most recently written complete checkpoint of `kind`, if any."""
         folder = self.root / run_id / kind
-        done = [d for d in folder.glob("*") if (d / META_FILE).exists()] if folder.exists() else []
+        done = ([d for d in folder.glob("*") if not d.name.startswith(".") and (d / META_FILE).exists()]
+                if folder.exists() else [])
         if not done:
             return None
         newest = max(done, key=lambda d: (d / META_FILE).stat().st_mtime)
@@ -125,3 +134,12 @@ class CheckpointFiles:
                 info.mode = 0o644
                 with open(file, "rb") as handle:
                     archive.addfile(info, handle)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside `directory` durable across a power cut, not just a process crash."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -64,6 +64,8 @@ class Engine:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.models = ModelHost(data_dir, self.device, dtype, local_models)
         self.files = checkpoints.CheckpointFiles(data_dir)
+        if removed := self.files.remove_partial():
+            logger.warning("removed %d half-written checkpoint folders left by a crash", removed)
         self.max_num_samples = max_num_samples
         self.runs: dict[str, TrainingRun] = {}
         self._lora_hosts: dict[str, LoraHost] = {}
