@@ -16,14 +16,27 @@ from stillroom_cookbook.renderers import CharRenderer, ChatRenderer
 from stillroom_cookbook.rl import RLConfig, group_advantages, train_rl
 from stillroom_cookbook.schedules import cycle_batches, linear_lr
 from stillroom_cookbook.supervised import SFTConfig, sft_datum, train_sft
-from stillroom_cookbook.tasks import (AdditionTask, RunningSumTask, grade_answer, worked_addition,
-                                     worked_running_sum)
+from stillroom_cookbook.tasks import (AdditionTask, IteratedMapTask, RunningSumTask, grade_answer,
+                                     worked_addition, worked_running_sum)
 
 TINY = "stillroom/char-1m"
 TASK = RunningSumTask(min_terms=2, max_terms=4, base=5)
 
 
 # ---------------------------------------------------------------- tasks, advantages, schedules
+
+
+def test_iterated_map_writes_every_value_of_the_chain():
+    task = IteratedMapTask(steps=4)
+    problem = task.make_problem(random.Random(0))
+    start = int(problem.prompt.removesuffix(":"))
+    assert task.values(47) == [42, 27, 82, 47]          # 3*47+1 = 142, 3*42+1 = 127, ...
+    assert problem.completion == " ".join(f"{v:02d}" for v in task.values(start)) + f" >{problem.answer}"
+    assert task.grade(problem, problem.completion)
+    assert len(problem.completion) + 1 <= task.max_completion_chars   # room for eos
+    assert IteratedMapTask(steps=6).problems(20, seed=1) == IteratedMapTask(steps=6).problems(20, seed=1)
+    with pytest.raises(ValueError):
+        IteratedMapTask(steps=0)
 
 
 def test_worked_running_sum_writes_the_total_after_every_term():

@@ -33,16 +33,23 @@ CHANNEL_OPTIONS = [
 ]
 
 
+TLS_SCHEMES = ("grpcs://", "https://")
+
+
 def normalize_target(base_url: str) -> str:
-    for scheme in ("grpc://", "http://", "stillroom://"):
+    for scheme in ("grpc://", "http://", "stillroom://", *TLS_SCHEMES):
         if base_url.startswith(scheme):
             base_url = base_url[len(scheme):]
     return base_url.rstrip("/")
 
 
 class Connection:
-    def __init__(self, base_url: str, api_key: Optional[str], max_retries: int = 6) -> None:
+    def __init__(self, base_url: str, api_key: Optional[str], max_retries: int = 6,
+                 tls_root_cert: Optional[str] = None) -> None:
         self.target = normalize_target(base_url)
+        # TLS with a grpcs:// or https:// address, or a root certificate to trust (else the system's)
+        self.tls = base_url.startswith(TLS_SCHEMES) or tls_root_cert is not None
+        self.tls_root_cert = tls_root_cert
         self.max_retries = max_retries
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._loop = asyncio.new_event_loop()
@@ -53,7 +60,11 @@ class Connection:
         self.stub = pb_grpc.StillroomStub(self._channel)
 
     async def _open(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        if not self.tls:
+            return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        roots = open(self.tls_root_cert, "rb").read() if self.tls_root_cert else None
+        return grpc.aio.secure_channel(self.target, grpc.ssl_channel_credentials(roots),
+                                       options=CHANNEL_OPTIONS)
 
     # ---------------------------------------------------------------- running coroutines
 

@@ -149,8 +149,9 @@ class RestClient:
     async def _archive_url(self, path: str) -> types.CheckpointArchiveUrlResponse:
         reply = await self._connection.call("GetCheckpointArchiveUrl", pb.CheckpointPathRequest(path=path))
         host = self._connection.target.rsplit(":", 1)[0] or "127.0.0.1"
+        scheme = "https" if self._connection.tls else "http"  # downloads use the gRPC port's TLS
         return types.CheckpointArchiveUrlResponse(
-            url=f"http://{host}:{reply.http_port}{reply.url_path}", expires=_time(reply.expires_at),
+            url=f"{scheme}://{host}:{reply.http_port}{reply.url_path}", expires=_time(reply.expires_at),
             size_bytes=reply.size_bytes)
 
     def get_checkpoint_archive_url(self, path: str) -> types.CheckpointArchiveUrlResponse:
@@ -173,7 +174,8 @@ class RestClient:
         dest.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".stillroom-download-", dir=dest) as staging:
             archive = Path(staging) / "archive.tar"
-            _fetch(url.url, archive, url.size_bytes, progress, label=path.rsplit("/", 1)[-1])
+            _fetch(url.url, archive, url.size_bytes, progress, label=path.rsplit("/", 1)[-1],
+                   verify=self._connection.tls_root_cert or True)
             return _extract(archive, Path(staging) / "extracted", dest)
 
     async def download_checkpoint_archive_async(self, path: str, dest_dir: str | os.PathLike,
@@ -206,13 +208,17 @@ def _progress_bar(total: int, label: str, enabled: bool) -> Any:
     return Silent()
 
 
-def _fetch(url: str, target: Path, expected: int, progress: bool, label: str) -> None:
-    """Stream `url` to `target`, never holding more than a chunk in memory."""
+def _fetch(url: str, target: Path, expected: int, progress: bool, label: str, verify=True) -> None:
+    """Stream `url` to `target`, never holding more than a chunk in memory. `verify`: True (the
+    system's roots) or the path of a PEM certificate to trust, for https downloads."""
+    import ssl
+
     import httpx
 
     bar = _progress_bar(expected, label, progress)
+    context = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
     try:
-        with httpx.stream("GET", url, timeout=httpx.Timeout(60.0, read=600.0)) as response:
+        with httpx.stream("GET", url, timeout=httpx.Timeout(60.0, read=600.0), verify=context) as response:
             if response.status_code == 404:
                 from stillroom.errors import NotFoundError
 

@@ -21,10 +21,13 @@ DEFAULT_BASE_URL = "localhost:50051"
 
 class ServiceClient:
     def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None,
-                 **_unused: Any) -> None:
+                 tls_root_cert: Optional[str] = None, **_unused: Any) -> None:
+        """`base_url` "host:port" (plain) or "grpcs://host:port" (TLS); `tls_root_cert`, a PEM file
+        of the certificate to trust (also STILLROOM_TLS_ROOT_CERT), turns TLS on as well."""
         base_url = base_url or os.environ.get("STILLROOM_BASE_URL") or DEFAULT_BASE_URL
         api_key = api_key or os.environ.get("STILLROOM_API_KEY")
-        self._connection = Connection(base_url, api_key)
+        tls_root_cert = tls_root_cert or os.environ.get("STILLROOM_TLS_ROOT_CERT")
+        self._connection = Connection(base_url, api_key, tls_root_cert=tls_root_cert)
 
     def close(self) -> None:
         self._connection.close()

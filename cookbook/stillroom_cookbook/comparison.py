@@ -36,8 +36,8 @@ class ComparisonConfig:
     eval_every: int = 10
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = tuple(METHODS)
-    sft_learning_rate: float = 1e-3
-    rl_learning_rate: float = 1e-3
+    sft_learning_rate: float = 3e-3
+    rl_learning_rate: float = 3e-3
     target_fraction: float = 0.9        # "reached" = this fraction of the teacher's accuracy
 
     def __post_init__(self) -> None:

@@ -1,10 +1,11 @@
-"""On-policy distillation on a CPU: a 10M teacher teaches a 1M student step-by-step addition.
+"""On-policy distillation on a CPU: a 10M teacher teaches a 1M student a step-by-step calculation.
 
     python -m stillroom_cookbook.distillation_demo [--data-dir .stillroom] [--retrain-teacher]
 
-Starts a server on the data dir, trains the teacher (stillroom/char-10m) on worked sums with SFT, or
-reuses the one cached in <data-dir>/cookbook/teacher.json; gives the student (stillroom/char-1m)
-a short SFT start; then distills the teacher into it on-policy. Prints a table of teacher,
+Starts a server on the data dir; trains the teacher (stillroom/char-10m) with SFT on worked
+chains of x -> 3x+1 mod 100 (tasks.IteratedMapTask), or reuses the one cached in
+<data-dir>/cookbook/teacher.json; gives the student (stillroom/char-1m) a short SFT start; then
+distills the teacher into it on-policy. Prints a table of teacher,
 student-before and student-after accuracy and writes metrics (JSONL) and a plot (PNG) next to it.
 Everything goes through the SDK.
 """
@@ -25,19 +26,19 @@ from stillroom_cookbook.local_server import LocalServer
 from stillroom_cookbook.metrics import MetricsLog, plot_curves
 from stillroom_cookbook.renderers import CharRenderer
 from stillroom_cookbook.supervised import SFTConfig, train_sft
-from stillroom_cookbook.tasks import RunningSumTask
+from stillroom_cookbook.tasks import IteratedMapTask, Task
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    task: RunningSumTask = RunningSumTask(min_terms=6, max_terms=10, base=5)
+    task: Task = IteratedMapTask(steps=6)
     teacher_model: str = "stillroom/char-10m"
     student_model: str = "stillroom/char-1m"
-    teacher_sft: SFTConfig = SFTConfig(steps=250, learning_rate=2e-3, batch_size=32, warmup_steps=10,
+    teacher_sft: SFTConfig = SFTConfig(steps=120, learning_rate=2e-3, batch_size=32, warmup_steps=10,
                                        name="teacher-sft")
-    student_sft: SFTConfig = SFTConfig(steps=150, learning_rate=4e-3, batch_size=32, warmup_steps=10,
+    student_sft: SFTConfig = SFTConfig(steps=100, learning_rate=4e-3, batch_size=32, warmup_steps=10,
                                        name="student-sft")
-    distillation: DistillationConfig = DistillationConfig(steps=60, learning_rate=1e-3, max_tokens=40,
+    distillation: DistillationConfig = DistillationConfig(steps=100, learning_rate=3e-3, max_tokens=25,
                                                           groups_per_batch=16, group_size=4,
                                                           eval_every=10)
     eval_problems: int = 200

@@ -14,7 +14,7 @@ import stillroom
 from stillroom import types
 
 from stillroom_cookbook.renderers import Renderer
-from stillroom_cookbook.tasks import Problem
+from stillroom_cookbook.tasks import Problem, Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +27,8 @@ class EvalResult:
         return {f"{prefix}/accuracy": self.accuracy, f"{prefix}/mean_length": self.mean_length}
 
 
-def evaluate(sampler: stillroom.SamplingClient, renderer: Renderer, task, problems: Sequence[Problem],
-             max_tokens: int) -> EvalResult:
+def evaluate(sampler: stillroom.SamplingClient, renderer: Renderer, task: Task,
+             problems: Sequence[Problem], max_tokens: int) -> EvalResult:
     """Greedy (temperature 0) accuracy and mean completion length over `problems`."""
     params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=renderer.stop_tokens)
     futures = [sampler.sample(types.ModelInput.from_ints(renderer.prompt_tokens(p.prompt)), 1, params)
@@ -46,7 +46,7 @@ class TaskEvaluator:
     """What the training loops call every `eval_every` steps: sampler -> metrics."""
 
     renderer: Renderer
-    task: object
+    task: Task
     problems: Sequence[Problem]
     max_tokens: int
     prefix: str = "eval"

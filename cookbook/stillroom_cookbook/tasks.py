@@ -1,18 +1,22 @@
 """Tasks with graders: problems as text, a worked reference completion, and a grader that reads a
 completion back. A task knows text only, never tokens, models or the server.
 
-The CPU demo's task is `RunningSumTask`: add up 6-10 digits modulo 5, writing the running total
-after every term (`3, 4, 1=` -> `3, 2, 3 >3`). Why it:
-- it is a chain of thought: each step is a small look-up (previous total, next term), but the
-  answer is right only if every step is, so accuracy falls fast with a model's per-step error rate,
-  and the scratchpad is where a teacher's per-token signal lands; without the scratchpad it is a
-  parity-like problem that small transformers learn badly;
-- each step sits at a fixed distance from the term it reads and from the step before (prompt and
-  completion both advance three characters per term), so a character-level model trained from
-  random weights learns it on a CPU in minutes; a 10M model learns it faster than a 1M one;
+The CPU demo's task is `IteratedMapTask`: apply x -> 3x+1 mod 100 six times to a two-digit start,
+writing every value (`49:` -> `48 45 36 09 28 85 >85`). Why it:
+- it is a chain of thought: each step is a two-digit multiply-add with a carry, and the answer is
+  right only if all six are, so accuracy falls fast with a model's per-step error rate and the
+  scratchpad is where a teacher's per-token signal lands (the answer has no easy shortcut: it is
+  729x + 364 mod 100);
+- each step reads only the value just before it, at a fixed distance, so a character-level model
+  trained from random weights learns it on a CPU in minutes;
+- at the same budget the 10M preset clearly beats the 1M one (measured, batch 32: after 100 SFT
+  steps, 99% against 8% on held-out starts; the 1M reaches 61% after 150), which leaves a gap for
+  distillation to close;
 - problems are unlimited and free, answers exact, and the grader needs no model.
-`AdditionTask` (multi-digit sums with carries, worked column by column) is the harder sibling: the
-presets learned it too slowly for a 10-minute demo (measured: under 10% after 200 SFT steps).
+Two harder tasks did not fit a 10-minute CPU demo and are kept for larger budgets: `AdditionTask`
+(multi-digit sums with carries, column by column) and `RunningSumTask` (running totals of a digit
+list). Their steps read digits far back in the prompt, and after 150-250 SFT steps both presets
+were still at or near chance.
 
 Graders parse the integer after the last `>` marker, so a completion is judged on its answer alone.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+from typing import Protocol
 
 ANSWER_MARKER = ">"
 _ANSWER_RE = re.compile(re.escape(ANSWER_MARKER) + r"\s*(-?\d+)\s*$")
@@ -32,6 +37,14 @@ class Problem:
     prompt: str        # what the model reads
     completion: str    # a worked, correct completion (the SFT target)
     answer: int
+
+
+class Task(Protocol):
+    name: str
+
+    def problems(self, n: int, seed: int) -> list[Problem]: ...
+
+    def grade(self, problem: Problem, completion: str) -> bool: ...
 
 
 def grade_answer(completion: str, answer: int) -> bool:
@@ -126,3 +139,42 @@ def worked_running_sum(terms: list[int], base: int) -> str:
     then the answer."""
     totals = [sum(terms[:i + 1]) % base for i in range(len(terms))]
     return ", ".join(map(str, totals)) + f" {ANSWER_MARKER}{totals[-1]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class IteratedMapTask:
+    """Apply x -> (multiplier * x + increment) mod 100 `steps` times to a two-digit start, writing
+    every value: `47:` -> `42 27 82 47 >47` (3x+1, four steps)."""
+
+    steps: int = 6
+    multiplier: int = 3
+    increment: int = 1
+    name: str = "iterated-map"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"IteratedMapTask: need steps >= 1, got {self.steps}")
+
+    def make_problem(self, rng: random.Random) -> Problem:
+        start = rng.randrange(100)
+        values = self.values(start)
+        completion = " ".join(f"{v:02d}" for v in values) + f" {ANSWER_MARKER}{values[-1]}"
+        return Problem(prompt=f"{start:02d}:", completion=completion, answer=values[-1])
+
+    def values(self, start: int) -> list[int]:
+        values, x = [], start
+        for _ in range(self.steps):
+            x = (self.multiplier * x + self.increment) % 100
+            values.append(x)
+        return values
+
+    def problems(self, n: int, seed: int) -> list[Problem]:
+        rng = random.Random(seed)
+        return [self.make_problem(rng) for _ in range(n)]
+
+    def grade(self, problem: Problem, completion: str) -> bool:
+        return grade_answer(completion, problem.answer)
+
+    @property
+    def max_completion_chars(self) -> int:
+        return 3 * self.steps + 3 + 4

@@ -22,6 +22,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-file", help="write host:port to this file once serving")
     parser.add_argument("--max-live-runs-per-owner", type=int, help="training runs one owner may hold in memory (default 32)")
     parser.add_argument("--max-tokens-per-request", type=int, help="tokens in one forward_backward request (default 4000000)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve over TLS (with --tls-key; STILLROOM_TLS_CERT)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert (STILLROOM_TLS_KEY)")
     parser.add_argument("--auth", choices=["keys", "off"],
                         help="keys (default): every call needs an API key; off: loopback hosts only (STILLROOM_AUTH)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO; STILLROOM_LOG_LEVEL)")
@@ -42,6 +44,7 @@ def run_serve(args: argparse.Namespace) -> None:
                                        max_num_samples=args.max_num_samples, log_level=args.log_level,
                                        auth=args.auth, max_live_runs_per_owner=args.max_live_runs_per_owner,
                                        max_tokens_per_request=args.max_tokens_per_request,
+                                       tls_cert=args.tls_cert, tls_key=args.tls_key,
                                        http_port=args.http_port)
     config.local_models = local_models
     logging.basicConfig(level=config.log_level.upper(),

@@ -31,6 +31,18 @@ class ServerConfig(BaseModel):
     # "keys": every call but health needs an API key; "off": one local owner, loopback hosts only.
     auth: Literal["keys", "off"] = "keys"
 
+    tls_cert: Optional[Path] = None  # PEM certificate chain: serve gRPC and downloads over TLS
+    tls_key: Optional[Path] = None   # its PEM private key
+
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> "ServerConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key: give both files or neither")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not path.is_file():
+                raise ValueError(f"tls: {path} is not a file")
+        return self
+
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> "ServerConfig":
         from stillroom_server.service.auth import is_loopback

@@ -66,7 +66,8 @@ class StillroomServer:
                              config.local_models)
         self.scheduler = Scheduler(batch_runners(self.engine))
         self.hub = FutureHub(self.store, asyncio.get_running_loop())
-        self.archives = ArchiveServer(self.engine.files, config.host, config.http_port).start()
+        tls = (config.tls_cert, config.tls_key) if config.tls_cert is not None else None
+        self.archives = ArchiveServer(self.engine.files, config.host, config.http_port, tls=tls).start()
         self.local_api_key = self._ensure_a_key() if config.auth == "keys" else None
         self.servicer = StillroomServicer(self.engine, self.scheduler, self.store, self.hub,
                                           self.archives, require_keys=config.auth == "keys",
@@ -80,7 +81,12 @@ class StillroomServer:
         pb_grpc.add_StillroomServicer_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if config.tls_cert is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+            self.port = self.server.add_secure_port(f"{config.host}:{config.port}", credentials)
+        else:
+            self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+import ssl
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from stillroom_server.engine.checkpoints import CheckpointFiles, CheckpointPath
 from stillroom_server.engine.errors import NotFound
@@ -26,7 +28,7 @@ class ArchiveServer:
     """Serves tokens issued by `issue` on its own thread until `stop`."""
 
     def __init__(self, files: CheckpointFiles, host: str, port: int,
-                 token_seconds: float = TOKEN_SECONDS) -> None:
+                 token_seconds: float = TOKEN_SECONDS, tls: tuple[Path, Path] | None = None) -> None:
         self.files = files
         self.token_seconds = token_seconds
         self._tokens: dict[str, tuple[CheckpointPath, float]] = {}
@@ -34,7 +36,13 @@ class ArchiveServer:
         self._http = ThreadingHTTPServer((host, port), _handler_for(self))
         self._http.daemon_threads = True
         self.port = self._http.server_address[1]
-        self.base_url = f"http://{host}:{self.port}"
+        scheme = "http"
+        if tls is not None:  # the same certificate as the gRPC port
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certfile=tls[0], keyfile=tls[1])
+            self._http.socket = context.wrap_socket(self._http.socket, server_side=True)
+            scheme = "https"
+        self.base_url = f"{scheme}://{host}:{self.port}"
         self._thread = threading.Thread(target=self._http.serve_forever, name="stillroom-archives",
                                         daemon=True)
 
@@ -87,6 +95,14 @@ def _handler_for(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                 server.files.write_archive(path, self.wfile)
             except (BrokenPipeError, ConnectionResetError):
                 logger.info("download of %s stopped by the client", path.uri)
+
+        def finish(self) -> None:
+            super().finish()
+            if isinstance(self.connection, ssl.SSLSocket):  # end TLS cleanly: the body ends at close
+                try:
+                    self.connection.unwrap()
+                except (OSError, ValueError):
+                    pass
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's name
             logger.debug("%s " + format, self.address_string(), *args)
