@@ -2,7 +2,7 @@
 sent unsplit, at a size that fits one message.
 
     python scripts/big_forward_backward.py              # 100 MB of data on stillroom/char-1m
-    python scripts/big_forward_backward.py --megabytes 20
+    python scripts/big_forward_backward.py --megabytes 10 --chunk-mb 1   # 10 parts, a few minutes
 
 The SDK splits the call into parts of at most 32 MB; the server holds the parts' gradients aside
 and adds them when the last part succeeds, and runs each part in micro-batches. Prints the parts,
@@ -50,6 +50,7 @@ def timed_call(trainer: stillroom.TrainingClient, data: list[types.Datum], chunk
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=float, default=100.0)
+    parser.add_argument("--chunk-mb", type=float, default=32.0, help="the SDK's part size (default 32 MB)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data_dir:
         server = StillroomServer(ServerConfig(data_dir=Path(data_dir), port=0)).start()
@@ -58,7 +59,7 @@ def main() -> None:
             trainer = service.create_full_training_client(MODEL, seed=0)
             data = make_data(args.megabytes)
             tokens = sum(d.model_input.length for d in data)
-            out, step, parts, seconds = timed_call(trainer, data, 32 << 20)
+            out, step, parts, seconds = timed_call(trainer, data, int(args.chunk_mb * (1 << 20)))
             print(f"{args.megabytes:g} MB, {len(data)} datums, {tokens} tokens: {parts} parts, "
                   f"{seconds:.1f} s ({tokens / seconds:.0f} tokens/s), loss:sum "
                   f"{out.metrics['loss:sum']:.1f}, grad norm {step.metrics['grad_norm:value']:.3f}")

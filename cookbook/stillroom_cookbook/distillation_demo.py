@@ -38,7 +38,7 @@ class DemoConfig:
                                        name="teacher-sft")
     student_sft: SFTConfig = SFTConfig(steps=100, learning_rate=4e-3, batch_size=32, warmup_steps=10,
                                        name="student-sft")
-    distillation: DistillationConfig = DistillationConfig(steps=100, learning_rate=3e-3, max_tokens=25,
+    distillation: DistillationConfig = DistillationConfig(steps=60, learning_rate=1e-3, max_tokens=25,
                                                           groups_per_batch=16, group_size=4,
                                                           eval_every=10)
     eval_problems: int = 200
@@ -103,7 +103,7 @@ def run_demo(service: stillroom.ServiceClient, config: DemoConfig, out_dir: Path
 
 
 def print_table(results: dict[str, float], n_problems: int) -> None:
-    print(f"\n| model | accuracy on {n_problems} held-out sums |\n|---|---|")
+    print(f"\n| model | greedy accuracy on {n_problems} held-out problems |\n|---|---|")
     for name, accuracy in results.items():
         print(f"| {name} | {accuracy:.1%} |")
 
