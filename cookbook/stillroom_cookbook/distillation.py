@@ -35,6 +35,7 @@ class DistillationConfig:
     group_size: int = 4
     kl_coef: float = 1.0
     loss: Literal["sampled", "teacher_reverse_kl"] = "sampled"
+    warmup_steps: int = 0          # after SFT, Adam's moments lag the larger distillation gradients
     final_lr_fraction: float = 1.0
     eval_every: int = 0
     seed: int = 0
@@ -81,7 +82,8 @@ def distill(trainer: stillroom.TrainingClient, teacher: stillroom.SamplingClient
                                temperature=1.0, seed=(config.seed * 1000 + step) * 1000)
         rollouts = [r for group in groups for r in group]
         forward, kl = teacher_step(trainer, teacher, rollouts, config)
-        lr = linear_lr(config.learning_rate, step, config.steps, final_fraction=config.final_lr_fraction)
+        lr = linear_lr(config.learning_rate, step, config.steps, config.warmup_steps,
+                       config.final_lr_fraction)
         trainer.optim_step(types.AdamParams(learning_rate=lr))
         loss = forward.result().metrics["loss:sum"]
         tokens = sum(len(r.tokens) for r in rollouts)

@@ -187,8 +187,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
                                    "larger calls into parts; lower TrainingClient.max_chunk_bytes)")
             teacher = work.loss_fn_config_strings.get("teacher", "")
             if teacher.startswith(checkpoints.SCHEME):
-                self._own_checkpoint(checkpoints.parse(teacher, "loss_fn_config.teacher"),
-                                     self.owner(context), "loss_fn_config.teacher")
+                self._owned_checkpoint(teacher, self.owner(context), "loss_fn_config.teacher")
             self.engine.validate_forward_backward(request.training_run_id, work)
             return lambda: self.engine.forward_backward(request.training_run_id, work)
 
@@ -210,26 +209,32 @@ class StillroomServicer(pb_grpc.StillroomServicer):
 
     @rpc
     async def SaveWeightsForSampler(self, request, context):
+        return await self._save_checkpoint(request, context, "sampler_weights", "auto",
+                                           self.engine.save_sampler_weights)
+
+    async def _save_checkpoint(self, request, context, kind: str, prefix: str,
+                               write: Callable[[str, str], tuple[str, int]]) -> pb.FutureRef:
+        """A numbered request that writes checkpoint `kind` with `write(run_id, name)` and records
+        its row; a taken name is refused before anything is written."""
         owner = self.owner(context)
         run_id = request.training_run_id
-        name = request.name or f"auto-{request.seq:06d}-{uuid.uuid4().hex[:6]}"
+        name = request.name or f"{prefix}-{request.seq:06d}-{uuid.uuid4().hex[:6]}"
 
         def validate():
-            path = checkpoints.CheckpointPath(run_id, "sampler_weights", checkpoints.check_name(name))
+            path = checkpoints.CheckpointPath(run_id, kind, checkpoints.check_name(name))
             run = self.engine.get_run(run_id)
             if self.store.get_checkpoint(path.uri) is not None or self.engine.files.exists(path):
                 raise checkpoints.AlreadyExists(f"name: checkpoint {path.uri} already exists")
 
             def save():
-                uri, size = self.engine.save_sampler_weights(run_id, name)
-                self.store.add_checkpoint(owner, run_id, "sampler_weights", name, uri,
-                                          run.base.name, run.is_lora, size)
+                uri, size = write(run_id, name)
+                self.store.add_checkpoint(owner, run_id, kind, name, uri, run.base.name, run.is_lora, size)
                 return uri
 
             return save
 
         return await self._sequenced(
-            request, context, "save_weights_for_sampler", validate,
+            request, context, f"save_{kind}", validate,
             lambda uri: pb.FutureResult(save_weights=pb.SaveWeightsResult(path=uri)))
 
     # ---------------------------------------------------------------- sampling
@@ -239,8 +244,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         owner = self.owner(context)
         source = request.WhichOneof("source")
         if source == "model_path":
-            path = checkpoints.parse(request.model_path)
-            self._own_checkpoint(path, owner, "model_path")
+            path, _ = self._owned_checkpoint(request.model_path, owner, "model_path")
             opened = await self.on_worker(lambda: self.engine.open_sampler(model_path=path.uri),
                                           "open_sampler")
         elif source == "base_model":
@@ -256,11 +260,6 @@ class StillroomServicer(pb_grpc.StillroomServicer):
             sampling_session_id=session_id, base_model=opened.base.name,
             model_path=request.model_path if source == "model_path" else "",
             max_context_length=opened.max_context, vocab_size=opened.vocab_size)
-
-    def _own_checkpoint(self, path: checkpoints.CheckpointPath, owner: str, field: str) -> None:
-        row = self.store.get_checkpoint(path.uri)
-        if row is None or row.owner != owner:
-            raise NotFound(f"{field}: checkpoint {path.uri} does not exist")
 
     def _session(self, session_id: str, owner: str) -> Sampler:
         opened = self.sessions.get(session_id)
@@ -311,27 +310,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
 
     @rpc
     async def SaveState(self, request, context):
-        owner = self.owner(context)
-        run_id = request.training_run_id
-        name = request.name or f"state-{request.seq:06d}-{uuid.uuid4().hex[:6]}"
-
-        def validate():
-            path = checkpoints.CheckpointPath(run_id, "weights", checkpoints.check_name(name))
-            run = self.engine.get_run(run_id)
-            if self.store.get_checkpoint(path.uri) is not None or self.engine.files.exists(path):
-                raise checkpoints.AlreadyExists(f"name: checkpoint {path.uri} already exists")
-
-            def save():
-                uri, size = self.engine.save_state(run_id, name)
-                self.store.add_checkpoint(owner, run_id, "weights", name, uri, run.base.name,
-                                          run.is_lora, size)
-                return uri
-
-            return save
-
-        return await self._sequenced(
-            request, context, "save_state", validate,
-            lambda uri: pb.FutureResult(save_weights=pb.SaveWeightsResult(path=uri)))
+        return await self._save_checkpoint(request, context, "weights", "state", self.engine.save_state)
 
     @rpc
     async def LoadState(self, request, context):
