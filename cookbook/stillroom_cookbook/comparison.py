@@ -93,6 +93,7 @@ def run_method(setup: Setup, method: str, seed: int) -> list[tuple[int, float, f
         loss = "teacher_reverse_kl" if method == "distill_exact" else "sampled"
         distill(student, setup.teacher, renderer, [p.prompt for p in problems],
                 DistillationConfig(learning_rate=demo.distillation.learning_rate,
+                                   warmup_steps=demo.distillation.warmup_steps,
                                    kl_coef=demo.distillation.kl_coef, loss=loss, **base),
                 log, setup.evaluator, progress=False)
         sample_flops_per_step = 0.0
