@@ -28,13 +28,15 @@ TASK = RunningSumTask(min_terms=2, max_terms=4, base=5)
 
 def test_iterated_map_writes_every_value_of_the_chain():
     task = IteratedMapTask(steps=4)
-    problem = task.make_problem(random.Random(0))
-    start = int(problem.prompt.removesuffix(":"))
+    problem = task.problem(47)
     assert task.values(47) == [42, 27, 82, 47]          # 3*47+1 = 142, 3*42+1 = 127, ...
-    assert problem.completion == " ".join(f"{v:02d}" for v in task.values(start)) + f" >{problem.answer}"
-    assert task.grade(problem, problem.completion)
+    assert (problem.prompt, problem.completion, problem.answer) == ("47:", "42 27 82 47 >47", 47)
+    assert task.grade(problem, problem.completion) and not task.grade(problem, "42 27 82 47 >46")
     assert len(problem.completion) + 1 <= task.max_completion_chars   # room for eos
     assert IteratedMapTask(steps=6).problems(20, seed=1) == IteratedMapTask(steps=6).problems(20, seed=1)
+    # only 100 problems exist: any 100 in a row hold each start once
+    starts = [p.prompt for p in task.problems(250, seed=2)]
+    assert len(set(starts[:100])) == len(set(starts[100:200])) == 100 == len(set(starts))
     with pytest.raises(ValueError):
         IteratedMapTask(steps=0)
 
@@ -175,6 +177,15 @@ def test_sft_lowers_the_loss_and_logs_evaluations(service, renderer, evaluator, 
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert [r["step"] for r in log.records if "eval/accuracy" in r] == [0, 3, 6]
     assert len(read_jsonl(tmp_path / "sft.jsonl")) == len(log.records)
+
+
+def test_sft_stops_at_the_first_evaluation_that_reaches_the_target(service, renderer, evaluator):
+    trainer = service.create_full_training_client(TINY, seed=0)
+    examples = [(p.prompt, p.completion) for p in TASK.problems(16, seed=0)]
+    config = SFTConfig(steps=6, learning_rate=3e-3, batch_size=4, eval_every=2, stop_at_accuracy=0.0)
+    log = train_sft(trainer, renderer, examples, config, MetricsLog(None), evaluator, progress=False)
+    assert [r["step"] for r in log.records if "eval/accuracy" in r] == [0, 2]
+    assert len([r for r in log.records if "loss" in r]) == 2
 
 
 def test_evaluation_grades_greedy_completions(service, renderer):

@@ -14,10 +14,12 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from tqdm import tqdm
+
 import stillroom
 
 from stillroom_cookbook.distillation import DistillationConfig, distill
-from stillroom_cookbook.distillation_demo import DemoConfig, get_teacher, worked_examples
+from stillroom_cookbook.distillation_demo import DemoConfig, demo_evaluator, get_teacher, student_start
 from stillroom_cookbook.evaluation import TaskEvaluator
 from stillroom_cookbook.metrics import MetricsLog, plot_curves
 from stillroom_cookbook.renderers import CharRenderer
@@ -36,8 +38,9 @@ class ComparisonConfig:
     eval_every: int = 10
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = tuple(METHODS)
-    sft_learning_rate: float = 3e-3
-    rl_learning_rate: float = 3e-3
+    # every method sees the demo's distillation batch per step (128 sequences), its learning rate
+    # and warm-up; RL needs groups, so it samples 32 prompts x 4
+    rl_group_size: int = 4
     target_fraction: float = 0.9        # "reached" = this fraction of the teacher's accuracy
 
     def __post_init__(self) -> None:
@@ -53,59 +56,48 @@ class Setup:
     config: ComparisonConfig
     teacher: stillroom.SamplingClient
     teacher_params: int
+    student_start: str          # the saved training state every run starts from
+    student_params: int
+    renderer: CharRenderer
     evaluator: TaskEvaluator
     out_dir: Path
 
 
-def student_start(setup: Setup) -> tuple[stillroom.TrainingClient, CharRenderer, int]:
-    """The same SFT start for every run (deterministic in the demo's seed)."""
-    demo = setup.config.demo
-    student = setup.service.create_full_training_client(demo.student_model, seed=demo.seed)
-    renderer = CharRenderer(student.get_tokenizer())
-    train_sft(student, renderer, worked_examples(demo, demo.student_sft), demo.student_sft,
-              MetricsLog(None), progress=False)
-    return student, renderer, student.get_info().num_trainable_params
-
-
 def run_method(setup: Setup, method: str, seed: int) -> list[tuple[int, float, float]]:
-    """(step, accuracy, cumulative FLOPs) at every evaluation of one run."""
-    config, demo = setup.config, setup.config.demo
-    student, renderer, n_student = student_start(setup)
+    """(step, accuracy, cumulative FLOPs) at every evaluation of one run, from the shared start
+    with a fresh optimizer."""
+    config, demo, renderer = setup.config, setup.config.demo, setup.renderer
+    student = setup.service.create_training_client_from_state(setup.student_start)
     name = f"{method}-seed{seed}"
     log = MetricsLog(setup.out_dir / f"{name}.jsonl")
-    base = dict(steps=config.steps, max_tokens=demo.distillation.max_tokens,
-                groups_per_batch=demo.distillation.groups_per_batch,
-                group_size=demo.distillation.group_size, eval_every=config.eval_every, seed=seed, name=name)
+    d = demo.distillation
+    per_step = d.groups_per_batch * d.group_size
+    base = dict(steps=config.steps, learning_rate=d.learning_rate, warmup_steps=d.warmup_steps,
+                eval_every=config.eval_every, seed=seed, name=name)
     problems = demo.task.problems(4096, seed=1000 * seed + 3)
+    sample_flops_per_step = 0.0
     if method == "sft":
-        examples, teacher_tokens = teacher_samples(setup, renderer, problems, base)
-        sft = SFTConfig(steps=config.steps, learning_rate=config.sft_learning_rate,
-                        batch_size=base["groups_per_batch"] * base["group_size"],
-                        eval_every=config.eval_every, seed=seed, name=name)
+        examples, teacher_tokens = teacher_samples(setup, problems[:config.steps * per_step], d.max_tokens, seed)
+        sft = SFTConfig(batch_size=per_step, final_lr_fraction=1.0, **base)
         train_sft(student, renderer, examples, sft, log, setup.evaluator, progress=False)
         sample_flops_per_step = 2 * setup.teacher_params * teacher_tokens / config.steps
     elif method == "rl":
-        train_rl(student, renderer, problems, lambda p, text: float(demo.task.grade(p, text)),
-                 RLConfig(learning_rate=config.rl_learning_rate, **base), log, setup.evaluator,
-                 progress=False)
-        sample_flops_per_step = 0.0
+        rl = RLConfig(groups_per_batch=max(1, per_step // config.rl_group_size),
+                      group_size=config.rl_group_size, max_tokens=d.max_tokens, **base)
+        train_rl(student, renderer, problems, lambda p, text: float(demo.task.grade(p, text)), rl, log,
+                 setup.evaluator, progress=False)
     else:
         loss = "teacher_reverse_kl" if method == "distill_exact" else "sampled"
         distill(student, setup.teacher, renderer, [p.prompt for p in problems],
-                DistillationConfig(learning_rate=demo.distillation.learning_rate,
-                                   warmup_steps=demo.distillation.warmup_steps,
-                                   kl_coef=demo.distillation.kl_coef, loss=loss, **base),
-                log, setup.evaluator, progress=False)
-        sample_flops_per_step = 0.0
-    return curve_with_flops(log.records, n_student, setup.teacher_params, sample_flops_per_step)
+                dataclasses.replace(d, loss=loss, **base), log, setup.evaluator, progress=False)
+    return curve_with_flops(log.records, setup.student_params, setup.teacher_params, sample_flops_per_step)
 
 
-def teacher_samples(setup: Setup, renderer: CharRenderer, problems, base: dict):
-    """One teacher completion (temperature 1) per training example; and the tokens it sampled."""
-    n = base["steps"] * base["groups_per_batch"] * base["group_size"]
-    prompts = [p.prompt for p in problems[:n]]
-    groups = sample_groups(setup.teacher, renderer, prompts, 1, base["max_tokens"], seed=base["seed"])
-    examples = [(prompt, renderer.decode(g[0].tokens)) for prompt, g in zip(prompts, groups)]
+def teacher_samples(setup: Setup, problems, max_tokens: int, seed: int):
+    """One teacher completion (temperature 1) per problem; and the tokens it sampled."""
+    prompts = [p.prompt for p in problems]
+    groups = sample_groups(setup.teacher, setup.renderer, prompts, 1, max_tokens, seed=seed)
+    examples = [(prompt, setup.renderer.decode(g[0].tokens)) for prompt, g in zip(prompts, groups)]
     return examples, sum(len(g[0].all_tokens) for g in groups)
 
 
@@ -135,14 +127,23 @@ def run_comparison(service: stillroom.ServiceClient, config: ComparisonConfig, o
     demo = config.demo
     teacher_path, teacher_params = get_teacher(service, demo, teacher_cache_dir)
     teacher = service.create_sampling_client(model_path=teacher_path)
-    renderer = CharRenderer(teacher.get_tokenizer())
-    held_out = demo.task.problems(demo.eval_problems, seed=demo.seed * 1000 + 2)
-    evaluator = TaskEvaluator(renderer, demo.task, held_out, demo.distillation.max_tokens)
-    setup = Setup(service, config, teacher, teacher_params, evaluator, out_dir)
+    student = service.create_full_training_client(demo.student_model, seed=demo.seed)
+    renderer = CharRenderer(student.get_tokenizer())
+    evaluator = demo_evaluator(demo, renderer)
+    start_path = student_start(student, renderer, demo, evaluator, out_dir)
+    setup = Setup(service, config, teacher, teacher_params, start_path,
+                  student.get_info().num_trainable_params, renderer, evaluator, out_dir)
     teacher_accuracy = evaluator(teacher)["eval/accuracy"]
     methods = [m for m in config.methods if m != "distill_exact"
                or "teacher_reverse_kl" in service.get_server_capabilities().loss_fns]
-    curves = {m: [run_method(setup, m, seed) for seed in config.seeds] for m in methods}
+    curves = {}
+    with tqdm(total=len(methods) * len(config.seeds), desc="comparison", unit="run") as bar:
+        for method in methods:
+            curves[method] = []
+            for seed in config.seeds:
+                curves[method].append(run_method(setup, method, seed))
+                bar.update()
+                bar.set_postfix(last=f"{method} seed {seed}: {curves[method][-1][-1][1]:.0%}")
     return write_report(config, curves, teacher_accuracy, docs_dir, command)
 
 
@@ -168,16 +169,16 @@ def write_report(config: ComparisonConfig, curves: dict, teacher_accuracy: float
     stem = docs_dir / "distillation_comparison"
     plot_curves({k: [(s, a) for s, a, _ in c] for k, c in means.items()}, Path(f"{stem}_steps.png"),
                 title="student accuracy by training step", xlabel="student step",
-                ylabel="held-out accuracy", hlines={"teacher": teacher_accuracy, "90% of teacher": target})
+                ylabel="accuracy (greedy)", hlines={"teacher": teacher_accuracy, "90% of teacher": target})
     plot_curves({k: [(f, a) for _, a, f in c if f > 0] for k, c in means.items()}, Path(f"{stem}_flops.png"),
                 title="student accuracy by estimated compute", xlabel="FLOPs (6N train + 2N sample/score)",
-                ylabel="held-out accuracy", hlines={"teacher": teacher_accuracy, "90% of teacher": target},
+                ylabel="accuracy (greedy)", hlines={"teacher": teacher_accuracy, "90% of teacher": target},
                 logx=True)
     table = "\n".join([
         f"Teacher {config.demo.teacher_model}: {teacher_accuracy:.1%}; student start "
         f"({config.demo.student_model} after SFT): {start:.1%}; target {target:.1%} "
         f"({config.target_fraction:.0%} of the teacher). {len(config.seeds)} seeds, {config.steps} steps, "
-        f"{config.demo.eval_problems} held-out problems.", "",
+        f"{config.demo.eval_problems} problems.", "",
         f"| method | final accuracy (mean ± sd) | runs reaching target | steps to target | "
         f"FLOPs to target | FLOPs for {config.steps} steps |",
         "|---|---|---|---|---|---|", *rows])

@@ -34,16 +34,22 @@ class DemoConfig:
     task: Task = IteratedMapTask(steps=6)
     teacher_model: str = "stillroom/char-10m"
     student_model: str = "stillroom/char-1m"
-    teacher_sft: SFTConfig = SFTConfig(steps=120, learning_rate=2e-3, batch_size=32, warmup_steps=10,
+    # 400 steps, not the ~100 that reach 100% on correct chains: a teacher trained that briefly
+    # writes a wrong next value after 17 of 40 corrupted prefixes (the student's own mistakes are
+    # what it is asked to grade); after 400 steps it applies the map to all 40 (docs/cookbook.md).
+    teacher_sft: SFTConfig = SFTConfig(steps=400, learning_rate=2e-3, batch_size=32, warmup_steps=10,
                                        name="teacher-sft")
-    student_sft: SFTConfig = SFTConfig(steps=150, learning_rate=4e-3, batch_size=32, warmup_steps=10,
-                                       name="student-sft")
-    # Measured (docs/cookbook.md): from this start (61%), a learning rate of 1e-3 lost 30-40 points
-    # within 10 steps; 1e-4 with a short warm-up dips, then recovers and ends a little above.
-    distillation: DistillationConfig = DistillationConfig(steps=150, learning_rate=1e-4, warmup_steps=5,
-                                                          max_tokens=25, groups_per_batch=16,
-                                                          group_size=4, eval_every=10)
-    eval_problems: int = 200
+    # The student's SFT accuracy jumps within a few tens of steps, at a point that moves with the
+    # seed and data order (measured: 3-7% after 150 of 300 steps, 69-96% after 300), so its start
+    # is "SFT until half the problems are right", checked every 25 steps.
+    student_sft: SFTConfig = SFTConfig(steps=300, learning_rate=4e-3, batch_size=32, warmup_steps=10,
+                                       eval_every=25, stop_at_accuracy=0.5, name="student-sft")
+    # From the saved SFT start with a fresh optimizer. One sample per prompt over many prompts:
+    # samples of one prompt share their first positions, which the exact loss scores identically.
+    distillation: DistillationConfig = DistillationConfig(
+        steps=60, learning_rate=1e-3, warmup_steps=10, max_tokens=25, groups_per_batch=128,
+        group_size=1, loss="teacher_reverse_kl", eval_every=10)
+    eval_problems: int = 100          # IteratedMapTask has 100 problems: each start once
     seed: int = 0
 
 
@@ -79,6 +85,19 @@ def worked_examples(config: DemoConfig, sft: SFTConfig) -> list[tuple[str, str]]
     return [(p.prompt, p.completion) for p in problems]
 
 
+def demo_evaluator(config: DemoConfig, renderer: CharRenderer) -> TaskEvaluator:
+    problems = config.task.problems(config.eval_problems, seed=config.seed * 1000 + 2)
+    return TaskEvaluator(renderer, config.task, problems, config.distillation.max_tokens)
+
+
+def student_start(student: stillroom.TrainingClient, renderer: CharRenderer, config: DemoConfig,
+                  evaluator: TaskEvaluator, out_dir: Path) -> str:
+    """The student's short SFT on worked examples, saved as a training state; returns its path."""
+    train_sft(student, renderer, worked_examples(config, config.student_sft), config.student_sft,
+              MetricsLog(out_dir / "student_sft.jsonl"), evaluator)
+    return student.save_state("student-start").result().path
+
+
 def run_demo(service: stillroom.ServiceClient, config: DemoConfig, out_dir: Path,
              teacher_cache_dir: Path) -> dict[str, float]:
     """Teacher, student SFT start, distillation; returns the three accuracies."""
@@ -87,10 +106,9 @@ def run_demo(service: stillroom.ServiceClient, config: DemoConfig, out_dir: Path
     teacher = service.create_sampling_client(model_path=teacher_path)
     student = service.create_full_training_client(config.student_model, seed=config.seed)
     renderer = CharRenderer(student.get_tokenizer())
-    held_out = config.task.problems(config.eval_problems, seed=config.seed * 1000 + 2)
-    evaluator = TaskEvaluator(renderer, config.task, held_out, config.distillation.max_tokens)
-    train_sft(student, renderer, worked_examples(config, config.student_sft), config.student_sft,
-              MetricsLog(out_dir / "student_sft.jsonl"))
+    evaluator = demo_evaluator(config, renderer)
+    start_path = student_start(student, renderer, config, evaluator, out_dir)
+    student = service.create_training_client_from_state(start_path)     # fresh optimizer
     log = MetricsLog(out_dir / "distillation.jsonl")
     prompts = [p.prompt for p in config.task.problems(4096, seed=config.seed * 1000 + 3)]
     distill(student, teacher, renderer, prompts, config.distillation, log, evaluator)
@@ -99,13 +117,13 @@ def run_demo(service: stillroom.ServiceClient, config: DemoConfig, out_dir: Path
                "student before": curve[0][1], "student after": curve[-1][1]}
     plot_curves({"student (on-policy distillation)": curve}, out_dir / "distillation.png",
                 title=f"{config.student_model} distilled from {config.teacher_model}",
-                xlabel="distillation step", ylabel="held-out accuracy (greedy)",
+                xlabel="distillation step", ylabel="accuracy (greedy)",
                 hlines={"teacher": results["teacher"], "student before": results["student before"]})
     return results
 
 
 def print_table(results: dict[str, float], n_problems: int) -> None:
-    print(f"\n| model | greedy accuracy on {n_problems} held-out problems |\n|---|---|")
+    print(f"\n| model | greedy accuracy on {n_problems} problems |\n|---|---|")
     for name, accuracy in results.items():
         print(f"| {name} | {accuracy:.1%} |")
 

@@ -1,4 +1,4 @@
-"""Evaluate a sampler on a task: greedy completions of held-out problems, graded.
+"""Evaluate a sampler on a task: greedy completions of problems, graded.
 
 Knows the SDK's SamplingClient, a renderer and a task; it submits every problem's request before
 waiting on any (the server batches concurrent calls on the same weights). It does not know how the

@@ -34,6 +34,7 @@ class RLConfig:
     groups_per_batch: int = 16
     group_size: int = 4
     temperature: float = 1.0
+    warmup_steps: int = 0
     final_lr_fraction: float = 1.0   # constant learning rate unless lowered
     eval_every: int = 0
     seed: int = 0
@@ -68,7 +69,8 @@ def train_rl(trainer: stillroom.TrainingClient, renderer: Renderer, problems: Se
             rewards += group_rewards
             data += [importance_datum(r, [a] * len(r.tokens))
                      for r, a in zip(group, group_advantages(group_rewards)) if a != 0.0]
-        lr = linear_lr(config.learning_rate, step, config.steps, final_fraction=config.final_lr_fraction)
+        lr = linear_lr(config.learning_rate, step, config.steps, config.warmup_steps,
+                       config.final_lr_fraction)
         if data:
             trainer.forward_backward(data, "importance_sampling")
             trainer.optim_step(types.AdamParams(learning_rate=lr)).result()

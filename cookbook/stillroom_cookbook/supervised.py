@@ -31,6 +31,7 @@ class SFTConfig:
     warmup_steps: int = 0
     final_lr_fraction: float = 0.1
     eval_every: int = 0          # 0: evaluate before the first step and after the last only
+    stop_at_accuracy: float | None = None   # end early at the first evaluation at or above it
     seed: int = 0
     name: str = "sft"
 
@@ -47,7 +48,8 @@ def sft_datum(renderer: Renderer, prompt: str, completion: str) -> types.Datum:
 def train_sft(trainer: stillroom.TrainingClient, renderer: Renderer,
               examples: Sequence[tuple[str, str]], config: SFTConfig, log: MetricsLog,
               evaluator: Evaluator | None = None, progress: bool = True) -> MetricsLog:
-    """`config.steps` steps of cross_entropy on the completions of `examples` (prompt, completion)."""
+    """`config.steps` steps of cross_entropy on the completions of `examples` (prompt, completion),
+    or fewer when an evaluation reaches `config.stop_at_accuracy`."""
     batches = cycle_batches(examples, config.batch_size, config.seed)
     maybe_eval(trainer, evaluator, config, 0, log, force=True)
     pending = None
@@ -62,7 +64,9 @@ def train_sft(trainer: stillroom.TrainingClient, renderer: Renderer,
             _log_step(log, bar, *pending)
         pending = (step, forward, lr, sum(sum(d.loss_fn_inputs["weights"].data) for d in data),
                    sum(d.model_input.length for d in data))
-        maybe_eval(trainer, evaluator, config, step + 1, log, force=step + 1 == config.steps)
+        metrics = maybe_eval(trainer, evaluator, config, step + 1, log, force=step + 1 == config.steps)
+        if config.stop_at_accuracy is not None and metrics.get("eval/accuracy", -1.0) >= config.stop_at_accuracy:
+            break
     if pending is not None:
         _log_step(log, bar, *pending)
     return log

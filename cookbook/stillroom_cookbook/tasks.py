@@ -10,9 +10,14 @@ writing every value (`49:` -> `48 45 36 09 28 85 >85`). Why it:
 - each step reads only the value just before it, at a fixed distance, so a character-level model
   trained from random weights learns it on a CPU in minutes;
 - at the same budget the 10M preset clearly beats the 1M one (measured, batch 32: after 100 SFT
-  steps, 99% against 8% on held-out starts; the 1M reaches 61% after 150), which leaves a gap for
-  distillation to close;
-- problems are unlimited and free, answers exact, and the grader needs no model.
+  steps, 99% against 8%; the 1M reaches about 60% after 150), which leaves a gap for distillation
+  to close;
+- the student's samples go wrong in ways the teacher can grade: a wrong value early in the chain
+  is followed by a correct chain from that value, so the teacher (if trained long enough to apply
+  the map to values it did not expect, see DemoConfig) scores every later token meaningfully.
+- answers are exact, and the grader needs no model.
+There are only 100 problems (one per start): accuracy is measured on all of them, and what a model
+must learn is the map itself, in the context after the prompt and inside the chain.
 Two harder tasks did not fit a 10-minute CPU demo and are kept for larger budgets: `AdditionTask`
 (multi-digit sums with carries, column by column) and `RunningSumTask` (running totals of a digit
 list). Their steps read digits far back in the prompt, and after 150-250 SFT steps both presets
@@ -155,12 +160,6 @@ class IteratedMapTask:
         if self.steps < 1:
             raise ValueError(f"IteratedMapTask: need steps >= 1, got {self.steps}")
 
-    def make_problem(self, rng: random.Random) -> Problem:
-        start = rng.randrange(100)
-        values = self.values(start)
-        completion = " ".join(f"{v:02d}" for v in values) + f" {ANSWER_MARKER}{values[-1]}"
-        return Problem(prompt=f"{start:02d}:", completion=completion, answer=values[-1])
-
     def values(self, start: int) -> list[int]:
         values, x = [], start
         for _ in range(self.steps):
@@ -169,8 +168,19 @@ class IteratedMapTask:
         return values
 
     def problems(self, n: int, seed: int) -> list[Problem]:
-        rng = random.Random(seed)
-        return [self.make_problem(rng) for _ in range(n)]
+        """There are only 100 problems (one per start), so `n` of them go through the starts in
+        shuffled passes: any 100 in a row hold every start once."""
+        rng, starts = random.Random(seed), []
+        while len(starts) < n:
+            batch = list(range(100))
+            rng.shuffle(batch)
+            starts += batch
+        return [self.problem(start) for start in starts[:n]]
+
+    def problem(self, start: int) -> Problem:
+        values = self.values(start)
+        completion = " ".join(f"{v:02d}" for v in values) + f" {ANSWER_MARKER}{values[-1]}"
+        return Problem(prompt=f"{start:02d}:", completion=completion, answer=values[-1])
 
     def grade(self, problem: Problem, completion: str) -> bool:
         return grade_answer(completion, problem.answer)
