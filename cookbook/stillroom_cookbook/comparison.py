@@ -95,8 +95,10 @@ def run_method(setup: Setup, method: str, seed: int) -> list[tuple[int, float, f
 
 def teacher_samples(setup: Setup, problems, max_tokens: int, seed: int):
     """One teacher completion (temperature 1) per problem; and the tokens it sampled."""
-    prompts = [p.prompt for p in problems]
-    groups = sample_groups(setup.teacher, setup.renderer, prompts, 1, max_tokens, seed=seed)
+    prompts, groups = [p.prompt for p in problems], []
+    for i in range(0, len(prompts), 256):       # a few hundred requests in flight at a time
+        groups += sample_groups(setup.teacher, setup.renderer, prompts[i:i + 256], 1, max_tokens,
+                                seed=seed * 100_000 + i)
     examples = [(prompt, setup.renderer.decode(g[0].tokens)) for prompt, g in zip(prompts, groups)]
     return examples, sum(len(g[0].all_tokens) for g in groups)
 
