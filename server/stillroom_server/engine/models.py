@@ -107,10 +107,18 @@ class ModelHost:
         module.to(self.device).eval()
         module.requires_grad_(False)
         config = module.config
-        eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         return BaseModel(
             name=name, directory=directory, module=module,
             vocab_size=module.get_input_embeddings().weight.shape[0],
             max_context=int(getattr(config, "max_position_embeddings", 2048)),
-            eos_token_ids=eos_ids, tokenizer=tokenizer)
+            eos_token_ids=stop_token_ids(module, tokenizer), tokenizer=tokenizer)
+
+
+def stop_token_ids(module: torch.nn.Module, tokenizer) -> tuple[int, ...]:
+    """Every id the model's config, generation config or tokenizer calls EOS: a chat model's
+    end-of-turn token (SmolLM2's <|im_end|>) ends a sample as its end-of-text token does."""
+    generation = getattr(module, "generation_config", None)
+    ids: set[int] = set()
+    for eos in (module.config.eos_token_id, getattr(generation, "eos_token_id", None), tokenizer.eos_token_id):
+        ids.update(eos if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,)))
+    return tuple(sorted(ids))
