@@ -1,8 +1,10 @@
-"""Small builders shared by the tests."""
+"""Small builders shared by the tests: token lines, and datums made with the cookbook's own
+builders (so the tests send what the recipes send)."""
 
 from __future__ import annotations
 
 from stillroom import types
+from stillroom_cookbook.rollouts import Rollout, completion_datum, importance_datum
 
 
 def encode_line(tokenizer, text: str) -> list[int]:
@@ -11,23 +13,15 @@ def encode_line(tokenizer, text: str) -> list[int]:
 
 def sft_datum(tokens: list[int], prompt_len: int = 0) -> types.Datum:
     """Next-token prediction over `tokens`, with the first `prompt_len` targets weighted 0."""
-    weights = [0.0 if i + 1 < prompt_len else 1.0 for i in range(len(tokens) - 1)]
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+    split = max(prompt_len, 1)
+    return completion_datum(tokens[:split], tokens[split:])
 
 
 def is_datum(prompt: list[int], completion: list[int], sampler_logprobs: list[float],
              advantage: float) -> types.Datum:
     """An importance_sampling datum that scores `completion` after `prompt`."""
-    tokens = prompt + completion
-    n_prompt = len(prompt) - 1
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": tokens[1:],
-            "logprobs": [0.0] * n_prompt + list(sampler_logprobs),
-            "advantages": [0.0] * n_prompt + [advantage] * len(completion),
-        })
+    rollout = Rollout(prompt, completion, list(sampler_logprobs))
+    return importance_datum(rollout, [advantage] * len(completion))
 
 
 def checkpoint_tensors(server, path: str) -> dict:

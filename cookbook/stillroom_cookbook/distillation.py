@@ -12,41 +12,28 @@ Knows the SDK and a renderer; it needs no reward and no answer key.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Sequence
-
-from tqdm import tqdm
+from collections.abc import Sequence
+from typing import Literal
 
 import stillroom
 from stillroom import types
-
+from stillroom_cookbook.evaluation import Evaluator
 from stillroom_cookbook.metrics import MetricsLog
+from stillroom_cookbook.on_policy import OnPolicyConfig, on_policy_steps
 from stillroom_cookbook.renderers import Renderer
-from stillroom_cookbook.rollouts import Rollout, completion_datum, importance_datum, sample_groups
-from stillroom_cookbook.schedules import cycle_batches, linear_lr
-from stillroom_cookbook.supervised import Evaluator, maybe_eval
+from stillroom_cookbook.rollouts import Rollout, completion_datum, importance_datum
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillationConfig:
-    steps: int
-    learning_rate: float
-    max_tokens: int
-    groups_per_batch: int = 16
-    group_size: int = 4
+class DistillationConfig(OnPolicyConfig):
     kl_coef: float = 1.0
     loss: Literal["sampled", "teacher_reverse_kl"] = "sampled"
-    warmup_steps: int = 0          # after SFT, Adam's moments lag the larger distillation gradients
-    final_lr_fraction: float = 1.0
-    eval_every: int = 0
-    seed: int = 0
     name: str = "distill"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.loss not in ("sampled", "teacher_reverse_kl"):
             raise ValueError(f"DistillationConfig.loss: 'sampled' or 'teacher_reverse_kl', got {self.loss!r}")
-        if self.steps < 0 or self.groups_per_batch < 1 or self.group_size < 1 or self.learning_rate <= 0:
-            raise ValueError(f"DistillationConfig: need steps >= 0, groups_per_batch >= 1, "
-                             f"group_size >= 1, learning_rate > 0; got {self}")
 
 
 def reverse_kl_advantages(student_logprobs_T: Sequence[float], teacher_logprobs_T: Sequence[float],
@@ -73,24 +60,16 @@ def teacher_step(trainer: stillroom.TrainingClient, teacher: stillroom.SamplingC
 def distill(trainer: stillroom.TrainingClient, teacher: stillroom.SamplingClient, renderer: Renderer,
             prompts: Sequence[str], config: DistillationConfig, log: MetricsLog,
             evaluator: Evaluator | None = None, progress: bool = True) -> MetricsLog:
-    batches = cycle_batches(prompts, config.groups_per_batch, config.seed)
-    bar = tqdm(range(config.steps), desc=config.name, unit="step", disable=not progress)
-    for step in bar:
-        student = trainer.save_weights_and_get_sampling_client(f"{config.name}-{step}")
-        maybe_eval(trainer, evaluator, config, step, log, force=step == 0, sampler=student)
-        groups = sample_groups(student, renderer, next(batches), config.group_size, config.max_tokens,
-                               temperature=1.0, seed=(config.seed * 1000 + step) * 1000)
-        rollouts = [r for group in groups for r in group]
+    """The student samples at temperature 1 (the sampled estimate assumes its own distribution)."""
+    for s in on_policy_steps(trainer, renderer, prompts, lambda p: p, config, log, evaluator, progress):
+        rollouts = s.rollouts
         forward, kl = teacher_step(trainer, teacher, rollouts, config)
-        lr = linear_lr(config.learning_rate, step, config.steps, config.warmup_steps,
-                       config.final_lr_fraction)
-        trainer.optim_step(types.AdamParams(learning_rate=lr))
+        trainer.optim_step(types.AdamParams(learning_rate=s.lr))
         loss = forward.result().metrics["loss:sum"]
         tokens = sum(len(r.tokens) for r in rollouts)
         teacher_kl = (kl if kl is not None else loss) / tokens
-        log.log(step, teacher_kl=teacher_kl, lr=lr, sampled_tokens=tokens,
+        log.log(s.step, teacher_kl=teacher_kl, lr=s.lr, sampled_tokens=tokens,
                 train_tokens=sum(len(r.all_tokens) - 1 for r in rollouts),
                 teacher_tokens=sum(len(r.all_tokens) for r in rollouts))
-        bar.set_postfix(teacher_kl=f"{teacher_kl:.3f}")
-    maybe_eval(trainer, evaluator, config, config.steps, log, force=True)
+        s.bar.set_postfix(teacher_kl=f"{teacher_kl:.3f}")
     return log

@@ -1,20 +1,34 @@
-"""Evaluate a sampler on a task: greedy completions of problems, graded.
+"""Evaluate a sampler on a task: greedy completions of problems, graded; and when a training loop
+evaluates (`maybe_eval`).
 
-Knows the SDK's SamplingClient, a renderer and a task; it submits every problem's request before
-waiting on any (the server batches concurrent calls on the same weights). It does not know how the
-weights were trained.
+Knows the SDK's clients, a renderer and a task; it submits every problem's request before waiting on
+any (the server batches concurrent calls on the same weights). It does not know how the weights were
+trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import stillroom
 from stillroom import types
-
+from stillroom_cookbook.metrics import MetricsLog
 from stillroom_cookbook.renderers import Renderer
 from stillroom_cookbook.tasks import Problem, Task
+
+Evaluator = Callable[[stillroom.SamplingClient], dict[str, float]]
+
+
+class EvalSchedule(Protocol):
+    """What `maybe_eval` reads of a loop's config."""
+
+    @property
+    def eval_every(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,3 +68,16 @@ class TaskEvaluator:
     def __call__(self, sampler: stillroom.SamplingClient) -> dict[str, float]:
         result = evaluate(sampler, self.renderer, self.task, self.problems, self.max_tokens)
         return result.as_metrics(self.prefix)
+
+
+def maybe_eval(trainer: stillroom.TrainingClient, evaluator: Evaluator | None, config: EvalSchedule,
+               step: int, log: MetricsLog, force: bool = False,
+               sampler: stillroom.SamplingClient | None = None) -> dict[str, float]:
+    """Evaluate a snapshot after `step` steps when it is due (every `config.eval_every`) or forced."""
+    due = force or (config.eval_every > 0 and step % config.eval_every == 0)
+    if evaluator is None or not due:
+        return {}
+    sampler = sampler or trainer.save_weights_and_get_sampling_client(f"{config.name}-eval-{step}")
+    metrics = evaluator(sampler)
+    log.log(step, **metrics)
+    return metrics

@@ -9,41 +9,30 @@ left out of the update.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
-
-from tqdm import tqdm
+from collections.abc import Callable, Sequence
 
 import stillroom
 from stillroom import types
-
+from stillroom_cookbook.evaluation import Evaluator
 from stillroom_cookbook.metrics import MetricsLog
+from stillroom_cookbook.on_policy import OnPolicyConfig, on_policy_steps
 from stillroom_cookbook.renderers import Renderer
-from stillroom_cookbook.rollouts import importance_datum, sample_groups
-from stillroom_cookbook.schedules import cycle_batches, linear_lr
-from stillroom_cookbook.supervised import Evaluator, maybe_eval
+from stillroom_cookbook.rollouts import importance_datum
 from stillroom_cookbook.tasks import Problem
 
 RewardFn = Callable[[Problem, str], float]
 
 
 @dataclasses.dataclass(frozen=True)
-class RLConfig:
-    steps: int
-    learning_rate: float
-    max_tokens: int
-    groups_per_batch: int = 16
-    group_size: int = 4
+class RLConfig(OnPolicyConfig):
     temperature: float = 1.0
-    warmup_steps: int = 0
-    final_lr_fraction: float = 1.0   # constant learning rate unless lowered
-    eval_every: int = 0
-    seed: int = 0
     name: str = "rl"
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.groups_per_batch < 1 or self.group_size < 2 or self.learning_rate <= 0:
-            raise ValueError(f"RLConfig: need steps >= 0, groups_per_batch >= 1, group_size >= 2, "
-                             f"learning_rate > 0; got {self}")
+        super().__post_init__()
+        if self.group_size < 2:
+            raise ValueError(f"RLConfig.group_size: need >= 2 (advantages are relative to the group), "
+                             f"got {self.group_size}")
 
 
 def group_advantages(rewards: Sequence[float]) -> list[float]:
@@ -55,27 +44,18 @@ def group_advantages(rewards: Sequence[float]) -> list[float]:
 def train_rl(trainer: stillroom.TrainingClient, renderer: Renderer, problems: Sequence[Problem],
              reward_fn: RewardFn, config: RLConfig, log: MetricsLog,
              evaluator: Evaluator | None = None, progress: bool = True) -> MetricsLog:
-    batches = cycle_batches(problems, config.groups_per_batch, config.seed)
-    for step in tqdm(range(config.steps), desc=config.name, unit="step", disable=not progress):
-        sampler = trainer.save_weights_and_get_sampling_client(f"{config.name}-{step}")
-        maybe_eval(trainer, evaluator, config, step, log, force=step == 0, sampler=sampler)
-        batch = next(batches)
-        groups = sample_groups(sampler, renderer, [p.prompt for p in batch], config.group_size,
-                               config.max_tokens, config.temperature,
-                               seed=(config.seed * 1000 + step) * 1000)
+    for s in on_policy_steps(trainer, renderer, problems, lambda p: p.prompt, config, log, evaluator,
+                             progress, temperature=config.temperature):
         data, rewards = [], []
-        for problem, group in zip(batch, groups):
+        for problem, group in zip(s.batch, s.groups):
             group_rewards = [reward_fn(problem, renderer.decode(r.tokens)) for r in group]
             rewards += group_rewards
             data += [importance_datum(r, [a] * len(r.tokens))
                      for r, a in zip(group, group_advantages(group_rewards)) if a != 0.0]
-        lr = linear_lr(config.learning_rate, step, config.steps, config.warmup_steps,
-                       config.final_lr_fraction)
         if data:
             trainer.forward_backward(data, "importance_sampling")
-            trainer.optim_step(types.AdamParams(learning_rate=lr)).result()
-        log.log(step, reward=sum(rewards) / len(rewards), lr=lr, trained_sequences=len(data),
+            trainer.optim_step(types.AdamParams(learning_rate=s.lr)).result()
+        log.log(s.step, reward=sum(rewards) / len(rewards), lr=s.lr, trained_sequences=len(data),
                 train_tokens=sum(d.model_input.length for d in data),
-                sampled_tokens=sum(len(r.tokens) for g in groups for r in g))
-    maybe_eval(trainer, evaluator, config, config.steps, log, force=True)
+                sampled_tokens=sum(len(r.tokens) for r in s.rollouts))
     return log

@@ -8,19 +8,17 @@ snapshots. It does not know where the pairs came from (a task's worked answers, 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 from tqdm import tqdm
 
 import stillroom
 from stillroom import types
-
+from stillroom_cookbook.evaluation import Evaluator, maybe_eval
 from stillroom_cookbook.metrics import MetricsLog
 from stillroom_cookbook.renderers import Renderer
 from stillroom_cookbook.rollouts import completion_datum
 from stillroom_cookbook.schedules import cycle_batches, linear_lr
-
-Evaluator = Callable[[stillroom.SamplingClient], dict[str, float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +76,3 @@ def _log_step(log: MetricsLog, bar, step: int, forward, lr: float, completion_to
     log.log(step, loss=loss, lr=lr, train_tokens=train_tokens)
     bar.set_postfix(loss=f"{loss:.3f}")
 
-
-def maybe_eval(trainer: stillroom.TrainingClient, evaluator: Evaluator | None, config,
-               step: int, log: MetricsLog, force: bool = False,
-               sampler: stillroom.SamplingClient | None = None) -> dict[str, float]:
-    """Evaluate a snapshot after `step` steps when it is due (every `config.eval_every`) or forced."""
-    due = force or (config.eval_every > 0 and step % config.eval_every == 0)
-    if evaluator is None or not due:
-        return {}
-    sampler = sampler or trainer.save_weights_and_get_sampling_client(f"{config.name}-eval-{step}")
-    metrics = evaluator(sampler)
-    log.log(step, **metrics)
-    return metrics

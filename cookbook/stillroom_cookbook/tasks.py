@@ -28,10 +28,10 @@ Graders parse the integer after the last `>` marker, so a completion is judged o
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import random
 import re
-from typing import Protocol
 
 ANSWER_MARKER = ">"
 _ANSWER_RE = re.compile(re.escape(ANSWER_MARKER) + r"\s*(-?\d+)\s*$")
@@ -44,12 +44,26 @@ class Problem:
     answer: int
 
 
-class Task(Protocol):
+class Task(abc.ABC):
+    """A task makes problems (`make_problem` from a seeded rng, or its own `problems`) and grades a
+    completion on the answer after the last marker. Subclasses are frozen dataclasses with a `name`."""
+
     name: str
 
-    def problems(self, n: int, seed: int) -> list[Problem]: ...
+    @abc.abstractmethod
+    def make_problem(self, rng: random.Random) -> Problem: ...
 
-    def grade(self, problem: Problem, completion: str) -> bool: ...
+    @property
+    @abc.abstractmethod
+    def max_completion_chars(self) -> int:
+        """Room for a worked completion and a little slack, for sampling's max_tokens."""
+
+    def problems(self, n: int, seed: int) -> list[Problem]:
+        rng = random.Random(seed)
+        return [self.make_problem(rng) for _ in range(n)]
+
+    def grade(self, problem: Problem, completion: str) -> bool:
+        return grade_answer(completion, problem.answer)
 
 
 def grade_answer(completion: str, answer: int) -> bool:
@@ -59,7 +73,7 @@ def grade_answer(completion: str, answer: int) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdditionTask:
+class AdditionTask(Task):
     """Sums of two numbers of min_digits..max_digits digits each, worked column by column."""
 
     min_digits: int = 2
@@ -81,16 +95,8 @@ class AdditionTask:
         return Problem(prompt=f"{a:0{width}d}+{b:0{width}d}=", completion=worked_addition(a, b, width),
                        answer=a + b)
 
-    def problems(self, n: int, seed: int) -> list[Problem]:
-        rng = random.Random(seed)
-        return [self.make_problem(rng) for _ in range(n)]
-
-    def grade(self, problem: Problem, completion: str) -> bool:
-        return grade_answer(completion, problem.answer)
-
     @property
     def max_completion_chars(self) -> int:
-        """Room for a worked completion and a little slack, for sampling's max_tokens."""
         return len(worked_addition(10 ** self.max_digits - 1, 10 ** self.max_digits - 1)) + 8
 
 
@@ -108,7 +114,7 @@ def worked_addition(a: int, b: int, width: int = 0) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunningSumTask:
+class RunningSumTask(Task):
     """Sums of min_terms..max_terms digits below `base`, taken modulo `base`, with the running total
     written after each term: each step is as wide as a term and its separator in the prompt."""
 
@@ -127,13 +133,6 @@ class RunningSumTask:
         return Problem(prompt=", ".join(map(str, terms)) + "=",
                        completion=worked_running_sum(terms, self.base), answer=sum(terms) % self.base)
 
-    def problems(self, n: int, seed: int) -> list[Problem]:
-        rng = random.Random(seed)
-        return [self.make_problem(rng) for _ in range(n)]
-
-    def grade(self, problem: Problem, completion: str) -> bool:
-        return grade_answer(completion, problem.answer)
-
     @property
     def max_completion_chars(self) -> int:
         return len(worked_running_sum([0] * self.max_terms, self.base)) + 4
@@ -147,7 +146,7 @@ def worked_running_sum(terms: list[int], base: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class IteratedMapTask:
+class IteratedMapTask(Task):
     """Apply x -> (multiplier * x + increment) mod 100 `steps` times to a two-digit start, writing
     every value: `47:` -> `42 27 82 47 >47` (3x+1, four steps)."""
 
@@ -177,13 +176,13 @@ class IteratedMapTask:
             starts += batch
         return [self.problem(start) for start in starts[:n]]
 
+    def make_problem(self, rng: random.Random) -> Problem:
+        return self.problem(rng.randrange(100))
+
     def problem(self, start: int) -> Problem:
         values = self.values(start)
         completion = " ".join(f"{v:02d}" for v in values) + f" {ANSWER_MARKER}{values[-1]}"
         return Problem(prompt=f"{start:02d}:", completion=completion, answer=values[-1])
-
-    def grade(self, problem: Problem, completion: str) -> bool:
-        return grade_answer(completion, problem.answer)
 
     @property
     def max_completion_chars(self) -> int:
