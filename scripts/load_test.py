@@ -50,10 +50,13 @@ def trainer_loop(address: str, index: int, deadline: float, record: Recorder) ->
         trainer = service.create_lora_training_client(MODEL, rank=8, seed=index)
         tokens = [1] + [4 + (index * 7 + i) % 90 for i in range(64)] + [2]
         datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                            loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+                            loss_fn_inputs={"target_tokens": tokens[1:],
+                                            "weights": [1.0] * (len(tokens) - 1)})
         while time.monotonic() < deadline:
-            record.time("forward_backward", lambda: trainer.forward_backward([datum] * 4, "cross_entropy").result())
-            record.time("optim_step", lambda: trainer.optim_step(types.AdamParams(learning_rate=1e-4)).result())
+            record.time("forward_backward",
+                        lambda: trainer.forward_backward([datum] * 4, "cross_entropy").result())
+            record.time("optim_step",
+                        lambda: trainer.optim_step(types.AdamParams(learning_rate=1e-4)).result())
             record.time("get_info", trainer.get_info)
 
 

@@ -4,7 +4,6 @@ server keeps serving."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import stillroom
 from stillroom import _wire, types
@@ -57,7 +56,8 @@ BAD_TRAINING_CALLS = [
      "loss_fn_config: unknown key"),
     ("empty data", lambda: ([], "cross_entropy", None), "data: at least one datum"),
     ("empty tokens", lambda: ([datum([])], "cross_entropy", None), "must hold at least one token"),
-    ("too long", lambda: ([datum([5] * 513)], "cross_entropy", None), "513 tokens is over the model's limit of 512"),
+    ("too long", lambda: ([datum([5] * 513)], "cross_entropy", None),
+     "513 tokens is over the model's limit of 512"),
     ("NaN weight", lambda: ([datum([5, 6], weights=[1.0, float("nan")])], "cross_entropy", None),
      "weights: values must be finite"),
 ]
@@ -173,7 +173,8 @@ def test_a_stop_condition_without_text_or_token_is_refused(sampler):
         prompt=_wire.model_input_to_pb(types.ModelInput.from_ints([1, 40])),
         sampling_params=pb.SamplingParams(max_tokens=3, temperature=1.0, top_k=-1, top_p=1.0,
                                           stop=[pb.StopCondition(text="x"), pb.StopCondition()]))
-    with pytest.raises(stillroom.BadRequestError, match="sampling_params.stop\\[1\\]: needs a text or a token"):
+    with pytest.raises(stillroom.BadRequestError,
+                       match="sampling_params.stop\\[1\\]: needs a text or a token"):
         connection.run(connection.call("Sample", request))
     with pytest.raises(ValueError, match="stop"):
         types.SamplingParams(max_tokens=3, stop=[1.5, "x"])

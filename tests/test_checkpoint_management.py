@@ -151,7 +151,8 @@ def test_everything_saved_is_listed_loads_and_samples_the_same_after_a_restart(t
     config = ServerConfig(data_dir=tmp_path, host="127.0.0.1", port=0)
     data = [sft_datum(encode_line(tokenizer, "restart me"))]
     prompt = types.ModelInput.from_ints(encode_line(tokenizer, "re")[:2])
-    with StillroomServer(config) as server, stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key) as client:
+    with StillroomServer(config) as server, \
+            stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key) as client:
         expected = {}
         for trainer in (client.create_lora_training_client(TINY, rank=4, seed=0),
                         client.create_full_training_client(TINY, seed=0)):
@@ -166,7 +167,8 @@ def test_everything_saved_is_listed_loads_and_samples_the_same_after_a_restart(t
                                             sampler.compute_logprobs(prompt).result())
         listed = {c.path for c in client.create_rest_client().list_user_checkpoints().checkpoints}
 
-    with StillroomServer(config) as server, stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key) as client:
+    with StillroomServer(config) as server, \
+            stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key) as client:
         assert {c.path for c in client.create_rest_client().list_user_checkpoints().checkpoints} == listed
         assert set(expected) == listed
         for path, want in expected.items():
@@ -187,7 +189,8 @@ def test_another_owners_runs_and_checkpoints_are_not_found(service, server, monk
     trainer = service.create_lora_training_client(TINY, rank=4, seed=0)
     state = trainer.save_state("private").result().path
     monkeypatch.setattr(server.servicer, "owner", lambda context: "someone-else")
-    assert trainer.training_run_id not in {r.training_run_id for r in rest.list_training_runs(limit=1000).training_runs}
+    runs = rest.list_training_runs(limit=1000).training_runs
+    assert trainer.training_run_id not in {r.training_run_id for r in runs}
     assert state not in {c.path for c in rest.list_user_checkpoints().checkpoints}
     for call in (rest.delete_checkpoint, lambda p: rest.set_checkpoint_ttl(p, 5),
                  rest.get_checkpoint_archive_url, service.create_training_client_from_state):

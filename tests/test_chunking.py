@@ -74,6 +74,7 @@ def test_micro_batches_inside_one_call_give_the_same_result(service, tokenizer, 
     split = trainer.forward_backward(data, "cross_entropy").result()
     split_step = trainer.optim_step(types.AdamParams(learning_rate=0.0)).result()
     assert split.metrics["loss:sum"] == pytest.approx(whole.metrics["loss:sum"], rel=1e-5)
-    assert split_step.metrics["grad_norm:value"] == pytest.approx(whole_step.metrics["grad_norm:value"], rel=1e-5)
+    assert split_step.metrics["grad_norm:value"] == pytest.approx(whole_step.metrics["grad_norm:value"],
+                                                                  rel=1e-5)
     for a, b in zip(split.loss_fn_outputs, whole.loss_fn_outputs):
         assert a["logprobs"].data == pytest.approx(b["logprobs"].data, abs=1e-5)

@@ -16,8 +16,14 @@ from stillroom_cookbook.renderers import CharRenderer, ChatRenderer
 from stillroom_cookbook.rl import RLConfig, group_advantages, train_rl
 from stillroom_cookbook.schedules import cycle_batches, linear_lr
 from stillroom_cookbook.supervised import SFTConfig, sft_datum, train_sft
-from stillroom_cookbook.tasks import (AdditionTask, IteratedMapTask, RunningSumTask, grade_answer,
-                                     worked_addition, worked_running_sum)
+from stillroom_cookbook.tasks import (
+    AdditionTask,
+    IteratedMapTask,
+    RunningSumTask,
+    grade_answer,
+    worked_addition,
+    worked_running_sum,
+)
 
 TINY = "stillroom/char-1m"
 TASK = RunningSumTask(min_terms=2, max_terms=4, base=5)

@@ -106,7 +106,8 @@ def check_recovered(server: ServerProcess, saved: dict, in_flight: set, lost_run
             assert trainer.training_run_id == run_id
         for run_id in lost_runs[-1:]:
             from stillroom._proto import stillroom_pb2 as pb
-            info = connection.run(connection.call("GetTrainingRun", pb.GetTrainingRunRequest(training_run_id=run_id)))
+            request = pb.GetTrainingRunRequest(training_run_id=run_id)
+            info = connection.run(connection.call("GetTrainingRun", request))
             with pytest.raises(stillroom.FailedPreconditionError, match="restarted"):
                 stillroom.TrainingClient(client, info).optim_step(types.AdamParams()).result()
     return lost

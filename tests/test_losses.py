@@ -122,7 +122,8 @@ def test_forward_changes_neither_weights_nor_gradients(service, server, tokenize
     first = idle.forward(data, "cross_entropy").result()
     assert idle.optim_step(adam).result().metrics["grad_norm:value"] == 0.0
     again = idle.forward(data, "cross_entropy").result()
-    assert [o["logprobs"].data for o in again.loss_fn_outputs] == [o["logprobs"].data for o in first.loss_fn_outputs]
+    assert ([o["logprobs"].data for o in again.loss_fn_outputs]
+            == [o["logprobs"].data for o in first.loss_fn_outputs])
 
     plain = service.create_full_training_client(TINY, seed=0)
     plain.forward_backward(data[:1], "cross_entropy")

@@ -40,7 +40,8 @@ def test_pending_futures_fail_after_a_restart(store):
     store.finish_future("f10", b"result")
     assert store.fail_pending_futures("server restarted") == 1
     record = store.get_future("f9")
-    assert (record.status, record.error_code, record.error_message) == ("failed", "UNAVAILABLE", "server restarted")
+    assert (record.status, record.error_code, record.error_message) == (
+        "failed", "UNAVAILABLE", "server restarted")
     assert store.get_future("f10").status == "done"
 
 

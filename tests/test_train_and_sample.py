@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import stillroom
-from stillroom import types
+from stillroom import _wire, types
 from stillroom._proto import stillroom_pb2 as pb
-from stillroom import _wire
 
 from conftest import TINY
 from helpers import checkpoint_tensors, encode_line, is_datum, sft_datum, train_steps
@@ -56,18 +55,20 @@ def test_importance_sampling_moves_logprobs_with_the_sign_of_the_advantage(servi
     trainer = service.create_full_training_client(TINY, seed=0)
     prompt = encode_line(tokenizer, "Q:")[:-1]
     good, bad = tokenizer.encode(" yes"), tokenizer.encode(" no!")
+
+    def completion_logprobs(sampler, completion):
+        logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(prompt + completion)).result()
+        return logprobs[len(prompt):]
+
     scorer = trainer.save_weights_and_get_sampling_client("is-before")
-    before = {name: sum(scorer.compute_logprobs(types.ModelInput.from_ints(prompt + c)).result()[len(prompt):])
-              for name, c in (("good", good), ("bad", bad))}
-    lp_good = scorer.compute_logprobs(types.ModelInput.from_ints(prompt + good)).result()[len(prompt):]
-    lp_bad = scorer.compute_logprobs(types.ModelInput.from_ints(prompt + bad)).result()[len(prompt):]
+    lp_good, lp_bad = completion_logprobs(scorer, good), completion_logprobs(scorer, bad)
+    before = {"good": sum(lp_good), "bad": sum(lp_bad)}
     data = [is_datum(prompt, good, lp_good, +1.0), is_datum(prompt, bad, lp_bad, -1.0)]
     out = trainer.forward_backward(data, "importance_sampling").result()
     assert out.metrics["loss:sum"] == pytest.approx(-(len(good) - len(bad)), abs=1e-3)  # ratios are 1
     trainer.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     scorer = trainer.save_weights_and_get_sampling_client("is-after")
-    after = {name: sum(scorer.compute_logprobs(types.ModelInput.from_ints(prompt + c)).result()[len(prompt):])
-             for name, c in (("good", good), ("bad", bad))}
+    after = {"good": sum(completion_logprobs(scorer, good)), "bad": sum(completion_logprobs(scorer, bad))}
     assert after["good"] > before["good"] and after["bad"] < before["bad"]
 
 
@@ -190,10 +191,10 @@ def test_the_async_sdk_drives_the_same_calls(service, tokenizer):
         assert fb.request_id and step.request_id
         out, _ = await asyncio.gather(fb, step)
         sampler = await trainer.save_weights_and_get_sampling_client_async("async")
-        sample = await (await sampler.sample_async(types.ModelInput.from_ints(tokens[:2]), 2,
-                                                  types.SamplingParams(max_tokens=5, seed=1)))
+        sample = await sampler.sample_async(types.ModelInput.from_ints(tokens[:2]), 2,
+                                            types.SamplingParams(max_tokens=5, seed=1))
         logprobs = await sampler.compute_logprobs_async(types.ModelInput.from_ints(tokens))
-        return out, sample, await logprobs
+        return out, sample, logprobs  # Tinker's sample_async / compute_logprobs_async await to values
 
     out, sample, logprobs = asyncio.run(main())
     assert out.metrics["loss:sum"] > 0 and len(sample.sequences) == 2

@@ -63,7 +63,8 @@ def test_state_with_optimizer_continues_exactly_and_without_restarts_moments(ser
     assert gaps[2] > 1e-3           # fresh moments take different steps afterwards
 
     # the files: safetensors + JSON, never a pickle
-    directory = server.config.data_dir / "checkpoints" / trainer.training_run_id / "weights" / f"{kind}-after-3"
+    run_dir = server.config.data_dir / "checkpoints" / trainer.training_run_id
+    directory = run_dir / "weights" / f"{kind}-after-3"
     names = {f.name for f in directory.iterdir()}
     assert {"optimizer.safetensors", "optimizer.json", "stillroom_checkpoint.json"} <= names
     assert not [n for n in names if n.endswith((".pt", ".bin", ".pkl", ".pth"))]

@@ -57,12 +57,15 @@ def weights_of(engine):
     return [p.detach().clone() for p in engine.get_run("run-prop").trainable_parameters()]
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=data(), loss_fn=st.sampled_from(["cross_entropy", "importance_sampling", "ppo", "dro", "nope", ""]),
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=data(),
+       loss_fn=st.sampled_from(["cross_entropy", "importance_sampling", "ppo", "dro", "nope", ""]),
        config=st.dictionaries(st.sampled_from(["beta", "clip_low_threshold", "clip_high_threshold", "x"]),
                               st.floats(allow_nan=True), max_size=2),
        part=st.integers(-2, 3), num_parts=st.integers(-1, 3))
-def test_random_forward_backward_requests_are_accepted_or_refused_by_name(engine, data, loss_fn, config, part, num_parts):
+def test_random_forward_backward_requests_are_accepted_or_refused_by_name(engine, data, loss_fn, config, part,
+                                                                         num_parts):
     request = pb.ForwardBackwardRequest(training_run_id="run-prop", seq=1, data=data, loss_fn=loss_fn,
                                         loss_fn_config=config, part=part, num_parts=num_parts)
     try:
@@ -76,9 +79,11 @@ def test_random_forward_backward_requests_are_accepted_or_refused_by_name(engine
     assert all(torch.equal(a, b) for a, b in zip(before, weights_of(engine)))
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompt=tensors(), num_samples=int64s, max_tokens=st.integers(-3, 4), temperature=floats,
-       top_k=st.integers(-3, 200), top_p=floats, stop=st.lists(st.one_of(st.text(max_size=3), int64s), max_size=2),
+       top_k=st.integers(-3, 200), top_p=floats,
+       stop=st.lists(st.one_of(st.text(max_size=3), int64s), max_size=2),
        topk=st.integers(-2, 200))
 def test_random_sample_requests_are_accepted_or_refused_by_name(engine, prompt, num_samples, max_tokens,
                                                                temperature, top_k, top_p, stop, topk):

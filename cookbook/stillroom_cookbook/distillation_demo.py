@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import stillroom
-
 from stillroom_cookbook.distillation import DistillationConfig, distill
 from stillroom_cookbook.evaluation import TaskEvaluator
 from stillroom_cookbook.local_server import LocalServer

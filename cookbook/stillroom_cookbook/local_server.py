@@ -57,7 +57,7 @@ class LocalServer:
             self._log.close()
         self._process = None
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         self.start()
         return self
 

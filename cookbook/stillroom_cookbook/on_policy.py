@@ -40,8 +40,9 @@ class OnPolicyConfig:
     def __post_init__(self) -> None:
         if (self.steps < 0 or self.groups_per_batch < 1 or self.group_size < 1 or self.learning_rate <= 0
                 or self.max_tokens < 1 or self.eval_every < 0):
-            raise ValueError(f"{type(self).__name__}: need steps >= 0, groups_per_batch >= 1, group_size >= 1, "
-                             f"learning_rate > 0, max_tokens >= 1, eval_every >= 0; got {self}")
+            raise ValueError(f"{type(self).__name__}: need steps >= 0, groups_per_batch >= 1, "
+                             f"group_size >= 1, learning_rate > 0, max_tokens >= 1, eval_every >= 0; "
+                             f"got {self}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,11 +8,10 @@ Knows the SDK's clients and types and a renderer; it does not know where advanta
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import stillroom
 from stillroom import types
-
 from stillroom_cookbook.renderers import Renderer
 
 

@@ -6,7 +6,8 @@ Knows lists and numbers only: no tokens, models or server.
 from __future__ import annotations
 
 import random
-from typing import Iterator, Sequence, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 

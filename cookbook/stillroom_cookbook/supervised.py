@@ -63,7 +63,8 @@ def train_sft(trainer: stillroom.TrainingClient, renderer: Renderer,
         pending = (step, forward, lr, sum(sum(d.loss_fn_inputs["weights"].data) for d in data),
                    sum(d.model_input.length for d in data))
         metrics = maybe_eval(trainer, evaluator, config, step + 1, log, force=step + 1 == config.steps)
-        if config.stop_at_accuracy is not None and metrics.get("eval/accuracy", -1.0) >= config.stop_at_accuracy:
+        accuracy = metrics.get("eval/accuracy", -1.0)
+        if config.stop_at_accuracy is not None and accuracy >= config.stop_at_accuracy:
             break
     if pending is not None:
         _log_step(log, bar, *pending)

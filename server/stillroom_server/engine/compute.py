@@ -46,7 +46,8 @@ def sequence_logprobs(model: torch.nn.Module, sequences: list[torch.Tensor], dev
         topk_ids = topk_values = None
         if topk > 0:
             values, ids = scores_T_V.topk(min(topk, scores_T_V.shape[-1]), dim=-1)
-            topk_ids = torch.cat([torch.zeros_like(ids[:1]), ids]).cpu() if n > 1 else torch.zeros(1, topk, dtype=torch.long)
+            topk_ids = (torch.cat([torch.zeros_like(ids[:1]), ids]).cpu() if n > 1
+                        else torch.zeros(1, topk, dtype=torch.long))
             topk_values = (torch.cat([torch.full_like(values[:1], float("nan")), values]).cpu()
                            if n > 1 else torch.full((1, topk), float("nan")))
         results.append((logprobs_T, topk_ids, topk_values))

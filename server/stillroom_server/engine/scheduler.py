@@ -16,11 +16,12 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger("stillroom.scheduler")
 
-Done = Callable[[Any, Optional[BaseException]], None]
+Done = Callable[[Any, BaseException | None], None]
 
 
 @dataclasses.dataclass
