@@ -33,7 +33,7 @@ import torch
 import stillroom
 from stillroom import types
 from stillroom_server.config import ServerConfig
-from stillroom_server.service.app import StillroomServer
+from stillroom_server.app import StillroomServer
 
 MODEL = "stillroom/char-10m"
 PROMPT = "Once upon a time, "

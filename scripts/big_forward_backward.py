@@ -20,7 +20,7 @@ from pathlib import Path
 import stillroom
 from stillroom import _wire, types
 from stillroom_server.config import ServerConfig
-from stillroom_server.service.app import StillroomServer
+from stillroom_server.app import StillroomServer
 
 MODEL = "stillroom/char-1m"
 

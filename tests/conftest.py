@@ -1,5 +1,6 @@
 """Shared fixtures: a real Stillroom server on a real port (port 0), with a real data directory
-and SQLite file, driven through the SDK."""
+and SQLite file, driven through the SDK; and an empty PostgreSQL database for the tests marked
+`postgres` when STILLROOM_TEST_DATABASE_URL names one (`bash scripts/postgres.sh start` prints it)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ SMALL = "stillroom/char-10m"
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     from stillroom_server.config import ServerConfig
-    from stillroom_server.service.app import StillroomServer
+    from stillroom_server.app import StillroomServer
 
     data_dir = tmp_path_factory.mktemp("stillroom-data")
     config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0,
@@ -38,3 +39,19 @@ def service(server):
 @pytest.fixture(scope="session")
 def tokenizer(service):
     return service._load_tokenizer(TINY)
+
+
+@pytest.fixture
+def postgres_url():
+    """STILLROOM_TEST_DATABASE_URL with its public schema dropped and made again: an empty database."""
+    url = os.environ.get("STILLROOM_TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("STILLROOM_TEST_DATABASE_URL is not set (bash scripts/postgres.sh start prints one)")
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    return url

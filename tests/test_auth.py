@@ -97,7 +97,7 @@ def test_the_keys_command_makes_lists_and_revokes_keys(tmp_path, capsys):
     cli(["keys", "create", "--name", "ci", "--owner", "lab", *store_args])
     created = capsys.readouterr().out
     secret = created.strip().splitlines()[-1]
-    assert secret.startswith("sr-") and "owner 'lab'" in created
+    assert secret.startswith("tml-") and "owner 'lab'" in created
     cli(["keys", "list", *store_args])
     listed = capsys.readouterr().out
     assert secret[:10] in listed and secret not in listed and "live" in listed
@@ -118,9 +118,9 @@ def test_auth_off_is_refused_on_a_public_address(tmp_path):
 def test_limits_name_themselves(server, service, tokenizer):
     from dataclasses import replace
 
-    live = sum(1 for owner in server.servicer.run_owners.values() if owner == "local")
-    saved = server.servicer.limits
-    server.servicer.limits = replace(saved, max_live_runs_per_owner=live + 1, max_tokens_per_request=10)
+    live = sum(1 for owner in server.service.run_owners.values() if owner == "local")
+    saved = server.service.limits
+    server.service.limits = replace(saved, max_live_runs_per_owner=live + 1, max_tokens_per_request=10)
     try:
         trainer = service.create_full_training_client(TINY, seed=0)
         with pytest.raises(stillroom.RateLimitError, match=f"{live + 1} live runs is the limit of {live + 1} per owner"):
@@ -128,4 +128,4 @@ def test_limits_name_themselves(server, service, tokenizer):
         with pytest.raises(stillroom.BadRequestError, match="data: 11 tokens is over the limit of 10 per request"):
             trainer.forward_backward([sft_datum(list(range(3, 15)))], "cross_entropy").result()
     finally:
-        server.servicer.limits = saved
+        server.service.limits = saved

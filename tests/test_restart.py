@@ -9,7 +9,7 @@ import pytest
 import stillroom
 from stillroom import types
 from stillroom_server.config import ServerConfig
-from stillroom_server.service.app import StillroomServer
+from stillroom_server.app import StillroomServer
 
 from conftest import TINY
 from helpers import sft_datum

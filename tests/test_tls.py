@@ -10,7 +10,7 @@ import pytest
 
 import stillroom
 from stillroom_server.config import ServerConfig
-from stillroom_server.service.app import StillroomServer
+from stillroom_server.app import StillroomServer
 
 from conftest import TINY
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom_server.engine.engine import Engine
 from stillroom_server.engine.errors import EngineError
-from stillroom_server.service import convert
+from stillroom_server.grpc_api import convert
 
 from conftest import TINY
 

@@ -35,7 +35,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> None:
     from stillroom_server.config import ServerConfig
-    from stillroom_server.service.app import serve
+    from stillroom_server.app import serve
 
     local_models = {}
     for item in args.model:

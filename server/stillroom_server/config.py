@@ -47,7 +47,7 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> "ServerConfig":
-        from stillroom_server.service.auth import is_loopback
+        from stillroom_server.core.auth import is_loopback
 
         if self.auth == "off" and not is_loopback(self.host):
             raise ValueError(f"auth 'off' is refused on the non-loopback address {self.host}: "

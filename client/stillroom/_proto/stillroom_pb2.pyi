@@ -266,14 +266,27 @@ class OptimStepRequest(_message.Message):
     def __init__(self, training_run_id: _Optional[str] = ..., seq: _Optional[int] = ..., adam_params: _Optional[_Union[AdamParams, _Mapping]] = ...) -> None: ...
 
 class SaveWeightsRequest(_message.Message):
-    __slots__ = ("training_run_id", "seq", "name")
+    __slots__ = ("training_run_id", "seq", "name", "ttl_seconds", "user_metadata", "overwrite")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TRAINING_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     training_run_id: str
     seq: int
     name: str
-    def __init__(self, training_run_id: _Optional[str] = ..., seq: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+    ttl_seconds: int
+    user_metadata: _containers.ScalarMap[str, str]
+    overwrite: bool
+    def __init__(self, training_run_id: _Optional[str] = ..., seq: _Optional[int] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class LoadStateRequest(_message.Message):
     __slots__ = ("training_run_id", "seq", "path", "with_optimizer")
@@ -351,28 +364,34 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[_Union[StopCondition, _Mapping]]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("sampling_session_id", "prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "topk_prompt_logprobs")
+    __slots__ = ("sampling_session_id", "prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "topk_prompt_logprobs", "topk_sample_logprobs", "prompt_logprobs_last_n")
     SAMPLING_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOPK_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOPK_SAMPLE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_LAST_N_FIELD_NUMBER: _ClassVar[int]
     sampling_session_id: str
     prompt: ModelInput
     num_samples: int
     sampling_params: SamplingParams
     include_prompt_logprobs: bool
     topk_prompt_logprobs: int
-    def __init__(self, sampling_session_id: _Optional[str] = ..., prompt: _Optional[_Union[ModelInput, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., topk_prompt_logprobs: _Optional[int] = ...) -> None: ...
+    topk_sample_logprobs: int
+    prompt_logprobs_last_n: int
+    def __init__(self, sampling_session_id: _Optional[str] = ..., prompt: _Optional[_Union[ModelInput, _Mapping]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., topk_prompt_logprobs: _Optional[int] = ..., topk_sample_logprobs: _Optional[int] = ..., prompt_logprobs_last_n: _Optional[int] = ...) -> None: ...
 
 class ComputeLogprobsRequest(_message.Message):
-    __slots__ = ("sampling_session_id", "prompt")
+    __slots__ = ("sampling_session_id", "prompt", "prompt_logprobs_last_n")
     SAMPLING_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_LAST_N_FIELD_NUMBER: _ClassVar[int]
     sampling_session_id: str
     prompt: ModelInput
-    def __init__(self, sampling_session_id: _Optional[str] = ..., prompt: _Optional[_Union[ModelInput, _Mapping]] = ...) -> None: ...
+    prompt_logprobs_last_n: int
+    def __init__(self, sampling_session_id: _Optional[str] = ..., prompt: _Optional[_Union[ModelInput, _Mapping]] = ..., prompt_logprobs_last_n: _Optional[int] = ...) -> None: ...
 
 class FutureRef(_message.Message):
     __slots__ = ("request_id",)
@@ -436,14 +455,18 @@ class SaveWeightsResult(_message.Message):
     def __init__(self, path: _Optional[str] = ...) -> None: ...
 
 class SampledSequence(_message.Message):
-    __slots__ = ("tokens", "logprobs", "stop_reason")
+    __slots__ = ("tokens", "logprobs", "stop_reason", "sequence_id", "topk_logprobs")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOPK_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     tokens: Tensor
     logprobs: Tensor
     stop_reason: StopReason
-    def __init__(self, tokens: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ...) -> None: ...
+    sequence_id: str
+    topk_logprobs: TopkLogprobs
+    def __init__(self, tokens: _Optional[_Union[Tensor, _Mapping]] = ..., logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., sequence_id: _Optional[str] = ..., topk_logprobs: _Optional[_Union[TopkLogprobs, _Mapping]] = ...) -> None: ...
 
 class TopkLogprobs(_message.Message):
     __slots__ = ("token_ids", "logprobs")
@@ -478,7 +501,7 @@ class FutureError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class FutureResult(_message.Message):
-    __slots__ = ("request_id", "status", "forward_backward", "optim_step", "save_weights", "sample", "compute_logprobs", "error")
+    __slots__ = ("request_id", "status", "forward_backward", "optim_step", "save_weights", "sample", "compute_logprobs", "error", "training_run", "sampling_session")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
@@ -487,6 +510,8 @@ class FutureResult(_message.Message):
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_RUN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_SESSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     status: FutureStatus
     forward_backward: ForwardBackwardResult
@@ -495,7 +520,9 @@ class FutureResult(_message.Message):
     sample: SampleResult
     compute_logprobs: ComputeLogprobsResult
     error: FutureError
-    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[_Union[FutureStatus, str]] = ..., forward_backward: _Optional[_Union[ForwardBackwardResult, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepResult, _Mapping]] = ..., save_weights: _Optional[_Union[SaveWeightsResult, _Mapping]] = ..., sample: _Optional[_Union[SampleResult, _Mapping]] = ..., compute_logprobs: _Optional[_Union[ComputeLogprobsResult, _Mapping]] = ..., error: _Optional[_Union[FutureError, _Mapping]] = ...) -> None: ...
+    training_run: TrainingRunInfo
+    sampling_session: SamplingSessionInfo
+    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[_Union[FutureStatus, str]] = ..., forward_backward: _Optional[_Union[ForwardBackwardResult, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepResult, _Mapping]] = ..., save_weights: _Optional[_Union[SaveWeightsResult, _Mapping]] = ..., sample: _Optional[_Union[SampleResult, _Mapping]] = ..., compute_logprobs: _Optional[_Union[ComputeLogprobsResult, _Mapping]] = ..., error: _Optional[_Union[FutureError, _Mapping]] = ..., training_run: _Optional[_Union[TrainingRunInfo, _Mapping]] = ..., sampling_session: _Optional[_Union[SamplingSessionInfo, _Mapping]] = ...) -> None: ...
 
 class ListTrainingRunsRequest(_message.Message):
     __slots__ = ("limit", "offset")
@@ -520,7 +547,14 @@ class ListCheckpointsRequest(_message.Message):
     def __init__(self, training_run_id: _Optional[str] = ...) -> None: ...
 
 class CheckpointInfo(_message.Message):
-    __slots__ = ("path", "training_run_id", "kind", "name", "base_model", "is_lora", "size_bytes", "created_at", "expires_at")
+    __slots__ = ("path", "training_run_id", "kind", "name", "base_model", "is_lora", "size_bytes", "created_at", "expires_at", "user_metadata")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     PATH_FIELD_NUMBER: _ClassVar[int]
     TRAINING_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -530,6 +564,7 @@ class CheckpointInfo(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
     path: str
     training_run_id: str
     kind: str
@@ -539,7 +574,8 @@ class CheckpointInfo(_message.Message):
     size_bytes: int
     created_at: str
     expires_at: str
-    def __init__(self, path: _Optional[str] = ..., training_run_id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., base_model: _Optional[str] = ..., is_lora: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[str] = ..., expires_at: _Optional[str] = ...) -> None: ...
+    user_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, path: _Optional[str] = ..., training_run_id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., base_model: _Optional[str] = ..., is_lora: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[str] = ..., expires_at: _Optional[str] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListCheckpointsResponse(_message.Message):
     __slots__ = ("checkpoints",)

@@ -20,9 +20,12 @@ from typing import BinaryIO, Callable
 from stillroom_server.engine.errors import AlreadyExists, InvalidInput, NotFound
 
 SCHEME = "stillroom://"
+TINKER_SCHEME = "tinker://"  # the same checkpoints, named as the Tinker wire names them
+SCHEMES = (SCHEME, TINKER_SCHEME)
 KINDS = ("weights", "sampler_weights")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Run ids: `run-<hex>` from Stillroom's wire, `<session>:train:<n>` from Tinker's.
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:-]{0,63}$")
 META_FILE = "stillroom_checkpoint.json"
 
 
@@ -36,6 +39,10 @@ class CheckpointPath:
     def uri(self) -> str:
         return f"{SCHEME}{self.run_id}/{self.kind}/{self.name}"
 
+    @property
+    def tinker_uri(self) -> str:
+        return f"{TINKER_SCHEME}{self.run_id}/{self.kind}/{self.name}"
+
 
 def check_name(name: str, field: str = "name") -> str:
     if not NAME_PATTERN.match(name) or ".." in name:
@@ -44,11 +51,18 @@ def check_name(name: str, field: str = "name") -> str:
     return name
 
 
+def is_path(name: str) -> bool:
+    """Whether `name` is written as a checkpoint path (else it names a base model)."""
+    return name.startswith(SCHEMES)
+
+
 def parse(uri: str, field: str = "model_path") -> CheckpointPath:
-    if not uri.startswith(SCHEME):
+    """`stillroom://` or `tinker://` + `<run_id>/<weights|sampler_weights>/<name>`."""
+    scheme = next((s for s in SCHEMES if uri.startswith(s)), None)
+    if scheme is None:
         raise InvalidInput(f"{field}: '{uri[:120]}' is not a checkpoint path "
                            f"({SCHEME}<run_id>/<weights|sampler_weights>/<name>)")
-    parts = uri[len(SCHEME):].split("/")
+    parts = uri[len(scheme):].split("/")
     if len(parts) != 3 or parts[1] not in KINDS or not RUN_ID_PATTERN.match(parts[0]):
         raise InvalidInput(f"{field}: '{uri[:120]}' is not a checkpoint path "
                            f"({SCHEME}<run_id>/<weights|sampler_weights>/<name>)")

@@ -59,10 +59,13 @@ class Sampler:
 
 class Engine:
     def __init__(self, data_dir: Path, device: str = "cpu", max_num_samples: int = 128,
-                 local_models: dict[str, Path] | None = None) -> None:
+                 local_models: dict[str, Path] | None = None, dtype: str = "auto") -> None:
         self.device = torch.device(device)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.models = ModelHost(data_dir, self.device, dtype, local_models)
+        # weights: bf16 on cuda unless fp32 is asked; on cpu fp32, computed under bf16 autocast if asked
+        bf16_weights = self.device.type == "cuda" and dtype != "fp32"
+        self.autocast_bf16 = self.device.type == "cpu" and dtype == "bf16"
+        weights_dtype = torch.bfloat16 if bf16_weights else torch.float32
+        self.models = ModelHost(data_dir, self.device, weights_dtype, local_models)
         self.files = checkpoints.CheckpointFiles(data_dir)
         if removed := self.files.remove_partial():
             logger.warning("removed %d half-written checkpoint folders left by a crash", removed)
@@ -88,6 +91,15 @@ class Engine:
                     "LoRA" if lora else "full", run_id, base_model, run.num_trainable_params())
         return run
 
+    def close_run(self, run_id: str) -> None:
+        """Drop a run's weights, gradients and optimizer state from memory (its checkpoints stay;
+        a LoRA run's adapter leaves the shared host)."""
+        run = self.runs.pop(run_id, None)
+        if isinstance(run, LoraRun):
+            run.host.remove_adapter(run.adapter)
+        if run is not None:
+            logger.info("closed run %s", run_id)
+
     def get_run(self, run_id: str) -> TrainingRun:
         run = self.runs.get(run_id)
         if run is None:
@@ -109,7 +121,11 @@ class Engine:
         teacher = None
         if get_loss(work.loss_fn).needs_teacher:
             teacher = self._module_for(self._open_teacher(run, work.loss_fn_config_strings))
-        return run.forward_backward(work, teacher)
+        with self._precision():
+            return run.forward_backward(work, teacher)
+
+    def _precision(self) -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16)
 
     def _open_teacher(self, run: TrainingRun, strings: dict[str, str]) -> Sampler:
         """The sampler named by loss_fn_config.teacher, after checking it shares the tokenizer."""
@@ -117,7 +133,7 @@ class Engine:
         if not name:
             raise InvalidInput("loss_fn_config.teacher: name the teacher (a base model or a "
                                "stillroom://.../sampler_weights/... path)")
-        if name.startswith(checkpoints.SCHEME):
+        if checkpoints.is_path(name):
             teacher = self.open_sampler(model_path=name)
         else:
             teacher = self.open_sampler(base_model=name)
@@ -201,17 +217,20 @@ class Engine:
 
     def sample(self, opened: Sampler, works: list[SampleWork]) -> list[SampleResult]:
         module = self._module_for(opened)
-        sequences = sampler.sample(module, works, max_context=opened.max_context,
-                                   eos_ids=opened.base.eos_token_ids, tokenizer=opened.base.tokenizer,
-                                   device=self.device)
+        with self._precision():
+            sequences = sampler.sample(module, works, max_context=opened.max_context,
+                                       eos_ids=opened.base.eos_token_ids, tokenizer=opened.base.tokenizer,
+                                       device=self.device)
         results = [SampleResult(seqs) for seqs in sequences]
         wanting = [i for i, w in enumerate(works) if w.include_prompt_logprobs or w.topk_prompt_logprobs]
         if wanting:
             topk = max(works[i].topk_prompt_logprobs for i in wanting)
-            scored = compute.sequence_logprobs(module, [works[i].prompt_T for i in wanting],
-                                               self.device, topk)
+            with self._precision():
+                scored = compute.sequence_logprobs(module, [works[i].prompt_T for i in wanting],
+                                                   self.device, topk)
             for i, (logprobs_T, ids, values) in zip(wanting, scored):
-                k = works[i].topk_prompt_logprobs
+                k, last_n = works[i].topk_prompt_logprobs, works[i].prompt_logprobs_last_n
+                logprobs_T, values = _keep_last(logprobs_T, last_n), _keep_last(values, last_n)
                 results[i].prompt_logprobs_T = logprobs_T if works[i].include_prompt_logprobs else None
                 if k:
                     results[i].topk_ids_T_K, results[i].topk_logprobs_T_K = ids[:, :k], values[:, :k]
@@ -219,8 +238,9 @@ class Engine:
 
     def compute_logprobs(self, opened: Sampler, works: list[LogprobsWork]) -> list[LogprobsResult]:
         module = self._module_for(opened)
-        scored = compute.sequence_logprobs(module, [w.tokens_T for w in works], self.device)
-        return [LogprobsResult(logprobs_T) for logprobs_T, _, _ in scored]
+        with self._precision():
+            scored = compute.sequence_logprobs(module, [w.tokens_T for w in works], self.device)
+        return [LogprobsResult(_keep_last(logprobs_T, w.last_n)) for w, (logprobs_T, _, _) in zip(works, scored)]
 
     # ---------------------------------------------------------------- training state and checkpoint files
 
@@ -302,11 +322,12 @@ class Engine:
             raise InvalidInput(f"part: need 0 <= part < num_parts, got part {work.part} of {work.num_parts}")
         if not work.data:
             raise InvalidInput("data: at least one datum is needed")
-        allowed = {"target_tokens", *spec.inputs}
+        required = {"target_tokens", *spec.inputs}
+        allowed = required | set(spec.optional_inputs)
         for i, datum in enumerate(work.data):
             field = f"data[{i}]"
             self._check_tokens(datum.tokens_T, f"{field}.model_input", run.base)
-            missing = sorted(allowed - set(datum.inputs))
+            missing = sorted(required - set(datum.inputs))
             if missing:
                 raise InvalidInput(f"{field}.loss_fn_inputs: missing {missing} for loss '{work.loss_fn}'")
             extra = sorted(set(datum.inputs) - allowed)
@@ -334,7 +355,7 @@ class Engine:
         if not spec.needs_teacher:
             return
         name = strings.get("teacher", "")
-        if name.startswith(checkpoints.SCHEME):
+        if checkpoints.is_path(name):
             path = checkpoints.parse(name, "loss_fn_config.teacher")
             meta = self.files.read_meta(path)
             teacher_vocab = self.models.describe(meta["base_model"])["vocab_size"]
@@ -370,9 +391,18 @@ class Engine:
             raise InvalidInput("sampling_params.stop: stop strings must not be empty")
         if not 0 <= work.topk_prompt_logprobs <= 100:
             raise InvalidInput(f"topk_prompt_logprobs: must be between 0 and 100, got {work.topk_prompt_logprobs}")
+        if not 0 <= work.topk_sample_logprobs <= 100:
+            raise InvalidInput(f"topk_sample_logprobs: must be between 0 and 100, got {work.topk_sample_logprobs}")
+        if work.prompt_logprobs_last_n is not None:
+            if not (work.include_prompt_logprobs or work.topk_prompt_logprobs):
+                raise InvalidInput("prompt_logprobs_last_n: needs include_prompt_logprobs or "
+                                   "topk_prompt_logprobs")
+            _check_last_n(work.prompt_logprobs_last_n, work.prompt_T, "prompt_logprobs_last_n")
 
     def validate_logprobs(self, opened: Sampler, work: LogprobsWork) -> None:
         self._check_tokens(work.tokens_T, "prompt", opened.base)
+        if work.last_n is not None:
+            _check_last_n(work.last_n, work.tokens_T, "prompt_logprobs_last_n")
 
     @staticmethod
     def _check_tokens(tokens_T: torch.Tensor, field: str, base: BaseModel, allow_full: bool = True) -> None:
@@ -389,6 +419,21 @@ class Engine:
         if low < 0 or high >= base.vocab_size:
             bad = low if low < 0 else high
             raise InvalidInput(f"{field}: token id {bad} is outside the vocabulary [0, {base.vocab_size})")
+
+
+def _check_last_n(last_n: int, tokens_T: torch.Tensor, field: str) -> None:
+    if not 1 <= last_n <= tokens_T.shape[0] - 1:
+        raise InvalidInput(f"{field}: must be between 1 and len(prompt) - 1 = {tokens_T.shape[0] - 1}, "
+                           f"got {last_n}")
+
+
+def _keep_last(values_T: torch.Tensor | None, last_n: int | None) -> torch.Tensor | None:
+    """`values_T` with every row before the last `last_n` set to NaN (not scored)."""
+    if last_n is None or values_T is None:
+        return values_T
+    out = values_T.clone()
+    out[: values_T.shape[0] - last_n] = float("nan")
+    return out
 
 
 def _lora_meta(run: TrainingRun) -> dict | None:

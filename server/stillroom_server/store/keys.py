@@ -17,7 +17,9 @@ from sqlalchemy import or_, select
 from stillroom_server.store.models import ApiKeyRow
 from stillroom_server.store.repo import Store, utcnow
 
-KEY_PREFIX = "sr-"
+# The tinker SDK refuses keys that do not start with "tml-" before sending anything, so keys are
+# made in that form. Keys made before (`sr-...`) also work written as `tml-sr-...`.
+KEY_PREFIX = "tml-"
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,11 @@ def create_key(store: Store, owner: str, name: str) -> tuple[ApiKeyInfo, str]:
 
 def owner_of(store: Store, secret: str) -> Optional[str]:
     """The owner of a valid, unrevoked key, or None."""
+    candidates = [_hash(secret)]
+    if secret.startswith(KEY_PREFIX + "sr-"):
+        candidates.append(_hash(secret[len(KEY_PREFIX):]))
     with store.session() as session:
-        row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash == _hash(secret)))
+        row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash.in_(candidates)))
     return row.owner if row is not None and row.revoked_at is None else None
 
 

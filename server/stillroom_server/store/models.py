@@ -49,6 +49,7 @@ class CheckpointRow(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    user_metadata_json: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
 
 
 class FutureRow(Base):

@@ -171,11 +171,14 @@ class Store:
     # ---------------------------------------------------------------- checkpoints
 
     def add_checkpoint(self, owner: str, run_id: str, kind: str, name: str, path: str,
-                       base_model: str, is_lora: bool, size_bytes: int) -> None:
+                       base_model: str, is_lora: bool, size_bytes: int,
+                       expires_at: Optional[datetime] = None,
+                       user_metadata: Optional[dict[str, str]] = None) -> None:
         with self.session() as session, session.begin():
             session.add(CheckpointRow(owner=owner, run_id=run_id, kind=kind, name=name, path=path,
                                       base_model=base_model, is_lora=is_lora, size_bytes=size_bytes,
-                                      created_at=utcnow()))
+                                      created_at=utcnow(), expires_at=expires_at,
+                                      user_metadata_json=json.dumps(user_metadata or {})))
 
     def get_checkpoint(self, path: str) -> Optional[CheckpointRow]:
         with self.session() as session:

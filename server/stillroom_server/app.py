@@ -1,7 +1,9 @@
-"""Building, running and stopping a Stillroom server: store, engine, scheduler and gRPC edge.
+"""Building, running and stopping a Stillroom server: store, engine, scheduler, the core service
+and its two transports (gRPC, and the Tinker-compatible HTTP API with checkpoint downloads).
 
 `StillroomServer` runs on its own event loop thread (used by tests, the demo and benchmarks);
-`serve` runs one in the foreground until SIGTERM or SIGINT and shuts it down cleanly.
+`serve` runs one in the foreground until SIGTERM or SIGINT and shuts it down cleanly. Both
+transports run on that one loop, so the core's state is only ever touched from it.
 """
 
 from __future__ import annotations
@@ -10,24 +12,28 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom._proto import stillroom_pb2_grpc as pb_grpc
 from stillroom_server.config import ServerConfig
+from stillroom_server.core.auth import LOCAL_KEY_FILE, LOCAL_OWNER, Authenticator
+from stillroom_server.core.futures import FutureHub
+from stillroom_server.core.service import Service
+from stillroom_server.core.validate import Limits
 from stillroom_server.engine.engine import Engine
 from stillroom_server.engine.scheduler import Scheduler
-from stillroom_server.service.archives import ArchiveServer
-from stillroom_server.service.futures import FutureHub
-from stillroom_server.service.auth import LOCAL_OWNER
-from stillroom_server.service.servicer import Limits, StillroomServicer, batch_runners
+from stillroom_server.grpc_api.servicer import StillroomServicer
+from stillroom_server.http_api.app import TinkerApi, build_app
+from stillroom_server.http_api.archives import Archives
 from stillroom_server.store import Store, keys
 
 logger = logging.getLogger("stillroom.server")
-LOCAL_KEY_FILE = "local_api_key"
 MAX_MESSAGE_BYTES = 1 << 30
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Stillroom"].full_name
 
@@ -63,16 +69,16 @@ class StillroomServer:
         if failed:
             logger.warning("marked %d unfinished requests from an earlier run as failed", failed)
         self.engine = Engine(config.data_dir, config.device, config.max_num_samples,
-                             config.local_models)
+                             config.local_models, dtype=config.dtype)
         self.scheduler = Scheduler(batch_runners(self.engine))
         self.hub = FutureHub(self.store, asyncio.get_running_loop())
-        tls = (config.tls_cert, config.tls_key) if config.tls_cert is not None else None
-        self.archives = ArchiveServer(self.engine.files, config.host, config.http_port, tls=tls).start()
         self.local_api_key = self._ensure_a_key() if config.auth == "keys" else None
-        self.servicer = StillroomServicer(self.engine, self.scheduler, self.store, self.hub,
-                                          self.archives, require_keys=config.auth == "keys",
-                                          limits=Limits(config.max_live_runs_per_owner,
-                                                        config.max_tokens_per_request))
+        self.service = Service(self.engine, self.scheduler, self.store, self.hub,
+                               Limits(config.max_live_runs_per_owner, config.max_tokens_per_request))
+        auth = Authenticator(self.store, require_keys=config.auth == "keys", data_dir=config.data_dir)
+        self.archives = Archives(self.engine.files)
+        await self._start_http(TinkerApi(self.service, auth, self.archives))
+        self.servicer = StillroomServicer(self.service, auth, self.archives)
         self.server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -91,9 +97,31 @@ class StillroomServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_checkpoints())
-        logger.info("Stillroom %s serving on %s, downloads on %s (device %s, data %s, database %s)",
-                    "gRPC", self.address, self.archives.base_url, config.device, config.data_dir,
-                    config.resolved_database_url.split("@")[-1])
+        logger.info("Stillroom serving gRPC on %s and the Tinker HTTP API (and downloads) on %s "
+                    "(device %s, data %s, database %s)", self.address, self.http_url, config.device,
+                    config.data_dir, config.resolved_database_url.split("@")[-1])
+
+    async def _start_http(self, api: TinkerApi) -> None:
+        """Bind the HTTP port (0: any free one) and serve the ASGI app with uvicorn on this loop."""
+        config = self.config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.host, config.http_port))
+        self.http_port = sock.getsockname()[1]
+        tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)} \
+            if config.tls_cert is not None else {}
+        self.http = uvicorn.Server(uvicorn.Config(
+            build_app(api), lifespan="off", log_level="warning", access_log=False,
+            timeout_keep_alive=75, **tls))
+        self._http_task = asyncio.get_running_loop().create_task(self.http.serve(sockets=[sock]))
+        while not self.http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises what stopped it
+            await asyncio.sleep(0.01)
+        scheme = "https" if tls else "http"
+        self.http_url = f"{scheme}://{config.host}:{self.http_port}"
+        self.archives.base_url, self.archives.port = self.http_url, self.http_port
 
     def _ensure_a_key(self) -> str | None:
         """On a store with no live key, make one for the local owner, print it once and keep it in
@@ -115,7 +143,7 @@ class StillroomServer:
         while True:
             await asyncio.sleep(self.config.checkpoint_sweep_seconds)
             try:
-                swept = await self.servicer.sweep_expired_checkpoints()
+                swept = await self.service.sweep_expired_checkpoints()
                 if swept:
                     logger.info("deleted %d expired checkpoints", swept)
                 forgotten = self.store.delete_expired_futures()
@@ -136,8 +164,9 @@ class StillroomServer:
         logger.info("shutting down: refusing new calls, finishing queued work")
         await self.health.enter_graceful_shutdown()
         self._sweeper.cancel()
-        self.archives.stop()
+        self.http.should_exit = True
         await self.server.stop(grace)
+        await self._http_task
         await asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop)
         self.store.close()
         logger.info("stopped")
@@ -155,7 +184,6 @@ def serve(config: ServerConfig, ready_file: str | None = None) -> None:
     if ready_file:
         with open(ready_file + ".tmp", "w") as handle:
             handle.write(server.address)
-        import os
         os.replace(ready_file + ".tmp", ready_file)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -163,3 +191,12 @@ def serve(config: ServerConfig, ready_file: str | None = None) -> None:
     while not stop.wait(0.5):
         pass
     server.stop()
+
+
+def batch_runners(engine: Engine) -> dict:
+    """How the scheduler runs a batch of sampling or logprob jobs that share their weights."""
+    return {
+        "sample": lambda key, payloads: engine.sample(payloads[0][0], [w for _, w in payloads]),
+        "compute_logprobs": lambda key, payloads: engine.compute_logprobs(payloads[0][0],
+                                                                          [w for _, w in payloads]),
+    }

@@ -1,4 +1,6 @@
-"""Protobuf messages <-> engine types. Malformed wire data raises InvalidInput naming the field."""
+"""Stillroom protobuf requests -> engine types. Malformed wire data raises InvalidInput naming the field.
+
+Results go the other way in core/results.py (the store keeps them in Stillroom's message form)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,7 @@ import torch
 
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom_server.engine.errors import InvalidInput
-from stillroom_server.engine.types import (AdamConfig, ForwardBackwardResult, ForwardBackwardWork,
-                                           LogprobsResult, LogprobsWork, SampleResult, SampleWork,
+from stillroom_server.engine.types import (AdamConfig, ForwardBackwardWork, LogprobsWork, SampleWork,
                                            SamplingConfig, TrainDatum)
 
 _NUMPY = {pb.INT64: np.dtype("<i8"), pb.FLOAT32: np.dtype("<f4")}
@@ -31,15 +32,6 @@ def tensor_from_pb(message: pb.Tensor, field: str, dtype: int | None = None) -> 
                            f"of {itemsize}-byte values")
     array = np.frombuffer(message.data, dtype=_NUMPY[message.dtype]).reshape(shape)
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
-
-
-def tensor_to_pb(tensor: torch.Tensor) -> pb.Tensor:
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point():
-        return pb.Tensor(dtype=pb.FLOAT32, shape=list(tensor.shape),
-                         data=tensor.float().numpy().astype("<f4").tobytes())
-    return pb.Tensor(dtype=pb.INT64, shape=list(tensor.shape),
-                     data=tensor.long().numpy().astype("<i8").tobytes())
 
 
 def tokens_from_pb(model_input: pb.ModelInput, field: str) -> torch.Tensor:
@@ -71,21 +63,8 @@ def forward_backward_from_pb(request: pb.ForwardBackwardRequest) -> ForwardBackw
 
 
 def adam_from_pb(params: pb.AdamParams) -> AdamConfig:
-    config = AdamConfig(params.learning_rate, params.beta1, params.beta2, params.eps,
-                        params.weight_decay, params.grad_clip_norm)
-    checks = [
-        ("learning_rate", config.learning_rate >= 0, ">= 0"),
-        ("beta1", 0 <= config.beta1 < 1, "in [0, 1)"),
-        ("beta2", 0 <= config.beta2 < 1, "in [0, 1)"),
-        ("eps", config.eps > 0, "> 0"),
-        ("weight_decay", config.weight_decay >= 0, ">= 0"),
-        ("grad_clip_norm", config.grad_clip_norm >= 0, ">= 0 (0 disables clipping)"),
-    ]
-    for name, ok, rule in checks:
-        value = getattr(config, name)
-        if not (math.isfinite(value) and ok):
-            raise InvalidInput(f"adam_params.{name}: must be {rule}, got {value}")
-    return config
+    return AdamConfig(params.learning_rate, params.beta1, params.beta2, params.eps,
+                      params.weight_decay, params.grad_clip_norm)
 
 
 def sample_from_pb(request: pb.SampleRequest) -> SampleWork:
@@ -111,31 +90,3 @@ def sample_from_pb(request: pb.SampleRequest) -> SampleWork:
 
 def logprobs_from_pb(request: pb.ComputeLogprobsRequest) -> LogprobsWork:
     return LogprobsWork(tokens_from_pb(request.prompt, "prompt"))
-
-
-def forward_backward_to_pb(result: ForwardBackwardResult) -> pb.ForwardBackwardResult:
-    return pb.ForwardBackwardResult(
-        loss_fn_outputs=[pb.LossFnOutput(tensors={k: tensor_to_pb(v) for k, v in out.items()})
-                         for out in result.outputs],
-        metrics=result.metrics)
-
-
-_STOP = {"stop": pb.STOP, "length": pb.LENGTH}
-
-
-def sample_to_pb(result: SampleResult) -> pb.SampleResult:
-    message = pb.SampleResult(sequences=[
-        pb.SampledSequence(tokens=tensor_to_pb(torch.tensor(s.tokens, dtype=torch.long)),
-                           logprobs=tensor_to_pb(torch.tensor(s.logprobs, dtype=torch.float32)),
-                           stop_reason=_STOP[s.stop_reason])
-        for s in result.sequences])
-    if result.prompt_logprobs_T is not None:
-        message.prompt_logprobs.CopyFrom(tensor_to_pb(result.prompt_logprobs_T))
-    if result.topk_ids_T_K is not None:
-        message.topk_prompt_logprobs.token_ids.CopyFrom(tensor_to_pb(result.topk_ids_T_K))
-        message.topk_prompt_logprobs.logprobs.CopyFrom(tensor_to_pb(result.topk_logprobs_T_K))
-    return message
-
-
-def logprobs_to_pb(result: LogprobsResult) -> pb.ComputeLogprobsResult:
-    return pb.ComputeLogprobsResult(logprobs=tensor_to_pb(result.logprobs_T))

@@ -1,5 +1,6 @@
 """Futures: pending work recorded in the store, completed from the engine's worker thread, and
-long-polled by clients. A result is stored as the serialized FutureResult the client receives."""
+long-polled by clients. A result is stored as a serialized Stillroom `FutureResult` message: that
+is the store's format for results (core/results.py writes it); each transport re-encodes it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import uuid
 
 from stillroom._proto import stillroom_pb2 as pb
-from stillroom_server.service.errors import status_for
+from stillroom_server.core.errors import code_for
 from stillroom_server.store import Store
 from stillroom_server.store.repo import FutureRecord
 
@@ -35,8 +36,8 @@ class FutureHub:
             result.request_id, result.status = request_id, pb.DONE
             self.store.finish_future(request_id, result.SerializeToString())
         else:
-            code, message = status_for(error)
-            self.store.fail_future(request_id, code.name, message)
+            code, message = code_for(error)
+            self.store.fail_future(request_id, code, message)
         self.loop.call_soon_threadsafe(self._wake, request_id)
 
     def _wake(self, request_id: str) -> None:

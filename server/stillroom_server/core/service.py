@@ -1,0 +1,492 @@
+"""The service: every call either wire can make, with owners, numbering, dedupe and validation.
+
+Transports decode their messages into engine types, name the caller's owner and call these
+methods; they never touch the engine, scheduler or store themselves. Model work is queued on the
+scheduler and answered with a request id at once; cheap calls answer directly. Every field is
+checked before a request is accepted, so a refused request changes nothing. This module knows no
+wire format: results are stored by core/results.py, errors carry core/errors.py's codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+from stillroom._proto import stillroom_pb2 as pb
+from stillroom_server.core import results, validate
+from stillroom_server.core.errors import AlreadyExists, InvalidInput, NotFound, ResourceExhausted
+from stillroom_server.core.futures import FutureHub, new_request_id
+from stillroom_server.core.sessions import ClientSessions
+from stillroom_server.engine import checkpoints
+from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, known_losses
+from stillroom_server.engine.scheduler import Job, Scheduler
+from stillroom_server.engine.types import (AdamConfig, ForwardBackwardWork, LogprobsWork, OptimWork,
+                                           SampleWork)
+from stillroom_server.store import Store
+from stillroom_server.store.models import CheckpointRow
+from stillroom_server.store.repo import FutureRecord, utcnow
+
+logger = logging.getLogger("stillroom.core")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    training_run_id: str
+    base_model: str
+    is_lora: bool
+    lora_rank: int
+    last_request_seq: int
+    num_trainable_params: int
+    max_context_length: int
+    user_metadata: dict[str, str]
+    created_at: datetime
+    last_request_time: datetime
+    config: dict
+    last_checkpoint: CheckpointRow | None = None
+    last_sampler_checkpoint: CheckpointRow | None = None
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    sampling_session_id: str
+    base_model: str
+    model_path: str            # stillroom:// path, '' for a base model
+    max_context_length: int
+    vocab_size: int
+
+
+@dataclass
+class _OpenSampler:
+    owner: str
+    sampler: Sampler
+    info: SamplerInfo
+    client_session: str | None = None
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    ttl_seconds: int | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Service:
+    def __init__(self, engine: Engine, scheduler: Scheduler, store: Store, hub: FutureHub,
+                 limits: validate.Limits = validate.Limits()) -> None:
+        self.engine = engine
+        self.scheduler = scheduler
+        self.store = store
+        self.hub = hub
+        self.limits = limits
+        self.sessions = ClientSessions()
+        self.run_owners: dict[str, str] = {}  # runs live in this process, by owner
+        self._samplers: dict[str, _OpenSampler] = {}
+        self._turns: dict[str, asyncio.Event] = {}  # set when a run accepts its next request
+
+    async def on_worker(self, fn: Callable[[], Any], kind: str) -> Any:
+        """Run `fn` on the engine's worker thread, in queue order, and await its result."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future = loop.create_future()
+
+        def done(result, error):
+            def settle():
+                if not outcome.cancelled():
+                    outcome.set_exception(error) if error else outcome.set_result(result)
+            loop.call_soon_threadsafe(settle)
+
+        self.scheduler.submit(Job(kind=kind, run=fn, done=done, lane="admin"))
+        return await outcome
+
+    # ---------------------------------------------------------------- capabilities
+
+    def supported_models(self) -> list[dict]:
+        models = []
+        for name in self.engine.models.known_models():
+            facts = self.engine.models.describe(name)
+            models.append({"model_name": name, "max_context_length": facts["max_context"],
+                           "vocab_size": facts["vocab_size"],
+                           "source": "preset" if name.startswith("stillroom/") else "local"})
+        return models
+
+    @staticmethod
+    def loss_fns() -> list[str]:
+        return known_losses()
+
+    async def tokenizer_files(self, base_model: str) -> tuple[str, dict[str, bytes]]:
+        base = await self.on_worker(lambda: self.engine.models.get(base_model), "load_model")
+        return base.name, base.tokenizer_files()
+
+    def tokenizer_dir(self, base_model: str) -> str:
+        """A local folder holding `base_model`'s tokenizer (for clients on this machine)."""
+        return str(self.engine.models.resolve(base_model))
+
+    # ---------------------------------------------------------------- training runs
+
+    async def create_run(self, owner: str, base_model: str, lora: LoraSpec | None, seed: int | None,
+                         user_metadata: dict | None = None, run_id: str | None = None,
+                         client_session: str | None = None) -> RunInfo:
+        self.engine.models.resolve(base_model)
+        if lora is not None:
+            validate.lora_rank(lora.rank)
+        metadata = validate.user_metadata(user_metadata)
+        session = self.sessions.get(owner, client_session) if client_session else None
+        run_id = self._reserve_run(owner, run_id)
+        run = await self._create_on_worker(
+            run_id, lambda: self.engine.create_run(run_id, base_model, lora, seed))
+        if session is not None:
+            session.run_ids.append(run_id)
+        config = {"lora": vars(lora) if lora else None, "seed": seed}
+        self.store.create_run(run_id, owner, base_model, run.is_lora, run.lora_rank, config, metadata,
+                              run.num_trainable_params())
+        return self.run_info(owner, run_id)
+
+    async def create_run_from_state(self, owner: str, path: str, with_optimizer: bool,
+                                    user_metadata: dict | None = None,
+                                    run_id: str | None = None,
+                                    client_session: str | None = None) -> RunInfo:
+        parsed, _ = self.owned_checkpoint(path, owner)
+        meta = self.engine.state_meta(parsed.uri)
+        self.engine.models.resolve(meta["base_model"])
+        metadata = validate.user_metadata(user_metadata)
+        session = self.sessions.get(owner, client_session) if client_session else None
+        run_id = self._reserve_run(owner, run_id)
+        run = await self._create_on_worker(
+            run_id, lambda: self.engine.create_run_from_state(run_id, parsed.uri, with_optimizer))
+        if session is not None:
+            session.run_ids.append(run_id)
+        config = {"lora": meta["lora"], "seed": None, "from_state": parsed.uri,
+                  "with_optimizer": with_optimizer}
+        self.store.create_run(run_id, owner, meta["base_model"], run.is_lora, run.lora_rank, config,
+                              metadata, run.num_trainable_params())
+        return self.run_info(owner, run_id)
+
+    def _reserve_run(self, owner: str, run_id: str | None) -> str:
+        """A new run id for `owner`, counted against their live runs before any work starts."""
+        live = sum(1 for o in self.run_owners.values() if o == owner)
+        if live >= self.limits.max_live_runs_per_owner:
+            raise ResourceExhausted(f"training runs: {live} live runs is the limit of "
+                                    f"{self.limits.max_live_runs_per_owner} per owner (finish a "
+                                    "session or restart to release runs)")
+        run_id = run_id or "run-" + uuid.uuid4().hex[:16]
+        if run_id in self.run_owners or self.store.get_run(run_id) is not None:
+            raise AlreadyExists(f"training_run_id: run '{run_id}' already exists")
+        self.run_owners[run_id] = owner
+        return run_id
+
+    async def _create_on_worker(self, run_id: str, create: Callable[[], Any]):
+        try:
+            return await self.on_worker(create, "create_run")
+        except BaseException:
+            self.run_owners.pop(run_id, None)
+            raise
+
+    def submit_async(self, owner: str, kind: str, make: Callable[[], Any],
+                     encode: Callable[[Any], pb.FutureResult]) -> str:
+        """A request id for a coroutine made by `make`, finished (or failed) when it is: for calls
+        that one wire answers at once and the other as a future (Tinker's create_model)."""
+        request_id = new_request_id()
+        self.store.create_future(request_id, owner, kind)
+        self.hub.watch(request_id)
+
+        async def run() -> None:
+            try:
+                result = encode(await make())
+            except Exception as error:  # noqa: BLE001 - stored as the request's outcome
+                self.hub.complete(request_id, None, error)
+            else:
+                self.hub.complete(request_id, result, None)
+
+        asyncio.get_running_loop().create_task(run())
+        return request_id
+
+    def own_run(self, owner: str, run_id: str):
+        row = self.store.get_run(run_id)
+        if row is None or row.owner != owner:
+            raise NotFound(f"training_run_id: run '{run_id[:80]}' does not exist")
+        return row
+
+    def run_info(self, owner: str, run_id: str, with_checkpoints: bool = False) -> RunInfo:
+        row = self.own_run(owner, run_id)
+        facts = self.engine.models.describe(row.base_model)
+        latest: dict[str, CheckpointRow] = {}
+        if with_checkpoints:
+            for checkpoint in self.store.list_checkpoints(run_id):
+                latest[checkpoint.kind] = checkpoint
+        return RunInfo(
+            training_run_id=row.id, base_model=row.base_model, is_lora=row.is_lora,
+            lora_rank=row.lora_rank, last_request_seq=row.last_seq,
+            num_trainable_params=row.num_trainable_params, max_context_length=facts["max_context"],
+            user_metadata=json.loads(row.user_metadata_json), created_at=row.created_at,
+            last_request_time=row.updated_at, config=json.loads(row.config_json),
+            last_checkpoint=latest.get("weights"), last_sampler_checkpoint=latest.get("sampler_weights"))
+
+    def list_runs(self, owner: str, limit: int, offset: int) -> tuple[list[RunInfo], int]:
+        limit, offset = validate.list_window(limit, offset)
+        rows = self.store.list_runs(owner, limit, offset)
+        return ([self.run_info(owner, r.id, with_checkpoints=True) for r in rows],
+                self.store.count_runs(owner))
+
+    def is_live(self, run_id: str) -> bool:
+        return run_id in self.run_owners
+
+    # ---------------------------------------------------------------- numbered requests of a run
+
+    def _sequenced(self, owner: str, run_id: str, seq: int, kind: str,
+                   prepare: Callable[[], Callable[[], Any]],
+                   encode: Callable[[Any], pb.FutureResult]) -> str:
+        """Accept request `seq` of a run: dedupe repeats, validate, record, queue in order."""
+        self.own_run(owner, run_id)
+        validate.seq(seq)
+        earlier = self.store.find_sequenced(run_id, seq)
+        if earlier is not None:  # a retry: the first request's future answers it
+            return earlier
+        work = prepare()
+        request_id, is_new = self.store.accept_sequenced(new_request_id(), owner, kind, run_id, seq)
+        if is_new:
+            if (turn := self._turns.pop(run_id, None)) is not None:
+                turn.set()
+            self.hub.watch(request_id)
+            self.scheduler.submit(Job(
+                kind=kind, run=lambda: encode(work()), lane=run_id,
+                done=lambda result, error: self.hub.complete(request_id, result, error)))
+        return request_id
+
+    async def wait_for_turn(self, owner: str, run_id: str, seq: int, timeout: float) -> None:
+        """Hold request `seq` until the run has accepted `seq - 1` (a client that sends one call's
+        parts concurrently may deliver them out of order), at most `timeout` seconds; then the
+        request is submitted as it is, and a gap still open is refused naming the missing number."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            row = self.own_run(owner, run_id)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if seq <= row.last_seq + 1 or remaining <= 0:
+                return
+            turn = self._turns.setdefault(run_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(turn.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def forward_backward(self, owner: str, run_id: str, seq: int, work: ForwardBackwardWork) -> str:
+        def prepare():
+            validate.token_count(work, self.limits)
+            teacher = work.loss_fn_config_strings.get("teacher", "")
+            if checkpoints.is_path(teacher):
+                path, _ = self.owned_checkpoint(teacher, owner, "loss_fn_config.teacher")
+                work.loss_fn_config_strings["teacher"] = path.uri
+            self.engine.validate_forward_backward(run_id, work)
+            return lambda: self.engine.forward_backward(run_id, work)
+
+        kind = "forward" if work.forward_only else "forward_backward"
+        return self._sequenced(owner, run_id, seq, kind, prepare, results.forward_backward)
+
+    def optim_step(self, owner: str, run_id: str, seq: int, adam: AdamConfig) -> str:
+        def prepare():
+            validate.adam(adam)
+            self.engine.get_run(run_id)
+            return lambda: self.engine.optim_step(run_id, OptimWork(adam))
+
+        return self._sequenced(owner, run_id, seq, "optim_step", prepare, results.optim_step)
+
+    def save_state(self, owner: str, run_id: str, seq: int, name: str = "",
+                   options: SaveOptions = SaveOptions()) -> str:
+        return self._save(owner, run_id, seq, "weights", "state", name, options,
+                          self.engine.save_state)
+
+    def save_sampler_weights(self, owner: str, run_id: str, seq: int, name: str = "",
+                             options: SaveOptions = SaveOptions()) -> str:
+        return self._save(owner, run_id, seq, "sampler_weights", "auto", name, options,
+                          self.engine.save_sampler_weights)
+
+    def _save(self, owner: str, run_id: str, seq: int, kind: str, prefix: str, name: str,
+              options: SaveOptions, write: Callable[[str, str], tuple[str, int]]) -> str:
+        """A numbered request that writes checkpoint `kind` with `write(run_id, name)` and records
+        its row; a taken name is refused before anything is written, unless `overwrite`."""
+        name = name or f"{prefix}-{seq:06d}-{uuid.uuid4().hex[:6]}"
+
+        def prepare():
+            path = checkpoints.CheckpointPath(run_id, kind, checkpoints.check_name(name))
+            ttl = validate.ttl_seconds(options.ttl_seconds)
+            metadata = validate.user_metadata(options.user_metadata)
+            run = self.engine.get_run(run_id)
+            taken = self.store.get_checkpoint(path.uri) is not None or self.engine.files.exists(path)
+            if taken and not options.overwrite:
+                raise AlreadyExists(f"name: checkpoint {path.uri} already exists (save with "
+                                    "overwrite=True to replace it)")
+
+            def save():
+                if taken:
+                    self._forget_checkpoint(path.uri)
+                    self.engine.delete_checkpoint(path.uri)
+                uri, size = write(run_id, name)
+                expires_at = utcnow() + timedelta(seconds=ttl) if ttl else None
+                self.store.add_checkpoint(owner, run_id, kind, name, uri, run.base.name, run.is_lora,
+                                          size, expires_at, metadata)
+                return uri
+
+            return save
+
+        return self._sequenced(owner, run_id, seq, f"save_{kind}", prepare, results.saved)
+
+    def load_state(self, owner: str, run_id: str, seq: int, path: str, with_optimizer: bool) -> str:
+        def prepare():
+            parsed, _ = self.owned_checkpoint(path, owner)
+            self.engine.validate_load_state(run_id, parsed.uri)
+
+            def load():
+                self.engine.load_state(run_id, parsed.uri, with_optimizer)
+                return parsed.uri
+
+            return load
+
+        return self._sequenced(owner, run_id, seq, "load_state", prepare, results.saved)
+
+    # ---------------------------------------------------------------- sampling
+
+    async def open_sampler(self, owner: str, base_model: str | None = None,
+                           model_path: str | None = None,
+                           client_session: str | None = None) -> SamplerInfo:
+        if model_path:
+            path, _ = self.owned_checkpoint(model_path, owner, "model_path")
+            opened = await self.on_worker(lambda: self.engine.open_sampler(model_path=path.uri),
+                                          "open_sampler")
+        elif base_model:
+            self.engine.models.resolve(base_model)
+            opened = await self.on_worker(lambda: self.engine.open_sampler(base_model=base_model),
+                                          "open_sampler")
+        else:
+            raise InvalidInput("source: give base_model or model_path")
+        info = SamplerInfo(sampling_session_id="samp-" + uuid.uuid4().hex[:16],
+                           base_model=opened.base.name,
+                           model_path=path.uri if model_path else "",
+                           max_context_length=opened.max_context, vocab_size=opened.vocab_size)
+        self._samplers[info.sampling_session_id] = _OpenSampler(owner, opened, info, client_session)
+        return info
+
+    def _sampler(self, owner: str, session_id: str) -> Sampler:
+        entry = self._samplers.get(session_id)
+        if entry is None or entry.owner != owner:
+            raise NotFound(f"sampling_session_id: session '{session_id[:80]}' does not exist "
+                           "(sessions do not survive a server restart; make a new sampling client)")
+        return entry.sampler
+
+    def sampler_info(self, owner: str, session_id: str) -> SamplerInfo:
+        self._sampler(owner, session_id)
+        return self._samplers[session_id].info
+
+    def _queue_batched(self, owner: str, kind: str, opened: Sampler, work: Any,
+                       encode: Callable[[Any], pb.FutureResult]) -> str:
+        request_id = new_request_id()
+        self.store.create_future(request_id, owner, kind)
+        self.hub.watch(request_id)
+        self.scheduler.submit(Job(
+            kind=kind, run=None, lane=f"sampling:{owner}", batch_key=opened.key, payload=(opened, work),
+            done=lambda result, error: self.hub.complete(
+                request_id, None if error else encode(result), error)))
+        return request_id
+
+    def sample(self, owner: str, session_id: str, work: SampleWork) -> str:
+        opened = self._sampler(owner, session_id)
+        self.engine.validate_sample(opened, work)
+        return self._queue_batched(owner, "sample", opened, work, results.sample)
+
+    def compute_logprobs(self, owner: str, session_id: str, work: LogprobsWork) -> str:
+        opened = self._sampler(owner, session_id)
+        self.engine.validate_logprobs(opened, work)
+        return self._queue_batched(owner, "compute_logprobs", opened, work, results.compute_logprobs)
+
+    # ---------------------------------------------------------------- futures
+
+    async def wait(self, owner: str, request_id: str, timeout: float) -> FutureRecord:
+        record = await self.hub.wait(request_id, owner, timeout)
+        if record is None:
+            raise NotFound(f"request_id: request '{request_id[:80]}' does not exist")
+        return record
+
+    # ---------------------------------------------------------------- client sessions (Tinker)
+
+    def create_client_session(self, owner: str, tags: list[str], user_metadata: dict | None) -> str:
+        return self.sessions.create(owner, tags, validate.user_metadata(user_metadata)).id
+
+    def heartbeat(self, owner: str, session_id: str) -> None:
+        self.sessions.get(owner, session_id).touch()
+
+    async def finish_client_session(self, owner: str, session_id: str, reason: str) -> None:
+        """End a client session: its sampling sessions close and its training runs leave memory
+        (their saved checkpoints stay; `create_training_client_from_state` resumes one)."""
+        session = self.sessions.finish(owner, session_id, reason)
+        for sampler_id in [k for k, v in self._samplers.items() if v.client_session == session.id]:
+            del self._samplers[sampler_id]
+        for run_id in session.run_ids:
+            if self.run_owners.pop(run_id, None) is not None:
+                await self.on_worker(lambda r=run_id: self.engine.close_run(r), "close_run")
+        logger.info("session %s finished (%s): released %d runs", session.id, reason,
+                    len(session.run_ids))
+
+    def run_client_session(self, owner: str, run_id: str) -> str | None:
+        """The client session that made `run_id`, if one did and is still open."""
+        for session in self.sessions.list(owner):
+            if run_id in session.run_ids and session.finished is None:
+                return session.id
+        return None
+
+    def session_samplers(self, session_id: str) -> list[str]:
+        return [k for k, v in self._samplers.items() if v.client_session == session_id]
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def owned_checkpoint(self, uri: str, owner: str, field_name: str = "path"):
+        """The parsed path and store row of the caller's checkpoint; malformed paths touch nothing."""
+        path = checkpoints.parse(uri, field_name)
+        row = self.store.get_checkpoint(path.uri)
+        if row is None or row.owner != owner:
+            raise NotFound(f"{field_name}: checkpoint {path.uri} does not exist")
+        return path, row
+
+    def list_checkpoints(self, owner: str, run_id: str | None = None) -> list[CheckpointRow]:
+        if run_id:
+            self.own_run(owner, run_id)
+            return self.store.list_checkpoints(run_id)
+        return self.store.list_user_checkpoints(owner)
+
+    async def delete_checkpoint(self, owner: str, uri: str) -> CheckpointRow:
+        path, row = self.owned_checkpoint(uri, owner)
+        await self._delete(path.uri)
+        return row
+
+    def _forget_checkpoint(self, uri: str) -> None:
+        """Drop the row and close the sampling sessions on it (their weights are unloaded next)."""
+        self.store.delete_checkpoint(uri)
+        for session_id, entry in list(self._samplers.items()):
+            if entry.sampler.key == f"path:{uri}":
+                del self._samplers[session_id]
+
+    async def _delete(self, uri: str) -> None:
+        """Forget the row, unload the weights (on the worker, after queued work) and remove the files."""
+        self._forget_checkpoint(uri)
+        await self.on_worker(lambda: self.engine.delete_checkpoint(uri), "delete_checkpoint")
+        logger.info("deleted checkpoint %s", uri)
+
+    async def sweep_expired_checkpoints(self) -> int:
+        """Delete every checkpoint whose TTL has passed; return how many."""
+        expired = self.store.expired_checkpoints()
+        for row in expired:
+            await self._delete(row.path)
+        return len(expired)
+
+    def set_checkpoint_ttl(self, owner: str, uri: str, ttl_seconds: int | None) -> CheckpointRow:
+        path, _ = self.owned_checkpoint(uri, owner)
+        ttl = validate.ttl_seconds(ttl_seconds)
+        expires_at = utcnow() + timedelta(seconds=ttl) if ttl else None
+        return self.store.set_checkpoint_expiry(path.uri, expires_at)
+
+    def checkpoint_files(self, owner: str, uri: str):
+        """The path and row of a checkpoint whose files exist (NOT_FOUND if they are gone)."""
+        path, row = self.owned_checkpoint(uri, owner)
+        self.engine.files.files_of(path)
+        return path, row

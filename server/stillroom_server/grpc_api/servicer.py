@@ -1,0 +1,192 @@
+"""The Stillroom gRPC servicer: each method decodes its message, names the owner, calls the core
+service and encodes the answer. No state and no rules live here (they are core/service.py's)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from stillroom._proto import stillroom_pb2 as pb
+from stillroom._proto import stillroom_pb2_grpc as pb_grpc
+from stillroom_server import __version__
+from stillroom_server.core.auth import Authenticator
+from stillroom_server.core.errors import FailedPrecondition
+from stillroom_server.core.futures import FutureHub
+from stillroom_server.core.service import RunInfo, SamplerInfo, SaveOptions, Service
+from stillroom_server.engine.engine import LoraSpec
+from stillroom_server.grpc_api import convert
+from stillroom_server.grpc_api.status import rpc
+from stillroom_server.http_api.archives import Archives
+
+
+class StillroomServicer(pb_grpc.StillroomServicer):
+    def __init__(self, service: Service, auth: Authenticator, archives: Archives | None = None) -> None:
+        self.service = service
+        self.auth = auth
+        self.archives = archives
+
+    # ---------------------------------------------------------------- capabilities
+
+    @rpc
+    async def GetServerCapabilities(self, request, context, owner):
+        models = [pb.SupportedModel(trainable=True, sampleable=True, **facts)
+                  for facts in self.service.supported_models()]
+        return pb.ServerCapabilities(supported_models=models, loss_fns=self.service.loss_fns(),
+                                     max_num_samples=self.service.engine.max_num_samples,
+                                     server_version=__version__)
+
+    @rpc
+    async def GetTokenizer(self, request, context, owner):
+        name, files = await self.service.tokenizer_files(request.base_model)
+        return pb.TokenizerFiles(base_model=name, files=files)
+
+    # ---------------------------------------------------------------- training runs
+
+    @rpc
+    async def CreateTrainingRun(self, request, context, owner):
+        lora = None
+        if request.HasField("lora"):
+            lora = LoraSpec(request.lora.rank, request.lora.train_mlp, request.lora.train_attn,
+                            request.lora.train_unembed)
+        seed = request.seed if request.HasField("seed") else None
+        info = await self.service.create_run(owner, request.base_model, lora, seed,
+                                             dict(request.user_metadata))
+        return run_to_pb(info)
+
+    @rpc
+    async def GetTrainingRun(self, request, context, owner):
+        return run_to_pb(self.service.run_info(owner, request.training_run_id))
+
+    @rpc
+    async def ForwardBackward(self, request, context, owner):
+        work = convert.forward_backward_from_pb(request)
+        return pb.FutureRef(request_id=self.service.forward_backward(
+            owner, request.training_run_id, request.seq, work))
+
+    @rpc
+    async def OptimStep(self, request, context, owner):
+        return pb.FutureRef(request_id=self.service.optim_step(
+            owner, request.training_run_id, request.seq, convert.adam_from_pb(request.adam_params)))
+
+    @rpc
+    async def SaveWeightsForSampler(self, request, context, owner):
+        return pb.FutureRef(request_id=self.service.save_sampler_weights(
+            owner, request.training_run_id, request.seq, request.name, save_options(request)))
+
+    @rpc
+    async def SaveState(self, request, context, owner):
+        return pb.FutureRef(request_id=self.service.save_state(
+            owner, request.training_run_id, request.seq, request.name, save_options(request)))
+
+    @rpc
+    async def LoadState(self, request, context, owner):
+        return pb.FutureRef(request_id=self.service.load_state(
+            owner, request.training_run_id, request.seq, request.path, request.with_optimizer))
+
+    @rpc
+    async def CreateTrainingRunFromState(self, request, context, owner):
+        info = await self.service.create_run_from_state(owner, request.path, request.with_optimizer,
+                                                        dict(request.user_metadata))
+        return run_to_pb(info)
+
+    # ---------------------------------------------------------------- sampling
+
+    @rpc
+    async def CreateSamplingSession(self, request, context, owner):
+        source = request.WhichOneof("source")
+        info = await self.service.open_sampler(
+            owner, base_model=request.base_model if source == "base_model" else None,
+            model_path=request.model_path if source == "model_path" else None)
+        return sampler_to_pb(info, request.model_path if source == "model_path" else "")
+
+    @rpc
+    async def Sample(self, request, context, owner):
+        return pb.FutureRef(request_id=self.service.sample(
+            owner, request.sampling_session_id, convert.sample_from_pb(request)))
+
+    @rpc
+    async def ComputeLogprobs(self, request, context, owner):
+        return pb.FutureRef(request_id=self.service.compute_logprobs(
+            owner, request.sampling_session_id, convert.logprobs_from_pb(request)))
+
+    # ---------------------------------------------------------------- futures
+
+    @rpc
+    async def RetrieveFuture(self, request, context, owner):
+        record = await self.service.wait(owner, request.request_id, request.timeout_seconds)
+        return FutureHub.to_pb(record)
+
+    # ---------------------------------------------------------------- checkpoint management
+
+    @rpc
+    async def ListTrainingRuns(self, request, context, owner):
+        runs, total = self.service.list_runs(owner, request.limit, request.offset)
+        return pb.ListTrainingRunsResponse(training_runs=[run_to_pb(r) for r in runs],
+                                           total_count=total)
+
+    @rpc
+    async def ListCheckpoints(self, request, context, owner):
+        rows = self.service.list_checkpoints(owner, request.training_run_id or None)
+        return pb.ListCheckpointsResponse(checkpoints=[checkpoint_to_pb(r) for r in rows])
+
+    @rpc
+    async def DeleteCheckpoint(self, request, context, owner):
+        return checkpoint_to_pb(await self.service.delete_checkpoint(owner, request.path))
+
+    @rpc
+    async def SetCheckpointTtl(self, request, context, owner):
+        ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+        return checkpoint_to_pb(self.service.set_checkpoint_ttl(owner, request.path, ttl))
+
+    @rpc
+    async def GetCheckpointArchiveUrl(self, request, context, owner):
+        if self.archives is None:
+            raise FailedPrecondition("path: this server does not serve checkpoint downloads "
+                                     "(it runs without its HTTP port)")
+        path, row = self.service.checkpoint_files(owner, request.path)
+        token, expires_at = self.archives.issue(path)
+        url_path = f"/archives/{token}"
+        return pb.CheckpointArchiveUrl(url=self.archives.base_url + url_path,
+                                       http_port=self.archives.port, url_path=url_path,
+                                       expires_at=iso(expires_at), size_bytes=row.size_bytes)
+
+
+def save_options(request) -> SaveOptions:
+    """ttl_seconds, overwrite and user_metadata, where the request message carries them."""
+    fields = {f.name for f in request.DESCRIPTOR.fields}
+    ttl = request.ttl_seconds if "ttl_seconds" in fields and request.HasField("ttl_seconds") else None
+    return SaveOptions(ttl_seconds=ttl, overwrite="overwrite" in fields and request.overwrite,
+                       user_metadata=dict(request.user_metadata) if "user_metadata" in fields else {})
+
+
+def iso(moment: datetime | None) -> str:
+    """ISO 8601 in UTC ('' for None); SQLite hands back naive datetimes that are UTC."""
+    if moment is None:
+        return ""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).isoformat()
+
+
+def run_to_pb(info: RunInfo) -> pb.TrainingRunInfo:
+    message = pb.TrainingRunInfo(
+        training_run_id=info.training_run_id, base_model=info.base_model, is_lora=info.is_lora,
+        lora_rank=info.lora_rank, last_request_seq=info.last_request_seq,
+        num_trainable_params=info.num_trainable_params, max_context_length=info.max_context_length,
+        user_metadata=info.user_metadata, created_at=iso(info.created_at))
+    if info.last_checkpoint is not None:
+        message.last_checkpoint.CopyFrom(checkpoint_to_pb(info.last_checkpoint))
+    if info.last_sampler_checkpoint is not None:
+        message.last_sampler_checkpoint.CopyFrom(checkpoint_to_pb(info.last_sampler_checkpoint))
+    return message
+
+
+def sampler_to_pb(info: SamplerInfo, model_path: str) -> pb.SamplingSessionInfo:
+    return pb.SamplingSessionInfo(sampling_session_id=info.sampling_session_id,
+                                  base_model=info.base_model, model_path=model_path,
+                                  max_context_length=info.max_context_length,
+                                  vocab_size=info.vocab_size)
+
+
+def checkpoint_to_pb(row) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(path=row.path, training_run_id=row.run_id, kind=row.kind, name=row.name,
+                             base_model=row.base_model, is_lora=row.is_lora,
+                             size_bytes=row.size_bytes, created_at=iso(row.created_at),
+                             expires_at=iso(row.expires_at))

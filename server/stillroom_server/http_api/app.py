@@ -1,0 +1,384 @@
+"""The Tinker-compatible HTTP API: Tinker's endpoints (../shared/TINKER_WIRE.md) as thin handlers
+over the core service, plus checkpoint downloads. A Starlette app, served by uvicorn beside gRPC.
+
+Each handler authenticates (`X-API-Key`), decodes its body, calls the core and encodes the answer;
+errors become Tinker's statuses here, once. What a self-hosted server does not offer (billing,
+audit, projects, publishing, external weights) answers 404 naming it, which the SDK tolerates.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Any, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from stillroom_server import __version__
+from stillroom_server.core.auth import Authenticator
+from stillroom_server.core.errors import CLIENT_CODES, InvalidInput, ResourceExhausted, code_for
+from stillroom_server.core.service import SaveOptions, Service
+from stillroom_server.http_api import schemas, views, wire
+from stillroom_server.http_api.archives import Archives
+
+logger = logging.getLogger("stillroom.http")
+PROTO = "application/x-protobuf"
+HOLD_OUT_OF_ORDER_SECONDS = 30.0  # how long a numbered request waits for the one before it
+MAX_POLL_SECONDS = 30.0           # the SDK's own poll timeout is 45 s
+STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "ALREADY_EXISTS": 400,
+          "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+          "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "INTERNAL": 500}
+# The client config this server hands the SDK: every field is the SDK's default except where noted.
+CLIENT_CONFIG = {"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": True,
+                 "proto_compress_fwdbwd": False, "sample_use_retrieve_futures": False,
+                 "custom_loss_server_side": False, "sample_join_sampling_session": False}
+NOT_OFFERED = {
+    "billing": "billing (a self-hosted server meters nothing)",
+    "audit": "the audit log",
+    "projects": "projects",
+    "publishing": "publishing checkpoints",
+    "external_weights": "external weights (download a checkpoint with the stillroom SDK instead)",
+    "custom_loss": "server-side custom losses (forward_backward_custom runs on the client)",
+    "copy_weights": "copying weights between projects",
+    "traces": "session trace export",
+}
+
+
+def error_response(error: BaseException) -> Response:
+    code, message = code_for(error)
+    headers = {}
+    if isinstance(error, ResourceExhausted):
+        headers["x-should-retry"] = "true" if error.retryable else "false"
+        if error.retry_after_seconds:
+            headers["retry-after-ms"] = str(int(error.retry_after_seconds * 1000))
+    return JSONResponse({"error": message, "code": code}, status_code=STATUS.get(code, 500),
+                        headers=headers)
+
+
+def not_offered(what: str) -> Callable[[Request], Awaitable[Response]]:
+    async def handler(request: Request) -> Response:
+        return JSONResponse({"error": f"not offered by this self-hosted server: {NOT_OFFERED[what]}",
+                             "code": "NOT_FOUND"}, status_code=404)
+    return handler
+
+
+class TinkerApi:
+    def __init__(self, service: Service, auth: Authenticator, archives: Archives) -> None:
+        self.service = service
+        self.auth = auth
+        self.archives = archives
+        self._chained: dict[str, str] = {}  # an unnamed sampler save's request -> its opener's
+
+    # ---------------------------------------------------------------- plumbing
+
+    def owner(self, request: Request) -> str:
+        secret = request.headers.get("x-api-key")
+        bearer = request.headers.get("authorization", "")
+        if not secret and bearer.startswith("Bearer "):
+            secret = bearer[len("Bearer "):]
+        return self.auth.owner(secret)
+
+    @staticmethod
+    async def json_body(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw) if raw else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InvalidInput(f"body: not valid JSON ({error})") from None
+
+    @staticmethod
+    def future(request_id: str, **extra: Any) -> JSONResponse:
+        return JSONResponse({"request_id": request_id, **extra})
+
+    # ---------------------------------------------------------------- session and service
+
+    async def client_config(self, request: Request, owner: str) -> Response:
+        return JSONResponse(CLIENT_CONFIG)
+
+    async def dynamic_config(self, request: Request, owner: str) -> Response:
+        return JSONResponse({})
+
+    async def create_session(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.CreateSession, await self.json_body(request))
+        metadata = {k: str(v) for k, v in (body.user_metadata or {}).items()}
+        session_id = self.service.create_client_session(owner, body.tags, metadata)
+        return JSONResponse({"session_id": session_id})
+
+    async def heartbeat(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.SessionRef, await self.json_body(request))
+        try:
+            self.service.heartbeat(owner, body.session_id)
+        except Exception as error:  # noqa: BLE001 - a finished or unknown session: 410 stops the beat
+            code, message = code_for(error)
+            return JSONResponse({"error": message, "code": code}, status_code=410)
+        return JSONResponse({"type": "session_heartbeat"})
+
+    async def finish_session(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.FinishSession, await self.json_body(request))
+        reason = (body.reason or {}).get("type", "success")
+        await self.service.finish_client_session(owner, request.path_params["session_id"], reason)
+        return JSONResponse({"status": "finished"})
+
+    async def telemetry(self, request: Request, owner: str) -> Response:
+        return JSONResponse({"status": "accepted"})  # accepted and dropped: nothing leaves the lab
+
+    async def capabilities(self, request: Request, owner: str) -> Response:
+        return JSONResponse({"supported_models": [
+            {"model_name": m["model_name"], "max_context_length": m["max_context_length"],
+             "trainable": True, "sampleable": True} for m in self.service.supported_models()]})
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "server_version": __version__})
+
+    # ---------------------------------------------------------------- training
+
+    async def create_model(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.CreateModel, await self.json_body(request))
+        views.check_optimizer(body.optimizer_config)
+        run_id = views.model_id(body.session_id, body.model_seq_id)
+        lora = views.lora_spec(body.lora_config)
+        seed = body.lora_config.seed if body.lora_config else None
+        metadata = {k: str(v) for k, v in (body.user_metadata or {}).items()}
+        self.service.sessions.get(owner, body.session_id)
+
+        async def create():
+            return await self.service.create_run(owner, body.base_model, lora, seed, metadata,
+                                                 run_id=run_id, client_session=body.session_id)
+
+        request_id = self.service.submit_async(owner, "create_model", create, views.run_result)
+        return self.future(request_id, model_id=run_id)
+
+    async def get_info(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.ModelRef, await self.json_body(request))
+        info = self.service.run_info(owner, body.model_id)
+        return JSONResponse(views.get_info(info, self.service.tokenizer_dir(info.base_model)))
+
+    async def forward_backward(self, request: Request, owner: str) -> Response:
+        if PROTO not in request.headers.get("content-type", ""):
+            raise InvalidInput("content-type: forward_backward takes the Tinker protobuf body "
+                               f"({PROTO})")
+        if request.headers.get("content-encoding", "identity") not in ("identity", ""):
+            raise InvalidInput("content-encoding: this server does not ask for compressed bodies")
+        message, work = wire.forward_backward_from_proto(await request.body())
+        await self.service.wait_for_turn(owner, message.model_id, message.seq_id,
+                                         HOLD_OUT_OF_ORDER_SECONDS)
+        request_id = self.service.forward_backward(owner, message.model_id, message.seq_id, work)
+        return self.future(request_id, model_id=message.model_id)
+
+    async def optim_step(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.OptimStep, await self.json_body(request))
+        if body.adam_params is None:
+            raise InvalidInput("adam_params: this server runs AdamW (optimizer_params for other "
+                               "optimizers are not offered)")
+        await self.service.wait_for_turn(owner, body.model_id, body.seq_id, HOLD_OUT_OF_ORDER_SECONDS)
+        request_id = self.service.optim_step(owner, body.model_id, body.seq_id,
+                                             views.adam(body.adam_params))
+        return self.future(request_id, model_id=body.model_id)
+
+    async def save_weights(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.SaveWeights, await self.json_body(request))
+        await self.service.wait_for_turn(owner, body.model_id, body.seq_id, HOLD_OUT_OF_ORDER_SECONDS)
+        options = SaveOptions(body.ttl_seconds, body.overwrite, body.user_metadata or {})
+        request_id = self.service.save_state(owner, body.model_id, body.seq_id, body.path or "", options)
+        return self.future(request_id, model_id=body.model_id)
+
+    async def save_weights_for_sampler(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.SaveWeightsForSampler, await self.json_body(request))
+        await self.service.wait_for_turn(owner, body.model_id, body.seq_id, HOLD_OUT_OF_ORDER_SECONDS)
+        options = SaveOptions(body.ttl_seconds, False, body.user_metadata or {})
+        request_id = self.service.save_sampler_weights(owner, body.model_id, body.seq_id,
+                                                       body.path or "", options)
+        if body.path:
+            return self.future(request_id, model_id=body.model_id)
+        # Unnamed (save_weights_and_get_sampling_client): the answer is a sampler on the snapshot.
+        if request_id not in self._chained:
+            session_id = self.service.run_client_session(owner, body.model_id)
+            self._chained[request_id] = self.service.submit_async(
+                owner, "open_sampler", lambda: self._open_saved(owner, request_id, session_id),
+                views.sampler_result)
+        return self.future(self._chained[request_id], model_id=body.model_id)
+
+    async def _open_saved(self, owner: str, save_request_id: str, session_id: str | None):
+        record = await self.service.wait(owner, save_request_id, float("inf"))
+        saved = views.stored_result(record)
+        return await self.service.open_sampler(owner, model_path=saved.save_weights.path,
+                                               client_session=session_id)
+
+    async def load_weights(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.LoadWeights, await self.json_body(request))
+        if body.weights_access_token:
+            raise InvalidInput("weights_access_token: checkpoints of other accounts are not "
+                               "offered; every owner reads only their own")
+        if body.session_id is not None:  # create a training client from a state
+            run_id = views.model_id(body.session_id, body.model_seq_id or 0)
+            self.service.sessions.get(owner, body.session_id)
+            metadata = {k: str(v) for k, v in (body.user_metadata or {}).items()}
+
+            async def create():
+                return await self.service.create_run_from_state(
+                    owner, body.path, body.optimizer, metadata, run_id=run_id,
+                    client_session=body.session_id)
+
+            request_id = self.service.submit_async(owner, "create_model", create, views.run_result)
+            return self.future(request_id, model_id=run_id)
+        if body.model_id is None or body.seq_id is None:
+            raise InvalidInput("model_id: give model_id and seq_id, or session_id and model_seq_id")
+        await self.service.wait_for_turn(owner, body.model_id, body.seq_id, HOLD_OUT_OF_ORDER_SECONDS)
+        request_id = self.service.load_state(owner, body.model_id, body.seq_id, body.path,
+                                             body.optimizer)
+        return self.future(request_id, model_id=body.model_id)
+
+    # ---------------------------------------------------------------- sampling
+
+    async def create_sampling_session(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.CreateSamplingSession, await self.json_body(request))
+        self.service.sessions.get(owner, body.session_id)
+        info = await self.service.open_sampler(owner, base_model=body.base_model,
+                                               model_path=body.model_path,
+                                               client_session=body.session_id)
+        return JSONResponse({"sampling_session_id": info.sampling_session_id})
+
+    async def get_sampler(self, request: Request, owner: str) -> Response:
+        info = self.service.sampler_info(owner, request.path_params["sampler_id"])
+        return JSONResponse(views.sampler(info))
+
+    async def asample(self, request: Request, owner: str) -> Response:
+        body = await self.json_body(request)
+        if not isinstance(body, dict):
+            raise InvalidInput("body: must be a JSON object")
+        session_id = body.get("sampling_session_id")
+        if not isinstance(session_id, str):
+            raise InvalidInput("sampling_session_id: make a sampling session first "
+                               "(create_sampling_session) and name it here")
+        work = wire.sample_from_json(body, compute_logprobs_only=False)
+        request_id = self.service.sample(owner, session_id, work)
+        sequence_ids = [f"{request_id}:{i}" for i in range(work.num_samples)]
+        return self.future(request_id, sample_sequence_ids=sequence_ids)
+
+    # ---------------------------------------------------------------- futures
+
+    async def retrieve_future(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.RetrieveFuture, await self.json_body(request))
+        record = await self.service.wait(owner, body.request_id, MAX_POLL_SECONDS)
+        if record.status == "pending":
+            return JSONResponse({"type": "try_again", "request_id": record.id, "queue_state": "active"})
+        if record.status == "failed":
+            category = "user" if record.error_code in CLIENT_CODES else "server"
+            return JSONResponse({"error": record.error_message or record.error_code,
+                                 "category": category, "code": record.error_code})
+        return views.result_response(views.stored_result(record))
+
+    # ---------------------------------------------------------------- REST
+
+    async def list_training_runs(self, request: Request, owner: str) -> Response:
+        limit, offset = views.window(request)
+        runs, total = self.service.list_runs(owner, limit, offset)
+        return JSONResponse({"training_runs": [views.training_run(r, owner) for r in runs],
+                             "cursor": {"offset": offset, "limit": limit, "total_count": total}})
+
+    async def get_training_run(self, request: Request, owner: str) -> Response:
+        info = self.service.run_info(owner, request.path_params["run_id"], with_checkpoints=True)
+        return JSONResponse(views.training_run(info, owner))
+
+    async def list_checkpoints(self, request: Request, owner: str) -> Response:
+        rows = self.service.list_checkpoints(owner, request.path_params.get("run_id"))
+        if "run_id" not in request.path_params:
+            limit, offset = views.window(request)
+            total, rows = len(rows), rows[offset:offset + limit]
+            return JSONResponse({"checkpoints": [views.checkpoint(r) for r in rows],
+                                 "cursor": {"offset": offset, "limit": limit, "total_count": total}})
+        return JSONResponse({"checkpoints": [views.checkpoint(r) for r in rows]})
+
+    async def delete_checkpoint(self, request: Request, owner: str) -> Response:
+        path = views.checkpoint_path(request)
+        await self.service.delete_checkpoint(owner, path)
+        return JSONResponse({})
+
+    async def set_checkpoint_ttl(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.SetTtl, await self.json_body(request))
+        row = self.service.set_checkpoint_ttl(owner, views.checkpoint_path(request), body.ttl_seconds)
+        return JSONResponse(views.checkpoint(row))
+
+    async def weights_info(self, request: Request, owner: str) -> Response:
+        body = schemas.parse(schemas.WeightsInfo, await self.json_body(request))
+        _, row = self.service.owned_checkpoint(body.tinker_path, owner, "tinker_path")
+        info = self.service.run_info(owner, row.run_id)
+        return JSONResponse(views.weights_info(info))
+
+    async def list_sessions(self, request: Request, owner: str) -> Response:
+        return JSONResponse({"sessions": [s.id for s in self.service.sessions.list(owner)]})
+
+    async def get_session(self, request: Request, owner: str) -> Response:
+        session = self.service.sessions.get(owner, request.path_params["session_id"], live=False)
+        return JSONResponse({"training_run_ids": session.run_ids,
+                             "sampler_ids": self.service.session_samplers(session.id),
+                             "user_metadata": session.user_metadata or None})
+
+
+def endpoint(api: TinkerApi, handler: Callable[[Request, str], Awaitable[Response]]):
+    """Authenticate, run, and answer any error with its status and a JSON body naming it."""
+
+    @functools.wraps(handler)
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request, api.owner(request))
+        except Exception as error:  # noqa: BLE001 - mapped to a status here, once
+            return error_response(error)
+
+    return run
+
+
+def build_app(api: TinkerApi) -> Starlette:
+    v1 = "/api/v1"
+    routes = [(f"{v1}/{path}", name, methods) for path, name, methods in [
+        ("client/config", "client_config", ["POST"]),
+        ("client/dynamic_config", "dynamic_config", ["POST"]),
+        ("create_session", "create_session", ["POST"]),
+        ("session_heartbeat", "heartbeat", ["POST"]),
+        ("sessions/{session_id}/finish", "finish_session", ["POST"]),
+        ("telemetry", "telemetry", ["POST"]),
+        ("get_server_capabilities", "capabilities", ["GET"]),
+        ("create_model", "create_model", ["POST"]),
+        ("get_info", "get_info", ["POST"]),
+        ("forward_backward", "forward_backward", ["POST"]),
+        ("forward", "forward_backward", ["POST"]),
+        ("optim_step", "optim_step", ["POST"]),
+        ("save_weights", "save_weights", ["POST"]),
+        ("save_weights_for_sampler", "save_weights_for_sampler", ["POST"]),
+        ("load_weights", "load_weights", ["POST"]),
+        ("create_sampling_session", "create_sampling_session", ["POST"]),
+        ("samplers/{sampler_id}", "get_sampler", ["GET"]),
+        ("asample", "asample", ["POST"]),
+        ("retrieve_future", "retrieve_future", ["POST"]),
+        ("training_runs", "list_training_runs", ["GET"]),
+        ("training_runs/{run_id}", "get_training_run", ["GET"]),
+        ("training_runs/{run_id}/checkpoints", "list_checkpoints", ["GET"]),
+        ("checkpoints", "list_checkpoints", ["GET"]),
+        ("weights_info", "weights_info", ["POST"]),
+        ("sessions", "list_sessions", ["GET"]),
+        ("sessions/{session_id}", "get_session", ["GET"]),
+    ]]
+    table = [Route(path, endpoint(api, getattr(api, name)), methods=methods)
+             for path, name, methods in routes]
+    checkpoint = f"{v1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}"
+    table += [
+        Route(checkpoint + "/publish", not_offered("publishing"), methods=["POST", "DELETE"]),
+        Route(checkpoint + "/ttl", endpoint(api, api.set_checkpoint_ttl), methods=["PUT"]),
+        Route(checkpoint + "/external_weights_urls", not_offered("external_weights"), methods=["GET"]),
+        Route(checkpoint, endpoint(api, api.delete_checkpoint), methods=["DELETE"]),
+        Route(f"{v1}/save_weights_external", not_offered("external_weights"), methods=["POST"]),
+        Route(f"{v1}/create_custom_loss", not_offered("custom_loss"), methods=["POST"]),
+        Route(f"{v1}/copy_weights", not_offered("copy_weights"), methods=["POST"]),
+        Route(f"{v1}/sessions/{{session_id}}/project", not_offered("projects"), methods=["PUT"]),
+        Route(f"{v1}/sessions/{{session_id}}/trace_export", not_offered("traces"), methods=["GET"]),
+        Route(f"{v1}/audit", not_offered("audit"), methods=["GET"]),
+        Route(f"{v1}/billing/{{rest:path}}", not_offered("billing"), methods=["GET"]),
+        Route(f"{v1}/healthz", api.healthz, methods=["GET"]),
+        Route("/archives/{token}", api.archives.download, methods=["GET"]),
+    ]
+    return Starlette(routes=table)
+

@@ -1,1 +1,0 @@
-"""The gRPC edge: protobuf <-> engine types, the one place errors become status codes, futures."""
