@@ -1,25 +1,33 @@
-"""The store: alembic builds the schema from empty, and request numbers are accepted in order,
-deduplicated and never skipped."""
+"""The store, on SQLite and on PostgreSQL (the `postgres` lane): alembic builds the models' exact
+schema from empty, and request numbers are accepted in order, deduplicated and never skipped."""
 
 from __future__ import annotations
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from stillroom_server.store import SequenceConflict, Store
+from stillroom_server.store.models import Base
 
 
-@pytest.fixture
-def store(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store(request, tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.db'}" if request.param == "sqlite" else request.getfixturevalue(
+        "postgres_url")
+    store = Store(url)
+    assert store.engine.dialect.name == request.param
     store.upgrade()
     yield store
     store.close()
 
 
-def test_upgrade_from_empty_builds_every_table(store):
+def test_upgrade_from_empty_builds_the_models_schema(store):
     tables = set(inspect(store.engine).get_table_names())
-    assert {"training_runs", "checkpoints", "futures", "alembic_version"} <= tables
+    assert {"training_runs", "checkpoints", "futures", "api_keys", "alembic_version"} <= tables
+    with store.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     store.upgrade()  # running it again is a no-op
 
 
