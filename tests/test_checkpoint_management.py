@@ -42,11 +42,11 @@ def test_runs_and_checkpoints_are_listed(service, tokenizer):
 
     listed = rest.list_checkpoints(trainer.training_run_id).checkpoints
     assert [(c.path, c.checkpoint_type, c.checkpoint_id) for c in listed] == [
-        (state, "training", "listed-state"), (sampler, "sampler", "listed-sampler")]
+        (state, "training", "weights/listed-state"), (sampler, "sampler", "sampler_weights/listed-sampler")]
     assert all(c.size_bytes > 0 and c.expires_at is None and c.is_lora for c in listed)
     assert {state, sampler} <= {c.path for c in rest.list_user_checkpoints().checkpoints}
 
-    run = rest.get_training_run(trainer.training_run_id)
+    run = rest.get_training_run(trainer.training_run_id).result()  # an APIFuture, as in Tinker
     assert isinstance(run, stillroom.TrainingRun)
     assert (run.base_model, run.is_lora, run.lora_rank) == (TINY, True, 4)
     assert run.last_checkpoint.path == state and run.last_sampler_checkpoint.path == sampler

@@ -98,7 +98,7 @@ def test_load_state_into_a_running_client_in_request_order(service, tokenizer):
 def test_async_twins_and_auto_names(service, tokenizer):
     async def flow():
         trainer = await service.create_lora_training_client_async(TINY, rank=4, seed=1)
-        saved = await (await trainer.save_state_async())
+        saved = await (await trainer.save_state_async(None))  # None: the server names it
         restored = await service.create_training_client_from_state_async(saved.path)
         again = await service.create_training_client_from_state_with_optimizer_async(saved.path)
         return saved.path, restored, again

@@ -34,6 +34,15 @@ CHANNEL_OPTIONS = [
 
 
 TLS_SCHEMES = ("grpcs://", "https://")
+DEFAULT_BASE_URL = "localhost:50051"
+
+
+def connection_settings(base_url: Optional[str], api_key: Optional[str]) -> tuple[str, Optional[str]]:
+    """The server address and key: the arguments, else STILLROOM_BASE_URL / STILLROOM_API_KEY."""
+    import os
+
+    return (base_url or os.environ.get("STILLROOM_BASE_URL") or DEFAULT_BASE_URL,
+            api_key or os.environ.get("STILLROOM_API_KEY"))
 
 
 def normalize_target(base_url: str) -> str:

@@ -41,6 +41,7 @@ def unpack(tensor: pb.Tensor) -> list:
 
 
 def tensor_to_pb(tensor: types.TensorData) -> pb.Tensor:
+    tensor = tensor.dense()  # sparse CSR travels dense (the pad value is 0)
     return pack(tensor.data, tensor.dtype, tensor.shape)
 
 
@@ -50,10 +51,19 @@ def tensor_from_pb(tensor: pb.Tensor) -> types.TensorData:
 
 
 def model_input_to_pb(model_input: types.ModelInput) -> pb.ModelInput:
+    for chunk in model_input.chunks:
+        if not isinstance(chunk, types.EncodedTextChunk):
+            raise ValueError(f"model_input: a {chunk.type!r} chunk was given; Stillroom's models read "
+                             "text tokens only (EncodedTextChunk)")
     return pb.ModelInput(chunks=[
         pb.ModelInputChunk(encoded_text=pb.EncodedTextChunk(tokens=pack(chunk.tokens, "int64")))
         for chunk in model_input.chunks
     ])
+
+
+def checkpoint_path(path: str) -> str:
+    """A checkpoint path as the server names it: tinker:// and stillroom:// name the same ones."""
+    return "stillroom://" + path[len("tinker://"):] if path.startswith("tinker://") else path
 
 
 def datum_to_pb(datum: types.Datum) -> pb.Datum:
@@ -104,22 +114,34 @@ def forward_backward_from_pb(result: pb.ForwardBackwardResult) -> types.ForwardB
 _STOP_REASONS = {pb.STOP: "stop", pb.LENGTH: "length"}
 
 
+def _topk_rows(topk: pb.TopkLogprobs) -> list[list[tuple[int, float]] | None]:
+    """[T, k] ids and logprobs as T lists of (id, logprob); a row whose logprobs are all NaN
+    (nothing was scored there) is None."""
+    ids, values = unpack(topk.token_ids), unpack(topk.logprobs)
+    rows, k = topk.token_ids.shape
+    out: list[list[tuple[int, float]] | None] = []
+    for r in range(rows):
+        row = list(zip(ids[r * k:(r + 1) * k], values[r * k:(r + 1) * k]))
+        out.append(None if row and all(math.isnan(v) for _, v in row) else row)
+    return out
+
+
+def sampled_sequence_from_pb(seq: pb.SampledSequence) -> types.SampledSequence:
+    return types.SampledSequence(
+        tokens=unpack(seq.tokens), logprobs=unpack(seq.logprobs),
+        stop_reason=_STOP_REASONS[seq.stop_reason], sequence_id=seq.sequence_id,
+        topk_logprobs=_topk_rows(seq.topk_logprobs) if seq.HasField("topk_logprobs") else None)
+
+
 def sample_from_pb(result: pb.SampleResult) -> types.SampleResponse:
-    sequences = [
-        types.SampledSequence(tokens=unpack(seq.tokens), logprobs=unpack(seq.logprobs),
-                              stop_reason=_STOP_REASONS[seq.stop_reason])
-        for seq in result.sequences
-    ]
+    sequences = [sampled_sequence_from_pb(seq) for seq in result.sequences]
     prompt_logprobs = None
     if result.HasField("prompt_logprobs"):
         prompt_logprobs = _nan_to_none(unpack(result.prompt_logprobs))
     topk = None
     if result.HasField("topk_prompt_logprobs"):
-        ids, values = (unpack(result.topk_prompt_logprobs.token_ids),
-                       unpack(result.topk_prompt_logprobs.logprobs))
-        rows, k = result.topk_prompt_logprobs.token_ids.shape
-        topk = [None] + [list(zip(ids[r * k:(r + 1) * k], values[r * k:(r + 1) * k]))
-                         for r in range(1, rows)]
+        topk = _topk_rows(result.topk_prompt_logprobs)
+        topk[0] = None  # row 0 is padding: the first token has no logprob
     return types.SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs,
                                 topk_prompt_logprobs=topk)
 

@@ -1,7 +1,9 @@
 """Typed errors raised by the SDK, one class per gRPC status code.
 
 Every error carries the status `code` (a grpc.StatusCode name) and, where the failure belongs to a
-submitted request, its `request_id`. Only UNAVAILABLE is retried by the SDK itself.
+submitted request, its `request_id`. The classes and their bases are Tinker's (TinkerError >
+APIError > APIStatusError > BadRequestError, ...), so `except tinker.X` code ports. Only
+UNAVAILABLE is retried by the SDK itself.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from typing import Optional
 import grpc
 
 
-class StillroomError(Exception):
-    """Base class of every error the SDK raises."""
+class TinkerError(Exception):
+    """Base class of every error the SDK raises (Tinker's name; `StillroomError` is the same)."""
 
     code: str = "UNKNOWN"
+    status_code: Optional[int] = None
 
     def __init__(self, message: str, *, code: Optional[str] = None,
                  request_id: Optional[str] = None) -> None:
@@ -23,55 +26,101 @@ class StillroomError(Exception):
         if code is not None:
             self.code = code
         self.request_id = request_id
+        self.body: object | None = None
 
     def __str__(self) -> str:
         suffix = f" (request {self.request_id})" if self.request_id else ""
         return f"{self.code}: {self.message}{suffix}"
 
 
-APIError = StillroomError
+StillroomError = TinkerError
 
 
-class BadRequestError(StillroomError):
+class APIError(TinkerError):
+    """An error from the server or the connection to it."""
+
+
+class APIStatusError(APIError):
+    """The server answered with an error status; `status_code` is its HTTP equivalent."""
+
+    status_code: Optional[int] = 500
+
+
+class APIResponseValidationError(APIError):
+    """The server's answer did not have the expected shape."""
+
+
+class RequestFailedError(TinkerError):
+    """A request the server accepted finished in a failed state (Tinker's name; Stillroom raises
+    the typed errors below, which carry the request id)."""
+
+    def __init__(self, message: str, request_id: Optional[str] = None, category: str = "unknown") -> None:
+        super().__init__(message, code="FAILED", request_id=request_id)
+        self.category = category
+
+
+class BadRequestError(APIStatusError):
     code = "INVALID_ARGUMENT"
+    status_code = 400
 
 
-class AuthenticationError(StillroomError):
+class AuthenticationError(APIStatusError):
     code = "UNAUTHENTICATED"
+    status_code = 401
 
 
-class PermissionDeniedError(StillroomError):
+class BillingError(APIStatusError):
+    """Never raised by Stillroom (no billing); here so code written for Tinker imports."""
+
+    code = "BILLING"
+    status_code = 402
+
+
+class PermissionDeniedError(APIStatusError):
     code = "PERMISSION_DENIED"
+    status_code = 403
 
 
-class NotFoundError(StillroomError):
+class NotFoundError(APIStatusError):
     code = "NOT_FOUND"
+    status_code = 404
 
 
-class ConflictError(StillroomError):
+class ConflictError(APIStatusError):
     code = "ALREADY_EXISTS"
+    status_code = 409
 
 
-class FailedPreconditionError(StillroomError):
+class UnprocessableEntityError(APIStatusError):
+    code = "UNPROCESSABLE"
+    status_code = 422
+
+
+class FailedPreconditionError(APIStatusError):
+    """Stillroom's addition: the thing is in the wrong state (e.g. a run whose weights were lost)."""
+
     code = "FAILED_PRECONDITION"
+    status_code = 400
 
 
-class RateLimitError(StillroomError):
+class RateLimitError(APIStatusError):
     code = "RESOURCE_EXHAUSTED"
+    status_code = 429
 
 
-class APIConnectionError(StillroomError):
+class InternalServerError(APIStatusError):
+    code = "INTERNAL"
+    status_code = 500
+
+
+class APIConnectionError(APIError):
     """The server could not be reached (UNAVAILABLE), after the SDK's retries."""
 
     code = "UNAVAILABLE"
 
 
-class APITimeoutError(StillroomError):
+class APITimeoutError(APIConnectionError):
     code = "DEADLINE_EXCEEDED"
-
-
-class InternalServerError(StillroomError):
-    code = "INTERNAL"
 
 
 _BY_CODE: dict[str, type[StillroomError]] = {

@@ -16,8 +16,9 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Optional
 
-from stillroom import types
+from stillroom import _wire, types
 from stillroom._proto import stillroom_pb2 as pb
+from stillroom.futures import APIFuture, ValueFuture
 
 if TYPE_CHECKING:
     from stillroom.service_client import ServiceClient
@@ -32,10 +33,11 @@ def _time(text: str) -> Optional[datetime]:
 
 def checkpoint_from_pb(info: pb.CheckpointInfo) -> types.Checkpoint:
     return types.Checkpoint(
-        checkpoint_id=info.name, checkpoint_type=_CHECKPOINT_TYPES[info.kind],
-        time=_time(info.created_at), path=info.path, size_bytes=info.size_bytes,
+        checkpoint_id=f"{info.kind}/{info.name}", checkpoint_type=_CHECKPOINT_TYPES[info.kind],
+        time=_time(info.created_at), tinker_path=info.path, size_bytes=info.size_bytes,
         expires_at=_time(info.expires_at), training_run_id=info.training_run_id,
-        base_model=info.base_model, is_lora=info.is_lora)
+        base_model=info.base_model, is_lora=info.is_lora,
+        user_metadata=dict(info.user_metadata) or None)
 
 
 def training_run_from_pb(info: pb.TrainingRunInfo) -> types.TrainingRun:
@@ -50,16 +52,50 @@ def training_run_from_pb(info: pb.TrainingRunInfo) -> types.TrainingRun:
         user_metadata=dict(info.user_metadata))
 
 
-class RestClient:
-    def __init__(self, service: "ServiceClient") -> None:
-        self._service = service
-        self._connection = service._connection
+def _path_of(training_run_id: str, checkpoint_id: Optional[str]) -> str:
+    """Tinker's (run, "weights/<name>") pair, or a whole path given alone, as a server path."""
+    if checkpoint_id is None:
+        return _wire.checkpoint_path(training_run_id)
+    return f"stillroom://{training_run_id}/{checkpoint_id}"
 
-    def _run(self, coro):
-        return self._connection.run(coro)
+
+class RestClient:
+    """Built from a ServiceClient (`service.create_rest_client()`, sharing its connection) or on
+    its own, as Tinker builds it: `RestClient(base_url=..., api_key=...)` (else
+    STILLROOM_BASE_URL / STILLROOM_API_KEY). Sync methods return a finished APIFuture that also
+    reads as its value; `_async` twins return the value."""
+
+    def __init__(self, _holder: Any = None, *, base_url: Optional[str] = None,
+                 api_key: Optional[str] = None, tls_root_cert: Optional[str] = None) -> None:
+        if _holder is not None:
+            self._service = _holder
+            self._connection = _holder._connection
+            self._owns_connection = False
+        else:
+            from stillroom._connection import Connection, connection_settings
+
+            self._connection = Connection(*connection_settings(base_url, api_key), tls_root_cert=tls_root_cert)
+            self._owns_connection = True
+
+    def close(self) -> None:
+        """Close the connection, if this client made its own."""
+        if self._owns_connection:
+            self._connection.close()
+
+    def _run(self, coro) -> ValueFuture:
+        return ValueFuture(self._connection.run(coro))
 
     async def _run_async(self, coro):
         return await self._connection.run_async(coro)
+
+    def get_telemetry(self) -> None:
+        """Tinker's client telemetry; Stillroom sends none."""
+        return None
+
+    def get_server_capabilities(self) -> APIFuture[types.GetServerCapabilitiesResponse]:
+        from stillroom.service_client import server_capabilities
+
+        return self._run(server_capabilities(self._connection))
 
     # ---------------------------------------------------------------- training runs
 
@@ -70,11 +106,13 @@ class RestClient:
             training_runs=[training_run_from_pb(r) for r in reply.training_runs],
             cursor=types.Cursor(offset=offset, limit=limit, total_count=reply.total_count))
 
-    def list_training_runs(self, limit: int = 20, offset: int = 0) -> types.TrainingRunsResponse:
-        """The caller's training runs, newest first."""
+    def list_training_runs(self, limit: int = 20, offset: int = 0, access_scope: str = "owned",
+                           project_id: Optional[str] = None) -> APIFuture[types.TrainingRunsResponse]:
+        """The caller's training runs, newest first (every scope is the caller's own)."""
         return self._run(self._list_training_runs(limit, offset))
 
-    async def list_training_runs_async(self, limit: int = 20, offset: int = 0) -> types.TrainingRunsResponse:
+    async def list_training_runs_async(self, limit: int = 20, offset: int = 0, access_scope: str = "owned",
+                                       project_id: Optional[str] = None) -> types.TrainingRunsResponse:
         return await self._run_async(self._list_training_runs(limit, offset))
 
     async def _get_training_run(self, training_run_id: str) -> types.TrainingRun:
@@ -89,11 +127,30 @@ class RestClient:
                 run.last_sampler_checkpoint = checkpoint
         return run
 
-    def get_training_run(self, training_run_id: str) -> types.TrainingRun:
+    def get_training_run(self, training_run_id: str,
+                         access_scope: str = "owned") -> APIFuture[types.TrainingRun]:
         return self._run(self._get_training_run(training_run_id))
 
-    async def get_training_run_async(self, training_run_id: str) -> types.TrainingRun:
+    async def get_training_run_async(self, training_run_id: str,
+                                     access_scope: str = "owned") -> types.TrainingRun:
         return await self._run_async(self._get_training_run(training_run_id))
+
+    def get_training_run_by_tinker_path(self, tinker_path: str,
+                                        access_scope: str = "owned") -> APIFuture[types.TrainingRun]:
+        """The training run a checkpoint path (tinker:// or stillroom://) belongs to."""
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return self.get_training_run(parsed.training_run_id)
+
+    async def get_training_run_by_tinker_path_async(self, tinker_path: str,
+                                                    access_scope: str = "owned") -> types.TrainingRun:
+        parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        return await self.get_training_run_async(parsed.training_run_id)
+
+    def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[types.WeightsInfoResponse]:
+        """The base model and LoRA rank behind a checkpoint path."""
+        run = self.get_training_run_by_tinker_path(tinker_path).result()
+        return ValueFuture(types.WeightsInfoResponse(base_model=run.base_model, is_lora=run.is_lora,
+                                                     lora_rank=run.lora_rank))
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -102,7 +159,7 @@ class RestClient:
                                             pb.ListCheckpointsRequest(training_run_id=training_run_id))
         return types.CheckpointsListResponse(checkpoints=[checkpoint_from_pb(c) for c in reply.checkpoints])
 
-    def list_checkpoints(self, training_run_id: str) -> types.CheckpointsListResponse:
+    def list_checkpoints(self, training_run_id: str) -> APIFuture[types.CheckpointsListResponse]:
         """One run's checkpoints, oldest first."""
         if not training_run_id:
             raise ValueError("list_checkpoints needs a training_run_id (list_user_checkpoints lists all)")
@@ -113,41 +170,68 @@ class RestClient:
             raise ValueError("list_checkpoints needs a training_run_id (list_user_checkpoints lists all)")
         return await self._run_async(self._list_checkpoints(training_run_id))
 
-    def list_user_checkpoints(self) -> types.CheckpointsListResponse:
-        """Every checkpoint of the caller, newest first."""
-        return self._run(self._list_checkpoints(""))
+    async def _list_user_checkpoints(self, limit: int, offset: int) -> types.CheckpointsListResponse:
+        if limit < 1 or offset < 0:
+            raise ValueError(f"list_user_checkpoints: need limit >= 1 and offset >= 0, got {limit}, {offset}")
+        every = (await self._list_checkpoints("")).checkpoints
+        return types.CheckpointsListResponse(
+            checkpoints=every[offset:offset + limit],
+            cursor=types.Cursor(offset=offset, limit=limit, total_count=len(every)))
 
-    async def list_user_checkpoints_async(self) -> types.CheckpointsListResponse:
-        return await self._run_async(self._list_checkpoints(""))
+    def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> APIFuture[types.CheckpointsListResponse]:
+        """The caller's checkpoints, newest first, `limit` from `offset`."""
+        return self._run(self._list_user_checkpoints(limit, offset))
+
+    async def list_user_checkpoints_async(self, limit: int = 100, offset: int = 0) -> types.CheckpointsListResponse:
+        return await self._run_async(self._list_user_checkpoints(limit, offset))
 
     async def _delete(self, path: str) -> types.Checkpoint:
         return checkpoint_from_pb(await self._connection.call(
-            "DeleteCheckpoint", pb.CheckpointPathRequest(path=path), timeout=600))
+            "DeleteCheckpoint", pb.CheckpointPathRequest(path=_wire.checkpoint_path(path)), timeout=600))
 
-    def delete_checkpoint(self, path: str) -> types.Checkpoint:
-        """Delete a checkpoint's files and record; sampling clients on it stop working."""
-        return self._run(self._delete(path))
+    def delete_checkpoint(self, training_run_id: str,
+                          checkpoint_id: Optional[str] = None) -> APIFuture[types.Checkpoint]:
+        """Delete a checkpoint's files and record; sampling clients on it stop working.
+        Tinker's form names it by run and checkpoint_id ("weights/<name>"); a whole path alone
+        also works. The future's value is the deleted checkpoint."""
+        return self._run(self._delete(_path_of(training_run_id, checkpoint_id)))
 
-    async def delete_checkpoint_async(self, path: str) -> types.Checkpoint:
-        return await self._run_async(self._delete(path))
+    async def delete_checkpoint_async(self, training_run_id: str,
+                                      checkpoint_id: Optional[str] = None) -> types.Checkpoint:
+        return await self._run_async(self._delete(_path_of(training_run_id, checkpoint_id)))
+
+    def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[types.Checkpoint]:
+        return self._run(self._delete(tinker_path))
+
+    async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> types.Checkpoint:
+        return await self._run_async(self._delete(tinker_path))
 
     async def _set_ttl(self, path: str, ttl_seconds: Optional[int]) -> types.Checkpoint:
-        request = pb.SetCheckpointTtlRequest(path=path)
+        request = pb.SetCheckpointTtlRequest(path=_wire.checkpoint_path(path))
         if ttl_seconds is not None:
             request.ttl_seconds = ttl_seconds
         return checkpoint_from_pb(await self._connection.call("SetCheckpointTtl", request))
 
-    def set_checkpoint_ttl(self, path: str, ttl_seconds: Optional[int]) -> types.Checkpoint:
+    def set_checkpoint_ttl(self, path: str, ttl_seconds: Optional[int]) -> APIFuture[types.Checkpoint]:
         """Have the server delete the checkpoint `ttl_seconds` from now (None: keep it forever)."""
         return self._run(self._set_ttl(path, ttl_seconds))
 
     async def set_checkpoint_ttl_async(self, path: str, ttl_seconds: Optional[int]) -> types.Checkpoint:
         return await self._run_async(self._set_ttl(path, ttl_seconds))
 
+    def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str,
+                                            ttl_seconds: Optional[int]) -> APIFuture[types.Checkpoint]:
+        return self._run(self._set_ttl(tinker_path, ttl_seconds))
+
+    async def set_checkpoint_ttl_from_tinker_path_async(self, tinker_path: str,
+                                                        ttl_seconds: Optional[int]) -> types.Checkpoint:
+        return await self._run_async(self._set_ttl(tinker_path, ttl_seconds))
+
     # ---------------------------------------------------------------- downloads
 
     async def _archive_url(self, path: str) -> types.CheckpointArchiveUrlResponse:
-        reply = await self._connection.call("GetCheckpointArchiveUrl", pb.CheckpointPathRequest(path=path))
+        reply = await self._connection.call("GetCheckpointArchiveUrl",
+                                            pb.CheckpointPathRequest(path=_wire.checkpoint_path(path)))
         host = self._connection.target.rsplit(":", 1)[0] or "127.0.0.1"
         scheme = "https" if self._connection.tls else "http"  # downloads use the gRPC port's TLS
         return types.CheckpointArchiveUrlResponse(
@@ -182,12 +266,6 @@ class RestClient:
                                                 progress: bool = True) -> Path:
         return await asyncio.to_thread(self.download_checkpoint_archive, path, dest_dir, progress)
 
-
-    # Tinker's names for the path-taking calls
-    delete_checkpoint_from_tinker_path = delete_checkpoint
-    delete_checkpoint_from_tinker_path_async = delete_checkpoint_async
-    set_checkpoint_ttl_from_tinker_path = set_checkpoint_ttl
-    set_checkpoint_ttl_from_tinker_path_async = set_checkpoint_ttl_async
     get_checkpoint_archive_url_from_tinker_path = get_checkpoint_archive_url
     get_checkpoint_archive_url_from_tinker_path_async = get_checkpoint_archive_url_async
 

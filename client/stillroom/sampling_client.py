@@ -11,30 +11,39 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from stillroom import _wire, types
 from stillroom._proto import stillroom_pb2 as pb
-from stillroom.futures import APIFuture
+from stillroom.futures import APIFuture, client_future_class
 
 if TYPE_CHECKING:
     from stillroom.service_client import ServiceClient
 
 
 class SamplingClient:
-    def __init__(self, service: "ServiceClient", info: pb.SamplingSessionInfo) -> None:
+    def __init__(self, service: "ServiceClient", info: pb.SamplingSessionInfo, *,
+                 record_stability_info: bool = False) -> None:
         self._service = service
         self._connection = service._connection
         self._info = info
         self.sampling_session_id = info.sampling_session_id
         self.model_path = info.model_path or None
+        self.record_stability_info = record_stability_info  # sequence ids are always given
 
     # ---------------------------------------------------------------- sample
 
     def _sample_sender(self, prompt: types.ModelInput, num_samples: int,
                        sampling_params: types.SamplingParams, include_prompt_logprobs: bool,
-                       topk_prompt_logprobs: int):
+                       topk_prompt_logprobs: int, topk_sample_logprobs: int,
+                       target_prompt_logprobs: Any, prompt_alt_tokens_k: int,
+                       prompt_logprobs_last_n: Optional[int]):
+        if target_prompt_logprobs is not None or prompt_alt_tokens_k:
+            raise ValueError("sample: target_prompt_logprobs and prompt_alt_tokens_k are not offered "
+                             "by Stillroom")
         request = pb.SampleRequest(
             sampling_session_id=self.sampling_session_id, prompt=_wire.model_input_to_pb(prompt),
             num_samples=num_samples, sampling_params=_wire.sampling_params_to_pb(sampling_params),
             include_prompt_logprobs=include_prompt_logprobs,
-            topk_prompt_logprobs=topk_prompt_logprobs)
+            topk_prompt_logprobs=topk_prompt_logprobs, topk_sample_logprobs=topk_sample_logprobs)
+        if prompt_logprobs_last_n is not None:
+            request.prompt_logprobs_last_n = prompt_logprobs_last_n
         return lambda: self._connection.call("Sample", request)
 
     @staticmethod
@@ -43,44 +52,72 @@ class SamplingClient:
 
     def sample(self, prompt: types.ModelInput, num_samples: int,
                sampling_params: types.SamplingParams, include_prompt_logprobs: bool = False,
-               topk_prompt_logprobs: int = 0) -> APIFuture[types.SampleResponse]:
+               topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0,
+               target_prompt_logprobs: Any = None, prompt_alt_tokens_k: int = 0,
+               prompt_logprobs_last_n: Optional[int] = None) -> APIFuture[types.SampleResponse]:
+        """`num_samples` continuations of `prompt`. Each sequence has a `sequence_id`; with
+        `topk_sample_logprobs` k > 0, its `topk_logprobs` lists the k likeliest (token, logprob)
+        at each sampled position; `prompt_logprobs_last_n` scores only the prompt's last n tokens
+        (for prompt logprobs and top-k prompt logprobs; earlier entries are None)."""
         send = self._sample_sender(prompt, num_samples, sampling_params, include_prompt_logprobs,
-                                   topk_prompt_logprobs)
+                                   topk_prompt_logprobs, topk_sample_logprobs,
+                                   target_prompt_logprobs, prompt_alt_tokens_k, prompt_logprobs_last_n)
         return self._connection.submit(send, self._parse_sample)
 
     async def sample_async(self, prompt: types.ModelInput, num_samples: int,
                            sampling_params: types.SamplingParams,
-                           include_prompt_logprobs: bool = False,
-                           topk_prompt_logprobs: int = 0) -> APIFuture[types.SampleResponse]:
+                           include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+                           topk_sample_logprobs: int = 0, target_prompt_logprobs: Any = None,
+                           prompt_alt_tokens_k: int = 0,
+                           prompt_logprobs_last_n: Optional[int] = None) -> types.SampleResponse:
+        """Like `sample`, awaiting the result (as Tinker's does)."""
         send = self._sample_sender(prompt, num_samples, sampling_params, include_prompt_logprobs,
-                                   topk_prompt_logprobs)
-        return await self._connection.submit_async(send, self._parse_sample)
+                                   topk_prompt_logprobs, topk_sample_logprobs,
+                                   target_prompt_logprobs, prompt_alt_tokens_k, prompt_logprobs_last_n)
+        return await self._connection.submit(send, self._parse_sample)
 
     # ---------------------------------------------------------------- logprobs
 
-    def _logprobs_sender(self, prompt: types.ModelInput):
+    def _logprobs_sender(self, prompt: types.ModelInput, prompt_logprobs_last_n: Optional[int]):
         request = pb.ComputeLogprobsRequest(sampling_session_id=self.sampling_session_id,
                                             prompt=_wire.model_input_to_pb(prompt))
+        if prompt_logprobs_last_n is not None:
+            request.prompt_logprobs_last_n = prompt_logprobs_last_n
         return lambda: self._connection.call("ComputeLogprobs", request)
 
     @staticmethod
     def _parse_logprobs(result: pb.FutureResult) -> list[Optional[float]]:
         return _wire.logprobs_from_pb(result.compute_logprobs)
 
-    def compute_logprobs(self, prompt: types.ModelInput) -> APIFuture[list[Optional[float]]]:
-        """Each token's logprob given the tokens before it; the first entry is None."""
-        return self._connection.submit(self._logprobs_sender(prompt), self._parse_logprobs)
+    def compute_logprobs(self, prompt: types.ModelInput,
+                         prompt_logprobs_last_n: Optional[int] = None) -> APIFuture[list[Optional[float]]]:
+        """Each token's logprob given the tokens before it; the first entry is None (and, with
+        `prompt_logprobs_last_n`, every entry before the last n)."""
+        return self._connection.submit(self._logprobs_sender(prompt, prompt_logprobs_last_n),
+                                       self._parse_logprobs)
 
-    async def compute_logprobs_async(self, prompt: types.ModelInput) -> APIFuture[list[Optional[float]]]:
-        return await self._connection.submit_async(self._logprobs_sender(prompt), self._parse_logprobs)
+    async def compute_logprobs_async(self, prompt: types.ModelInput,
+                                     prompt_logprobs_last_n: Optional[int] = None) -> list[Optional[float]]:
+        return await self.compute_logprobs(prompt, prompt_logprobs_last_n)
 
     # ---------------------------------------------------------------- information
 
     def get_base_model(self) -> str:
         return self._info.base_model
 
+    async def get_base_model_async(self) -> str:
+        return self._info.base_model
+
+    def get_telemetry(self) -> None:
+        """Tinker's client telemetry; Stillroom sends none."""
+        return None
+
     def get_tokenizer(self) -> Any:
         return self._service._load_tokenizer(self._info.base_model)
 
     def __repr__(self) -> str:
         return f"<SamplingClient {self.model_path or self._info.base_model}>"
+
+
+SamplingClientFuture = client_future_class(SamplingClient, "BackcompatSamplingClientFuture")
+BackcompatSamplingClientFuture = SamplingClientFuture

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Sequence
 
 from stillroom import _wire, types
 from stillroom._proto import stillroom_pb2 as pb
-from stillroom.futures import APIFuture
+from stillroom.futures import APIFuture, client_future_class
+
+from stillroom.sampling_client import SamplingClient, SamplingClientFuture
 
 if TYPE_CHECKING:
-    from stillroom.sampling_client import SamplingClient
     from stillroom.service_client import ServiceClient
 
 
@@ -54,6 +55,11 @@ def _merge_outputs(outputs: list[types.ForwardBackwardOutput]) -> types.ForwardB
             metrics[key] = values[-1]
     return types.ForwardBackwardOutput(
         loss_fn_outputs=[o for out in outputs for o in out.loss_fn_outputs], metrics=metrics)
+
+
+def _check_kind(kind: str) -> None:
+    if kind != "snapshot":
+        raise ValueError(f"kind: Stillroom's sampling clients are snapshots of saved weights; got {kind!r}")
 
 
 def _as_data(data: Sequence[types.Datum | dict]) -> list[types.Datum]:
@@ -212,8 +218,8 @@ class TrainingClient:
 
     # ---------------------------------------------------------------- custom losses
 
-    def forward_backward_custom(self, data: Sequence[types.Datum],
-                                loss_fn: CustomLossFn) -> APIFuture[types.ForwardBackwardOutput]:
+    def forward_backward_custom(self, data: Sequence[types.Datum], loss_fn: CustomLossFn, *,
+                                loss_type_input: Optional[str] = None) -> APIFuture[types.ForwardBackwardOutput]:
         """Train on any differentiable function of the target tokens' logprobs.
 
         `loss_fn(data, logprobs_list) -> (loss, metrics)` gets one 1-D float32 torch tensor per
@@ -222,7 +228,10 @@ class TrainingClient:
         gradient of `loss` with respect to them, so the model's gradient is the loss's gradient.
         The two requests go out back to back: a call made after this one is numbered after
         both. Metrics are the user's, with `loss:sum` set to the value of `loss`.
+        `loss_type_input` is Tinker's deprecated argument: only "logprobs" (or None) is accepted.
         """
+        if loss_type_input not in (None, "logprobs"):
+            raise ValueError(f"loss_type_input: only 'logprobs' is supported, got {loss_type_input!r}")
         data = _as_data(data)
         for i, datum in enumerate(data):
             if "target_tokens" not in datum.loss_fn_inputs:
@@ -231,10 +240,11 @@ class TrainingClient:
         done = self._connection.spawn(self._forward_backward_custom(data, loss_fn, submitted))
         return APIFuture(done, submitted)
 
-    async def forward_backward_custom_async(self, data: Sequence[types.Datum],
-                                            loss_fn: CustomLossFn) -> APIFuture[types.ForwardBackwardOutput]:
+    async def forward_backward_custom_async(
+            self, data: Sequence[types.Datum], loss_fn: CustomLossFn, *,
+            loss_type_input: Optional[str] = None) -> APIFuture[types.ForwardBackwardOutput]:
         """Like `forward_backward_custom`; returns once the gradient request has been accepted."""
-        future = self.forward_backward_custom(data, loss_fn)
+        future = self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input)
         await asyncio.wrap_future(future._submitted)
         return future
 
@@ -266,8 +276,14 @@ class TrainingClient:
 
     # ---------------------------------------------------------------- optimizer
 
-    def _optim_request(self, adam_params: types.AdamParams):
-        params_pb = _wire.adam_params_to_pb(adam_params)
+    def _optim_request(self, optim_params: Optional[types.AdamParams],
+                       adam_params: Optional[types.AdamParams]):
+        if (optim_params is None) == (adam_params is None):
+            raise ValueError("optim_step needs exactly one of optim_params or adam_params")
+        params = optim_params if optim_params is not None else adam_params
+        if not isinstance(params, types.AdamParams):
+            raise ValueError(f"optim_step: Stillroom trains with AdamW only; got {type(params).__name__}")
+        params_pb = _wire.adam_params_to_pb(params)
         return lambda seq: pb.OptimStepRequest(training_run_id=self.training_run_id, seq=seq,
                                                adam_params=params_pb)
 
@@ -275,79 +291,129 @@ class TrainingClient:
     def _parse_optim(result: pb.FutureResult) -> types.OptimStepResponse:
         return types.OptimStepResponse(metrics=dict(result.optim_step.metrics))
 
-    def optim_step(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
+    def optim_step(self, optim_params: Optional[types.AdamParams] = None, *,
+                   adam_params: Optional[types.AdamParams] = None) -> APIFuture[types.OptimStepResponse]:
         """Apply the accumulated gradients with AdamW, then clear them."""
-        return self._submit(self._optim_request(adam_params), "OptimStep", self._parse_optim)
+        return self._submit(self._optim_request(optim_params, adam_params), "OptimStep",
+                            self._parse_optim)
 
-    async def optim_step_async(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
-        return await self._submit_async(self._optim_request(adam_params), "OptimStep", self._parse_optim)
+    async def optim_step_async(
+            self, optim_params: Optional[types.AdamParams] = None, *,
+            adam_params: Optional[types.AdamParams] = None) -> APIFuture[types.OptimStepResponse]:
+        return await self._submit_async(self._optim_request(optim_params, adam_params), "OptimStep",
+                                        self._parse_optim)
 
     # ---------------------------------------------------------------- saving weights
 
-    def _save_request(self, name: Optional[str]):
-        return lambda seq: pb.SaveWeightsRequest(training_run_id=self.training_run_id, seq=seq,
-                                                 name=name or "")
+    def _save_request(self, name: Optional[str], ttl_seconds: Optional[int] = None,
+                      user_metadata: Optional[dict[str, str]] = None, overwrite: bool = False):
+        def build(seq: int) -> pb.SaveWeightsRequest:
+            request = pb.SaveWeightsRequest(training_run_id=self.training_run_id, seq=seq,
+                                            name=name or "", user_metadata=user_metadata or {},
+                                            overwrite=overwrite)
+            if ttl_seconds is not None:
+                request.ttl_seconds = ttl_seconds
+            return request
+        return build
 
     @staticmethod
     def _parse_save(result: pb.FutureResult) -> types.SaveWeightsForSamplerResponse:
         return types.SaveWeightsForSamplerResponse(path=result.save_weights.path)
 
-    def save_weights_for_sampler(self, name: str) -> APIFuture[types.SaveWeightsForSamplerResponse]:
-        """Snapshot the current weights for sampling as stillroom://<run>/sampler_weights/<name>."""
-        return self._submit(self._save_request(name), "SaveWeightsForSampler", self._parse_save)
+    def save_weights_for_sampler(self, name: Optional[str], ttl_seconds: Optional[int] = None,
+                                 user_metadata: Optional[dict[str, str]] = None,
+                                 ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        """Snapshot the current weights for sampling as stillroom://<run>/sampler_weights/<name>;
+        the server deletes it `ttl_seconds` later (None: kept until deleted)."""
+        return self._submit(self._save_request(name, ttl_seconds, user_metadata),
+                            "SaveWeightsForSampler", self._parse_save)
 
-    async def save_weights_for_sampler_async(self, name: str) -> APIFuture[types.SaveWeightsForSamplerResponse]:
-        return await self._submit_async(self._save_request(name), "SaveWeightsForSampler",
-                                        self._parse_save)
+    async def save_weights_for_sampler_async(self, name: Optional[str], ttl_seconds: Optional[int] = None,
+                                             user_metadata: Optional[dict[str, str]] = None,
+                                             ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        return await self._submit_async(self._save_request(name, ttl_seconds, user_metadata),
+                                        "SaveWeightsForSampler", self._parse_save)
 
-    def save_weights_and_get_sampling_client(self, name: Optional[str] = None) -> "SamplingClient":
+    def save_weights_and_get_sampling_client(
+            self, name: Optional[str] = None, retry_config: Any = None,
+            record_stability_info: bool = False, kind: str = "snapshot") -> "SamplingClientFuture":
+        """Save sampler weights (a server-chosen name when `name` is None) and a sampling client
+        on them: usable at once as the client, or through `.result()` / `await`."""
+        _check_kind(kind)
         path = self._submit(self._save_request(name), "SaveWeightsForSampler", self._parse_save)
-        return self._service.create_sampling_client(model_path=path.result().path)
 
-    async def save_weights_and_get_sampling_client_async(self, name: Optional[str] = None) -> "SamplingClient":
-        future = await self._submit_async(self._save_request(name), "SaveWeightsForSampler",
-                                          self._parse_save)
-        return await self._service.create_sampling_client_async(model_path=(await future).path)
+        async def create():
+            saved = await path
+            return await self._service._create_sampling_client(
+                saved.path, None, record_stability_info=record_stability_info)
+
+        future = SamplingClientFuture(self._connection.spawn(create()))
+        future.result()  # errors surface here, at the call
+        return future
+
+    async def save_weights_and_get_sampling_client_async(
+            self, name: Optional[str] = None, retry_config: Any = None,
+            record_stability_info: bool = False, kind: str = "snapshot") -> "SamplingClient":
+        return await self.save_weights_and_get_sampling_client(name, retry_config,
+                                                               record_stability_info, kind)
+
+    def create_sampling_client(self, model_path: str, retry_config: Any = None,
+                               record_stability_info: bool = False) -> "SamplingClientFuture":
+        """A sampling client on saved sampler weights (as ServiceClient.create_sampling_client)."""
+        return self._service.create_sampling_client(model_path=model_path,
+                                                    record_stability_info=record_stability_info)
+
+    async def create_sampling_client_async(self, model_path: str, retry_config: Any = None,
+                                           record_stability_info: bool = False) -> "SamplingClient":
+        return await self._service.create_sampling_client_async(
+            model_path=model_path, record_stability_info=record_stability_info)
 
     # ---------------------------------------------------------------- training state
-
-    def _save_state_request(self, name: Optional[str]):
-        return lambda seq: pb.SaveWeightsRequest(training_run_id=self.training_run_id, seq=seq,
-                                                 name=name or "")
 
     @staticmethod
     def _parse_save_state(result: pb.FutureResult) -> types.SaveWeightsResponse:
         return types.SaveWeightsResponse(path=result.save_weights.path)
 
-    def save_state(self, name: Optional[str] = None) -> APIFuture[types.SaveWeightsResponse]:
-        """Save weights and optimizer state as stillroom://<run>/weights/<name>, in request order."""
-        return self._submit(self._save_state_request(name), "SaveState", self._parse_save_state)
+    def save_state(self, name: Optional[str], ttl_seconds: Optional[int] = None, overwrite: bool = False,
+                   user_metadata: Optional[dict[str, str]] = None) -> APIFuture[types.SaveWeightsResponse]:
+        """Save weights and optimizer state as stillroom://<run>/weights/<name>, in request order
+        (name None: the server picks one). `overwrite` replaces a state of that name (else the
+        save fails with ConflictError); the server deletes it `ttl_seconds` later."""
+        return self._submit(self._save_request(name, ttl_seconds, user_metadata, overwrite),
+                            "SaveState", self._parse_save_state)
 
-    async def save_state_async(self, name: Optional[str] = None) -> APIFuture[types.SaveWeightsResponse]:
-        return await self._submit_async(self._save_state_request(name), "SaveState",
-                                        self._parse_save_state)
+    async def save_state_async(self, name: Optional[str], ttl_seconds: Optional[int] = None,
+                               overwrite: bool = False, user_metadata: Optional[dict[str, str]] = None,
+                               ) -> APIFuture[types.SaveWeightsResponse]:
+        return await self._submit_async(self._save_request(name, ttl_seconds, user_metadata, overwrite),
+                                        "SaveState", self._parse_save_state)
 
     def _load_state_request(self, path: str, with_optimizer: bool):
+        path = _wire.checkpoint_path(path)
         return lambda seq: pb.LoadStateRequest(training_run_id=self.training_run_id, seq=seq,
                                                path=path, with_optimizer=with_optimizer)
 
     @staticmethod
     def _parse_load_state(result: pb.FutureResult) -> types.LoadWeightsResponse:
-        return types.LoadWeightsResponse(path=result.save_weights.path)
+        return types.LoadWeightsResponse(path=result.save_weights.path, type="load_weights")
 
-    def load_state(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+    def load_state(self, path: str,
+                   weights_access_token: Optional[str] = None) -> APIFuture[types.LoadWeightsResponse]:
         """Replace this run's weights with a saved state's; the optimizer starts afresh."""
         return self._submit(self._load_state_request(path, False), "LoadState", self._parse_load_state)
 
-    async def load_state_async(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+    async def load_state_async(
+            self, path: str, weights_access_token: Optional[str] = None) -> APIFuture[types.LoadWeightsResponse]:
         return await self._submit_async(self._load_state_request(path, False), "LoadState",
                                         self._parse_load_state)
 
-    def load_state_with_optimizer(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+    def load_state_with_optimizer(self, path: str,
+                                  weights_access_token: Optional[str] = None) -> APIFuture[types.LoadWeightsResponse]:
         """Replace this run's weights and optimizer state (moments, step counts) with a saved state's."""
         return self._submit(self._load_state_request(path, True), "LoadState", self._parse_load_state)
 
-    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+    async def load_state_with_optimizer_async(
+            self, path: str, weights_access_token: Optional[str] = None) -> APIFuture[types.LoadWeightsResponse]:
         return await self._submit_async(self._load_state_request(path, True), "LoadState",
                                         self._parse_load_state)
 
@@ -363,6 +429,8 @@ class TrainingClient:
         info = await self._connection.call(
             "GetTrainingRun", pb.GetTrainingRunRequest(training_run_id=self.training_run_id))
         return types.GetInfoResponse(
+            model_id=info.training_run_id, type="get_info",
+            model_data=types.ModelData(model_name=info.base_model, tokenizer_id=info.base_model),
             training_run_id=info.training_run_id, model_name=info.base_model, is_lora=info.is_lora,
             lora_rank=info.lora_rank if info.is_lora else None,
             num_trainable_params=info.num_trainable_params,
@@ -373,5 +441,13 @@ class TrainingClient:
         """The base model's Hugging Face tokenizer (needs transformers on the client)."""
         return self._service._load_tokenizer(self._info.base_model)
 
+    def get_telemetry(self) -> None:
+        """Tinker's client telemetry; Stillroom sends none."""
+        return None
+
     def __repr__(self) -> str:
         return f"<TrainingClient {self.training_run_id} on {self._info.base_model}>"
+
+
+TrainingClientFuture = client_future_class(TrainingClient, "BackcompatTrainingClientFuture")
+BackcompatTrainingClientFuture = TrainingClientFuture

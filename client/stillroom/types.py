@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DType = Literal["int64", "float32"]
-LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
-StopReason = Literal["stop", "length"]
+from stillroom._compat_types import (AdamOptimizerConfig, AuditLogEntry, AuditLogResponse,
+                                     DimuonOptimizerConfig, DimuonParams, DmelChunk,
+                                     ExternalWeightsUrlsResponse, ImageAssetPointerChunk, ImageChunk,
+                                     ModelData, ModelID, OptimizerConfig, PromptProvenanceSpan,
+                                     ProvenanceSpans, RequestErrorCategory, RequestID,
+                                     SampledProvenanceSpan, SamplingClientKind, TensorDtype,
+                                     WeightsInfoResponse, WhoamiResponse, check_tiling)
+
+DType = TensorDtype
+# Tinker's losses, plus Stillroom's server-side teacher_reverse_kl; "custom" names
+# forward_backward_custom's requests in Tinker and is not a server loss.
+LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo",
+                     "stable_reinforce", "custom", "teacher_reverse_kl"]
+StopReason = Literal["length", "stop"]
 
 # Plain lists in Datum.loss_fn_inputs are typed by their key, as in Tinker.
 _KEY_DTYPES: dict[str, DType] = {
@@ -22,6 +33,9 @@ _KEY_DTYPES: dict[str, DType] = {
     "weights": "float32",
     "advantages": "float32",
     "logprobs": "float32",
+    "clip_low_threshold": "float32",
+    "clip_high_threshold": "float32",
+    "sequence_ratio_mask": "float32",
 }
 
 
@@ -30,19 +44,67 @@ class StrictModel(BaseModel):
 
 
 class TensorData(StrictModel):
-    """A dense tensor: flat `data` in row-major order, its `dtype` and `shape`."""
+    """A tensor: flat `data` in row-major order, its `dtype` and `shape`. With
+    `sparse_crow_indices` / `sparse_col_indices` it is sparse CSR (as in Tinker): `data` holds the
+    listed values only, every other entry is the pad value (0 unless told)."""
 
     data: list[int] | list[float]
     dtype: DType
     shape: Optional[list[int]] = None
+    sparse_crow_indices: Optional[list[int]] = None
+    sparse_col_indices: Optional[list[int]] = None
 
     @model_validator(mode="after")
     def _check_shape(self) -> "TensorData":
+        if (self.sparse_crow_indices is None) != (self.sparse_col_indices is None):
+            raise ValueError("TensorData: set sparse_crow_indices and sparse_col_indices together")
+        if self.sparse_crow_indices is not None:
+            if self.shape is None or len(self.shape) != 2:
+                raise ValueError("TensorData: a sparse CSR tensor needs a 2-D shape")
+            if (len(self.sparse_crow_indices) != self.shape[0] + 1
+                    or len(self.sparse_col_indices) != len(self.data)):
+                raise ValueError("TensorData: sparse CSR indices do not match shape and data")
+            return self
         if self.shape is None:
             self.shape = [len(self.data)]
         if math.prod(self.shape) != len(self.data):
             raise ValueError(f"TensorData.shape {self.shape} does not hold {len(self.data)} values")
         return self
+
+    def dense(self, pad_value: int = 0) -> "TensorData":
+        """This tensor with its sparse entries filled in (itself when it is dense)."""
+        if self.sparse_crow_indices is None:
+            return self
+        rows, cols = self.shape
+        values: list = [pad_value] * (rows * cols)
+        crow, col = self.sparse_crow_indices, self.sparse_col_indices
+        for row in range(rows):
+            for index in range(crow[row], crow[row + 1]):
+                values[row * cols + col[index]] = self.data[index]
+        cast = int if self.dtype == "int64" else float
+        return TensorData(data=[cast(v) for v in values], dtype=self.dtype, shape=list(self.shape))
+
+    @classmethod
+    def from_torch_sparse(cls, tensor: Any, pad_value: int = 0) -> "TensorData":
+        """A CSR TensorData of a 2-D tensor, leaving out entries equal to `pad_value` (a dense
+        one when that would not be smaller)."""
+        if tensor.dim() != 2:
+            return cls.from_torch(tensor)
+        listed = tensor != pad_value
+        nnz = int(listed.sum())
+        if tensor.shape[0] + 1 + 2 * nnz >= tensor.numel():
+            return cls.from_torch(tensor)
+        crow = [0]
+        cols: list[int] = []
+        values: list = []
+        for row in tensor.detach().cpu():
+            index = (row != pad_value).nonzero().flatten().tolist()
+            cols.extend(index)
+            values.extend(row[index].tolist())
+            crow.append(len(cols))
+        dtype: DType = "float32" if tensor.is_floating_point() else "int64"
+        return cls(data=values, dtype=dtype, shape=list(tensor.shape), sparse_crow_indices=crow,
+                   sparse_col_indices=cols)
 
     @classmethod
     def from_numpy(cls, array: Any) -> "TensorData":
@@ -55,21 +117,24 @@ class TensorData(StrictModel):
         return cls(data=tensor.detach().cpu().reshape(-1).tolist(), dtype=dtype,
                    shape=list(tensor.shape))
 
-    def to_numpy(self) -> Any:
+    def to_numpy(self, pad_value: int = 0) -> Any:
         import numpy as np
 
-        return np.asarray(self.data, dtype=self.dtype).reshape(self.shape)
+        dense = self.dense(pad_value)
+        return np.asarray(dense.data, dtype=dense.dtype).reshape(dense.shape)
 
-    def to_torch(self) -> Any:
+    def to_torch(self, pad_value: int = 0) -> Any:
         import torch
 
-        dtype = torch.int64 if self.dtype == "int64" else torch.float32
-        return torch.tensor(self.data, dtype=dtype).reshape(self.shape)
+        dense = self.dense(pad_value)
+        dtype = torch.int64 if dense.dtype == "int64" else torch.float32
+        return torch.tensor(dense.data, dtype=dtype).reshape(dense.shape)
 
-    def tolist(self) -> list:
-        if not self.shape or len(self.shape) == 1:
-            return list(self.data)
-        return self.to_numpy().tolist()
+    def tolist(self, pad_value: int = 0) -> list:
+        dense = self.dense(pad_value)
+        if not dense.shape or len(dense.shape) == 1:
+            return list(dense.data)
+        return dense.to_numpy().tolist()
 
 
 class EncodedTextChunk(StrictModel):
@@ -81,11 +146,13 @@ class EncodedTextChunk(StrictModel):
         return len(self.tokens)
 
 
-ModelInputChunk = EncodedTextChunk
+ModelInputChunk = Annotated[Union[EncodedTextChunk, ImageAssetPointerChunk, ImageChunk, DmelChunk],
+                            Field(discriminator="type")]
 
 
 class ModelInput(StrictModel):
-    """The tokens a model reads, as a list of chunks (text chunks only, for now)."""
+    """The tokens a model reads, as a list of chunks. Tinker's image and audio chunks are accepted
+    by the type, but Stillroom's models read text tokens only: sending one is refused."""
 
     chunks: list[ModelInputChunk]
 
@@ -98,6 +165,9 @@ class ModelInput(StrictModel):
         return cls(chunks=[])
 
     def to_ints(self) -> list[int]:
+        if not all(isinstance(chunk, EncodedTextChunk) for chunk in self.chunks):
+            raise ValueError("to_ints only supported for ModelInput with EncodedTextChunks, got "
+                             f"{[type(chunk).__name__ for chunk in self.chunks]}")
         return [t for chunk in self.chunks for t in chunk.tokens]
 
     def append_int(self, token: int) -> "ModelInput":
@@ -112,10 +182,33 @@ class ModelInput(StrictModel):
 
 
 class Datum(StrictModel):
-    """One training example: the input tokens and the loss function's per-token inputs."""
+    """One training example: the input tokens and the loss function's per-token inputs.
+
+    Provenance spans (`with_provenance`) are checked here as Tinker checks them; Stillroom's wire
+    does not carry them (its losses do not need them)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     model_input: ModelInput
-    loss_fn_inputs: dict[str, TensorData]
+    loss_fn_inputs: dict[str, TensorData] = Field(default_factory=dict)
+    model_input_spans: Optional[ProvenanceSpans] = None
+    loss_fn_input_spans: Optional[ProvenanceSpans] = None
+
+    @model_validator(mode="after")
+    def _check_spans(self) -> "Datum":
+        if (self.model_input_spans is None) != (self.loss_fn_input_spans is None):
+            raise ValueError("provenance comes as a pair: set both span lists or neither")
+        return self
+
+    def with_provenance(self, model_input: ProvenanceSpans, loss_fn_inputs: ProvenanceSpans) -> "Datum":
+        """A copy carrying provenance: `model_input` spans tile the input tokens,
+        `loss_fn_inputs` spans tile `loss_fn_inputs["target_tokens"]`."""
+        check_tiling("model_input", model_input, self.model_input.length)
+        targets = self.loss_fn_inputs.get("target_tokens")
+        if targets is not None and targets.shape is not None and len(targets.shape) == 1:
+            check_tiling("loss_fn_inputs", loss_fn_inputs, targets.shape[0])
+        return self.model_copy(update={"model_input_spans": list(model_input),
+                                       "loss_fn_input_spans": list(loss_fn_inputs)})
 
     @field_validator("loss_fn_inputs", mode="before")
     @classmethod
@@ -129,6 +222,8 @@ def _as_tensor_data(key: str, value: Any) -> Any:
     if isinstance(value, (TensorData, dict)):
         return value
     if hasattr(value, "detach"):  # torch.Tensor
+        if key in ("target_tokens", "weights") and value.dim() == 2:
+            return TensorData.from_torch_sparse(value)
         return TensorData.from_torch(value)
     if hasattr(value, "dtype") and hasattr(value, "reshape"):  # numpy array
         return TensorData.from_numpy(value)
@@ -173,28 +268,52 @@ class OptimStepResponse(StrictModel):
 
 class SaveWeightsForSamplerResponse(StrictModel):
     path: str
+    type: Optional[Literal["save_weights_for_sampler"]] = None
+
+
+TopkLogprobsList = list[Optional[list[tuple[int, float]]]]
 
 
 class SampledSequence(StrictModel):
+    """One sampled sequence. `sequence_id` names it (unique per server); `topk_logprobs` is set
+    when the request asked for `topk_sample_logprobs`."""
+
     stop_reason: StopReason
     tokens: list[int]
     logprobs: Optional[list[float]] = None
+    sequence_id: str = ""
+    topk_logprobs: Optional[TopkLogprobsList] = None
+
+    @property
+    def tokens_np(self) -> Any:
+        import numpy as np
+
+        return np.asarray(self.tokens, dtype=np.int32)
+
+    @property
+    def logprobs_np(self) -> Any:
+        import numpy as np
+
+        return None if self.logprobs is None else np.asarray(self.logprobs, dtype=np.float32)
 
 
 class SampleResponse(StrictModel):
     sequences: list[SampledSequence]
     type: Literal["sample"] = "sample"
     prompt_logprobs: Optional[list[Optional[float]]] = None
-    topk_prompt_logprobs: Optional[list[Optional[list[tuple[int, float]]]]] = None
+    topk_prompt_logprobs: Optional[TopkLogprobsList] = None
+    target_prompt_logprobs: Optional[TensorData] = None
+    prompt_cache_hit_tokens: int = 0
+    prompt_alt_tokens: Optional[Any] = None
 
 
 class SupportedModel(StrictModel):
-    model_name: str
-    max_context_length: int
-    vocab_size: int
-    trainable: bool
-    sampleable: bool
-    source: str
+    model_name: Optional[str] = None
+    max_context_length: Optional[int] = None
+    trainable: Optional[bool] = None
+    sampleable: Optional[bool] = None
+    vocab_size: Optional[int] = None
+    source: str = ""
 
 
 class GetServerCapabilitiesResponse(StrictModel):
@@ -206,26 +325,29 @@ class GetServerCapabilitiesResponse(StrictModel):
 
 class LoraConfig(StrictModel):
     rank: int
+    seed: Optional[int] = None
     train_mlp: bool = True
     train_attn: bool = True
     train_unembed: bool = True
 
 
 class GetInfoResponse(StrictModel):
-    """What `TrainingClient.get_info()` returns."""
+    """What `TrainingClient.get_info()` returns: Tinker's fields, then Stillroom's."""
 
-    training_run_id: str
-    model_name: str
-    is_lora: bool
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    type: Optional[Literal["get_info"]] = None
+    model_data: ModelData
+    model_id: ModelID
+    optimizer_config: OptimizerConfig = AdamOptimizerConfig()
+    is_lora: Optional[bool] = None
     lora_rank: Optional[int] = None
-    num_trainable_params: int
-    max_context_length: int
+    model_name: Optional[str] = None
+    training_run_id: str = ""
+    num_trainable_params: int = 0
+    max_context_length: int = 0
     user_metadata: dict[str, str] = Field(default_factory=dict)
     created_at: Optional[datetime] = None
-
-    @property
-    def model_id(self) -> str:
-        return self.training_run_id
 
 
 # ---------------------------------------------------------------- training state and checkpoints
@@ -235,34 +357,66 @@ class SaveWeightsResponse(StrictModel):
     """What `TrainingClient.save_state` returns: the path of the full training state."""
 
     path: str
+    type: Optional[Literal["save_weights"]] = None
 
 
 class LoadWeightsResponse(StrictModel):
     """What `TrainingClient.load_state` / `load_state_with_optimizer` return."""
 
-    path: str
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    path: Optional[str] = None
+    model_id: Optional[str] = None
+    type: Optional[Literal["load_weights"]] = None
 
 
-CheckpointType = Literal["training", "sampler"]
+CheckpointType = Literal["training", "sampler", "external"]
+_SEGMENT_TYPES: dict[str, CheckpointType] = {
+    "weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 
 
 class Checkpoint(StrictModel):
-    """A saved checkpoint: `training` (weights + optimizer, from save_state) or `sampler`."""
+    """A saved checkpoint: `training` (weights + optimizer, from save_state) or `sampler`.
 
-    checkpoint_id: str                  # its name, the last part of the path
+    `checkpoint_id` is Tinker's: the path after the run, e.g. "weights/step-10"."""
+
+    checkpoint_id: str
     checkpoint_type: CheckpointType
     time: datetime
-    path: str                           # stillroom://<run>/<weights|sampler_weights>/<name>
+    tinker_path: str                    # stillroom://<run>/<weights|sampler_weights>/<name>
     size_bytes: Optional[int] = None
     public: bool = False
+    user_metadata: Optional[dict[str, str]] = None
     expires_at: Optional[datetime] = None
-    training_run_id: str
-    base_model: str
-    is_lora: bool
+    training_run_id: str = ""
+    base_model: str = ""
+    is_lora: bool = False
 
     @property
-    def tinker_path(self) -> str:
-        return self.path
+    def path(self) -> str:
+        return self.tinker_path
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint_id.rsplit("/", 1)[-1]
+
+
+class ParsedCheckpointTinkerPath(StrictModel):
+    """A checkpoint path taken apart; `tinker://` and `stillroom://` name the same checkpoints."""
+
+    tinker_path: str
+    training_run_id: str
+    checkpoint_type: CheckpointType
+    checkpoint_id: str
+
+    @classmethod
+    def from_tinker_path(cls, tinker_path: str) -> "ParsedCheckpointTinkerPath":
+        scheme = next((s for s in ("tinker://", "stillroom://") if tinker_path.startswith(s)), None)
+        parts = tinker_path[len(scheme):].split("/") if scheme else []
+        if len(parts) != 3 or parts[1] not in _SEGMENT_TYPES or not parts[0] or not parts[2]:
+            raise ValueError(f"Invalid tinker path: {tinker_path}")
+        return cls(tinker_path=tinker_path, training_run_id=parts[0],
+                   checkpoint_type=_SEGMENT_TYPES[parts[1]], checkpoint_id="/".join(parts[1:]))
 
 
 class Cursor(StrictModel):
@@ -278,6 +432,7 @@ class TrainingRun(StrictModel):
     is_lora: bool
     corrupted: bool = False
     lora_rank: Optional[int] = None
+    last_request_time: Optional[datetime] = None
     last_request_seq: int = 0
     num_trainable_params: int = 0
     created_at: Optional[datetime] = None
@@ -300,3 +455,44 @@ class CheckpointArchiveUrlResponse(StrictModel):
     url: str
     expires: Optional[datetime] = None
     size_bytes: int = 0
+
+
+# ---------------------------------------------------------------- request shapes, as Tinker names them
+
+OptimParams = Union[AdamParams, DimuonParams]
+
+
+class OptimStepRequest(StrictModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    optim_params: OptimParams = Field(
+        validation_alias=AliasChoices("optim_params", "adam_params", "optimizer_params"))
+    model_id: ModelID
+    seq_id: Optional[int] = None
+    type: Literal["optim_step"] = "optim_step"
+
+
+class SampleRequest(StrictModel):
+    """A sample call's arguments as one object (what the SDK sends, in Tinker's field names)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    num_samples: int = 1
+    prompt: ModelInput
+    sampling_params: SamplingParams
+    base_model: Optional[str] = None
+    model_path: Optional[str] = None
+    sampling_session_id: Optional[str] = None
+    seq_id: Optional[int] = None
+    prompt_logprobs: Optional[bool] = None
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: Optional[TensorData] = None
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: Optional[int] = None
+    record_stability_info: Optional[bool] = None
+    type: Literal["sample"] = "sample"
+
+
+LossFnInputs = dict[str, TensorData]
+LossFnOutput = dict[str, TensorData]

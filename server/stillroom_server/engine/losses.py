@@ -25,6 +25,17 @@ class LossSpec:
     config_defaults: dict[str, float]
     fn: LossFn
     needs_teacher: bool = False         # gets full student and teacher distributions in `inputs`
+    optional_inputs: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> fill value
+
+    @property
+    def all_inputs(self) -> tuple[str, ...]:
+        return (*self.inputs, *self.optional_inputs)
+
+    def input_of(self, inputs: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+        """A datum's input `key`, or an optional input's fill value at every position."""
+        if key in inputs:
+            return inputs[key]
+        return torch.full(inputs["target_tokens"].shape, self.optional_inputs[key], dtype=torch.float32)
 
     def resolve_config(self, config: dict[str, float]) -> dict[str, float]:
         unknown = sorted(set(config) - set(self.config_defaults))
@@ -36,8 +47,8 @@ class LossSpec:
         for key, value in resolved.items():
             if not torch.isfinite(torch.tensor(value)):
                 raise InvalidInput(f"loss_fn_config.{key} must be finite, got {value}")
-        if "clip_low_threshold" in resolved:
-            low, high = resolved["clip_low_threshold"], resolved["clip_high_threshold"]
+        if "clip_high_threshold" in resolved:
+            low, high = resolved.get("clip_low_threshold", 0.0), resolved["clip_high_threshold"]
             if not 0 <= low <= 1 <= high:
                 raise InvalidInput("loss_fn_config: need 0 <= clip_low_threshold <= 1 <= "
                                    f"clip_high_threshold, got {low} and {high}")
@@ -93,6 +104,33 @@ def dro(logp_B_T, mask_B_T, inputs, config):
     return loss, _ratio_metrics(torch.exp(drift_B_T), mask_B_T)
 
 
+def gspo(logp_B_T, mask_B_T, inputs, config):
+    """GSPO-token: each datum's sequence ratio (the geometric mean of its token ratios over the
+    positions `sequence_ratio_mask` marks; every position when it is absent) as every token's
+    value, each token keeping its own logprob's gradient; then PPO's clipped objective."""
+    in_ratio_B_T = (inputs["sequence_ratio_mask"] != 0) & (mask_B_T != 0)
+    drift_B_T = (logp_B_T.detach() - inputs["logprobs"]) * in_ratio_B_T
+    log_ratio_B = drift_B_T.sum(-1) / in_ratio_B_T.sum(-1).clamp(min=1)
+    ratio_B_T = torch.exp(log_ratio_B[:, None] + logp_B_T - logp_B_T.detach())
+    advantages_B_T = inputs["advantages"]
+    clipped_ratio_B_T = ratio_B_T.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    objective_B_T = torch.minimum(ratio_B_T * advantages_B_T, clipped_ratio_B_T * advantages_B_T)
+    loss = -(objective_B_T * mask_B_T).sum()
+    clipped_B_T = (clipped_ratio_B_T * advantages_B_T) < (ratio_B_T * advantages_B_T)
+    return loss, _ratio_metrics(ratio_B_T, mask_B_T, clipped_B_T)
+
+
+def stable_reinforce(logp_B_T, mask_B_T, inputs, config):
+    """REINFORCE with a truncated importance weight: each token's gradient is its advantage times
+    min(p/q, clip_high_threshold), the weight held constant (stop-gradient). The sampler's
+    logprobs q come in `logprobs`; provenance spans are checked by the SDK, not used here."""
+    ratio_B_T = torch.exp(logp_B_T - inputs["logprobs"])
+    weight_B_T = ratio_B_T.clamp(max=config["clip_high_threshold"]).detach()
+    loss = -(weight_B_T * logp_B_T * inputs["advantages"] * mask_B_T).sum()
+    clipped_B_T = weight_B_T != ratio_B_T.detach()
+    return loss, _ratio_metrics(ratio_B_T, mask_B_T, clipped_B_T)
+
+
 def teacher_reverse_kl(logp_B_T, mask_B_T, inputs, config):
     """Exact reverse KL(student || teacher) of the next-token distributions at every weighted
     position, summed. With `topk` > 0 both distributions are renormalised over the student's
@@ -121,6 +159,8 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec("ppo", _RL_INPUTS, dict(_CLIP), ppo),
         LossSpec("cispo", _RL_INPUTS, dict(_CLIP), cispo),
         LossSpec("dro", _RL_INPUTS, {"beta": 0.05}, dro),
+        LossSpec("gspo", _RL_INPUTS, dict(_CLIP), gspo, optional_inputs={"sequence_ratio_mask": 1.0}),
+        LossSpec("stable_reinforce", _RL_INPUTS, {"clip_high_threshold": 2.0}, stable_reinforce),
         LossSpec("teacher_reverse_kl", ("weights",), {"topk": 0.0}, teacher_reverse_kl,
                  needs_teacher=True),
     )

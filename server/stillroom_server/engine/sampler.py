@@ -27,6 +27,9 @@ class _Row:
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     stop_reason: str | None = None
+    topk: int = 0                    # top-k logprobs wanted at each sampled position
+    topk_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    topk_logprobs: list[list[float]] = dataclasses.field(default_factory=list)
 
 
 def _row_seed(seed: int | None, index: int) -> int:
@@ -42,7 +45,8 @@ def make_rows(works: list[SampleWork], max_context: int) -> list[_Row]:
         budget = room if work.params.max_tokens < 0 else min(work.params.max_tokens, room)
         for index in range(work.num_samples):
             generator = torch.Generator().manual_seed(_row_seed(work.params.seed, index))
-            rows.append(_Row(work.prompt_T, work.params, budget, generator))
+            rows.append(_Row(work.prompt_T, work.params, budget, generator,
+                             topk=work.topk_sample_logprobs))
     return rows
 
 
@@ -68,6 +72,19 @@ def choose_tokens(logits_B_V: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
     picked_B = picked_B.clamp(max=vocab - 1)
     sampled_B = order_B_V.gather(-1, picked_B[:, None]).squeeze(-1)
     return torch.where(greedy_B, logits_B_V.argmax(-1), sampled_B)
+
+
+def _record_topk(rows: list[_Row], logprobs_B_V: torch.Tensor) -> None:
+    """Each live row that asked for top-k logprobs gets this step's k likeliest (id, logprob)."""
+    k_max = max((r.topk for r in rows if r.stop_reason is None), default=0)
+    if not k_max:
+        return
+    top = logprobs_B_V.topk(min(k_max, logprobs_B_V.shape[-1]), dim=-1)
+    ids_B_K, values_B_K = top.indices.tolist(), top.values.tolist()
+    for row, ids, values in zip(rows, ids_B_K, values_B_K):
+        if row.topk and row.stop_reason is None:
+            row.topk_ids.append(ids[:row.topk])
+            row.topk_logprobs.append(values[:row.topk])
 
 
 def _append(row: _Row, token: int, logprob: float, eos_ids: tuple[int, ...], tokenizer) -> None:
@@ -111,7 +128,9 @@ def sample(model: torch.nn.Module, works: list[SampleWork], *, max_context: int,
     while True:
         batch_rows = [rows[i] for i in in_batch]
         tokens_B = choose_tokens(logits_B_V, batch_rows)
-        logprobs_B = torch.log_softmax(logits_B_V, -1).gather(-1, tokens_B[:, None]).squeeze(-1)
+        logprobs_B_V = torch.log_softmax(logits_B_V, -1)
+        logprobs_B = logprobs_B_V.gather(-1, tokens_B[:, None]).squeeze(-1)
+        _record_topk(batch_rows, logprobs_B_V)
         for row, token, logprob in zip(batch_rows, tokens_B.tolist(), logprobs_B.tolist()):
             if row.stop_reason is None:
                 _append(row, token, logprob, eos_ids, tokenizer)
@@ -128,7 +147,9 @@ def sample(model: torch.nn.Module, works: list[SampleWork], *, max_context: int,
         logits_B_V = model(input_ids=tokens_B[:, None], attention_mask=mask_B_T,
                            position_ids=position_B[:, None], past_key_values=cache,
                            use_cache=True).logits[:, -1].float()
-    sequences = [SampledSequence(r.tokens, r.logprobs, r.stop_reason) for r in rows]
+    sequences = [SampledSequence(r.tokens, r.logprobs, r.stop_reason,
+                                 topk_ids=r.topk_ids if r.topk else None,
+                                 topk_logprobs=r.topk_logprobs if r.topk else None) for r in rows]
     out, start = [], 0
     for work in works:
         out.append(sequences[start:start + work.num_samples])

@@ -120,8 +120,8 @@ class TrainingRun(abc.ABC):
         lengths = [d.tokens_T.shape[0] for d in data]
         tokens_B_T = compute.pad_right([d.tokens_T for d in data]).to(self.device)
         targets_B_T = compute.pad_right([d.inputs["target_tokens"] for d in data]).to(self.device)
-        inputs = {key: compute.pad_right([d.inputs[key] for d in data]).to(self.device)
-                  for key in loss_spec.inputs}
+        inputs = {key: compute.pad_right([loss_spec.input_of(d.inputs, key) for d in data]).to(self.device)
+                  for key in loss_spec.all_inputs}
         if loss_spec.needs_teacher:
             with torch.no_grad():
                 inputs["teacher_logprobs"] = torch.log_softmax(compute.logits_for(teacher, tokens_B_T), -1)

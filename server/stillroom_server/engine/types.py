@@ -6,6 +6,7 @@ Tensors here are CPU torch tensors; the engine moves them to its device.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Optional
 
 import torch
@@ -66,11 +67,14 @@ class SampleWork:
     params: SamplingConfig
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0        # top-k logprobs at every sampled position
+    prompt_logprobs_last_n: Optional[int] = None  # score only the prompt's last n tokens
 
 
 @dataclasses.dataclass
 class LogprobsWork:
     tokens_T: torch.Tensor               # int64 [T]
+    last_n: Optional[int] = None         # score only the last n tokens; earlier entries are NaN
 
 
 @dataclasses.dataclass
@@ -89,11 +93,18 @@ class SaveResult:
     path: str
 
 
+def new_sequence_id() -> str:
+    return "seq-" + uuid.uuid4().hex
+
+
 @dataclasses.dataclass
 class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str                      # "stop" | "length"
+    topk_ids: Optional[list[list[int]]] = None         # [n][k] when topk_sample_logprobs was asked
+    topk_logprobs: Optional[list[list[float]]] = None  # [n][k]
+    sequence_id: str = dataclasses.field(default_factory=new_sequence_id)  # unique per server
 
 
 @dataclasses.dataclass
