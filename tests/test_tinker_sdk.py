@@ -1,0 +1,207 @@
+"""The official `tinker` SDK (0.38) against a real `stillroom serve`, over Tinker's HTTP API.
+
+One training program written for Tinker runs three ways: the official SDK over HTTP, Stillroom's
+own SDK over gRPC, and Stillroom's SDK imported as `tinker`. All three must run it, and give the
+same numbers (logprobs within 1e-5 on the same seeds): the HTTP API and the gRPC API are two
+transports over one core, and `import stillroom as tinker` ports a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sys
+
+import pytest
+
+tinker_sdk = pytest.importorskip("tinker", reason="the official tinker SDK is a test dependency")
+
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+BASE = "stillroom/char-1m"
+pytestmark = pytest.mark.slow
+
+
+def tinker_datum(tinker, tokens: list[int], **inputs):
+    return tinker.types.Datum(model_input=tinker.types.ModelInput.from_ints(tokens[:-1]),
+                              loss_fn_inputs=inputs)
+
+
+def rl_inputs(n: int) -> dict:
+    return {"target_tokens": None, "logprobs": [-1.0 - 0.1 * i for i in range(n)],
+            "advantages": [(-1.0) ** i * 0.5 for i in range(n)]}
+
+
+def run_program(tinker, service) -> dict:
+    """The Tinker training program: every call a Tinker loop makes, recording the numbers."""
+    T = tinker.types
+    out: dict = {}
+    trainer = service.create_lora_training_client(BASE, rank=8, seed=3).result()
+    tokenizer = trainer.get_tokenizer()
+    tokens = tokenizer.encode("the cat sat on the mat.\n", add_special_tokens=False)
+    n = len(tokens) - 1
+    ce = tinker_datum(tinker, tokens, target_tokens=tokens[1:], weights=[1.0] * n)
+    out["forward"] = trainer.forward([ce], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+
+    for loss in ("importance_sampling", "ppo", "cispo", "dro"):
+        inputs = rl_inputs(n) | {"target_tokens": tokens[1:]}
+        config = {"beta": 0.1} if loss == "dro" else None
+        result = trainer.forward_backward([tinker_datum(tinker, tokens, **inputs)], loss, config).result()
+        out[f"loss:{loss}"] = result.metrics["loss:sum"]
+
+    def custom(data, logprobs_list):
+        import torch
+        loss = sum(-(lp * torch.linspace(0, 1, len(lp))).sum() for lp in logprobs_list)
+        return loss, {"custom:sum": float(loss.detach())}
+
+    out["custom"] = trainer.forward_backward_custom([ce], custom).result().metrics["loss:sum"]
+    fb = trainer.forward_backward([ce], "cross_entropy")
+    step = trainer.optim_step(T.AdamParams(learning_rate=1e-2))
+    out["ce"] = fb.result().metrics["loss:sum"]
+    out["grad_norm"] = step.result().metrics["grad_norm:value"]
+
+    state = trainer.save_state("state-1", ttl_seconds=3600, user_metadata={"step": "1"}).result().path
+    assert state.startswith("tinker://" if tinker is tinker_sdk else ("tinker://", "stillroom://"))
+    sampler_path = trainer.save_weights_for_sampler("sampler-1").result().path
+    sampler = trainer.save_weights_and_get_sampling_client().result()
+    params = T.SamplingParams(max_tokens=6, temperature=1.0, seed=11, top_k=20, top_p=0.95)
+    sampled = sampler.sample(T.ModelInput.from_ints(tokens[:4]), num_samples=2, sampling_params=params,
+                             include_prompt_logprobs=True).result()
+    out["samples"] = [list(s.tokens) for s in sampled.sequences]
+    out["sample_logprobs"] = [list(s.logprobs) for s in sampled.sequences]
+    out["prompt_logprobs"] = sampled.prompt_logprobs
+    out["logprobs"] = sampler.compute_logprobs(T.ModelInput.from_ints(tokens)).result()
+    named = service.create_sampling_client(model_path=sampler_path)
+    out["named_logprobs"] = named.compute_logprobs(T.ModelInput.from_ints(tokens)).result()
+
+    trainer.forward_backward([ce], "cross_entropy").result()
+    trainer.optim_step(T.AdamParams(learning_rate=1e-2)).result()
+    trainer.load_state_with_optimizer(state).result()
+    out["after_load"] = trainer.forward([ce], "cross_entropy").result().metrics["loss:sum"]
+    trainer.load_state(state).result()
+    resumed = service.create_training_client_from_state_with_optimizer(state).result()
+    out["resumed"] = resumed.forward([ce], "cross_entropy").result().metrics["loss:sum"]
+    fresh = service.create_training_client_from_state(state).result()
+    out["fresh_info"] = fresh.get_info().model_data.model_name
+
+    async def async_twins():
+        fb = await trainer.forward_backward_async([ce], "cross_entropy")
+        step = await trainer.optim_step_async(T.AdamParams(learning_rate=1e-3))
+        result = await fb
+        await step
+        sample = await sampler.sample_async(T.ModelInput.from_ints(tokens[:4]), num_samples=1,
+                                            sampling_params=params)
+        return result.metrics["loss:sum"], list(sample.sequences[0].tokens)
+
+    out["async"] = asyncio.run(async_twins())
+    out["run"] = trainer.get_info().model_id
+    out["state"] = state
+    return out
+
+
+def rest_program(tinker, rest, run_id: str, state: str) -> None:
+    runs = rest.list_training_runs(limit=50).result()
+    assert run_id in [r.training_run_id for r in runs.training_runs]
+    run = rest.get_training_run(run_id).result()
+    assert run.is_lora and run.lora_rank == 8 and run.last_checkpoint is not None
+    checkpoints = rest.list_checkpoints(run_id).result().checkpoints
+    assert {"weights/state-1", "sampler_weights/sampler-1"} <= {c.checkpoint_id for c in checkpoints}
+    saved = next(c for c in checkpoints if c.checkpoint_id == "weights/state-1")
+    assert saved.expires_at is not None and saved.user_metadata == {"step": "1"}
+    rest.set_checkpoint_ttl_from_tinker_path(saved.tinker_path, None).result()
+    again = next(c for c in rest.list_checkpoints(run_id).result().checkpoints
+                 if c.checkpoint_id == "weights/state-1")
+    assert again.expires_at is None
+    assert rest.get_training_run_by_tinker_path(state).result().training_run_id == run_id
+    rest.delete_checkpoint(run_id, "sampler_weights/sampler-1").result()
+    assert "sampler_weights/sampler-1" not in {
+        c.checkpoint_id for c in rest.list_checkpoints(run_id).result().checkpoints}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for key in ("forward", "logprobs", "named_logprobs", "prompt_logprobs"):
+        for x, y in zip(a[key], b[key], strict=True):
+            assert (x is None and y is None) or math.isclose(x, y, abs_tol=1e-5), key
+    for key in ("loss:importance_sampling", "loss:ppo", "loss:cispo", "loss:dro", "custom", "ce",
+                "grad_norm", "after_load", "resumed"):
+        assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-5), (key, a[key], b[key])
+    assert a["samples"] == b["samples"]
+    for x, y in zip(sum(a["sample_logprobs"], []), sum(b["sample_logprobs"], []), strict=True):
+        assert math.isclose(x, y, abs_tol=1e-5)
+    assert a["async"][1] == b["async"][1]
+
+
+@pytest.fixture(scope="module")
+def stillroom_as_tinker():
+    """`import stillroom as tinker`, as a ported loop does it."""
+    import stillroom
+
+    saved = sys.modules.get("tinker")
+    sys.modules["tinker"] = stillroom
+    try:
+        yield stillroom
+    finally:
+        sys.modules["tinker"] = saved
+
+
+@pytest.fixture(scope="module")
+def over_http(server):
+    official = tinker_sdk.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
+    numbers = run_program(tinker_sdk, official)
+    official.close("success").result()
+    return numbers
+
+
+def test_the_official_sdk_runs_a_training_program_over_http(server, over_http):
+    rest = tinker_sdk.RestClient(base_url=server.http_url, api_key=server.local_api_key)
+    rest_program(tinker_sdk, rest, over_http["run"], over_http["state"])
+    assert over_http["fresh_info"] == BASE
+    assert all(math.isfinite(x) for x in over_http["forward"])
+    assert over_http["logprobs"][0] is None and len(over_http["samples"]) == 2
+
+
+def test_stillroom_imported_as_tinker_gives_the_same_numbers_over_grpc(server, over_http,
+                                                                       stillroom_as_tinker):
+    ported = stillroom_as_tinker.ServiceClient(base_url=server.address, api_key=server.local_api_key)
+    over_grpc = run_program(stillroom_as_tinker, ported)
+    rest_program(stillroom_as_tinker, ported.create_rest_client(), over_grpc["run"], over_grpc["state"])
+    assert_same(over_http, over_grpc)
+    ported.close("success").result()
+
+
+def test_http_refuses_bad_keys_foreign_models_and_malformed_bodies(server):
+    import httpx
+
+    from stillroom_server.store import keys
+
+    url = server.http_url + "/api/v1"
+    key = {"X-API-Key": server.local_api_key}
+    with pytest.raises(tinker_sdk.AuthenticationError):
+        tinker_sdk.RestClient(base_url=server.http_url, api_key="tml-not-a-key").list_training_runs().result()
+    for headers in ({}, {"X-API-Key": "tml-wrong"}):
+        answer = httpx.post(url + "/create_session", json={}, headers=headers)
+        assert answer.status_code == 401 and "API key" in answer.json()["error"]
+    session = httpx.post(url + "/create_session", json={}, headers=key).json()["session_id"]
+    _, other_key = keys.create_key(server.store, "someone-else", "isolation test")
+    other = tinker_sdk.ServiceClient(base_url=server.http_url, api_key=other_key)
+    foreign = other.create_lora_training_client(BASE, rank=4).result().model_id
+    answer = httpx.post(url + "/get_info", json={"model_id": foreign}, headers=key)
+    assert answer.status_code == 404 and foreign in answer.json()["error"]
+    with pytest.raises(tinker_sdk.NotFoundError):
+        tinker_sdk.RestClient(base_url=server.http_url, api_key=server.local_api_key) \
+            .get_training_run(foreign).result()
+    other.close("success").result()
+    answer = httpx.post(url + "/create_model", content=b"{not json", headers=key)
+    assert answer.status_code == 400 and "body" in answer.json()["error"]
+    answer = httpx.post(url + "/create_model", json={"session_id": session, "base_model": BASE}, headers=key)
+    assert answer.status_code == 400 and "model_seq_id" in answer.json()["error"]
+    answer = httpx.post(url + "/forward_backward", content=b"\xff\x00garbage",
+                        headers=key | {"Content-Type": "application/x-protobuf"})
+    assert answer.status_code == 400 and "ForwardBackwardRequest" in answer.json()["error"]
+    answer = httpx.post(url + "/create_model", json={"session_id": session, "model_seq_id": 0,
+                                                     "base_model": "no/such-model"}, headers=key)
+    assert answer.status_code == 200  # a future: the failure comes back through retrieve_future
+    failed = httpx.post(url + "/retrieve_future", json={"request_id": answer.json()["request_id"]},
+                        headers=key).json()
+    assert failed["category"] == "user" and "no/such-model" in failed["error"]
+    assert httpx.get(url + "/healthz").json()["status"] == "ok"
