@@ -1,90 +1,158 @@
-"""The `stillroom` command. `serve` and `keys` need the server extra (pip install
-'stillroom[server]'); `runs` and `checkpoints` use the SDK against a running server (--base-url or
-STILLROOM_BASE_URL, --api-key or STILLROOM_API_KEY)."""
+"""The `stillroom` command. `serve`, `keys` and `models` need the server extra (pip install
+'stillroom[server]') and say so, rather than failing on an import, where it is missing; `runs` and
+`checkpoints` use the SDK against a running server (--base-url or STILLROOM_BASE_URL; the key from
+--api-key, STILLROOM_API_KEY, or the local key a server keeps in its data dir)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
+from pathlib import Path
+
+SERVER_COMMANDS = ("serve", "keys", "models")
+# What the server extra brings that the SDK alone does not have (import names).
+SERVER_MODULES = ("torch", "transformers", "safetensors", "peft", "sqlalchemy", "alembic")
+LOCAL_KEY_FILE = "local_api_key"  # the server writes its first key here, in its data dir
+
+
+def missing_server_modules() -> list[str]:
+    return [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="stillroom", description="Stillroom post-training service")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run a Stillroom server")
-    keys = commands.add_parser("keys", help="make, list and revoke API keys in a server's store")
-    models = commands.add_parser("models", help="import packaged models as Hugging Face folders")
-    try:  # the one place the SDK reaches the server: to run it, when the server extra is installed
-        from stillroom_server.cli import (add_keys_arguments, add_models_arguments, add_serve_arguments,
-                                          run_keys, run_models, run_serve)
-    except ImportError as error:
-        add_serve_arguments = run_serve = run_keys = run_models = None
-        missing = error
-    if add_serve_arguments is not None:
-        add_serve_arguments(serve)
-        add_keys_arguments(keys)
-        add_models_arguments(models)
+    missing = missing_server_modules()
+    add_server_commands(commands, missing)
     add_management_commands(commands)
     args = parser.parse_args(argv)
-    if args.command in ("serve", "keys", "models"):
-        if run_serve is None:
-            sys.exit(f"stillroom {args.command} needs the server extra: pip install 'stillroom[server]' ({missing})")
-        {"serve": run_serve, "keys": run_keys, "models": run_models}[args.command](args)
-    else:
-        import stillroom
+    if args.command in SERVER_COMMANDS:
+        if missing:
+            sys.exit(f"stillroom {args.command} needs stillroom[server] (missing: {', '.join(missing)}): "
+                     "pip install 'stillroom[server]' (install torch first; see the README)")
+        args.run(args)
+        return
+    import stillroom
 
-        try:
-            with stillroom.ServiceClient(base_url=args.base_url, api_key=args.api_key) as service:
-                args.handler(service.create_rest_client(), args)
-        except (stillroom.StillroomError, ValueError, FileExistsError) as error:
-            sys.exit(f"stillroom {args.command}: {error}")
+    try:
+        with stillroom.ServiceClient(base_url=args.base_url, api_key=find_api_key(args)) as service:
+            args.handler(service.create_rest_client(), args)
+    except (stillroom.StillroomError, ValueError, FileExistsError) as error:
+        sys.exit(f"stillroom {args.command}: {error}")
+
+
+def _version() -> str:
+    from stillroom import __version__
+
+    return __version__
+
+
+def add_server_commands(commands, missing: list[str]) -> None:
+    """serve/keys/models with their full arguments where the server extra is installed; otherwise
+    bare commands that print the install hint."""
+    serve = commands.add_parser("serve", help="run a Stillroom server (needs stillroom[server])")
+    keys = commands.add_parser("keys", help="make, list and revoke API keys in a server's store "
+                               "(needs stillroom[server])")
+    models = commands.add_parser("models", help="import packaged models as Hugging Face folders "
+                                 "(needs stillroom[server])")
+    if missing:
+        for parser in (serve, keys, models):
+            parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        return
+    # the one place the SDK reaches the server: to run it, when the server extra is installed
+    from stillroom_server.cli import (
+        add_keys_arguments,
+        add_models_arguments,
+        add_serve_arguments,
+        run_keys,
+        run_models,
+        run_serve,
+    )
+
+    add_serve_arguments(serve)
+    add_keys_arguments(keys)
+    add_models_arguments(models)
+    serve.set_defaults(run=run_serve)
+    keys.set_defaults(run=run_keys)
+    models.set_defaults(run=run_models)
+
+
+def find_api_key(args) -> str | None:
+    """--api-key, else STILLROOM_API_KEY, else the local key in the data dir (if the file exists)."""
+    if args.api_key or os.environ.get("STILLROOM_API_KEY"):
+        return args.api_key or os.environ["STILLROOM_API_KEY"]
+    data_dir = args.data_dir or os.environ.get("STILLROOM_DATA_DIR") or Path.home() / ".stillroom"
+    key_file = Path(data_dir).expanduser() / LOCAL_KEY_FILE
+    try:
+        return key_file.read_text().strip() or None
+    except OSError:  # absent or unreadable: go without, and the server's refusal says where it is
+        return None
 
 
 def add_management_commands(commands) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--base-url", help="server address (default: STILLROOM_BASE_URL or localhost:50051)")
-    common.add_argument("--api-key", help="API key (default: STILLROOM_API_KEY)")
+    common.add_argument("--api-key", help="API key (default: STILLROOM_API_KEY, else the file "
+                        f"{LOCAL_KEY_FILE} in --data-dir)")
+    common.add_argument("--data-dir", help="a server's data dir, read for its local key when no key is "
+                        "given (default: STILLROOM_DATA_DIR or ~/.stillroom)")
     runs = commands.add_parser("runs", help="training runs").add_subparsers(dest="action", required=True)
     listing = runs.add_parser("list", parents=[common], help="list your training runs, newest first")
-    listing.add_argument("--limit", type=int, default=20)
-    listing.add_argument("--offset", type=int, default=0)
+    listing.add_argument("--limit", type=int, default=20, help="most runs to show (default 20)")
+    listing.add_argument("--offset", type=int, default=0, help="runs to skip first, for paging (default 0)")
     listing.set_defaults(handler=_runs_list)
 
-    ckpts = commands.add_parser("checkpoints", help="checkpoints").add_subparsers(dest="action", required=True)
+    ckpts = commands.add_parser("checkpoints", help="checkpoints")
+    ckpts = ckpts.add_subparsers(dest="action", required=True)
     listing = ckpts.add_parser("list", parents=[common], help="list a run's checkpoints (or all of yours)")
     listing.add_argument("run", nargs="?", help="training run id (default: every checkpoint)")
     listing.set_defaults(handler=_checkpoints_list)
+    path_help = "checkpoint path, stillroom://RUN/weights/NAME or stillroom://RUN/sampler_weights/NAME"
     download = ckpts.add_parser("download", parents=[common], help="download and extract a checkpoint")
-    download.add_argument("path")
-    download.add_argument("dir")
+    download.add_argument("path", help=path_help)
+    download.add_argument("dir", help="folder to extract into (a subfolder named after the checkpoint)")
     download.set_defaults(handler=_checkpoints_download)
     export = ckpts.add_parser("export", parents=[common],
                               help="download a checkpoint; with --merge, fold a LoRA adapter into its base")
-    export.add_argument("path")
-    export.add_argument("dir")
+    export.add_argument("path", help=path_help)
+    export.add_argument("dir", help="folder to extract into (the merged model goes beside it)")
     export.add_argument("--merge", action="store_true", help="write a plain Hugging Face model (needs peft)")
     export.add_argument("--base", help="local folder of the base model (default: the one the adapter names)")
     export.set_defaults(handler=_checkpoints_export)
     delete = ckpts.add_parser("delete", parents=[common], help="delete checkpoints")
-    delete.add_argument("paths", nargs="+")
+    delete.add_argument("paths", nargs="+", metavar="path", help=path_help)
     delete.set_defaults(handler=_checkpoints_delete)
     ttl = ckpts.add_parser("set-ttl", parents=[common], help="have the server delete a checkpoint later")
-    ttl.add_argument("path")
-    ttl.add_argument("seconds", type=int, help="seconds from now; 0 keeps it forever")
+    ttl.add_argument("path", help=path_help)
+    ttl.add_argument("seconds", type=_ttl_seconds, metavar="SECONDS|never",
+                     help="delete it this many seconds from now, or 'never' to keep it (as ttl_seconds=None "
+                     "in the SDK)")
     ttl.set_defaults(handler=_checkpoints_ttl)
 
 
-def _size(n: int | None) -> str:
-    n = n or 0
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+def _ttl_seconds(text: str) -> int | None:
+    if text.lower() == "never":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of seconds or 'never', not {text!r}") from None
+
+
+def _size(n_bytes: int | None) -> str:
+    size = float(n_bytes or 0)
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 def _runs_list(rest, args) -> None:
-    response = rest.list_training_runs(limit=args.limit, offset=args.offset)
+    response = rest.list_training_runs(limit=args.limit, offset=args.offset).result()
     print(f"{'RUN':<22} {'BASE MODEL':<24} {'KIND':<9} {'CREATED':<20} LAST CHECKPOINT")
     for run in response.training_runs:
         kind = f"lora r{run.lora_rank}" if run.is_lora else "full"
@@ -97,7 +165,7 @@ def _runs_list(rest, args) -> None:
 
 
 def _checkpoints_list(rest, args) -> None:
-    response = rest.list_checkpoints(args.run) if args.run else rest.list_user_checkpoints()
+    response = (rest.list_checkpoints(args.run) if args.run else rest.list_user_checkpoints()).result()
     for c in response.checkpoints:
         expires = f"  expires {c.expires_at:%Y-%m-%d %H:%M:%S}" if c.expires_at else ""
         print(f"{c.path}  {c.checkpoint_type:<8} {_size(c.size_bytes):>9}  "
@@ -122,12 +190,12 @@ def _checkpoints_export(rest, args) -> None:
 
 def _checkpoints_delete(rest, args) -> None:
     for path in args.paths:
-        rest.delete_checkpoint(path)
+        rest.delete_checkpoint(path).result()
         print(f"deleted {path}")
 
 
 def _checkpoints_ttl(rest, args) -> None:
-    checkpoint = rest.set_checkpoint_ttl(args.path, args.seconds or None)
+    checkpoint = rest.set_checkpoint_ttl(args.path, args.seconds).result()
     print(f"{checkpoint.path} expires {checkpoint.expires_at or 'never'}")
 
 
