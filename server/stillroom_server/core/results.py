@@ -40,12 +40,21 @@ def saved(path: str) -> pb.FutureResult:
 _STOP = {"stop": pb.STOP, "length": pb.LENGTH}
 
 
+def _sequence(s) -> pb.SampledSequence:
+    message = pb.SampledSequence(tokens=tensor_to_pb(torch.tensor(s.tokens, dtype=torch.long)),
+                                 logprobs=tensor_to_pb(torch.tensor(s.logprobs, dtype=torch.float32)),
+                                 stop_reason=_STOP[s.stop_reason], sequence_id=s.sequence_id)
+    if s.topk_ids is not None:  # [n, k] at each sampled position
+        k = max((len(row) for row in s.topk_ids), default=0)
+        message.topk_logprobs.token_ids.CopyFrom(
+            tensor_to_pb(torch.tensor(s.topk_ids, dtype=torch.long).reshape(len(s.topk_ids), k)))
+        message.topk_logprobs.logprobs.CopyFrom(
+            tensor_to_pb(torch.tensor(s.topk_logprobs, dtype=torch.float32).reshape(len(s.topk_ids), k)))
+    return message
+
+
 def sample(result: SampleResult) -> pb.FutureResult:
-    message = pb.SampleResult(sequences=[
-        pb.SampledSequence(tokens=tensor_to_pb(torch.tensor(s.tokens, dtype=torch.long)),
-                           logprobs=tensor_to_pb(torch.tensor(s.logprobs, dtype=torch.float32)),
-                           stop_reason=_STOP[s.stop_reason])
-        for s in result.sequences])
+    message = pb.SampleResult(sequences=[_sequence(s) for s in result.sequences])
     if result.prompt_logprobs_T is not None:
         message.prompt_logprobs.CopyFrom(tensor_to_pb(result.prompt_logprobs_T))
     if result.topk_ids_T_K is not None:

@@ -85,8 +85,12 @@ def sample_from_pb(request: pb.SampleRequest) -> SampleWork:
     return SampleWork(prompt_T=tokens_from_pb(request.prompt, "prompt"),
                       num_samples=request.num_samples, params=config,
                       include_prompt_logprobs=request.include_prompt_logprobs,
-                      topk_prompt_logprobs=request.topk_prompt_logprobs)
+                      topk_prompt_logprobs=request.topk_prompt_logprobs,
+                      topk_sample_logprobs=request.topk_sample_logprobs,
+                      prompt_logprobs_last_n=(request.prompt_logprobs_last_n
+                                              if request.HasField("prompt_logprobs_last_n") else None))
 
 
 def logprobs_from_pb(request: pb.ComputeLogprobsRequest) -> LogprobsWork:
-    return LogprobsWork(tokens_from_pb(request.prompt, "prompt"))
+    last_n = request.prompt_logprobs_last_n if request.HasField("prompt_logprobs_last_n") else None
+    return LogprobsWork(tokens_from_pb(request.prompt, "prompt"), last_n=last_n)

@@ -3,6 +3,7 @@ service and encodes the answer. No state and no rules live here (they are core/s
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 from stillroom._proto import stillroom_pb2 as pb
@@ -189,4 +190,5 @@ def checkpoint_to_pb(row) -> pb.CheckpointInfo:
     return pb.CheckpointInfo(path=row.path, training_run_id=row.run_id, kind=row.kind, name=row.name,
                              base_model=row.base_model, is_lora=row.is_lora,
                              size_bytes=row.size_bytes, created_at=iso(row.created_at),
-                             expires_at=iso(row.expires_at))
+                             expires_at=iso(row.expires_at),
+                             user_metadata=json.loads(row.user_metadata_json or "{}"))
