@@ -37,7 +37,7 @@ class ServerProcess:
                 self.kill()
                 raise AssertionError("server did not start")
             time.sleep(0.05)
-        self.address = ready.read_text()
+        self.address, self.http_url = ready.read_text().splitlines()[:2]
         self.key = (data_dir / "local_api_key").read_text().strip()
 
     def client(self) -> stillroom.ServiceClient:

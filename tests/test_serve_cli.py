@@ -20,7 +20,7 @@ def wait_for_file(path, process, seconds=60.0) -> str:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if path.exists():
-            return path.read_text()
+            return path.read_text().splitlines()[0]
         assert process.poll() is None, process.communicate()
         time.sleep(0.1)
     raise TimeoutError("server did not start")

@@ -39,7 +39,7 @@ class LocalServer:
                 self.stop()
                 raise RuntimeError(f"the server did not start; see {self.log_file}")
             time.sleep(0.1)
-        self.address = ready.read_text().strip()
+        self.address = ready.read_text().splitlines()[0]
         key_file = self.data_dir / "local_api_key"  # made by the server at its first start
         self.local_api_key = key_file.read_text().strip() if key_file.exists() else None
         if self.local_api_key and not os.environ.get("STILLROOM_API_KEY"):

@@ -107,7 +107,7 @@ class StillroomServer:
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((config.host, config.http_port))
+        sock.bind((config.host, config.resolved_http_port))
         self.http_port = sock.getsockname()[1]
         tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)} \
             if config.tls_cert is not None else {}
@@ -182,8 +182,8 @@ def serve(config: ServerConfig, ready_file: str | None = None) -> None:
     """Run a server in the foreground until SIGTERM or SIGINT."""
     server = StillroomServer(config).start()
     if ready_file:
-        with open(ready_file + ".tmp", "w") as handle:
-            handle.write(server.address)
+        with open(ready_file + ".tmp", "w") as handle:  # line 1: gRPC host:port, line 2: HTTP URL
+            handle.write(f"{server.address}\n{server.http_url}\n")
         os.replace(ready_file + ".tmp", ready_file)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -22,8 +22,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-samples", type=int, help="most samples one request may ask for (default 128)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                         help="serve a local Hugging Face model directory under NAME (repeatable)")
-    parser.add_argument("--http-port", type=int, help="port for checkpoint downloads (default 0: any free one; STILLROOM_HTTP_PORT)")
-    parser.add_argument("--ready-file", help="write host:port to this file once serving")
+    parser.add_argument("--http-port", type=int, help="port of the Tinker-compatible HTTP API and checkpoint downloads (default: --port + 1, any free one when --port is 0; STILLROOM_HTTP_PORT)")
+    parser.add_argument("--ready-file", help="once serving, write the gRPC host:port (line 1) and the HTTP base URL (line 2) to this file")
     parser.add_argument("--max-live-runs-per-owner", type=int, help="training runs one owner may hold in memory (default 32)")
     parser.add_argument("--max-tokens-per-request", type=int, help="tokens in one forward_backward request (default 4000000)")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve over TLS (with --tls-key; STILLROOM_TLS_CERT)")

@@ -28,7 +28,8 @@ class ServerConfig(BaseModel):
     max_tokens_per_request: int = Field(4_000_000, ge=1)
     log_level: str = "INFO"
     local_models: dict[str, Path] = Field(default_factory=dict)
-    http_port: int = Field(0, ge=0, le=65535)            # checkpoint downloads; 0: any free port
+    # The Tinker HTTP API and checkpoint downloads; None: the gRPC port + 1 (any free one if 0).
+    http_port: Optional[int] = Field(None, ge=0, le=65535)
     checkpoint_sweep_seconds: float = Field(60.0, gt=0)  # how often expired checkpoints are deleted
     # "keys": every call but health needs an API key; "off": one local owner, loopback hosts only.
     auth: Literal["keys", "off"] = "keys"
@@ -58,6 +59,12 @@ class ServerConfig(BaseModel):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @property
+    def resolved_http_port(self) -> int:
+        if self.http_port is not None:
+            return self.http_port
+        return self.port + 1 if 0 < self.port < 65535 else 0
 
     @property
     def resolved_database_url(self) -> str:

@@ -1,0 +1,109 @@
+"""SIGKILL during a session driven over Tinker's HTTP API by the official `tinker` SDK: after each
+restart every checkpoint the SDK was told is saved is listed and loads, and the run whose weights
+were lost answers with an error that says so instead of training fresh weights."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from conftest import TINY
+from test_crash_safety import ServerProcess
+
+tinker = pytest.importorskip("tinker", reason="the official tinker SDK is a test dependency")
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+pytestmark = pytest.mark.slow
+KILLS = 3
+
+
+def train_over_http(server: ServerProcess, cycle: int, saved: dict, stop: threading.Event,
+                    runs: list) -> None:
+    """Train and checkpoint through the official SDK until the server dies under it."""
+    T = tinker.types
+    client = tinker.ServiceClient(base_url=server.http_url, api_key=server.key)
+    trainer = client.create_lora_training_client(TINY, rank=4, seed=cycle).result(timeout=60)
+    runs.append(trainer.model_id)
+    datum = T.Datum(model_input=T.ModelInput.from_ints([1, 40, 41, 42, 43]),
+                    loss_fn_inputs={"target_tokens": [40, 41, 42, 43, 2], "weights": [1.0] * 5})
+    step = 0
+    try:
+        while not stop.is_set():
+            futures = [trainer.forward_backward([datum], "cross_entropy"),
+                       trainer.optim_step(T.AdamParams(learning_rate=1e-3)),
+                       trainer.save_weights_for_sampler(f"c{cycle}-s{step}")]
+            if step % 2 == 0:
+                futures.append(trainer.save_state(f"c{cycle}-t{step}"))
+            for future in futures:
+                result = future.result(timeout=10)
+                if getattr(result, "path", None):
+                    saved[result.path] = trainer.model_id
+            step += 1
+    except Exception:  # noqa: BLE001 - the server was killed under us: any SDK error or a timeout
+        return
+
+
+def check_recovered(server: ServerProcess, saved: dict, runs: list) -> None:
+    rest = tinker.RestClient(base_url=server.http_url, api_key=server.key)
+    listed = {c.tinker_path for c in rest.list_user_checkpoints(limit=1000).result().checkpoints}
+    assert set(saved) <= listed, set(saved) - listed
+    client = tinker.ServiceClient(base_url=server.http_url, api_key=server.key)
+    probe = tinker.types.ModelInput.from_ints([1, 40, 41, 42])
+    samplers = sorted(p for p in saved if "/sampler_weights/" in p)
+    for path in random.sample(samplers, k=min(1, len(samplers))):
+        logprobs = client.create_sampling_client(model_path=path).compute_logprobs(probe).result()
+        assert all(math.isfinite(v) for v in logprobs[1:])
+    for run_id in runs:
+        assert rest.get_training_run(run_id).result().training_run_id == run_id
+    states = sorted(p for p in saved if "/weights/" in p)
+    if states:
+        resumed = client.create_training_client_from_state_with_optimizer(states[-1]).result()
+        assert resumed.get_info().model_data.model_name == TINY
+    client.close("success").result()
+
+
+def test_sigkill_during_an_http_session_loses_nothing_reported_saved(tmp_path):
+    rng = random.Random(99)
+    saved: dict[str, str] = {}
+    runs: list[str] = []
+    for cycle in range(KILLS):
+        server = ServerProcess(tmp_path)
+        stop = threading.Event()
+        worker = None
+        try:
+            check_recovered(server, saved, runs)
+            worker = threading.Thread(target=train_over_http, args=(server, cycle, saved, stop, runs))
+            worker.start()
+            time.sleep(rng.uniform(3.0, 6.0))
+        finally:
+            server.kill()  # SIGKILL, also when a check above failed: no server outlives the test
+            stop.set()
+        if worker is not None:
+            worker.join(timeout=60)
+            assert not worker.is_alive()
+    server = ServerProcess(tmp_path)
+    try:
+        check_recovered(server, saved, runs)
+        assert_lost_run_says_so(server, tmp_path, runs[-1])
+    finally:
+        server.kill()
+    assert saved, "no checkpoint was saved before the kills: the test proved nothing"
+
+
+def assert_lost_run_says_so(server: ServerProcess, data_dir, run_id: str) -> None:
+    """The next request of a run whose weights died with the server is refused, naming why."""
+    import httpx
+
+    from stillroom_server.store import Store
+
+    store = Store(f"sqlite:///{data_dir / 'stillroom.db'}")
+    next_seq = store.get_run(run_id).last_seq + 1
+    store.close()
+    answer = httpx.post(server.http_url + "/api/v1/optim_step", headers={"X-API-Key": server.key},
+                        json={"model_id": run_id, "seq_id": next_seq, "adam_params": {}})
+    assert answer.status_code == 400, answer.text
+    assert "restart" in answer.json()["error"], answer.json()
