@@ -6,6 +6,11 @@ ports a loop; `stillroom.install_as_tinker()` goes further and lets code that sa
 pydantic and httpx only; it never imports torch, transformers or sqlalchemy at import time.
 """
 
+import dataclasses
+from typing import Any, Callable, Optional, TypedDict
+
+import httpx
+
 from stillroom import types
 from stillroom._alias import install_as_tinker
 from stillroom.errors import (APIConnectionError, APIError, APIResponseValidationError,
@@ -34,6 +39,27 @@ __version__ = "0.1.0"
 __title__ = "stillroom"
 
 
+Timeout = httpx.Timeout
+
+
+class RequestOptions(TypedDict, total=False):
+    """Tinker's per-request options; Stillroom's SDK takes none (names kept for annotations)."""
+
+    timeout: float
+    max_retries: int
+
+
+PerDatumLossFn = Callable[[Datum, Any], tuple[Any, dict[str, float]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossHandle:
+    """Tinker's handle for a loss made with `create_custom_loss`, which Stillroom does not offer
+    (use forward_backward_custom); the name is here for annotations."""
+
+    loss_id: Optional[str] = None
+
+
 class ExperimentalWarning(Warning):
     """Tinker's warning for experimental features (Stillroom raises none)."""
 
@@ -58,5 +84,6 @@ __all__ = [
     "SamplingParams", "SaveWeightsForSamplerResponse", "SaveWeightsResponse", "ServiceClient",
     "StillroomError", "StopReason", "SupportedModel", "TensorData", "TensorDtype", "TinkerError",
     "TrainingClient", "TrainingRun", "TrainingRunsResponse", "UnprocessableEntityError",
-    "install_as_tinker", "types", "__title__", "__version__",
+    "install_as_tinker", "types", "__title__", "__version__", "Timeout", "RequestOptions",
+    "PerDatumLossFn", "LossHandle",
 ]
