@@ -28,11 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     missing = missing_server_modules()
     add_server_commands(commands, missing)
     add_management_commands(commands)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)  # without the server extra, its flags are unknown
     if args.command in SERVER_COMMANDS:
         if missing:
             sys.exit(f"stillroom {args.command} needs stillroom[server] (missing: {', '.join(missing)}): "
                      "pip install 'stillroom[server]' (install torch first; see the README)")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command in SERVER_COMMANDS:
         args.run(args)
         return
     import stillroom
@@ -59,8 +62,6 @@ def add_server_commands(commands, missing: list[str]) -> None:
     models = commands.add_parser("models", help="import packaged models as Hugging Face folders "
                                  "(needs stillroom[server])")
     if missing:
-        for parser in (serve, keys, models):
-            parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         return
     # the one place the SDK reaches the server: to run it, when the server extra is installed
     from stillroom_server.cli import (
