@@ -19,6 +19,8 @@ from stillroom import types
 
 from conftest import TINY
 
+pytestmark = pytest.mark.slow
+
 KILLS = 10
 
 
@@ -119,7 +121,6 @@ def test_sigkill_at_random_moments_loses_nothing_that_was_reported_saved(tmp_pat
     in_flight: set[str] = set()
     lost_runs: list[str] = []
     failed_checked = 0
-    started = time.monotonic()
     for cycle in range(KILLS):
         server = ServerProcess(tmp_path)
         try:
@@ -144,4 +145,3 @@ def test_sigkill_at_random_moments_loses_nothing_that_was_reported_saved(tmp_pat
     finally:
         server.kill()
     assert saved and failed_checked, "no kill landed mid-work: the test proved nothing"
-    assert time.monotonic() - started < 240

@@ -13,9 +13,10 @@ import re
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from stillroom_server.engine.errors import AlreadyExists, InvalidInput, NotFound
 

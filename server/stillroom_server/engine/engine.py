@@ -21,12 +21,20 @@ from peft import LoraConfig
 
 from stillroom_server.engine import checkpoints, compute, sampler, state
 from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
-from stillroom_server.engine.losses import LOSSES, get_loss
 from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
+from stillroom_server.engine.losses import LOSSES, get_loss
 from stillroom_server.engine.models import BaseModel, ModelHost
 from stillroom_server.engine.training import FullRun, TrainingRun
-from stillroom_server.engine.types import (ForwardBackwardResult, ForwardBackwardWork, LogprobsResult,
-                                           LogprobsWork, OptimResult, OptimWork, SampleResult, SampleWork)
+from stillroom_server.engine.types import (
+    ForwardBackwardResult,
+    ForwardBackwardWork,
+    LogprobsResult,
+    LogprobsWork,
+    OptimResult,
+    OptimWork,
+    SampleResult,
+    SampleWork,
+)
 
 logger = logging.getLogger("stillroom.engine")
 MAX_LOADED_FULL_SNAPSHOTS = 4
@@ -129,28 +137,16 @@ class Engine:
 
     def _open_teacher(self, run: TrainingRun, strings: dict[str, str]) -> Sampler:
         """The sampler named by loss_fn_config.teacher, after checking it shares the tokenizer."""
-        name = strings.get("teacher", "")
-        if not name:
-            raise InvalidInput("loss_fn_config.teacher: name the teacher (a base model or a "
-                               "stillroom://.../sampler_weights/... path)")
+        name = _teacher_name(strings)
         if checkpoints.is_path(name):
             teacher = self.open_sampler(model_path=name)
         else:
             teacher = self.open_sampler(base_model=name)
-        self._check_same_tokenizer(run.base, teacher.base, name)
+        student, base = run.base, teacher.base
+        if student.name != base.name and (base.vocab_size != student.vocab_size
+                                          or base.tokenizer.get_vocab() != student.tokenizer.get_vocab()):
+            raise _other_tokenizer(name, base.vocab_size, student.vocab_size)
         return teacher
-
-    @staticmethod
-    def _check_same_tokenizer(student: BaseModel, teacher: BaseModel, name: str) -> None:
-        if student.name == teacher.name:
-            return
-        if (teacher.vocab_size != student.vocab_size
-                or teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab()):
-            raise InvalidInput(
-                f"loss_fn_config.teacher: {name} does not share the student's tokenizer (teacher "
-                f"vocabulary {teacher.vocab_size} tokens, student {student.vocab_size}); "
-                "teacher_reverse_kl compares next-token distributions token by token, so both "
-                "models must use the same tokenizer")
 
     def optim_step(self, run_id: str, work: OptimWork) -> OptimResult:
         return self.get_run(run_id).optim_step(work.adam)
@@ -240,7 +236,8 @@ class Engine:
         module = self._module_for(opened)
         with self._precision():
             scored = compute.sequence_logprobs(module, [w.tokens_T for w in works], self.device)
-        return [LogprobsResult(_keep_last(logprobs_T, w.last_n)) for w, (logprobs_T, _, _) in zip(works, scored)]
+        return [LogprobsResult(_keep_last(logprobs_T, w.last_n))
+                for w, (logprobs_T, _, _) in zip(works, scored)]
 
     # ---------------------------------------------------------------- training state and checkpoint files
 
@@ -318,7 +315,8 @@ class Engine:
         spec = get_loss(work.loss_fn)
         spec.resolve_config(work.loss_fn_config)
         self._validate_strings(spec, run, work.loss_fn_config_strings)
-        if work.num_parts < 0 or not (work.num_parts == 0 and work.part == 0 or 0 <= work.part < work.num_parts):
+        unsplit = work.num_parts == 0 and work.part == 0
+        if work.num_parts < 0 or not (unsplit or 0 <= work.part < work.num_parts):
             raise InvalidInput(f"part: need 0 <= part < num_parts, got part {work.part} of {work.num_parts}")
         if not work.data:
             raise InvalidInput("data: at least one datum is needed")
@@ -343,7 +341,8 @@ class Engine:
                     self._check_tokens(tensor, f"{field}.loss_fn_inputs.target_tokens", run.base)
                 elif tensor.is_floating_point():
                     if not torch.isfinite(tensor).all():
-                        raise InvalidInput(f"{field}.loss_fn_inputs.{key}: values must be finite (found NaN or inf)")
+                        raise InvalidInput(f"{field}.loss_fn_inputs.{key}: values must be finite "
+                                           "(found NaN or inf)")
                 else:
                     raise InvalidInput(f"{field}.loss_fn_inputs.{key}: dtype must be float32")
 
@@ -354,29 +353,25 @@ class Engine:
             raise InvalidInput(f"loss_fn_config: unknown key(s) {unknown} for loss '{spec.name}'")
         if not spec.needs_teacher:
             return
-        name = strings.get("teacher", "")
+        name = _teacher_name(strings)
         if checkpoints.is_path(name):
             path = checkpoints.parse(name, "loss_fn_config.teacher")
             meta = self.files.read_meta(path)
             teacher_vocab = self.models.describe(meta["base_model"])["vocab_size"]
-        elif name:
-            teacher_vocab = self.models.describe(name)["vocab_size"]
         else:
-            raise InvalidInput("loss_fn_config.teacher: name the teacher (a base model or a "
-                               "stillroom://.../sampler_weights/... path)")
-        if teacher_vocab != run.base.vocab_size:
-            raise InvalidInput(
-                f"loss_fn_config.teacher: {name} does not share the student's tokenizer (teacher "
-                f"vocabulary {teacher_vocab} tokens, student {run.base.vocab_size}); teacher and "
-                "student must use the same tokenizer")
+            teacher_vocab = self.models.describe(name)["vocab_size"]
+        if teacher_vocab != run.base.vocab_size:  # the full vocabularies are compared when it runs
+            raise _other_tokenizer(name, teacher_vocab, run.base.vocab_size)
 
     def validate_sample(self, opened: Sampler, work: SampleWork) -> None:
         self._check_tokens(work.prompt_T, "prompt", opened.base, allow_full=False)
         params = work.params
         if not 1 <= work.num_samples <= self.max_num_samples:
-            raise InvalidInput(f"num_samples: must be between 1 and {self.max_num_samples}, got {work.num_samples}")
+            raise InvalidInput(f"num_samples: must be between 1 and {self.max_num_samples}, "
+                               f"got {work.num_samples}")
         if params.max_tokens < -1 or params.max_tokens == 0:
-            raise InvalidInput(f"sampling_params.max_tokens: must be >= 1 (or unset), got {params.max_tokens}")
+            raise InvalidInput(f"sampling_params.max_tokens: must be >= 1 (or unset), "
+                               f"got {params.max_tokens}")
         if not (math.isfinite(params.temperature) and params.temperature >= 0):
             raise InvalidInput(f"sampling_params.temperature: must be >= 0, got {params.temperature}")
         if not (0 < params.top_p <= 1):
@@ -390,9 +385,11 @@ class Engine:
         if any(not text for text in params.stop_texts):
             raise InvalidInput("sampling_params.stop: stop strings must not be empty")
         if not 0 <= work.topk_prompt_logprobs <= 100:
-            raise InvalidInput(f"topk_prompt_logprobs: must be between 0 and 100, got {work.topk_prompt_logprobs}")
+            raise InvalidInput(f"topk_prompt_logprobs: must be between 0 and 100, "
+                               f"got {work.topk_prompt_logprobs}")
         if not 0 <= work.topk_sample_logprobs <= 100:
-            raise InvalidInput(f"topk_sample_logprobs: must be between 0 and 100, got {work.topk_sample_logprobs}")
+            raise InvalidInput(f"topk_sample_logprobs: must be between 0 and 100, "
+                               f"got {work.topk_sample_logprobs}")
         if work.prompt_logprobs_last_n is not None:
             if not (work.include_prompt_logprobs or work.topk_prompt_logprobs):
                 raise InvalidInput("prompt_logprobs_last_n: needs include_prompt_logprobs or "
@@ -446,3 +443,18 @@ def _lora_meta(run: TrainingRun) -> dict | None:
 
 def known_losses() -> list[str]:
     return list(LOSSES)
+
+
+def _teacher_name(strings: dict[str, str]) -> str:
+    name = strings.get("teacher", "")
+    if not name:
+        raise InvalidInput("loss_fn_config.teacher: name the teacher (a base model or a "
+                           "stillroom://.../sampler_weights/... path)")
+    return name
+
+
+def _other_tokenizer(name: str, teacher_vocab: int, student_vocab: int) -> InvalidInput:
+    return InvalidInput(
+        f"loss_fn_config.teacher: {name} does not share the student's tokenizer (teacher vocabulary "
+        f"{teacher_vocab} tokens, student {student_vocab}); teacher_reverse_kl compares next-token "
+        "distributions token by token, so both models must use the same tokenizer")

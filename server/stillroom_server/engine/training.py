@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+from stillroom._metrics import merge_metrics  # the SDK's pure-python rule, shared with its split calls
 from stillroom_server.engine import compute
 from stillroom_server.engine.errors import FailedPrecondition
 from stillroom_server.engine.losses import get_loss
 from stillroom_server.engine.models import BaseModel
 from stillroom_server.engine.types import AdamConfig, ForwardBackwardResult, ForwardBackwardWork, OptimResult
-
 
 MICROBATCH_TOKENS = 16384  # padded tokens in one forward pass: bounds activation memory
 
@@ -34,21 +34,6 @@ def microbatches(data: list, limit: int) -> list[list]:
         groups[-1].append(datum)
         longest = max(longest, n)
     return groups
-
-
-def merge_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
-    """`:sum` metrics add up; `:mean` ones are averaged weighted by tokens; others keep the last."""
-    merged = {}
-    total = max(sum(n for _, n in parts), 1)
-    for key in parts[-1][0]:
-        values = [(metrics[key], n) for metrics, n in parts]
-        if key.endswith(":sum"):
-            merged[key] = sum(v for v, _ in values)
-        elif key.endswith(":mean"):
-            merged[key] = sum(v * n for v, n in values) / total
-        else:
-            merged[key] = values[-1][0]
-    return merged
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

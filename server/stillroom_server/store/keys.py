@@ -10,7 +10,6 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Optional
 
 from sqlalchemy import or_, select
 
@@ -29,7 +28,7 @@ class ApiKeyInfo:
     name: str
     prefix: str
     created_at: datetime
-    revoked_at: Optional[datetime]
+    revoked_at: datetime | None
 
 
 def _hash(secret: str) -> str:
@@ -50,7 +49,7 @@ def create_key(store: Store, owner: str, name: str) -> tuple[ApiKeyInfo, str]:
     return _info(row), secret
 
 
-def owner_of(store: Store, secret: str) -> Optional[str]:
+def owner_of(store: Store, secret: str) -> str | None:
     """The owner of a valid, unrevoked key, or None."""
     candidates = [_hash(secret)]
     if secret.startswith(KEY_PREFIX + "sr-"):
@@ -60,7 +59,7 @@ def owner_of(store: Store, secret: str) -> Optional[str]:
     return row.owner if row is not None and row.revoked_at is None else None
 
 
-def revoke_key(store: Store, key: str) -> Optional[ApiKeyInfo]:
+def revoke_key(store: Store, key: str) -> ApiKeyInfo | None:
     """Revoke the live key with this id, secret or 10-character prefix; None if there is none."""
     with store.session() as session, session.begin():
         row = session.scalar(select(ApiKeyRow).where(

@@ -11,7 +11,6 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Optional
 
 from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,9 +34,9 @@ class FutureRecord:
     owner: str
     kind: str
     status: str
-    result: Optional[bytes]
-    error_code: Optional[str]
-    error_message: Optional[str]
+    result: bytes | None
+    error_code: str | None
+    error_message: str | None
 
 
 def _record(row: FutureRow) -> FutureRecord:
@@ -56,10 +55,10 @@ class Store:
 
     def upgrade(self) -> None:
         """Bring the schema to the newest migration (alembic `upgrade head`)."""
+        import logging
+
         from alembic import command
         from alembic.config import Config
-
-        import logging
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
         config = Config()
@@ -87,7 +86,7 @@ class Store:
             session.add(row)
         return row
 
-    def get_run(self, run_id: str) -> Optional[TrainingRunRow]:
+    def get_run(self, run_id: str) -> TrainingRunRow | None:
         with self.session() as session:
             return session.get(TrainingRunRow, run_id)
 
@@ -116,13 +115,14 @@ class Store:
                                            f"(numbers start at 1; the last accepted is {run.last_seq})")
                 return earlier, False
             if seq != run.last_seq + 1:
-                raise SequenceConflict(f"seq: run {run_id} expects request {run.last_seq + 1} next, got {seq}")
+                raise SequenceConflict(f"seq: run {run_id} expects request {run.last_seq + 1} next, "
+                                       f"got {seq}")
             run.last_seq = seq
             run.updated_at = utcnow()
             session.add(self._new_future(future_id, owner, kind, run_id, seq))
         return future_id, True
 
-    def find_sequenced(self, run_id: str, seq: int) -> Optional[str]:
+    def find_sequenced(self, run_id: str, seq: int) -> str | None:
         with self.session() as session:
             return session.scalar(select(FutureRow.id).where(FutureRow.run_id == run_id,
                                                              FutureRow.seq == seq))
@@ -148,12 +148,12 @@ class Store:
             session.execute(update(FutureRow).where(FutureRow.id == future_id)
                             .values(finished_at=utcnow(), **values))
 
-    def get_future(self, future_id: str) -> Optional[FutureRecord]:
+    def get_future(self, future_id: str) -> FutureRecord | None:
         with self.session() as session:
             row = session.get(FutureRow, future_id)
             return None if row is None else _record(row)
 
-    def delete_expired_futures(self, now: Optional[datetime] = None) -> int:
+    def delete_expired_futures(self, now: datetime | None = None) -> int:
         """Remove finished futures whose results have expired; pending ones are never removed."""
         with self.session() as session, session.begin():
             result = session.execute(delete(FutureRow).where(
@@ -172,15 +172,15 @@ class Store:
 
     def add_checkpoint(self, owner: str, run_id: str, kind: str, name: str, path: str,
                        base_model: str, is_lora: bool, size_bytes: int,
-                       expires_at: Optional[datetime] = None,
-                       user_metadata: Optional[dict[str, str]] = None) -> None:
+                       expires_at: datetime | None = None,
+                       user_metadata: dict[str, str] | None = None) -> None:
         with self.session() as session, session.begin():
             session.add(CheckpointRow(owner=owner, run_id=run_id, kind=kind, name=name, path=path,
                                       base_model=base_model, is_lora=is_lora, size_bytes=size_bytes,
                                       created_at=utcnow(), expires_at=expires_at,
                                       user_metadata_json=json.dumps(user_metadata or {})))
 
-    def get_checkpoint(self, path: str) -> Optional[CheckpointRow]:
+    def get_checkpoint(self, path: str) -> CheckpointRow | None:
         with self.session() as session:
             return session.scalar(select(CheckpointRow).where(CheckpointRow.path == path))
 
@@ -201,14 +201,14 @@ class Store:
         with self.session() as session, session.begin():
             return session.execute(delete(CheckpointRow).where(CheckpointRow.path == path)).rowcount > 0
 
-    def set_checkpoint_expiry(self, path: str, expires_at: Optional[datetime]) -> Optional[CheckpointRow]:
+    def set_checkpoint_expiry(self, path: str, expires_at: datetime | None) -> CheckpointRow | None:
         with self.session() as session, session.begin():
             row = session.scalar(select(CheckpointRow).where(CheckpointRow.path == path))
             if row is not None:
                 row.expires_at = expires_at
             return row
 
-    def expired_checkpoints(self, now: Optional[datetime] = None) -> list[CheckpointRow]:
+    def expired_checkpoints(self, now: datetime | None = None) -> list[CheckpointRow]:
         with self.session() as session:
             query = select(CheckpointRow).where(CheckpointRow.expires_at.is_not(None),
                                                 CheckpointRow.expires_at <= (now or utcnow()))
