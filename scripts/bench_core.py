@@ -14,7 +14,10 @@ best round of each is kept, so drifting background load hits both alike):
    HF is forced to exactly L new tokens. Both count positions (B x decode steps): the same
    work per step. Counting only returned tokens would charge the SDK for the random-init
    preset's early EOS samples;
-3. median round trip of a trivial RPC (get_info, get_server_capabilities).
+3. median round trip of a trivial RPC (get_info, get_server_capabilities);
+4. the two wires: the same LoRA training step (pipelined forward_backward + optim_step) and a
+   trivial call (get_server_capabilities) through the official `tinker` SDK over the HTTP API and through
+   Stillroom's SDK over gRPC, each in ms, with their ratio (needs `pip install tinker`).
 
 Informational: prints PASS/BELOW per target and always exits 0.
 """
@@ -170,6 +173,49 @@ def median_ms(fn, calls: int) -> float:
     return 1000 * statistics.median(times)
 
 
+# ------------------------------------------------------------------------------------ two wires
+
+def wire_comparison(server, service, sequences: list[list[int]], args) -> list[tuple]:
+    """ms per LoRA training step and per trivial call: tinker over HTTP vs Stillroom over gRPC."""
+    try:
+        import tinker
+    except ImportError:
+        print("(tinker is not installed: skipping the HTTP vs gRPC comparison)")
+        return []
+    official = tinker.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
+    over_http = official.create_lora_training_client(MODEL, rank=16, seed=0).result()
+    over_grpc = service.create_lora_training_client(MODEL, rank=16, seed=0)
+    def step_ms(client, adam) -> float:
+        T = tinker.types if client is over_http else types
+        data = [T.Datum(model_input=T.ModelInput.from_ints(s[:-1]),
+                        loss_fn_inputs={"target_tokens": s[1:], "weights": [1.0] * (len(s) - 1)})
+                for s in sequences]
+
+        def step():
+            fb = client.forward_backward(data, "cross_entropy")
+            optim = client.optim_step(adam)
+            fb.result()
+            optim.result()
+        timed(step, args.warmup)
+        return 1000 * timed(step, args.steps) / args.steps
+
+    http_step, grpc_step = [], []
+    for _ in range(args.rounds):
+        http_step.append(step_ms(over_http, tinker.types.AdamParams(learning_rate=1e-4)))
+        grpc_step.append(step_ms(over_grpc, types.AdamParams(learning_rate=1e-4)))
+    # tinker's get_info answers from the client's cache: capabilities is a real round trip on both.
+    http_info = median_ms(official.get_server_capabilities, args.calls)
+    grpc_info = median_ms(service.get_server_capabilities, args.calls)
+    official.close("success").result()
+    http_best, grpc_best = min(http_step), min(grpc_step)
+    return [
+        ("LoRA step ms: tinker/HTTP vs gRPC", f"{http_best:.1f}", f"{grpc_best:.1f}",
+         f"{grpc_best / http_best:.3f}", "-", "info"),
+        ("capabilities ms: tinker/HTTP vs gRPC", f"{http_info:.2f}", f"{grpc_info:.2f}",
+         f"{grpc_info / http_info:.3f}", "-", "info"),
+    ]
+
+
 # ------------------------------------------------------------------------------------ report
 
 def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
@@ -205,6 +251,7 @@ def main() -> None:
 
             info_ms = median_ms(tc.get_info, args.calls)
             caps_ms = median_ms(service.get_server_capabilities, args.calls)
+            wires = wire_comparison(server, service, sequences, args)
         finally:
             service.close()
             server.stop()
@@ -217,8 +264,9 @@ def main() -> None:
          verdict(sample_ratio, 0.90)),
         ("get_info ms (p50)", f"{info_ms:.2f}", "-", "-", "<= 2.00", verdict(info_ms, 2.0, False)),
         ("capabilities ms (p50)", f"{caps_ms:.2f}", "-", "-", "<= 2.00", verdict(caps_ms, 2.0, False)),
+        *wires,
     ]
-    header = ("metric", "sdk", "baseline", "ratio", "target", "result")
+    header = ("metric", "sdk (or HTTP)", "baseline (or gRPC)", "ratio", "target", "result")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print(f"\n{MODEL}, torch threads {torch.get_num_threads()}, training {args.batch}x{args.seq_len} "
           f"({args.steps} steps/round after {args.warmup} warmup), sampling {args.samples}x"
