@@ -78,7 +78,8 @@ def compare(theirs: Any, ours: Any) -> tuple[str, list[str]]:
             relaxed.append(f"{p.name} optional")
         elif p.default is not EMPTY and (q.default is EMPTY or repr(q.default) != repr(p.default)):
             reasons.append(f"default of {p.name}: {p.default!r} vs {q.default!r}")
-    extra = [q for q in b if q.name not in {p.name for p in a} and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
+    names = {p.name for p in a}
+    extra = [q for q in b if q.name not in names and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
     required_extra = [q.name for q in extra if q.default is EMPTY]
     if required_extra:
         reasons.append(f"requires {', '.join(required_extra)}")
@@ -94,7 +95,8 @@ def compare_clients(tinker: Any, stillroom: Any) -> tuple[dict[str, int], list[s
     counts = {"same": 0, "compatible": 0, "differs": 0, "missing": 0}
     rows = ["| class | method | stillroom | notes |", "|---|---|---|---|"]
     for class_name in CLASSES:
-        theirs, ours = public_methods(getattr(tinker, class_name)), public_methods(getattr(stillroom, class_name))
+        theirs = public_methods(getattr(tinker, class_name))
+        ours = public_methods(getattr(stillroom, class_name))
         for name, member in sorted(theirs.items()):
             status, notes = ("missing", []) if name not in ours else compare(member, ours[name])
             counts[status] += 1
@@ -106,7 +108,8 @@ def compare_names(tinker: Any, stillroom: Any) -> list[str]:
     lines = []
     top = [n for n in tinker.__all__ if not n.startswith("__")]
     missing = [n for n in top if not hasattr(stillroom, n)]
-    lines.append(f"tinker.__all__: {len(top) - len(missing)}/{len(top)} present; missing: {', '.join(missing)}")
+    lines.append(f"tinker.__all__: {len(top) - len(missing)}/{len(top)} present; "
+                 f"missing: {', '.join(missing)}")
     public = [n for n in dir(tinker.types) if not n.startswith("_")
               and not inspect.ismodule(getattr(tinker.types, n))]
     missing = [n for n in public if not hasattr(stillroom.types, n)]
@@ -121,7 +124,8 @@ def compare_names(tinker: Any, stillroom: Any) -> list[str]:
         have = [k.__name__ for k in ours.__mro__[1:]] if ours else None
         if have is None or any(base not in have for base in want):
             wrong.append(name)
-    lines.append(f"exceptions with tinker's bases: {16 - len(wrong)}/16" + (f"; not: {', '.join(wrong)}" if wrong else ""))
+    lines.append(f"exceptions with tinker's bases: {16 - len(wrong)}/16"
+                 + (f"; not: {', '.join(wrong)}" if wrong else ""))
     return lines
 
 
@@ -129,8 +133,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="print the per-method table too")
     args = parser.parse_args()
-    import stillroom
     import tinker
+
+    import stillroom
 
     counts, rows = compare_clients(tinker, stillroom)
     total = sum(counts.values())

@@ -8,10 +8,10 @@ import torch
 
 import stillroom
 from stillroom import types
+from test_losses import PROBE_ADAM, local_logprobs, make_data
 
 from conftest import TINY
 from helpers import checkpoint_tensors, encode_line, load_local_model
-from test_losses import PROBE_ADAM, local_logprobs, make_data
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_new_losses_match_plain_torch_in_value_and_gradient(service, server, tok
     assert "importance_ratio:mean" in out.metrics
     trainer.optim_step(PROBE_ADAM).result()
 
-    after = checkpoint_tensors(server, trainer.save_weights_for_sampler(f"probe-{loss}-{masked}").result().path)
+    saved = trainer.save_weights_for_sampler(f"probe-{loss}-{masked}").result()
+    after = checkpoint_tensors(server, saved.path)
     before = reference.state_dict()
     for name, grad in grads.items():
         moved = after[name] - before[name]

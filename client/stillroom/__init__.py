@@ -7,33 +7,77 @@ pydantic and httpx only; it never imports torch, transformers or sqlalchemy at i
 """
 
 import dataclasses
-from typing import Any, Callable, Optional, TypedDict
+from collections.abc import Callable
+from typing import Any, TypedDict
 
 import httpx
 
 from stillroom import types
 from stillroom._alias import install_as_tinker
-from stillroom.errors import (APIConnectionError, APIError, APIResponseValidationError,
-                              APIStatusError, APITimeoutError, AuthenticationError,
-                              BadRequestError, BillingError, ConflictError, FailedPreconditionError,
-                              InternalServerError, NotFoundError, PermissionDeniedError,
-                              RateLimitError, RequestFailedError, StillroomError, TinkerError,
-                              UnprocessableEntityError)
+from stillroom.errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    BillingError,
+    ConflictError,
+    FailedPreconditionError,
+    InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RequestFailedError,
+    StillroomError,
+    TinkerError,
+    UnprocessableEntityError,
+)
 from stillroom.futures import APIFuture
 from stillroom.rest_client import RestClient
 from stillroom.sampling_client import BackcompatSamplingClientFuture, SamplingClient
 from stillroom.service_client import ServiceClient
 from stillroom.training_client import BackcompatTrainingClientFuture, TrainingClient
-from stillroom.types import (AdamOptimizerConfig, AdamParams, Checkpoint, CheckpointsListResponse,
-                             CheckpointType, Cursor, Datum, DimuonOptimizerConfig, DimuonParams,
-                             DmelChunk, EncodedTextChunk, ForwardBackwardOutput, GetInfoResponse,
-                             GetServerCapabilitiesResponse, LoadWeightsResponse, LoraConfig,
-                             ModelID, ModelInput, ModelInputChunk, OptimParams, OptimStepRequest,
-                             OptimStepResponse, ParsedCheckpointTinkerPath, PromptProvenanceSpan,
-                             SampledProvenanceSpan, SampledSequence, SampleRequest, SampleResponse,
-                             SamplingParams, SaveWeightsForSamplerResponse, SaveWeightsResponse,
-                             StopReason, SupportedModel, TensorData, TensorDtype, TrainingRun,
-                             TrainingRunsResponse)
+from stillroom.types import (
+    AdamOptimizerConfig,
+    AdamParams,
+    Checkpoint,
+    CheckpointsListResponse,
+    CheckpointType,
+    Cursor,
+    Datum,
+    DimuonOptimizerConfig,
+    DimuonParams,
+    DmelChunk,
+    EncodedTextChunk,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    GetServerCapabilitiesResponse,
+    LoadWeightsResponse,
+    LoraConfig,
+    ModelID,
+    ModelInput,
+    ModelInputChunk,
+    OptimParams,
+    OptimStepRequest,
+    OptimStepResponse,
+    ParsedCheckpointTinkerPath,
+    PromptProvenanceSpan,
+    SampledProvenanceSpan,
+    SampledSequence,
+    SampleRequest,
+    SampleResponse,
+    SamplingParams,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
+    StopReason,
+    SupportedModel,
+    TensorData,
+    TensorDtype,
+    TrainingRun,
+    TrainingRunsResponse,
+)
 
 __version__ = "0.1.0"
 __title__ = "stillroom"
@@ -57,7 +101,7 @@ class LossHandle:
     """Tinker's handle for a loss made with `create_custom_loss`, which Stillroom does not offer
     (use forward_backward_custom); the name is here for annotations."""
 
-    loss_id: Optional[str] = None
+    loss_id: str | None = None
 
 
 class ExperimentalWarning(Warning):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 from datetime import datetime
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,19 +28,19 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
 
-def _b64(value: Union[bytes, str]) -> bytes:
+def _b64(value: bytes | str) -> bytes:
     return base64.b64decode(value) if isinstance(value, str) else value
 
 
 class ImageChunk(_Strict):
     data: bytes
     format: Literal["png", "jpeg"]
-    expected_tokens: Optional[int] = None
+    expected_tokens: int | None = None
     type: Literal["image"] = "image"
 
     @field_validator("data", mode="before")
     @classmethod
-    def _decode(cls, value: Union[bytes, str]) -> bytes:
+    def _decode(cls, value: bytes | str) -> bytes:
         return _b64(value)
 
     @property
@@ -53,7 +53,7 @@ class ImageChunk(_Strict):
 class ImageAssetPointerChunk(_Strict):
     format: Literal["png", "jpeg"]
     location: str
-    expected_tokens: Optional[int] = None
+    expected_tokens: int | None = None
     type: Literal["image_asset_pointer"] = "image_asset_pointer"
 
     @property
@@ -69,7 +69,7 @@ class DmelChunk(_Strict):
 
     @field_validator("dmel", mode="before")
     @classmethod
-    def _decode(cls, value: Union[bytes, str]) -> bytes:
+    def _decode(cls, value: bytes | str) -> bytes:
         return _b64(value)
 
     @property
@@ -114,7 +114,7 @@ def _check_span(span: Any) -> None:
         raise ValueError(f"{name}.offset must be >= 0, got {span.offset}")
 
 
-ProvenanceSpans = list[Union[PromptProvenanceSpan, SampledProvenanceSpan]]
+ProvenanceSpans = list[PromptProvenanceSpan | SampledProvenanceSpan]
 
 
 def check_tiling(kwarg: str, spans: ProvenanceSpans, expected_length: int) -> None:
@@ -140,7 +140,7 @@ class DimuonOptimizerConfig(_Strict):
     version: Literal[1] = 1
 
 
-OptimizerConfig = Union[AdamOptimizerConfig, DimuonOptimizerConfig]
+OptimizerConfig = AdamOptimizerConfig | DimuonOptimizerConfig
 
 
 class DimuonParams(_Strict):
@@ -156,17 +156,17 @@ class DimuonParams(_Strict):
 class ModelData(_Open):
     """What a training run's model is: `tokenizer_id` is what `get_tokenizer` loads."""
 
-    arch: Optional[str] = None
-    model_name: Optional[str] = None
-    tokenizer_id: Optional[str] = None
+    arch: str | None = None
+    model_name: str | None = None
+    tokenizer_id: str | None = None
 
 
 # ---------------------------------------------------------------- services not offered
 
 
 class AuditLogEntry(_Open):
-    event_type: Optional[str] = None
-    time: Optional[datetime] = None
+    event_type: str | None = None
+    time: datetime | None = None
 
 
 class AuditLogResponse(_Open):
@@ -178,10 +178,10 @@ class ExternalWeightsUrlsResponse(_Open):
 
 
 class WeightsInfoResponse(_Open):
-    base_model: Optional[str] = None
-    is_lora: Optional[bool] = None
-    lora_rank: Optional[int] = None
+    base_model: str | None = None
+    is_lora: bool | None = None
+    lora_rank: int | None = None
 
 
 class WhoamiResponse(_Open):
-    user_id: Optional[str] = None
+    user_id: str | None = None

@@ -12,7 +12,8 @@ import concurrent.futures
 import logging
 import random
 import threading
-from typing import Any, Awaitable, Callable, Optional, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -37,7 +38,7 @@ TLS_SCHEMES = ("grpcs://", "https://")
 DEFAULT_BASE_URL = "localhost:50051"
 
 
-def connection_settings(base_url: Optional[str], api_key: Optional[str]) -> tuple[str, Optional[str]]:
+def connection_settings(base_url: str | None, api_key: str | None) -> tuple[str, str | None]:
     """The server address and key: the arguments, else STILLROOM_BASE_URL / STILLROOM_API_KEY."""
     import os
 
@@ -53,8 +54,8 @@ def normalize_target(base_url: str) -> str:
 
 
 class Connection:
-    def __init__(self, base_url: str, api_key: Optional[str], max_retries: int = 6,
-                 tls_root_cert: Optional[str] = None) -> None:
+    def __init__(self, base_url: str, api_key: str | None, max_retries: int = 6,
+                 tls_root_cert: str | None = None) -> None:
         self.target = normalize_target(base_url)
         # TLS with a grpcs:// or https:// address, or a root certificate to trust (else the system's)
         self.tls = base_url.startswith(TLS_SCHEMES) or tls_root_cert is not None
@@ -77,10 +78,10 @@ class Connection:
 
     # ---------------------------------------------------------------- running coroutines
 
-    def spawn(self, coro: Awaitable[T]) -> "concurrent.futures.Future[T]":
+    def spawn(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def run(self, coro: Awaitable[T], timeout: Optional[float] = None) -> T:
+    def run(self, coro: Awaitable[T], timeout: float | None = None) -> T:
         return self.spawn(coro).result(timeout)
 
     async def run_async(self, coro: Awaitable[T]) -> T:
@@ -96,7 +97,7 @@ class Connection:
 
     # ---------------------------------------------------------------- calls
 
-    async def call(self, method: str, request: Any, timeout: Optional[float] = 60.0,
+    async def call(self, method: str, request: Any, timeout: float | None = 60.0,
                    retry: bool = True) -> Any:
         """One unary call, retried with jittered backoff while the server is UNAVAILABLE.
 

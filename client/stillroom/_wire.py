@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 from array import array
-from typing import Sequence
+from collections.abc import Sequence
 
 from stillroom import types
 from stillroom._proto import stillroom_pb2 as pb
@@ -20,7 +20,8 @@ _PB_TO_DTYPE = {pb.INT64: "int64", pb.FLOAT32: "float32"}
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-def pack(values: Sequence[float] | Sequence[int], dtype: str, shape: Sequence[int] | None = None) -> pb.Tensor:
+def pack(values: Sequence[float] | Sequence[int], dtype: str,
+         shape: Sequence[int] | None = None) -> pb.Tensor:
     code = _DTYPE_TO_PB[dtype]
     buffer = array(_TYPECODES[code], values)
     if _BIG_ENDIAN:

@@ -8,8 +8,6 @@ UNAVAILABLE is retried by the SDK itself.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import grpc
 
 
@@ -17,10 +15,10 @@ class TinkerError(Exception):
     """Base class of every error the SDK raises (Tinker's name; `StillroomError` is the same)."""
 
     code: str = "UNKNOWN"
-    status_code: Optional[int] = None
+    status_code: int | None = None
 
-    def __init__(self, message: str, *, code: Optional[str] = None,
-                 request_id: Optional[str] = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None,
+                 request_id: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -43,7 +41,7 @@ class APIError(TinkerError):
 class APIStatusError(APIError):
     """The server answered with an error status; `status_code` is its HTTP equivalent."""
 
-    status_code: Optional[int] = 500
+    status_code: int | None = 500
 
 
 class APIResponseValidationError(APIError):
@@ -54,7 +52,7 @@ class RequestFailedError(TinkerError):
     """A request the server accepted finished in a failed state (Tinker's name; Stillroom raises
     the typed errors below, which carry the request id)."""
 
-    def __init__(self, message: str, request_id: Optional[str] = None, category: str = "unknown") -> None:
+    def __init__(self, message: str, request_id: str | None = None, category: str = "unknown") -> None:
         super().__init__(message, code="FAILED", request_id=request_id)
         self.category = category
 
@@ -131,12 +129,12 @@ _BY_CODE: dict[str, type[StillroomError]] = {
 }
 
 
-def error_for(code: str, message: str, request_id: Optional[str] = None) -> StillroomError:
+def error_for(code: str, message: str, request_id: str | None = None) -> StillroomError:
     cls = _BY_CODE.get(code, StillroomError)
     return cls(message, code=code, request_id=request_id)
 
 
-def from_rpc_error(error: grpc.RpcError, request_id: Optional[str] = None) -> StillroomError:
+def from_rpc_error(error: grpc.RpcError, request_id: str | None = None) -> StillroomError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     return error_for(code.name, details or code.name, request_id)

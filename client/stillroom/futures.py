@@ -12,25 +12,25 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
-from typing import Any, Generic, Optional, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
-def _done(value: Any) -> "concurrent.futures.Future[Any]":
+def _done(value: Any) -> concurrent.futures.Future[Any]:
     future: concurrent.futures.Future[Any] = concurrent.futures.Future()
     future.set_result(value)
     return future
 
 
 class APIFuture(Generic[T]):
-    def __init__(self, future: "concurrent.futures.Future[T]",
-                 submitted: "Optional[concurrent.futures.Future[str]]" = None) -> None:
+    def __init__(self, future: concurrent.futures.Future[T],
+                 submitted: concurrent.futures.Future[str] | None = None) -> None:
         self._future = future
         self._submitted = submitted if submitted is not None else _done("")
 
     @property
-    def request_id(self) -> Optional[str]:
+    def request_id(self) -> str | None:
         """The server's id for this request, once it has been accepted."""
         if self._submitted.done() and not self._submitted.exception():
             return self._submitted.result() or None
@@ -39,14 +39,14 @@ class APIFuture(Generic[T]):
     def done(self) -> bool:
         return self._future.done()
 
-    def result(self, timeout: Optional[float] = None) -> T:
+    def result(self, timeout: float | None = None) -> T:
         """Block until the result is ready; raise TimeoutError after `timeout` seconds."""
         return self._future.result(timeout)
 
-    async def result_async(self, timeout: Optional[float] = None) -> T:
+    async def result_async(self, timeout: float | None = None) -> T:
         return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._future)), timeout)
 
-    def future(self) -> "concurrent.futures.Future[T]":
+    def future(self) -> concurrent.futures.Future[T]:
         """The underlying concurrent.futures.Future."""
         return self._future
 
@@ -89,7 +89,7 @@ class ClientFuture(APIFuture[T]):
     """A future of a client that can also be used directly as the client: its methods and
     attributes are the finished client's (waiting for it first)."""
 
-    def __init__(self, future: "concurrent.futures.Future[T]") -> None:
+    def __init__(self, future: concurrent.futures.Future[T]) -> None:
         object.__setattr__(self, "_future", future)
         object.__setattr__(self, "_submitted", _done(""))
 

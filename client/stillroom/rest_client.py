@@ -14,20 +14,20 @@ import tarfile
 import tempfile
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from stillroom import _wire, types
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom.futures import APIFuture, ValueFuture
 
 if TYPE_CHECKING:
-    from stillroom.service_client import ServiceClient
+    pass
 
 _CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
 CHUNK_BYTES = 1 << 20
 
 
-def _time(text: str) -> Optional[datetime]:
+def _time(text: str) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
 
 
@@ -52,7 +52,7 @@ def training_run_from_pb(info: pb.TrainingRunInfo) -> types.TrainingRun:
         user_metadata=dict(info.user_metadata))
 
 
-def _path_of(training_run_id: str, checkpoint_id: Optional[str]) -> str:
+def _path_of(training_run_id: str, checkpoint_id: str | None) -> str:
     """Tinker's (run, "weights/<name>") pair, or a whole path given alone, as a server path."""
     if checkpoint_id is None:
         return _wire.checkpoint_path(training_run_id)
@@ -65,8 +65,8 @@ class RestClient:
     STILLROOM_BASE_URL / STILLROOM_API_KEY). Sync methods return a finished APIFuture that also
     reads as its value; `_async` twins return the value."""
 
-    def __init__(self, _holder: Any = None, *, base_url: Optional[str] = None,
-                 api_key: Optional[str] = None, tls_root_cert: Optional[str] = None) -> None:
+    def __init__(self, _holder: Any = None, *, base_url: str | None = None,
+                 api_key: str | None = None, tls_root_cert: str | None = None) -> None:
         if _holder is not None:
             self._service = _holder
             self._connection = _holder._connection
@@ -74,7 +74,8 @@ class RestClient:
         else:
             from stillroom._connection import Connection, connection_settings
 
-            self._connection = Connection(*connection_settings(base_url, api_key), tls_root_cert=tls_root_cert)
+            self._connection = Connection(*connection_settings(base_url, api_key),
+                                          tls_root_cert=tls_root_cert)
             self._owns_connection = True
 
     def close(self) -> None:
@@ -107,12 +108,12 @@ class RestClient:
             cursor=types.Cursor(offset=offset, limit=limit, total_count=reply.total_count))
 
     def list_training_runs(self, limit: int = 20, offset: int = 0, access_scope: str = "owned",
-                           project_id: Optional[str] = None) -> APIFuture[types.TrainingRunsResponse]:
+                           project_id: str | None = None) -> APIFuture[types.TrainingRunsResponse]:
         """The caller's training runs, newest first (every scope is the caller's own)."""
         return self._run(self._list_training_runs(limit, offset))
 
     async def list_training_runs_async(self, limit: int = 20, offset: int = 0, access_scope: str = "owned",
-                                       project_id: Optional[str] = None) -> types.TrainingRunsResponse:
+                                       project_id: str | None = None) -> types.TrainingRunsResponse:
         return await self._run_async(self._list_training_runs(limit, offset))
 
     async def _get_training_run(self, training_run_id: str) -> types.TrainingRun:
@@ -178,11 +179,13 @@ class RestClient:
             checkpoints=every[offset:offset + limit],
             cursor=types.Cursor(offset=offset, limit=limit, total_count=len(every)))
 
-    def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> APIFuture[types.CheckpointsListResponse]:
+    def list_user_checkpoints(self, limit: int = 100,
+                              offset: int = 0) -> APIFuture[types.CheckpointsListResponse]:
         """The caller's checkpoints, newest first, `limit` from `offset`."""
         return self._run(self._list_user_checkpoints(limit, offset))
 
-    async def list_user_checkpoints_async(self, limit: int = 100, offset: int = 0) -> types.CheckpointsListResponse:
+    async def list_user_checkpoints_async(self, limit: int = 100,
+                                          offset: int = 0) -> types.CheckpointsListResponse:
         return await self._run_async(self._list_user_checkpoints(limit, offset))
 
     async def _delete(self, path: str) -> types.Checkpoint:
@@ -190,14 +193,14 @@ class RestClient:
             "DeleteCheckpoint", pb.CheckpointPathRequest(path=_wire.checkpoint_path(path)), timeout=600))
 
     def delete_checkpoint(self, training_run_id: str,
-                          checkpoint_id: Optional[str] = None) -> APIFuture[types.Checkpoint]:
+                          checkpoint_id: str | None = None) -> APIFuture[types.Checkpoint]:
         """Delete a checkpoint's files and record; sampling clients on it stop working.
         Tinker's form names it by run and checkpoint_id ("weights/<name>"); a whole path alone
         also works. The future's value is the deleted checkpoint."""
         return self._run(self._delete(_path_of(training_run_id, checkpoint_id)))
 
     async def delete_checkpoint_async(self, training_run_id: str,
-                                      checkpoint_id: Optional[str] = None) -> types.Checkpoint:
+                                      checkpoint_id: str | None = None) -> types.Checkpoint:
         return await self._run_async(self._delete(_path_of(training_run_id, checkpoint_id)))
 
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[types.Checkpoint]:
@@ -206,25 +209,25 @@ class RestClient:
     async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> types.Checkpoint:
         return await self._run_async(self._delete(tinker_path))
 
-    async def _set_ttl(self, path: str, ttl_seconds: Optional[int]) -> types.Checkpoint:
+    async def _set_ttl(self, path: str, ttl_seconds: int | None) -> types.Checkpoint:
         request = pb.SetCheckpointTtlRequest(path=_wire.checkpoint_path(path))
         if ttl_seconds is not None:
             request.ttl_seconds = ttl_seconds
         return checkpoint_from_pb(await self._connection.call("SetCheckpointTtl", request))
 
-    def set_checkpoint_ttl(self, path: str, ttl_seconds: Optional[int]) -> APIFuture[types.Checkpoint]:
+    def set_checkpoint_ttl(self, path: str, ttl_seconds: int | None) -> APIFuture[types.Checkpoint]:
         """Have the server delete the checkpoint `ttl_seconds` from now (None: keep it forever)."""
         return self._run(self._set_ttl(path, ttl_seconds))
 
-    async def set_checkpoint_ttl_async(self, path: str, ttl_seconds: Optional[int]) -> types.Checkpoint:
+    async def set_checkpoint_ttl_async(self, path: str, ttl_seconds: int | None) -> types.Checkpoint:
         return await self._run_async(self._set_ttl(path, ttl_seconds))
 
     def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str,
-                                            ttl_seconds: Optional[int]) -> APIFuture[types.Checkpoint]:
+                                            ttl_seconds: int | None) -> APIFuture[types.Checkpoint]:
         return self._run(self._set_ttl(tinker_path, ttl_seconds))
 
     async def set_checkpoint_ttl_from_tinker_path_async(self, tinker_path: str,
-                                                        ttl_seconds: Optional[int]) -> types.Checkpoint:
+                                                        ttl_seconds: int | None) -> types.Checkpoint:
         return await self._run_async(self._set_ttl(tinker_path, ttl_seconds))
 
     # ---------------------------------------------------------------- downloads

@@ -7,7 +7,7 @@ server.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from stillroom import _wire, types
 from stillroom._proto import stillroom_pb2 as pb
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 class SamplingClient:
-    def __init__(self, service: "ServiceClient", info: pb.SamplingSessionInfo, *,
+    def __init__(self, service: ServiceClient, info: pb.SamplingSessionInfo, *,
                  record_stability_info: bool = False) -> None:
         self._service = service
         self._connection = service._connection
@@ -33,7 +33,7 @@ class SamplingClient:
                        sampling_params: types.SamplingParams, include_prompt_logprobs: bool,
                        topk_prompt_logprobs: int, topk_sample_logprobs: int,
                        target_prompt_logprobs: Any, prompt_alt_tokens_k: int,
-                       prompt_logprobs_last_n: Optional[int]):
+                       prompt_logprobs_last_n: int | None):
         if target_prompt_logprobs is not None or prompt_alt_tokens_k:
             raise ValueError("sample: target_prompt_logprobs and prompt_alt_tokens_k are not offered "
                              "by Stillroom")
@@ -54,7 +54,7 @@ class SamplingClient:
                sampling_params: types.SamplingParams, include_prompt_logprobs: bool = False,
                topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0,
                target_prompt_logprobs: Any = None, prompt_alt_tokens_k: int = 0,
-               prompt_logprobs_last_n: Optional[int] = None) -> APIFuture[types.SampleResponse]:
+               prompt_logprobs_last_n: int | None = None) -> APIFuture[types.SampleResponse]:
         """`num_samples` continuations of `prompt`. Each sequence has a `sequence_id`; with
         `topk_sample_logprobs` k > 0, its `topk_logprobs` lists the k likeliest (token, logprob)
         at each sampled position; `prompt_logprobs_last_n` scores only the prompt's last n tokens
@@ -69,7 +69,7 @@ class SamplingClient:
                            include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
                            topk_sample_logprobs: int = 0, target_prompt_logprobs: Any = None,
                            prompt_alt_tokens_k: int = 0,
-                           prompt_logprobs_last_n: Optional[int] = None) -> types.SampleResponse:
+                           prompt_logprobs_last_n: int | None = None) -> types.SampleResponse:
         """Like `sample`, awaiting the result (as Tinker's does)."""
         send = self._sample_sender(prompt, num_samples, sampling_params, include_prompt_logprobs,
                                    topk_prompt_logprobs, topk_sample_logprobs,
@@ -78,7 +78,7 @@ class SamplingClient:
 
     # ---------------------------------------------------------------- logprobs
 
-    def _logprobs_sender(self, prompt: types.ModelInput, prompt_logprobs_last_n: Optional[int]):
+    def _logprobs_sender(self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None):
         request = pb.ComputeLogprobsRequest(sampling_session_id=self.sampling_session_id,
                                             prompt=_wire.model_input_to_pb(prompt))
         if prompt_logprobs_last_n is not None:
@@ -86,18 +86,18 @@ class SamplingClient:
         return lambda: self._connection.call("ComputeLogprobs", request)
 
     @staticmethod
-    def _parse_logprobs(result: pb.FutureResult) -> list[Optional[float]]:
+    def _parse_logprobs(result: pb.FutureResult) -> list[float | None]:
         return _wire.logprobs_from_pb(result.compute_logprobs)
 
     def compute_logprobs(self, prompt: types.ModelInput,
-                         prompt_logprobs_last_n: Optional[int] = None) -> APIFuture[list[Optional[float]]]:
+                         prompt_logprobs_last_n: int | None = None) -> APIFuture[list[float | None]]:
         """Each token's logprob given the tokens before it; the first entry is None (and, with
         `prompt_logprobs_last_n`, every entry before the last n)."""
         return self._connection.submit(self._logprobs_sender(prompt, prompt_logprobs_last_n),
                                        self._parse_logprobs)
 
     async def compute_logprobs_async(self, prompt: types.ModelInput,
-                                     prompt_logprobs_last_n: Optional[int] = None) -> list[Optional[float]]:
+                                     prompt_logprobs_last_n: int | None = None) -> list[float | None]:
         return await self.compute_logprobs(prompt, prompt_logprobs_last_n)
 
     # ---------------------------------------------------------------- information

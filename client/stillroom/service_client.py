@@ -7,7 +7,7 @@ key come from the arguments or from STILLROOM_BASE_URL / STILLROOM_API_KEY.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 from stillroom import _wire, types
 from stillroom._connection import DEFAULT_BASE_URL, Connection, connection_settings
@@ -47,19 +47,19 @@ def _lora(rank: int, train_mlp: bool, train_attn: bool, train_unembed: bool,
 
 
 class ServiceClient:
-    def __init__(self, user_metadata: Optional[dict[str, str]] = None, project_id: Optional[str] = None,
-                 *, display_name: Optional[str] = None, base_url: Optional[str] = None,
-                 api_key: Optional[str] = None, default_headers_overrides: Optional[dict] = None,
-                 tls_root_cert: Optional[str] = None, **kwargs: Any) -> None:
+    def __init__(self, user_metadata: dict[str, str] | None = None, project_id: str | None = None,
+                 *, display_name: str | None = None, base_url: str | None = None,
+                 api_key: str | None = None, default_headers_overrides: dict | None = None,
+                 tls_root_cert: str | None = None, **kwargs: Any) -> None:
         """`base_url` "host:port" (plain) or "grpcs://host:port" (TLS); `tls_root_cert`, a PEM file
         of the certificate to trust (also STILLROOM_TLS_ROOT_CERT), turns TLS on as well.
         `user_metadata` is given to every training run this client makes; Tinker's `project_id`,
         `display_name` and `default_headers_overrides` are accepted and unused."""
         self._user_metadata = dict(user_metadata or {})
-        self._connection = Connection(*connection_settings(base_url, api_key),
-                                      tls_root_cert=tls_root_cert or os.environ.get("STILLROOM_TLS_ROOT_CERT"))
+        tls_root_cert = tls_root_cert or os.environ.get("STILLROOM_TLS_ROOT_CERT")
+        self._connection = Connection(*connection_settings(base_url, api_key), tls_root_cert=tls_root_cert)
 
-    def close(self, status: str = "success", detail: Optional[str] = None) -> APIFuture[None]:
+    def close(self, status: str = "success", detail: str | None = None) -> APIFuture[None]:
         """Close the connection (Tinker's `close(status, detail)`: the status is not recorded);
         returns a finished future. Closing twice is harmless."""
         if status not in ("success", "errored", "interrupted"):
@@ -67,7 +67,7 @@ class ServiceClient:
         self._connection.close()
         return ValueFuture(None)
 
-    def __enter__(self) -> "ServiceClient":
+    def __enter__(self) -> ServiceClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -96,9 +96,9 @@ class ServiceClient:
         return future
 
     def create_lora_training_client(self, base_model: str, rank: int = 32,
-                                    seed: Optional[int] = None, train_mlp: bool = True,
+                                    seed: int | None = None, train_mlp: bool = True,
                                     train_attn: bool = True, train_unembed: bool = True,
-                                    user_metadata: Optional[dict[str, str]] = None,
+                                    user_metadata: dict[str, str] | None = None,
                                     optimizer: Any = None) -> TrainingClientFuture:
         """A LoRA training run over `base_model`. The answer is the client, usable at once, and
         a future of it (`.result()`, `await`), as Tinker's."""
@@ -107,15 +107,15 @@ class ServiceClient:
             self._create_training_client(base_model, lora, seed, user_metadata))
 
     async def create_lora_training_client_async(
-            self, base_model: str, rank: int = 32, seed: Optional[int] = None,
+            self, base_model: str, rank: int = 32, seed: int | None = None,
             train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
-            user_metadata: Optional[dict[str, str]] = None, optimizer: Any = None) -> TrainingClient:
+            user_metadata: dict[str, str] | None = None, optimizer: Any = None) -> TrainingClient:
         lora = _lora(rank, train_mlp, train_attn, train_unembed, optimizer)
         return await self._connection.run_async(
             self._create_training_client(base_model, lora, seed, user_metadata))
 
-    def create_full_training_client(self, base_model: str, seed: Optional[int] = None,
-                                    user_metadata: Optional[dict[str, str]] = None) -> TrainingClientFuture:
+    def create_full_training_client(self, base_model: str, seed: int | None = None,
+                                    user_metadata: dict[str, str] | None = None) -> TrainingClientFuture:
         """A training client that updates every weight of its own copy of `base_model`.
 
         Stillroom's addition to the Tinker surface: it is how the randomly initialised presets
@@ -125,17 +125,17 @@ class ServiceClient:
             self._create_training_client(base_model, None, seed, user_metadata))
 
     async def create_full_training_client_async(
-            self, base_model: str, seed: Optional[int] = None,
-            user_metadata: Optional[dict[str, str]] = None) -> TrainingClient:
+            self, base_model: str, seed: int | None = None,
+            user_metadata: dict[str, str] | None = None) -> TrainingClient:
         return await self._connection.run_async(
             self._create_training_client(base_model, None, seed, user_metadata))
 
-    def _metadata(self, user_metadata: Optional[dict[str, str]]) -> dict[str, str]:
+    def _metadata(self, user_metadata: dict[str, str] | None) -> dict[str, str]:
         return {**self._user_metadata, **(user_metadata or {})}
 
-    async def _create_training_client(self, base_model: str, lora: Optional[pb.LoraConfig],
-                                      seed: Optional[int],
-                                      user_metadata: Optional[dict[str, str]]) -> TrainingClient:
+    async def _create_training_client(self, base_model: str, lora: pb.LoraConfig | None,
+                                      seed: int | None,
+                                      user_metadata: dict[str, str] | None) -> TrainingClient:
         request = pb.CreateTrainingRunRequest(base_model=base_model,
                                               user_metadata=self._metadata(user_metadata))
         if lora is not None:
@@ -146,8 +146,8 @@ class ServiceClient:
         return TrainingClient(self, info)
 
     def create_training_client_from_state(
-            self, path: str, base_model: Optional[str] = None,
-            user_metadata: Optional[dict[str, str]] = None, weights_access_token: Optional[str] = None,
+            self, path: str, base_model: str | None = None,
+            user_metadata: dict[str, str] | None = None, weights_access_token: str | None = None,
             optimizer: Any = None) -> TrainingClientFuture:
         """A new training run with the weights of a saved state (stillroom:// or tinker://
         <run>/weights/<name>) and fresh optimizer moments. The state names its base model, so
@@ -156,30 +156,30 @@ class ServiceClient:
         return self._ready_training_client(self._create_from_state(path, False, user_metadata, base_model))
 
     async def create_training_client_from_state_async(
-            self, path: str, base_model: Optional[str] = None,
-            user_metadata: Optional[dict[str, str]] = None, weights_access_token: Optional[str] = None,
+            self, path: str, base_model: str | None = None,
+            user_metadata: dict[str, str] | None = None, weights_access_token: str | None = None,
             optimizer: Any = None) -> TrainingClient:
         _check_optimizer(optimizer)
         return await self._connection.run_async(
             self._create_from_state(path, False, user_metadata, base_model))
 
     def create_training_client_from_state_with_optimizer(
-            self, path: str, base_model: Optional[str] = None,
-            user_metadata: Optional[dict[str, str]] = None,
-            weights_access_token: Optional[str] = None) -> TrainingClientFuture:
+            self, path: str, base_model: str | None = None,
+            user_metadata: dict[str, str] | None = None,
+            weights_access_token: str | None = None) -> TrainingClientFuture:
         """A new training run that continues a saved state exactly: weights and optimizer state."""
         return self._ready_training_client(self._create_from_state(path, True, user_metadata, base_model))
 
     async def create_training_client_from_state_with_optimizer_async(
-            self, path: str, base_model: Optional[str] = None,
-            user_metadata: Optional[dict[str, str]] = None,
-            weights_access_token: Optional[str] = None) -> TrainingClient:
+            self, path: str, base_model: str | None = None,
+            user_metadata: dict[str, str] | None = None,
+            weights_access_token: str | None = None) -> TrainingClient:
         return await self._connection.run_async(
             self._create_from_state(path, True, user_metadata, base_model))
 
     async def _create_from_state(self, path: str, with_optimizer: bool,
-                                 user_metadata: Optional[dict[str, str]],
-                                 base_model: Optional[str] = None) -> TrainingClient:
+                                 user_metadata: dict[str, str] | None,
+                                 base_model: str | None = None) -> TrainingClient:
         request = pb.CreateTrainingRunFromStateRequest(path=_wire.checkpoint_path(path),
                                                        with_optimizer=with_optimizer,
                                                        user_metadata=self._metadata(user_metadata))
@@ -195,8 +195,8 @@ class ServiceClient:
 
     # ---------------------------------------------------------------- sampling clients
 
-    def create_sampling_client(self, model_path: Optional[str] = None,
-                               base_model: Optional[str] = None, retry_config: Any = None,
+    def create_sampling_client(self, model_path: str | None = None,
+                               base_model: str | None = None, retry_config: Any = None,
                                record_stability_info: bool = False) -> SamplingClientFuture:
         """A sampling client on saved sampler weights or a base model: usable at once, and a
         future of it (`.result()`, `await`), as Tinker's. Samples always carry sequence ids, so
@@ -206,13 +206,13 @@ class ServiceClient:
         future.result()  # errors surface here, at the call
         return future
 
-    async def create_sampling_client_async(self, model_path: Optional[str] = None,
-                                           base_model: Optional[str] = None, retry_config: Any = None,
+    async def create_sampling_client_async(self, model_path: str | None = None,
+                                           base_model: str | None = None, retry_config: Any = None,
                                            record_stability_info: bool = False) -> SamplingClient:
         return await self._connection.run_async(
             self._create_sampling_client(model_path, base_model, record_stability_info))
 
-    async def _create_sampling_client(self, model_path: Optional[str], base_model: Optional[str],
+    async def _create_sampling_client(self, model_path: str | None, base_model: str | None,
                                       record_stability_info: bool = False) -> SamplingClient:
         if (model_path is None) == (base_model is None):
             raise ValueError("create_sampling_client needs exactly one of model_path or base_model")

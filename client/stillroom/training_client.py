@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from stillroom import _wire, types
+from stillroom._metrics import merge_metrics
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom.futures import APIFuture, client_future_class
-
 from stillroom.sampling_client import SamplingClient, SamplingClientFuture
 
 if TYPE_CHECKING:
@@ -41,18 +42,9 @@ def _split_by_size(data: list[pb.Datum], limit: int) -> list[list[pb.Datum]]:
 
 
 def _merge_outputs(outputs: list[types.ForwardBackwardOutput]) -> types.ForwardBackwardOutput:
-    """One call's output from its parts': `:sum` metrics add up, `:mean` ones are averaged
-    weighted by each part's tokens, others keep the last part's value."""
+    """One call's output from its parts': outputs in order, metrics merged (see _metrics.py)."""
     tokens = [sum(len(o["logprobs"].data) for o in out.loss_fn_outputs) for out in outputs]
-    metrics: dict[str, float] = {}
-    for key in outputs[-1].metrics:
-        values = [out.metrics[key] for out in outputs]
-        if key.endswith(":sum"):
-            metrics[key] = sum(values)
-        elif key.endswith(":mean"):
-            metrics[key] = sum(v * n for v, n in zip(values, tokens)) / max(sum(tokens), 1)
-        else:
-            metrics[key] = values[-1]
+    metrics = merge_metrics([(out.metrics, n) for out, n in zip(outputs, tokens)])
     return types.ForwardBackwardOutput(
         loss_fn_outputs=[o for out in outputs for o in out.loss_fn_outputs], metrics=metrics)
 
@@ -98,14 +90,14 @@ def _custom_loss_weights(data: list[types.Datum], forward: types.ForwardBackward
 
 
 class TrainingClient:
-    def __init__(self, service: "ServiceClient", info: pb.TrainingRunInfo) -> None:
+    def __init__(self, service: ServiceClient, info: pb.TrainingRunInfo) -> None:
         self._service = service
         self._connection = service._connection
         self._info = info
         self.training_run_id = info.training_run_id
         self.model_id = info.training_run_id
         self._next_seq = info.last_request_seq + 1
-        self._send_lock: Optional[asyncio.Lock] = None  # created on the connection's loop
+        self._send_lock: asyncio.Lock | None = None  # created on the connection's loop
         self.max_chunk_bytes = MAX_CHUNK_BYTES
 
     # ---------------------------------------------------------------- numbering and sending
@@ -142,11 +134,11 @@ class TrainingClient:
     # ---------------------------------------------------------------- forward / backward
 
     def _forward_request(self, data: Sequence[types.Datum], loss_fn: str,
-                         loss_fn_config: Optional[LossConfig], forward_only: bool):
+                         loss_fn_config: LossConfig | None, forward_only: bool):
         return self._forward_parts(data, loss_fn, loss_fn_config, forward_only, chunk=False)[0]
 
     def _forward_parts(self, data: Sequence[types.Datum], loss_fn: str,
-                       loss_fn_config: Optional[LossConfig], forward_only: bool,
+                       loss_fn_config: LossConfig | None, forward_only: bool,
                        chunk: bool = True) -> list[Callable[[int], pb.ForwardBackwardRequest]]:
         """Request builders for a forward(_backward) call: one, or one per part of a call too
         large for one message (parts of at most `max_chunk_bytes` of data, in order)."""
@@ -170,14 +162,16 @@ class TrainingClient:
     def _parse_forward(result: pb.FutureResult) -> types.ForwardBackwardOutput:
         return _wire.forward_backward_from_pb(result.forward_backward)
 
-    def _forward_call(self, data, loss_fn, loss_fn_config, forward_only) -> APIFuture[types.ForwardBackwardOutput]:
+    def _forward_call(self, data, loss_fn, loss_fn_config,
+                      forward_only) -> APIFuture[types.ForwardBackwardOutput]:
         builds = self._forward_parts(data, loss_fn, loss_fn_config, forward_only)
         if len(builds) == 1:
             return self._submit(builds[0], "ForwardBackward", self._parse_forward)
         submitted: concurrent.futures.Future[str] = concurrent.futures.Future()
         return APIFuture(self._connection.spawn(self._send_parts(builds, submitted)), submitted)
 
-    async def _send_parts(self, builds, submitted: "concurrent.futures.Future[str]") -> types.ForwardBackwardOutput:
+    async def _send_parts(self, builds,
+                          submitted: concurrent.futures.Future[str]) -> types.ForwardBackwardOutput:
         """Send a chunked call's parts back to back, then merge their outputs in order."""
         try:
             async with self._lock():
@@ -195,16 +189,17 @@ class TrainingClient:
         return future
 
     def forward(self, data: Sequence[types.Datum], loss_fn: str,
-                loss_fn_config: Optional[LossConfig] = None) -> APIFuture[types.ForwardBackwardOutput]:
+                loss_fn_config: LossConfig | None = None) -> APIFuture[types.ForwardBackwardOutput]:
         """The loss and its outputs without computing gradients."""
         return self._forward_call(data, loss_fn, loss_fn_config, forward_only=True)
 
     async def forward_async(self, data: Sequence[types.Datum], loss_fn: str,
-                            loss_fn_config: Optional[LossConfig] = None) -> APIFuture[types.ForwardBackwardOutput]:
+                            loss_fn_config: LossConfig | None = None,
+                            ) -> APIFuture[types.ForwardBackwardOutput]:
         return await self._forward_call_async(data, loss_fn, loss_fn_config, forward_only=True)
 
     def forward_backward(self, data: Sequence[types.Datum], loss_fn: str,
-                         loss_fn_config: Optional[LossConfig] = None) -> APIFuture[types.ForwardBackwardOutput]:
+                         loss_fn_config: LossConfig | None = None) -> APIFuture[types.ForwardBackwardOutput]:
         """Compute the loss and add its gradients to the run's accumulated gradients.
 
         Data larger than `max_chunk_bytes` travels as several numbered parts whose outputs are
@@ -213,13 +208,14 @@ class TrainingClient:
         return self._forward_call(data, loss_fn, loss_fn_config, forward_only=False)
 
     async def forward_backward_async(self, data: Sequence[types.Datum], loss_fn: str,
-                                     loss_fn_config: Optional[LossConfig] = None) -> APIFuture[types.ForwardBackwardOutput]:
+                                     loss_fn_config: LossConfig | None = None,
+                                     ) -> APIFuture[types.ForwardBackwardOutput]:
         return await self._forward_call_async(data, loss_fn, loss_fn_config, forward_only=False)
 
     # ---------------------------------------------------------------- custom losses
 
     def forward_backward_custom(self, data: Sequence[types.Datum], loss_fn: CustomLossFn, *,
-                                loss_type_input: Optional[str] = None) -> APIFuture[types.ForwardBackwardOutput]:
+                                loss_type_input: str | None = None) -> APIFuture[types.ForwardBackwardOutput]:
         """Train on any differentiable function of the target tokens' logprobs.
 
         `loss_fn(data, logprobs_list) -> (loss, metrics)` gets one 1-D float32 torch tensor per
@@ -242,14 +238,15 @@ class TrainingClient:
 
     async def forward_backward_custom_async(
             self, data: Sequence[types.Datum], loss_fn: CustomLossFn, *,
-            loss_type_input: Optional[str] = None) -> APIFuture[types.ForwardBackwardOutput]:
+            loss_type_input: str | None = None) -> APIFuture[types.ForwardBackwardOutput]:
         """Like `forward_backward_custom`; returns once the gradient request has been accepted."""
         future = self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input)
         await asyncio.wrap_future(future._submitted)
         return future
 
     async def _forward_backward_custom(self, data: list[types.Datum], loss_fn: CustomLossFn,
-                                       submitted: "concurrent.futures.Future[str]") -> types.ForwardBackwardOutput:
+                                       submitted: concurrent.futures.Future[str],
+                                       ) -> types.ForwardBackwardOutput:
         try:
             async with self._lock():  # nothing else is numbered between the two requests
                 probe = [_with_inputs(d, target_tokens=d.loss_fn_inputs["target_tokens"].data,
@@ -276,8 +273,8 @@ class TrainingClient:
 
     # ---------------------------------------------------------------- optimizer
 
-    def _optim_request(self, optim_params: Optional[types.AdamParams],
-                       adam_params: Optional[types.AdamParams]):
+    def _optim_request(self, optim_params: types.AdamParams | None,
+                       adam_params: types.AdamParams | None):
         if (optim_params is None) == (adam_params is None):
             raise ValueError("optim_step needs exactly one of optim_params or adam_params")
         params = optim_params if optim_params is not None else adam_params
@@ -291,22 +288,22 @@ class TrainingClient:
     def _parse_optim(result: pb.FutureResult) -> types.OptimStepResponse:
         return types.OptimStepResponse(metrics=dict(result.optim_step.metrics))
 
-    def optim_step(self, optim_params: Optional[types.AdamParams] = None, *,
-                   adam_params: Optional[types.AdamParams] = None) -> APIFuture[types.OptimStepResponse]:
+    def optim_step(self, optim_params: types.AdamParams | None = None, *,
+                   adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
         """Apply the accumulated gradients with AdamW, then clear them."""
         return self._submit(self._optim_request(optim_params, adam_params), "OptimStep",
                             self._parse_optim)
 
     async def optim_step_async(
-            self, optim_params: Optional[types.AdamParams] = None, *,
-            adam_params: Optional[types.AdamParams] = None) -> APIFuture[types.OptimStepResponse]:
+            self, optim_params: types.AdamParams | None = None, *,
+            adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
         return await self._submit_async(self._optim_request(optim_params, adam_params), "OptimStep",
                                         self._parse_optim)
 
     # ---------------------------------------------------------------- saving weights
 
-    def _save_request(self, name: Optional[str], ttl_seconds: Optional[int] = None,
-                      user_metadata: Optional[dict[str, str]] = None, overwrite: bool = False):
+    def _save_request(self, name: str | None, ttl_seconds: int | None = None,
+                      user_metadata: dict[str, str] | None = None, overwrite: bool = False):
         def build(seq: int) -> pb.SaveWeightsRequest:
             request = pb.SaveWeightsRequest(training_run_id=self.training_run_id, seq=seq,
                                             name=name or "", user_metadata=user_metadata or {},
@@ -320,23 +317,23 @@ class TrainingClient:
     def _parse_save(result: pb.FutureResult) -> types.SaveWeightsForSamplerResponse:
         return types.SaveWeightsForSamplerResponse(path=result.save_weights.path)
 
-    def save_weights_for_sampler(self, name: Optional[str], ttl_seconds: Optional[int] = None,
-                                 user_metadata: Optional[dict[str, str]] = None,
+    def save_weights_for_sampler(self, name: str | None, ttl_seconds: int | None = None,
+                                 user_metadata: dict[str, str] | None = None,
                                  ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """Snapshot the current weights for sampling as stillroom://<run>/sampler_weights/<name>;
         the server deletes it `ttl_seconds` later (None: kept until deleted)."""
         return self._submit(self._save_request(name, ttl_seconds, user_metadata),
                             "SaveWeightsForSampler", self._parse_save)
 
-    async def save_weights_for_sampler_async(self, name: Optional[str], ttl_seconds: Optional[int] = None,
-                                             user_metadata: Optional[dict[str, str]] = None,
+    async def save_weights_for_sampler_async(self, name: str | None, ttl_seconds: int | None = None,
+                                             user_metadata: dict[str, str] | None = None,
                                              ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         return await self._submit_async(self._save_request(name, ttl_seconds, user_metadata),
                                         "SaveWeightsForSampler", self._parse_save)
 
     def save_weights_and_get_sampling_client(
-            self, name: Optional[str] = None, retry_config: Any = None,
-            record_stability_info: bool = False, kind: str = "snapshot") -> "SamplingClientFuture":
+            self, name: str | None = None, retry_config: Any = None,
+            record_stability_info: bool = False, kind: str = "snapshot") -> SamplingClientFuture:
         """Save sampler weights (a server-chosen name when `name` is None) and a sampling client
         on them: usable at once as the client, or through `.result()` / `await`."""
         _check_kind(kind)
@@ -352,19 +349,19 @@ class TrainingClient:
         return future
 
     async def save_weights_and_get_sampling_client_async(
-            self, name: Optional[str] = None, retry_config: Any = None,
-            record_stability_info: bool = False, kind: str = "snapshot") -> "SamplingClient":
+            self, name: str | None = None, retry_config: Any = None,
+            record_stability_info: bool = False, kind: str = "snapshot") -> SamplingClient:
         return await self.save_weights_and_get_sampling_client(name, retry_config,
                                                                record_stability_info, kind)
 
     def create_sampling_client(self, model_path: str, retry_config: Any = None,
-                               record_stability_info: bool = False) -> "SamplingClientFuture":
+                               record_stability_info: bool = False) -> SamplingClientFuture:
         """A sampling client on saved sampler weights (as ServiceClient.create_sampling_client)."""
         return self._service.create_sampling_client(model_path=model_path,
                                                     record_stability_info=record_stability_info)
 
     async def create_sampling_client_async(self, model_path: str, retry_config: Any = None,
-                                           record_stability_info: bool = False) -> "SamplingClient":
+                                           record_stability_info: bool = False) -> SamplingClient:
         return await self._service.create_sampling_client_async(
             model_path=model_path, record_stability_info=record_stability_info)
 
@@ -374,16 +371,16 @@ class TrainingClient:
     def _parse_save_state(result: pb.FutureResult) -> types.SaveWeightsResponse:
         return types.SaveWeightsResponse(path=result.save_weights.path)
 
-    def save_state(self, name: Optional[str], ttl_seconds: Optional[int] = None, overwrite: bool = False,
-                   user_metadata: Optional[dict[str, str]] = None) -> APIFuture[types.SaveWeightsResponse]:
+    def save_state(self, name: str | None, ttl_seconds: int | None = None, overwrite: bool = False,
+                   user_metadata: dict[str, str] | None = None) -> APIFuture[types.SaveWeightsResponse]:
         """Save weights and optimizer state as stillroom://<run>/weights/<name>, in request order
         (name None: the server picks one). `overwrite` replaces a state of that name (else the
         save fails with ConflictError); the server deletes it `ttl_seconds` later."""
         return self._submit(self._save_request(name, ttl_seconds, user_metadata, overwrite),
                             "SaveState", self._parse_save_state)
 
-    async def save_state_async(self, name: Optional[str], ttl_seconds: Optional[int] = None,
-                               overwrite: bool = False, user_metadata: Optional[dict[str, str]] = None,
+    async def save_state_async(self, name: str | None, ttl_seconds: int | None = None,
+                               overwrite: bool = False, user_metadata: dict[str, str] | None = None,
                                ) -> APIFuture[types.SaveWeightsResponse]:
         return await self._submit_async(self._save_request(name, ttl_seconds, user_metadata, overwrite),
                                         "SaveState", self._parse_save_state)
@@ -398,22 +395,23 @@ class TrainingClient:
         return types.LoadWeightsResponse(path=result.save_weights.path, type="load_weights")
 
     def load_state(self, path: str,
-                   weights_access_token: Optional[str] = None) -> APIFuture[types.LoadWeightsResponse]:
+                   weights_access_token: str | None = None) -> APIFuture[types.LoadWeightsResponse]:
         """Replace this run's weights with a saved state's; the optimizer starts afresh."""
         return self._submit(self._load_state_request(path, False), "LoadState", self._parse_load_state)
 
     async def load_state_async(
-            self, path: str, weights_access_token: Optional[str] = None) -> APIFuture[types.LoadWeightsResponse]:
+            self, path: str, weights_access_token: str | None = None) -> APIFuture[types.LoadWeightsResponse]:
         return await self._submit_async(self._load_state_request(path, False), "LoadState",
                                         self._parse_load_state)
 
     def load_state_with_optimizer(self, path: str,
-                                  weights_access_token: Optional[str] = None) -> APIFuture[types.LoadWeightsResponse]:
+                                  weights_access_token: str | None = None,
+                                  ) -> APIFuture[types.LoadWeightsResponse]:
         """Replace this run's weights and optimizer state (moments, step counts) with a saved state's."""
         return self._submit(self._load_state_request(path, True), "LoadState", self._parse_load_state)
 
     async def load_state_with_optimizer_async(
-            self, path: str, weights_access_token: Optional[str] = None) -> APIFuture[types.LoadWeightsResponse]:
+            self, path: str, weights_access_token: str | None = None) -> APIFuture[types.LoadWeightsResponse]:
         return await self._submit_async(self._load_state_request(path, True), "LoadState",
                                         self._parse_load_state)
 

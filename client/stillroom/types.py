@@ -7,18 +7,37 @@ helpers that convert to and from them. These types know nothing of the wire form
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from stillroom._compat_types import (AdamOptimizerConfig, AuditLogEntry, AuditLogResponse,
-                                     DimuonOptimizerConfig, DimuonParams, DmelChunk,
-                                     ExternalWeightsUrlsResponse, ImageAssetPointerChunk, ImageChunk,
-                                     ModelData, ModelID, OptimizerConfig, PromptProvenanceSpan,
-                                     ProvenanceSpans, RequestErrorCategory, RequestID,
-                                     SampledProvenanceSpan, SamplingClientKind, TensorDtype,
-                                     WeightsInfoResponse, WhoamiResponse, check_tiling)
+# Tinker's names that Stillroom accepts, re-exported here (see _compat_types).
+from stillroom._compat_types import (  # noqa: F401
+    AdamOptimizerConfig,
+    AuditLogEntry,
+    AuditLogResponse,
+    DimuonOptimizerConfig,
+    DimuonParams,
+    DmelChunk,
+    ExternalWeightsUrlsResponse,
+    ImageAssetPointerChunk,
+    ImageChunk,
+    ModelData,
+    ModelID,
+    OptimizerConfig,
+    PromptProvenanceSpan,
+    ProvenanceSpans,
+    RequestErrorCategory,
+    RequestID,
+    SampledProvenanceSpan,
+    SamplingClientKind,
+    TensorDtype,
+    WeightsInfoResponse,
+    WhoamiResponse,
+    check_tiling,
+)
 
 DType = TensorDtype
 # Tinker's losses, plus Stillroom's server-side teacher_reverse_kl; "custom" names
@@ -50,12 +69,12 @@ class TensorData(StrictModel):
 
     data: list[int] | list[float]
     dtype: DType
-    shape: Optional[list[int]] = None
-    sparse_crow_indices: Optional[list[int]] = None
-    sparse_col_indices: Optional[list[int]] = None
+    shape: list[int] | None = None
+    sparse_crow_indices: list[int] | None = None
+    sparse_col_indices: list[int] | None = None
 
     @model_validator(mode="after")
-    def _check_shape(self) -> "TensorData":
+    def _check_shape(self) -> TensorData:
         if (self.sparse_crow_indices is None) != (self.sparse_col_indices is None):
             raise ValueError("TensorData: set sparse_crow_indices and sparse_col_indices together")
         if self.sparse_crow_indices is not None:
@@ -71,7 +90,7 @@ class TensorData(StrictModel):
             raise ValueError(f"TensorData.shape {self.shape} does not hold {len(self.data)} values")
         return self
 
-    def dense(self, pad_value: int = 0) -> "TensorData":
+    def dense(self, pad_value: int = 0) -> TensorData:
         """This tensor with its sparse entries filled in (itself when it is dense)."""
         if self.sparse_crow_indices is None:
             return self
@@ -85,7 +104,7 @@ class TensorData(StrictModel):
         return TensorData(data=[cast(v) for v in values], dtype=self.dtype, shape=list(self.shape))
 
     @classmethod
-    def from_torch_sparse(cls, tensor: Any, pad_value: int = 0) -> "TensorData":
+    def from_torch_sparse(cls, tensor: Any, pad_value: int = 0) -> TensorData:
         """A CSR TensorData of a 2-D tensor, leaving out entries equal to `pad_value` (a dense
         one when that would not be smaller)."""
         if tensor.dim() != 2:
@@ -107,12 +126,12 @@ class TensorData(StrictModel):
                    sparse_col_indices=cols)
 
     @classmethod
-    def from_numpy(cls, array: Any) -> "TensorData":
+    def from_numpy(cls, array: Any) -> TensorData:
         dtype: DType = "int64" if array.dtype.kind in "iub" else "float32"
         return cls(data=array.reshape(-1).tolist(), dtype=dtype, shape=list(array.shape))
 
     @classmethod
-    def from_torch(cls, tensor: Any) -> "TensorData":
+    def from_torch(cls, tensor: Any) -> TensorData:
         dtype: DType = "float32" if tensor.is_floating_point() else "int64"
         return cls(data=tensor.detach().cpu().reshape(-1).tolist(), dtype=dtype,
                    shape=list(tensor.shape))
@@ -146,7 +165,7 @@ class EncodedTextChunk(StrictModel):
         return len(self.tokens)
 
 
-ModelInputChunk = Annotated[Union[EncodedTextChunk, ImageAssetPointerChunk, ImageChunk, DmelChunk],
+ModelInputChunk = Annotated[EncodedTextChunk | ImageAssetPointerChunk | ImageChunk | DmelChunk,
                             Field(discriminator="type")]
 
 
@@ -157,11 +176,11 @@ class ModelInput(StrictModel):
     chunks: list[ModelInputChunk]
 
     @classmethod
-    def from_ints(cls, tokens: Sequence[int]) -> "ModelInput":
+    def from_ints(cls, tokens: Sequence[int]) -> ModelInput:
         return cls(chunks=[EncodedTextChunk(tokens=list(tokens))])
 
     @classmethod
-    def empty(cls) -> "ModelInput":
+    def empty(cls) -> ModelInput:
         return cls(chunks=[])
 
     def to_ints(self) -> list[int]:
@@ -170,10 +189,10 @@ class ModelInput(StrictModel):
                              f"{[type(chunk).__name__ for chunk in self.chunks]}")
         return [t for chunk in self.chunks for t in chunk.tokens]
 
-    def append_int(self, token: int) -> "ModelInput":
+    def append_int(self, token: int) -> ModelInput:
         return self.append(EncodedTextChunk(tokens=[token]))
 
-    def append(self, chunk: ModelInputChunk) -> "ModelInput":
+    def append(self, chunk: ModelInputChunk) -> ModelInput:
         return ModelInput(chunks=[*self.chunks, chunk])
 
     @property
@@ -191,16 +210,16 @@ class Datum(StrictModel):
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = Field(default_factory=dict)
-    model_input_spans: Optional[ProvenanceSpans] = None
-    loss_fn_input_spans: Optional[ProvenanceSpans] = None
+    model_input_spans: ProvenanceSpans | None = None
+    loss_fn_input_spans: ProvenanceSpans | None = None
 
     @model_validator(mode="after")
-    def _check_spans(self) -> "Datum":
+    def _check_spans(self) -> Datum:
         if (self.model_input_spans is None) != (self.loss_fn_input_spans is None):
             raise ValueError("provenance comes as a pair: set both span lists or neither")
         return self
 
-    def with_provenance(self, model_input: ProvenanceSpans, loss_fn_inputs: ProvenanceSpans) -> "Datum":
+    def with_provenance(self, model_input: ProvenanceSpans, loss_fn_inputs: ProvenanceSpans) -> Datum:
         """A copy carrying provenance: `model_input` spans tile the input tokens,
         `loss_fn_inputs` spans tile `loss_fn_inputs["target_tokens"]`."""
         check_tiling("model_input", model_input, self.model_input.length)
@@ -237,9 +256,9 @@ def _as_tensor_data(key: str, value: Any) -> Any:
 
 
 class SamplingParams(StrictModel):
-    max_tokens: Optional[int] = None
-    seed: Optional[int] = None
-    stop: Union[str, list[str], list[int], None] = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -263,15 +282,15 @@ class ForwardBackwardOutput(StrictModel):
 
 
 class OptimStepResponse(StrictModel):
-    metrics: Optional[dict[str, float]] = None
+    metrics: dict[str, float] | None = None
 
 
 class SaveWeightsForSamplerResponse(StrictModel):
     path: str
-    type: Optional[Literal["save_weights_for_sampler"]] = None
+    type: Literal["save_weights_for_sampler"] | None = None
 
 
-TopkLogprobsList = list[Optional[list[tuple[int, float]]]]
+TopkLogprobsList = list[list[tuple[int, float]] | None]
 
 
 class SampledSequence(StrictModel):
@@ -280,9 +299,9 @@ class SampledSequence(StrictModel):
 
     stop_reason: StopReason
     tokens: list[int]
-    logprobs: Optional[list[float]] = None
+    logprobs: list[float] | None = None
     sequence_id: str = ""
-    topk_logprobs: Optional[TopkLogprobsList] = None
+    topk_logprobs: TopkLogprobsList | None = None
 
     @property
     def tokens_np(self) -> Any:
@@ -300,19 +319,19 @@ class SampledSequence(StrictModel):
 class SampleResponse(StrictModel):
     sequences: list[SampledSequence]
     type: Literal["sample"] = "sample"
-    prompt_logprobs: Optional[list[Optional[float]]] = None
-    topk_prompt_logprobs: Optional[TopkLogprobsList] = None
-    target_prompt_logprobs: Optional[TensorData] = None
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: TopkLogprobsList | None = None
+    target_prompt_logprobs: TensorData | None = None
     prompt_cache_hit_tokens: int = 0
-    prompt_alt_tokens: Optional[Any] = None
+    prompt_alt_tokens: Any | None = None
 
 
 class SupportedModel(StrictModel):
-    model_name: Optional[str] = None
-    max_context_length: Optional[int] = None
-    trainable: Optional[bool] = None
-    sampleable: Optional[bool] = None
-    vocab_size: Optional[int] = None
+    model_name: str | None = None
+    max_context_length: int | None = None
+    trainable: bool | None = None
+    sampleable: bool | None = None
+    vocab_size: int | None = None
     source: str = ""
 
 
@@ -325,7 +344,7 @@ class GetServerCapabilitiesResponse(StrictModel):
 
 class LoraConfig(StrictModel):
     rank: int
-    seed: Optional[int] = None
+    seed: int | None = None
     train_mlp: bool = True
     train_attn: bool = True
     train_unembed: bool = True
@@ -336,18 +355,18 @@ class GetInfoResponse(StrictModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    type: Optional[Literal["get_info"]] = None
+    type: Literal["get_info"] | None = None
     model_data: ModelData
     model_id: ModelID
     optimizer_config: OptimizerConfig = AdamOptimizerConfig()
-    is_lora: Optional[bool] = None
-    lora_rank: Optional[int] = None
-    model_name: Optional[str] = None
+    is_lora: bool | None = None
+    lora_rank: int | None = None
+    model_name: str | None = None
     training_run_id: str = ""
     num_trainable_params: int = 0
     max_context_length: int = 0
     user_metadata: dict[str, str] = Field(default_factory=dict)
-    created_at: Optional[datetime] = None
+    created_at: datetime | None = None
 
 
 # ---------------------------------------------------------------- training state and checkpoints
@@ -357,7 +376,7 @@ class SaveWeightsResponse(StrictModel):
     """What `TrainingClient.save_state` returns: the path of the full training state."""
 
     path: str
-    type: Optional[Literal["save_weights"]] = None
+    type: Literal["save_weights"] | None = None
 
 
 class LoadWeightsResponse(StrictModel):
@@ -365,9 +384,9 @@ class LoadWeightsResponse(StrictModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    path: Optional[str] = None
-    model_id: Optional[str] = None
-    type: Optional[Literal["load_weights"]] = None
+    path: str | None = None
+    model_id: str | None = None
+    type: Literal["load_weights"] | None = None
 
 
 CheckpointType = Literal["training", "sampler", "external"]
@@ -384,10 +403,10 @@ class Checkpoint(StrictModel):
     checkpoint_type: CheckpointType
     time: datetime
     tinker_path: str                    # stillroom://<run>/<weights|sampler_weights>/<name>
-    size_bytes: Optional[int] = None
+    size_bytes: int | None = None
     public: bool = False
-    user_metadata: Optional[dict[str, str]] = None
-    expires_at: Optional[datetime] = None
+    user_metadata: dict[str, str] | None = None
+    expires_at: datetime | None = None
     training_run_id: str = ""
     base_model: str = ""
     is_lora: bool = False
@@ -410,7 +429,7 @@ class ParsedCheckpointTinkerPath(StrictModel):
     checkpoint_id: str
 
     @classmethod
-    def from_tinker_path(cls, tinker_path: str) -> "ParsedCheckpointTinkerPath":
+    def from_tinker_path(cls, tinker_path: str) -> ParsedCheckpointTinkerPath:
         scheme = next((s for s in ("tinker://", "stillroom://") if tinker_path.startswith(s)), None)
         parts = tinker_path[len(scheme):].split("/") if scheme else []
         if len(parts) != 3 or parts[1] not in _SEGMENT_TYPES or not parts[0] or not parts[2]:
@@ -431,13 +450,13 @@ class TrainingRun(StrictModel):
     model_owner: str = ""
     is_lora: bool
     corrupted: bool = False
-    lora_rank: Optional[int] = None
-    last_request_time: Optional[datetime] = None
+    lora_rank: int | None = None
+    last_request_time: datetime | None = None
     last_request_seq: int = 0
     num_trainable_params: int = 0
-    created_at: Optional[datetime] = None
-    last_checkpoint: Optional[Checkpoint] = None
-    last_sampler_checkpoint: Optional[Checkpoint] = None
+    created_at: datetime | None = None
+    last_checkpoint: Checkpoint | None = None
+    last_sampler_checkpoint: Checkpoint | None = None
     user_metadata: dict[str, str] = Field(default_factory=dict)
 
 
@@ -448,18 +467,18 @@ class TrainingRunsResponse(StrictModel):
 
 class CheckpointsListResponse(StrictModel):
     checkpoints: list[Checkpoint]
-    cursor: Optional[Cursor] = None
+    cursor: Cursor | None = None
 
 
 class CheckpointArchiveUrlResponse(StrictModel):
     url: str
-    expires: Optional[datetime] = None
+    expires: datetime | None = None
     size_bytes: int = 0
 
 
 # ---------------------------------------------------------------- request shapes, as Tinker names them
 
-OptimParams = Union[AdamParams, DimuonParams]
+OptimParams = AdamParams | DimuonParams
 
 
 class OptimStepRequest(StrictModel):
@@ -468,7 +487,7 @@ class OptimStepRequest(StrictModel):
     optim_params: OptimParams = Field(
         validation_alias=AliasChoices("optim_params", "adam_params", "optimizer_params"))
     model_id: ModelID
-    seq_id: Optional[int] = None
+    seq_id: int | None = None
     type: Literal["optim_step"] = "optim_step"
 
 
@@ -480,17 +499,17 @@ class SampleRequest(StrictModel):
     num_samples: int = 1
     prompt: ModelInput
     sampling_params: SamplingParams
-    base_model: Optional[str] = None
-    model_path: Optional[str] = None
-    sampling_session_id: Optional[str] = None
-    seq_id: Optional[int] = None
-    prompt_logprobs: Optional[bool] = None
+    base_model: str | None = None
+    model_path: str | None = None
+    sampling_session_id: str | None = None
+    seq_id: int | None = None
+    prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
-    target_prompt_logprobs: Optional[TensorData] = None
+    target_prompt_logprobs: TensorData | None = None
     prompt_alt_tokens_k: int = 0
-    prompt_logprobs_last_n: Optional[int] = None
-    record_stability_info: Optional[bool] = None
+    prompt_logprobs_last_n: int | None = None
+    record_stability_info: bool | None = None
     type: Literal["sample"] = "sample"
 
 

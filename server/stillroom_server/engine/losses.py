@@ -8,7 +8,7 @@ know nothing of models or optimizers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -56,7 +56,8 @@ class LossSpec:
             raise InvalidInput(f"loss_fn_config.beta must be >= 0, got {resolved['beta']}")
         topk = resolved.get("topk", 0.0)
         if topk < 0 or topk != int(topk):
-            raise InvalidInput(f"loss_fn_config.topk must be a whole number >= 0 (0: full vocabulary), got {topk}")
+            raise InvalidInput("loss_fn_config.topk must be a whole number >= 0 (0: full vocabulary), "
+                               f"got {topk}")
         return resolved
 
 
