@@ -40,6 +40,7 @@ def trained_lora(service, tokenizer):
     return trainer.save_weights_and_get_sampling_client("for-download")
 
 
+@pytest.mark.slow
 def test_lora_download_is_a_peft_adapter_with_the_servers_logprobs(service, server, tokenizer,
                                                                    trained_lora, tmp_path):
     from peft import PeftModel

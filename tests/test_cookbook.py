@@ -261,6 +261,7 @@ def tiny_demo_config():
                       eval_problems=4)
 
 
+@pytest.mark.slow
 def test_demo_trains_caches_and_reuses_its_teacher(service, tmp_path, capsys):
     from stillroom_cookbook.distillation_demo import run_demo
 
@@ -277,6 +278,7 @@ def test_demo_trains_caches_and_reuses_its_teacher(service, tmp_path, capsys):
     assert (tmp_path / "teacher.json").read_text() == cached
 
 
+@pytest.mark.slow
 def test_comparison_writes_a_table_and_plots(service, tmp_path):
     import dataclasses
 

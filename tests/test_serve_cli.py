@@ -26,6 +26,7 @@ def wait_for_file(path, process, seconds=60.0) -> str:
     raise TimeoutError("server did not start")
 
 
+@pytest.mark.slow
 def test_serve_answers_health_and_stops_cleanly_on_sigterm(tmp_path, monkeypatch):
     monkeypatch.delenv("STILLROOM_API_KEY", raising=False)
     ready = tmp_path / "ready"

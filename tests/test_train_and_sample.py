@@ -27,6 +27,7 @@ def test_capabilities_list_the_presets(service):
     assert {"cross_entropy", "importance_sampling"} <= set(caps.loss_fns)
 
 
+@pytest.mark.slow
 def test_train_a_line_then_sample_it_back_while_the_base_is_unchanged(service, tokenizer):
     tokens = encode_line(tokenizer, LINE)
     prompt = types.ModelInput.from_ints(tokens[:4])
@@ -167,6 +168,7 @@ def test_stop_tokens_end_a_sequence(service, tokenizer):
     assert first.sequences[0].stop_reason in ("length", "stop")
 
 
+@pytest.mark.slow
 def test_lora_training_lowers_the_loss_and_its_snapshot_samples_the_trained_weights(service, tokenizer):
     trainer = service.create_lora_training_client(TINY, rank=16, seed=1)
     info = trainer.get_info()

@@ -42,6 +42,7 @@ def _max_gap(a: list[list[float]], b: list[list[float]]) -> list[float]:
     return [max(abs(x - y) for x, y in zip(row_a, row_b)) for row_a, row_b in zip(a, b)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_state_with_optimizer_continues_exactly_and_without_restarts_moments(service, tokenizer,
                                                                               server, kind):
