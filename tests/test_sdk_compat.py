@@ -61,10 +61,12 @@ def test_get_info_has_tinkers_fields(trained):
 def test_sequence_ids_and_topk_sample_logprobs(trained, tokenizer):
     sampler = trained.save_weights_and_get_sampling_client("compat-topk")
     prompt = types.ModelInput.from_ints(encode_line(tokenizer, "ab")[:2])
-    first = sampler.sample(prompt, 3, GREEDY, topk_sample_logprobs=4).result()
-    again = sampler.sample(prompt, 1, GREEDY).result()
+    future = sampler.sample(prompt, 3, GREEDY, topk_sample_logprobs=4)
+    first, again = future.result(), sampler.sample(prompt, 1, GREEDY).result()
     ids = [s.sequence_id for s in [*first.sequences, *again.sequences]]
     assert all(ids) and len(set(ids)) == len(ids)
+    # named after the request, as the Tinker HTTP API names them in its sample_sequence_ids
+    assert ids[:3] == [f"{future.request_id}:{i}" for i in range(3)]
     for sequence in first.sequences:
         assert len(sequence.topk_logprobs) == len(sequence.tokens)
         for token, logprob, top in zip(sequence.tokens, sequence.logprobs, sequence.topk_logprobs):

@@ -75,6 +75,11 @@ class SaveOptions:
     user_metadata: dict[str, str] = field(default_factory=dict)
 
 
+def sample_sequence_ids(request_id: str, num_samples: int) -> list[str]:
+    """The names of a sample request's sequences (SampledSequence.sequence_id): unique per server."""
+    return [f"{request_id}:{i}" for i in range(num_samples)]
+
+
 class Service:
     def __init__(self, engine: Engine, scheduler: Scheduler, store: Store, hub: FutureHub,
                  limits: validate.Limits = validate.Limits()) -> None:
@@ -382,6 +387,8 @@ class Service:
     def _queue_batched(self, owner: str, kind: str, opened: Sampler, work: Any,
                        encode: Callable[[Any], pb.FutureResult]) -> str:
         request_id = new_request_id()
+        if isinstance(work, SampleWork):  # both transports name a request's samples the same way
+            work.sequence_ids = tuple(sample_sequence_ids(request_id, work.num_samples))
         self.store.create_future(request_id, owner, kind)
         self.hub.watch(request_id)
         self.scheduler.submit(Job(

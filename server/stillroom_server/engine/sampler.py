@@ -15,7 +15,7 @@ import os
 import torch
 from transformers import DynamicCache
 
-from stillroom_server.engine.types import SampledSequence, SampleWork, SamplingConfig
+from stillroom_server.engine.types import SampledSequence, SampleWork, SamplingConfig, new_sequence_id
 
 
 @dataclasses.dataclass
@@ -28,6 +28,7 @@ class _Row:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     stop_reason: str | None = None
     topk: int = 0                    # top-k logprobs wanted at each sampled position
+    sequence_id: str = dataclasses.field(default_factory=new_sequence_id)
     topk_ids: list[list[int]] = dataclasses.field(default_factory=list)
     topk_logprobs: list[list[float]] = dataclasses.field(default_factory=list)
 
@@ -45,8 +46,10 @@ def make_rows(works: list[SampleWork], max_context: int) -> list[_Row]:
         budget = room if work.params.max_tokens < 0 else min(work.params.max_tokens, room)
         for index in range(work.num_samples):
             generator = torch.Generator().manual_seed(_row_seed(work.params.seed, index))
-            rows.append(_Row(work.prompt_T, work.params, budget, generator,
-                             topk=work.topk_sample_logprobs))
+            row = _Row(work.prompt_T, work.params, budget, generator, topk=work.topk_sample_logprobs)
+            if work.sequence_ids:
+                row.sequence_id = work.sequence_ids[index]
+            rows.append(row)
     return rows
 
 
@@ -149,7 +152,8 @@ def sample(model: torch.nn.Module, works: list[SampleWork], *, max_context: int,
                            use_cache=True).logits[:, -1].float()
     sequences = [SampledSequence(r.tokens, r.logprobs, r.stop_reason,
                                  topk_ids=r.topk_ids if r.topk else None,
-                                 topk_logprobs=r.topk_logprobs if r.topk else None) for r in rows]
+                                 topk_logprobs=r.topk_logprobs if r.topk else None,
+                                 sequence_id=r.sequence_id) for r in rows]
     out, start = [], 0
     for work in works:
         out.append(sequences[start:start + work.num_samples])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from typing import Optional
 
 import torch
 
@@ -31,12 +30,15 @@ class ForwardBackwardWork:
 
 @dataclasses.dataclass
 class AdamConfig:
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
+    """Every field comes from the request: the defaults live where requests are made (the SDK's
+    types.AdamParams and the HTTP API's body, both Tinker's)."""
+
+    learning_rate: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    grad_clip_norm: float
 
 
 @dataclasses.dataclass
@@ -55,7 +57,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
-    seed: Optional[int] = None
+    seed: int | None = None
     stop_tokens: tuple[int, ...] = ()
     stop_texts: tuple[str, ...] = ()
 
@@ -68,13 +70,14 @@ class SampleWork:
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0        # top-k logprobs at every sampled position
-    prompt_logprobs_last_n: Optional[int] = None  # score only the prompt's last n tokens
+    sequence_ids: tuple[str, ...] = ()   # one name per sample (the service's); empty: made here
+    prompt_logprobs_last_n: int | None = None  # score only the prompt's last n tokens
 
 
 @dataclasses.dataclass
 class LogprobsWork:
     tokens_T: torch.Tensor               # int64 [T]
-    last_n: Optional[int] = None         # score only the last n tokens; earlier entries are NaN
+    last_n: int | None = None         # score only the last n tokens; earlier entries are NaN
 
 
 @dataclasses.dataclass
@@ -102,17 +105,17 @@ class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str                      # "stop" | "length"
-    topk_ids: Optional[list[list[int]]] = None         # [n][k] when topk_sample_logprobs was asked
-    topk_logprobs: Optional[list[list[float]]] = None  # [n][k]
+    topk_ids: list[list[int]] | None = None         # [n][k] when topk_sample_logprobs was asked
+    topk_logprobs: list[list[float]] | None = None  # [n][k]
     sequence_id: str = dataclasses.field(default_factory=new_sequence_id)  # unique per server
 
 
 @dataclasses.dataclass
 class SampleResult:
     sequences: list[SampledSequence]
-    prompt_logprobs_T: Optional[torch.Tensor] = None   # float32 [T], entry 0 NaN
-    topk_ids_T_K: Optional[torch.Tensor] = None       # int64 [T, k], row 0 padding
-    topk_logprobs_T_K: Optional[torch.Tensor] = None  # float32 [T, k]
+    prompt_logprobs_T: torch.Tensor | None = None   # float32 [T], entry 0 NaN
+    topk_ids_T_K: torch.Tensor | None = None       # int64 [T, k], row 0 padding
+    topk_logprobs_T_K: torch.Tensor | None = None  # float32 [T, k]
 
 
 @dataclasses.dataclass
