@@ -205,3 +205,33 @@ def test_http_refuses_bad_keys_foreign_models_and_malformed_bodies(server):
                         headers=key).json()
     assert failed["category"] == "user" and "no/such-model" in failed["error"]
     assert httpx.get(url + "/healthz").json()["status"] == "ok"
+
+
+def test_stillroom_extras_through_the_official_sdk(server):
+    """Stillroom's teacher loss, the newer RL losses and the sampling options, sent by the SDK."""
+    T = tinker_sdk.types
+    client = tinker_sdk.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
+    trainer = client.create_lora_training_client(BASE, rank=4, seed=1).result()
+    tokens = trainer.get_tokenizer().encode("a b c d e f\n", add_special_tokens=False)
+    n = len(tokens) - 1
+    teacher = trainer.save_weights_for_sampler("teacher").result().path
+    kl = T.Datum(model_input=T.ModelInput.from_ints(tokens[:-1]),
+                 loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * n})
+    result = trainer.forward_backward([kl], "teacher_reverse_kl", {"teacher": teacher}).result()
+    assert abs(result.metrics["teacher_kl:mean"]) < 1e-5  # the student is its own teacher here
+    for loss in ("gspo", "stable_reinforce"):
+        datum = T.Datum(model_input=T.ModelInput.from_ints(tokens[:-1]),
+                        loss_fn_inputs={"target_tokens": tokens[1:], **rl_inputs(n) | {"target_tokens": tokens[1:]}})
+        assert math.isfinite(trainer.forward_backward([datum], loss).result().metrics["loss:sum"])
+    sampler = client.create_sampling_client(base_model=BASE)
+    params = T.SamplingParams(max_tokens=5, temperature=1.0, seed=2)
+    response = sampler.sample(T.ModelInput.from_ints(tokens), num_samples=2, sampling_params=params,
+                              include_prompt_logprobs=True, topk_prompt_logprobs=3,
+                              topk_sample_logprobs=2, prompt_logprobs_last_n=3).result()
+    assert [p is None for p in response.prompt_logprobs] == [True] * (len(tokens) - 3) + [False] * 3
+    for sequence in response.sequences:
+        assert sequence.sequence_id and len(sequence.topk_logprobs) == len(sequence.tokens)
+        assert all(len(row) == 2 for row in sequence.topk_logprobs)
+    with pytest.raises(tinker_sdk.NotFoundError, match="no/such-model"):  # refused before queueing
+        trainer.forward_backward([kl], "teacher_reverse_kl", {"teacher": "no/such-model"}).result()
+    client.close("success").result()
