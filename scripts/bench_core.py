@@ -35,8 +35,8 @@ import torch
 
 import stillroom
 from stillroom import types
-from stillroom_server.config import ServerConfig
 from stillroom_server.app import StillroomServer
+from stillroom_server.config import ServerConfig
 
 MODEL = "stillroom/char-10m"
 PROMPT = "Once upon a time, "

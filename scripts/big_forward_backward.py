@@ -19,8 +19,8 @@ from pathlib import Path
 
 import stillroom
 from stillroom import _wire, types
-from stillroom_server.config import ServerConfig
 from stillroom_server.app import StillroomServer
+from stillroom_server.config import ServerConfig
 
 MODEL = "stillroom/char-1m"
 

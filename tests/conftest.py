@@ -16,8 +16,8 @@ SMALL = "stillroom/char-10m"
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    from stillroom_server.config import ServerConfig
     from stillroom_server.app import StillroomServer
+    from stillroom_server.config import ServerConfig
 
     data_dir = tmp_path_factory.mktemp("stillroom-data")
     config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0,

@@ -123,9 +123,11 @@ def test_limits_name_themselves(server, service, tokenizer):
     server.service.limits = replace(saved, max_live_runs_per_owner=live + 1, max_tokens_per_request=10)
     try:
         trainer = service.create_full_training_client(TINY, seed=0)
-        with pytest.raises(stillroom.RateLimitError, match=f"{live + 1} live runs is the limit of {live + 1} per owner"):
+        limit = f"{live + 1} live runs is the limit of {live + 1} per owner"
+        with pytest.raises(stillroom.RateLimitError, match=limit):
             service.create_full_training_client(TINY, seed=0)
-        with pytest.raises(stillroom.BadRequestError, match="data: 11 tokens is over the limit of 10 per request"):
+        with pytest.raises(stillroom.BadRequestError,
+                           match="data: 11 tokens is over the limit of 10 per request"):
             trainer.forward_backward([sft_datum(list(range(3, 15)))], "cross_entropy").result()
     finally:
         server.service.limits = saved

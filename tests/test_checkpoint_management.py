@@ -10,8 +10,8 @@ import pytest
 
 import stillroom
 from stillroom import types
-from stillroom_server.config import ServerConfig
 from stillroom_server.app import StillroomServer
+from stillroom_server.config import ServerConfig
 
 from conftest import TINY
 from helpers import encode_line, sft_datum, train_steps

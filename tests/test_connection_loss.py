@@ -10,8 +10,8 @@ import time
 import pytest
 
 import stillroom
-from stillroom_server.config import ServerConfig
 from stillroom_server.app import StillroomServer
+from stillroom_server.config import ServerConfig
 
 from conftest import TINY
 

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 import stillroom
-from stillroom_server.config import ServerConfig
 from stillroom_server.app import StillroomServer
+from stillroom_server.config import ServerConfig
 
 from conftest import TINY
 
