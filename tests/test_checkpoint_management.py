@@ -191,7 +191,7 @@ def test_another_owners_runs_and_checkpoints_are_not_found(service, server, monk
     rest = service.create_rest_client()
     trainer = service.create_lora_training_client(TINY, rank=4, seed=0)
     state = trainer.save_state("private").result().path
-    monkeypatch.setattr(server.servicer, "owner", lambda context: "someone-else")
+    monkeypatch.setattr(server.servicer.auth, "owner", lambda secret: "someone-else")
     runs = rest.list_training_runs(limit=1000).training_runs
     assert trainer.training_run_id not in {r.training_run_id for r in runs}
     assert state not in {c.path for c in rest.list_user_checkpoints().checkpoints}

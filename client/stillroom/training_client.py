@@ -351,8 +351,11 @@ class TrainingClient:
     async def save_weights_and_get_sampling_client_async(
             self, name: str | None = None, retry_config: Any = None,
             record_stability_info: bool = False, kind: str = "snapshot") -> SamplingClient:
-        return await self.save_weights_and_get_sampling_client(name, retry_config,
-                                                               record_stability_info, kind)
+        _check_kind(kind)
+        saved = await (await self._submit_async(self._save_request(name), "SaveWeightsForSampler",
+                                                self._parse_save))
+        return await self._service.create_sampling_client_async(
+            model_path=saved.path, record_stability_info=record_stability_info)
 
     def create_sampling_client(self, model_path: str, retry_config: Any = None,
                                record_stability_info: bool = False) -> SamplingClientFuture:
