@@ -1,7 +1,9 @@
 """tinker-cookbook 0.6.1 against Stillroom's SDK in place of `tinker`: every name the cookbook's
 sources take from `tinker` or `tinker.types` exists in `stillroom`, and with
 `stillroom.install_as_tinker()` every cookbook training module that imports with the real
-`tinker` imports with Stillroom's SDK (each side in its own interpreter)."""
+`tinker` imports with Stillroom's SDK (each side in its own interpreter); and the cookbook's own
+checkpoint helpers (save with a TTL, find the last checkpoint, read the renderer from the run's
+metadata by tinker path, resume) run unmodified on a real server through Stillroom's SDK."""
 
 from __future__ import annotations
 
@@ -103,3 +105,40 @@ def test_the_cookbooks_training_modules_import_with_stillroom_as_tinker():
     assert {name: ours[name] for name in importable if ours[name] is not None} == {}
     # modules that need extras not installed here fail the same way with either
     assert {n for n, e in ours.items() if e} == {n for n, e in real.items() if e}
+
+
+# Tinker-cookbook's own checkpoint helpers, unmodified, over Stillroom's gRPC SDK.
+COOKBOOK_CHECKPOINTS = r"""
+import json, os, sys
+import stillroom
+stillroom.install_as_tinker()
+import tinker
+from tinker_cookbook import checkpoint_utils
+
+service = tinker.ServiceClient(base_url=os.environ["ADDRESS"], api_key=os.environ["KEY"])
+trainer = service.create_lora_training_client(
+    "stillroom/char-1m", rank=4, user_metadata={checkpoint_utils.RENDERER_NAME_METADATA_KEY: "role_colon"}
+).result()
+log_path = sys.argv[1]
+paths = checkpoint_utils.save_checkpoint(trainer, "step-1", log_path, {"batch": 1}, kind="both",
+                                         ttl_seconds=3600)
+last = checkpoint_utils.get_last_checkpoint(log_path)
+renderer = checkpoint_utils.get_renderer_name_from_checkpoint(service, paths["sampler_path"])
+resumed = service.create_training_client_from_state_with_optimizer(last.state_path).result()
+listed = service.create_rest_client().list_checkpoints(trainer.model_id).result().checkpoints
+print(json.dumps({"paths": paths, "last": last.state_path, "renderer": renderer,
+                  "resumed_base": resumed.get_info().model_data.model_name,
+                  "expiring": sorted(c.checkpoint_id for c in listed if c.expires_at is not None)}))
+service.close("success")
+"""
+
+
+def test_the_cookbooks_checkpoint_helpers_run_on_stillroom_as_tinker(server, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ADDRESS": server.address, "KEY": server.local_api_key}
+    done = subprocess.run([sys.executable, "-c", COOKBOOK_CHECKPOINTS, str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["last"] == out["paths"]["state_path"] and "/weights/step-1" in out["last"]
+    assert out["renderer"] == "role_colon" and out["resumed_base"] == "stillroom/char-1m"
+    assert out["expiring"] == ["sampler_weights/step-1", "weights/step-1"]
