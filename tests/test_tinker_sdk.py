@@ -207,6 +207,56 @@ def test_http_refuses_bad_keys_foreign_models_and_malformed_bodies(server):
     assert httpx.get(url + "/healthz").json()["status"] == "ok"
 
 
+def test_refused_http_requests_change_nothing(server):
+    """A refused request leaves the run's numbering and weights as they were; the server serves on."""
+    import httpx
+
+    T = tinker_sdk.types
+    client = tinker_sdk.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
+    trainer = client.create_lora_training_client(BASE, rank=4, seed=5).result()
+    run = trainer.model_id
+    datum = T.Datum(model_input=T.ModelInput.from_ints([1, 40, 41, 42]),
+                    loss_fn_inputs={"target_tokens": [40, 41, 42, 2], "weights": [1.0] * 4})
+    before = trainer.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    last_seq = server.store.get_run(run).last_seq
+    url, key = server.http_url + "/api/v1", {"X-API-Key": server.local_api_key}
+    # Numbered requests that fail validation use up their number (the SDK counts every call) and
+    # fail at once through their future, naming the field; nothing runs.
+    numbered = [
+        ("/optim_step", {"adam_params": {"learning_rate": -1.0}}, "adam_params.learning_rate"),
+        ("/save_weights", {"path": "../escape"}, "name"),
+        ("/save_weights", {"path": "ok", "ttl_seconds": 0}, "ttl_seconds"),
+        ("/load_weights", {"path": "tinker://nope/weights/x", "optimizer": False}, "path"),
+    ]
+    for offset, (path, body, field) in enumerate(numbered, start=1):
+        body = body | {"model_id": run, "seq_id": last_seq + offset}
+        answer = httpx.post(url + path, json=body, headers=key)
+        assert answer.status_code == 200, answer.text
+        failed = httpx.post(url + "/retrieve_future", json={"request_id": answer.json()["request_id"]},
+                            headers=key).json()
+        assert failed["category"] == "user" and field in failed["error"], (path, failed)
+    unnumbered = [
+        ("/optim_step", {"model_id": run, "seq_id": "x"}, "seq_id"),
+        ("/asample", {"sampling_session_id": "samp-nope", "prompt": {"chunks": []},
+                      "sampling_params": {}}, "sampling_session_id"),
+    ]
+    for path, body, field in unnumbered:
+        answer = httpx.post(url + path, json=body, headers=key)
+        assert answer.status_code in (400, 404) and field in answer.json()["error"], (path, answer.text)
+    assert server.store.get_run(run).last_seq == last_seq + len(numbered)
+    client.close("success").result()
+    client = tinker_sdk.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
+    trainer = client.create_lora_training_client(BASE, rank=4, seed=5).result()
+    before = trainer.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    bad_tokens = T.Datum(model_input=T.ModelInput.from_ints([1, 10**6]),
+                         loss_fn_inputs={"target_tokens": [40, 2], "weights": [1.0, 1.0]})
+    with pytest.raises(tinker_sdk.RequestFailedError, match="model_input"):
+        trainer.forward_backward([bad_tokens], "cross_entropy").result()
+    after = trainer.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    assert after == before
+    client.close("success").result()
+
+
 def test_stillroom_extras_through_the_official_sdk(server):
     """Stillroom's teacher loss, the newer RL losses and the sampling options, sent by the SDK."""
     T = tinker_sdk.types
@@ -232,6 +282,6 @@ def test_stillroom_extras_through_the_official_sdk(server):
     for sequence in response.sequences:
         assert sequence.sequence_id and len(sequence.topk_logprobs) == len(sequence.tokens)
         assert all(len(row) == 2 for row in sequence.topk_logprobs)
-    with pytest.raises(tinker_sdk.NotFoundError, match="no/such-model"):  # refused before queueing
+    with pytest.raises(tinker_sdk.RequestFailedError, match="no/such-model"):
         trainer.forward_backward([kl], "teacher_reverse_kl", {"teacher": "no/such-model"}).result()
     client.close("success").result()

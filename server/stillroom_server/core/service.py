@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom_server.core import results, validate
-from stillroom_server.core.errors import AlreadyExists, InvalidInput, NotFound, ResourceExhausted
+from stillroom_server.core.errors import (AlreadyExists, FailedPrecondition, InvalidInput, NotFound,
+                                          ResourceExhausted)
 from stillroom_server.core.futures import FutureHub, new_request_id
 from stillroom_server.core.sessions import ClientSessions
 from stillroom_server.engine import checkpoints
@@ -32,6 +33,7 @@ from stillroom_server.store.models import CheckpointRow
 from stillroom_server.store.repo import FutureRecord, utcnow
 
 logger = logging.getLogger("stillroom.core")
+CLIENT_ERRORS = (InvalidInput, NotFound, AlreadyExists, FailedPrecondition)
 
 
 @dataclass(frozen=True)
@@ -243,22 +245,37 @@ class Service:
 
     def _sequenced(self, owner: str, run_id: str, seq: int, kind: str,
                    prepare: Callable[[], Callable[[], Any]],
-                   encode: Callable[[Any], pb.FutureResult]) -> str:
-        """Accept request `seq` of a run: dedupe repeats, validate, record, queue in order."""
+                   encode: Callable[[Any], pb.FutureResult], refusal_takes_number: bool) -> str:
+        """Accept request `seq` of a run: dedupe repeats, validate, record, queue in order.
+
+        A request that fails validation changes nothing. By default it is refused outright and its
+        number stays free (Stillroom's SDK numbers a call only once it is accepted). With
+        `refusal_takes_number` (Tinker's SDK counts every call it makes) the number is used up by
+        a request that fails at once with the same error, so the client's next number follows."""
         self.own_run(owner, run_id)
         validate.seq(seq)
         earlier = self.store.find_sequenced(run_id, seq)
         if earlier is not None:  # a retry: the first request's future answers it
             return earlier
-        work = prepare()
-        request_id, is_new = self.store.accept_sequenced(new_request_id(), owner, kind, run_id, seq)
-        if is_new:
-            if (turn := self._turns.pop(run_id, None)) is not None:
-                turn.set()
-            self.hub.watch(request_id)
-            self.scheduler.submit(Job(
-                kind=kind, run=lambda: encode(work()), lane=run_id,
-                done=lambda result, error: self.hub.complete(request_id, result, error)))
+        try:
+            work = prepare()
+        except CLIENT_ERRORS as error:
+            if not refusal_takes_number:
+                raise
+            request_id = self._accept(owner, kind, run_id, seq)
+            self.hub.complete(request_id, None, error)
+            return request_id
+        request_id = self._accept(owner, kind, run_id, seq)
+        self.scheduler.submit(Job(
+            kind=kind, run=lambda: encode(work()), lane=run_id,
+            done=lambda result, error: self.hub.complete(request_id, result, error)))
+        return request_id
+
+    def _accept(self, owner: str, kind: str, run_id: str, seq: int) -> str:
+        request_id, _ = self.store.accept_sequenced(new_request_id(), owner, kind, run_id, seq)
+        if (turn := self._turns.pop(run_id, None)) is not None:
+            turn.set()
+        self.hub.watch(request_id)
         return request_id
 
     async def wait_for_turn(self, owner: str, run_id: str, seq: int, timeout: float) -> None:
@@ -277,7 +294,8 @@ class Service:
             except asyncio.TimeoutError:
                 return
 
-    def forward_backward(self, owner: str, run_id: str, seq: int, work: ForwardBackwardWork) -> str:
+    def forward_backward(self, owner: str, run_id: str, seq: int, work: ForwardBackwardWork,
+                         refusal_takes_number: bool = False) -> str:
         def prepare():
             validate.token_count(work, self.limits)
             teacher = work.loss_fn_config_strings.get("teacher", "")
@@ -288,28 +306,33 @@ class Service:
             return lambda: self.engine.forward_backward(run_id, work)
 
         kind = "forward" if work.forward_only else "forward_backward"
-        return self._sequenced(owner, run_id, seq, kind, prepare, results.forward_backward)
+        return self._sequenced(owner, run_id, seq, kind, prepare, results.forward_backward,
+                               refusal_takes_number)
 
-    def optim_step(self, owner: str, run_id: str, seq: int, adam: AdamConfig) -> str:
+    def optim_step(self, owner: str, run_id: str, seq: int, adam: AdamConfig,
+                   refusal_takes_number: bool = False) -> str:
         def prepare():
             validate.adam(adam)
             self.engine.get_run(run_id)
             return lambda: self.engine.optim_step(run_id, OptimWork(adam))
 
-        return self._sequenced(owner, run_id, seq, "optim_step", prepare, results.optim_step)
+        return self._sequenced(owner, run_id, seq, "optim_step", prepare, results.optim_step,
+                               refusal_takes_number)
 
     def save_state(self, owner: str, run_id: str, seq: int, name: str = "",
-                   options: SaveOptions = SaveOptions()) -> str:
+                   options: SaveOptions = SaveOptions(), refusal_takes_number: bool = False) -> str:
         return self._save(owner, run_id, seq, "weights", "state", name, options,
-                          self.engine.save_state)
+                          self.engine.save_state, refusal_takes_number)
 
     def save_sampler_weights(self, owner: str, run_id: str, seq: int, name: str = "",
-                             options: SaveOptions = SaveOptions()) -> str:
+                             options: SaveOptions = SaveOptions(),
+                             refusal_takes_number: bool = False) -> str:
         return self._save(owner, run_id, seq, "sampler_weights", "auto", name, options,
-                          self.engine.save_sampler_weights)
+                          self.engine.save_sampler_weights, refusal_takes_number)
 
     def _save(self, owner: str, run_id: str, seq: int, kind: str, prefix: str, name: str,
-              options: SaveOptions, write: Callable[[str, str], tuple[str, int]]) -> str:
+              options: SaveOptions, write: Callable[[str, str], tuple[str, int]],
+              refusal_takes_number: bool) -> str:
         """A numbered request that writes checkpoint `kind` with `write(run_id, name)` and records
         its row; a taken name is refused before anything is written, unless `overwrite`."""
         name = name or f"{prefix}-{seq:06d}-{uuid.uuid4().hex[:6]}"
@@ -336,9 +359,11 @@ class Service:
 
             return save
 
-        return self._sequenced(owner, run_id, seq, f"save_{kind}", prepare, results.saved)
+        return self._sequenced(owner, run_id, seq, f"save_{kind}", prepare, results.saved,
+                               refusal_takes_number)
 
-    def load_state(self, owner: str, run_id: str, seq: int, path: str, with_optimizer: bool) -> str:
+    def load_state(self, owner: str, run_id: str, seq: int, path: str, with_optimizer: bool,
+                   refusal_takes_number: bool = False) -> str:
         def prepare():
             parsed, _ = self.owned_checkpoint(path, owner)
             self.engine.validate_load_state(run_id, parsed.uri)
@@ -349,7 +374,8 @@ class Service:
 
             return load
 
-        return self._sequenced(owner, run_id, seq, "load_state", prepare, results.saved)
+        return self._sequenced(owner, run_id, seq, "load_state", prepare, results.saved,
+                               refusal_takes_number)
 
     # ---------------------------------------------------------------- sampling
 

@@ -166,7 +166,8 @@ class TinkerApi:
         message, work = wire.forward_backward_from_proto(await request.body())
         await self.service.wait_for_turn(owner, message.model_id, message.seq_id,
                                          HOLD_OUT_OF_ORDER_SECONDS)
-        request_id = self.service.forward_backward(owner, message.model_id, message.seq_id, work)
+        request_id = self.service.forward_backward(owner, message.model_id, message.seq_id, work,
+                                                   refusal_takes_number=True)
         return self.future(request_id, model_id=message.model_id)
 
     async def optim_step(self, request: Request, owner: str) -> Response:
@@ -176,14 +177,15 @@ class TinkerApi:
                                "optimizers are not offered)")
         await self.service.wait_for_turn(owner, body.model_id, body.seq_id, HOLD_OUT_OF_ORDER_SECONDS)
         request_id = self.service.optim_step(owner, body.model_id, body.seq_id,
-                                             views.adam(body.adam_params))
+                                             views.adam(body.adam_params), refusal_takes_number=True)
         return self.future(request_id, model_id=body.model_id)
 
     async def save_weights(self, request: Request, owner: str) -> Response:
         body = schemas.parse(schemas.SaveWeights, await self.json_body(request))
         await self.service.wait_for_turn(owner, body.model_id, body.seq_id, HOLD_OUT_OF_ORDER_SECONDS)
         options = SaveOptions(body.ttl_seconds, body.overwrite, body.user_metadata or {})
-        request_id = self.service.save_state(owner, body.model_id, body.seq_id, body.path or "", options)
+        request_id = self.service.save_state(owner, body.model_id, body.seq_id, body.path or "", options,
+                                             refusal_takes_number=True)
         return self.future(request_id, model_id=body.model_id)
 
     async def save_weights_for_sampler(self, request: Request, owner: str) -> Response:
@@ -191,7 +193,8 @@ class TinkerApi:
         await self.service.wait_for_turn(owner, body.model_id, body.seq_id, HOLD_OUT_OF_ORDER_SECONDS)
         options = SaveOptions(body.ttl_seconds, False, body.user_metadata or {})
         request_id = self.service.save_sampler_weights(owner, body.model_id, body.seq_id,
-                                                       body.path or "", options)
+                                                       body.path or "", options,
+                                                       refusal_takes_number=True)
         if body.path:
             return self.future(request_id, model_id=body.model_id)
         # Unnamed (save_weights_and_get_sampling_client): the answer is a sampler on the snapshot.
@@ -229,7 +232,7 @@ class TinkerApi:
             raise InvalidInput("model_id: give model_id and seq_id, or session_id and model_seq_id")
         await self.service.wait_for_turn(owner, body.model_id, body.seq_id, HOLD_OUT_OF_ORDER_SECONDS)
         request_id = self.service.load_state(owner, body.model_id, body.seq_id, body.path,
-                                             body.optimizer)
+                                             body.optimizer, refusal_takes_number=True)
         return self.future(request_id, model_id=body.model_id)
 
     # ---------------------------------------------------------------- sampling
