@@ -27,6 +27,8 @@ def main() -> None:
         run_migrations(connection)
         return
     url = os.environ.get("STILLROOM_DATABASE_URL") or config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise SystemExit("alembic: set STILLROOM_DATABASE_URL (or sqlalchemy.url in alembic.ini)")
     with create_engine(url).connect() as connection:
         run_migrations(connection)
         connection.commit()

@@ -44,7 +44,7 @@ ADAM = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=None, help="server data dir (default: temp)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per round")

@@ -58,7 +58,7 @@ def one_step(trainer: stillroom.TrainingClient, batch: int, seq_len: int) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)

@@ -48,7 +48,7 @@ def timed_call(trainer: stillroom.TrainingClient, data: list[types.Datum], chunk
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--megabytes", type=float, default=100.0)
     parser.add_argument("--chunk-mb", type=float, default=32.0, help="the SDK's part size (default 32 MB)")
     args = parser.parse_args()

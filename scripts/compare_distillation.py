@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     defaults = ComparisonConfig()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path(".stillroom"))
     parser.add_argument("--docs-dir", type=Path, default=ROOT / "docs")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))

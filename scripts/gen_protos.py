@@ -63,7 +63,7 @@ def is_stale() -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if the generated code is stale")
     if parser.parse_args().check:
         if is_stale():

@@ -75,7 +75,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--trainers", type=int, default=8, help="how many of the clients train")
     parser.add_argument("--seconds", type=float, default=120.0)

@@ -83,7 +83,7 @@ def check_recovered(server: ServerProcess, saved: dict, in_flight: set, lost_run
     """Check every promise after a restart; return how many lost requests came back failed."""
     with server.client() as client:
         rest = client.create_rest_client()
-        listed = {c.path for c in rest.list_user_checkpoints().checkpoints}
+        listed = {c.path for c in rest.list_user_checkpoints().result().checkpoints}
         assert set(saved) <= listed, set(saved) - listed
         for path in sorted(listed):
             assert "/." not in path
@@ -104,7 +104,7 @@ def check_recovered(server: ServerProcess, saved: dict, in_flight: set, lost_run
                 assert "server restarted" in str(error), str(error)
                 lost += 1
         for run_id in lost_runs:
-            trainer = client.create_rest_client().get_training_run(run_id)
+            trainer = client.create_rest_client().get_training_run(run_id).result()
             assert trainer.training_run_id == run_id
         for run_id in lost_runs[-1:]:
             from stillroom._proto import stillroom_pb2 as pb

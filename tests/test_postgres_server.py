@@ -50,10 +50,10 @@ def test_a_server_on_postgresql_serves_concurrent_clients(postgres_url, tmp_path
         for _, _, losses in results:
             assert losses[0] != losses[1] != losses[2]  # each optim_step ran before the next forward
         rest = service.create_rest_client()
-        listed = {r.training_run_id for r in rest.list_training_runs(limit=100).training_runs}
+        listed = {r.training_run_id for r in rest.list_training_runs(limit=100).result().training_runs}
         assert {run_id for run_id, _, _ in results} <= listed
         for run_id, path, _ in results:
-            assert [c.tinker_path for c in rest.list_checkpoints(run_id).checkpoints] == [path]
+            assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [path]
 
     engine = create_engine(postgres_url)
     with engine.connect() as connection:

@@ -50,7 +50,9 @@ def teacher_step(trainer: stillroom.TrainingClient, teacher: stillroom.SamplingC
         data = [completion_datum(r.prompt_tokens, r.tokens) for r in rollouts]
         return trainer.forward_backward(data, "teacher_reverse_kl", {"teacher": teacher_name}), None
     scores = [teacher.compute_logprobs(types.ModelInput.from_ints(r.all_tokens)) for r in rollouts]
-    teacher_T = [s.result()[len(r.prompt_tokens):] for r, s in zip(rollouts, scores)]
+    # only a sequence's first token has no logprob; a dropped one would fail the strict zip below
+    teacher_T = [[lp for lp in s.result()[len(r.prompt_tokens):] if lp is not None]
+                 for r, s in zip(rollouts, scores)]
     data = [importance_datum(r, reverse_kl_advantages(r.logprobs, t, config.kl_coef))
             for r, t in zip(rollouts, teacher_T)]
     kl = sum(s - t for r, ts in zip(rollouts, teacher_T) for s, t in zip(r.logprobs, ts))

@@ -58,7 +58,7 @@ def get_teacher(service: stillroom.ServiceClient, config: DemoConfig, cache_dir:
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache = cache_dir / "teacher.json"
     example = config.task.problems(1, seed=0)[0]   # so that a change of format retrains too
-    key = {"model": config.teacher_model, "task": dataclasses.asdict(config.task),
+    key = {"model": config.teacher_model, "task": vars(config.task),
            "example": example.prompt + example.completion,
            "sft": dataclasses.asdict(config.teacher_sft), "seed": config.seed}
     cached = json.loads(cache.read_text()) if cache.exists() else {}
@@ -128,7 +128,7 @@ def print_table(results: dict[str, float], n_problems: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path(".stillroom"))
     parser.add_argument("--retrain-teacher", action="store_true")
     args = parser.parse_args()

@@ -34,7 +34,7 @@ def teach_line(trainer: stillroom.TrainingClient, tokens: list[int], steps: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path(".stillroom"))
     parser.add_argument("--model", default="stillroom/char-10m")
     parser.add_argument("--steps", type=int, default=60)

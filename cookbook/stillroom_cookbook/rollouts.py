@@ -38,8 +38,15 @@ def sample_groups(sampler: stillroom.SamplingClient, renderer: Renderer, prompts
     prompt_tokens = [renderer.prompt_tokens(p) for p in prompts]
     futures = [sampler.sample(types.ModelInput.from_ints(t), group_size, params(i))
                for i, t in enumerate(prompt_tokens)]
-    return [[Rollout(tokens_T, list(seq.tokens), list(seq.logprobs)) for seq in f.result().sequences]
+    return [[_rollout(tokens_T, seq) for seq in f.result().sequences]
             for tokens_T, f in zip(prompt_tokens, futures)]
+
+
+def _rollout(prompt_tokens: list[int], seq: types.SampledSequence) -> Rollout:
+    if seq.logprobs is None:
+        raise ValueError("sample: the server returned a sequence without logprobs, which on-policy "
+                         "training needs")
+    return Rollout(prompt_tokens, list(seq.tokens), list(seq.logprobs))
 
 
 def importance_datum(rollout: Rollout, advantages_T: Sequence[float]) -> types.Datum:

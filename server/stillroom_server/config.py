@@ -18,19 +18,19 @@ class ServerConfig(BaseModel):
 
     data_dir: Path
     host: str = "127.0.0.1"
-    port: int = Field(50051, ge=0, le=65535)
+    port: int = Field(default=50051, ge=0, le=65535)
     database_url: Optional[str] = None
     device: Literal["cpu", "cuda"] = "cpu"
     # auto: bf16 weights on cuda, fp32 on cpu; bf16 on cpu: fp32 weights with bf16 autocast
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    max_num_samples: int = Field(128, ge=1)
-    max_live_runs_per_owner: int = Field(32, ge=1)
-    max_tokens_per_request: int = Field(4_000_000, ge=1)
+    max_num_samples: int = Field(default=128, ge=1)
+    max_live_runs_per_owner: int = Field(default=32, ge=1)
+    max_tokens_per_request: int = Field(default=4_000_000, ge=1)
     log_level: str = "INFO"
     local_models: dict[str, Path] = Field(default_factory=dict)
     # The Tinker HTTP API and checkpoint downloads; None: the gRPC port + 1 (any free one if 0).
-    http_port: Optional[int] = Field(None, ge=0, le=65535)
-    checkpoint_sweep_seconds: float = Field(60.0, gt=0)  # how often expired checkpoints are deleted
+    http_port: Optional[int] = Field(default=None, ge=0, le=65535)
+    checkpoint_sweep_seconds: float = Field(default=60.0, gt=0)  # how often expired checkpoints are deleted
     # "keys": every call but health needs an API key; "off": one local owner, loopback hosts only.
     auth: Literal["keys", "off"] = "keys"
 

@@ -11,8 +11,9 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy import CursorResult, create_engine, delete, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from stillroom_server.store.models import CheckpointRow, FutureRow, TrainingRunRow
@@ -107,6 +108,7 @@ class Store:
         """
         with self.session() as session, session.begin():
             run = session.get(TrainingRunRow, run_id, with_for_update=True)
+            assert run is not None, f"the service accepts requests for existing runs only, not {run_id}"
             if seq <= run.last_seq:
                 earlier = session.scalar(select(FutureRow.id).where(FutureRow.run_id == run_id,
                                                                    FutureRow.seq == seq))
@@ -158,7 +160,7 @@ class Store:
         with self.session() as session, session.begin():
             result = session.execute(delete(FutureRow).where(
                 FutureRow.expires_at < (now or utcnow()), FutureRow.status != "pending"))
-            return result.rowcount
+            return _rowcount(result)
 
     def fail_pending_futures(self, message: str) -> int:
         """Mark every pending future failed (used at start-up: their work died with the process)."""
@@ -166,7 +168,7 @@ class Store:
             result = session.execute(update(FutureRow).where(FutureRow.status == "pending")
                                      .values(status="failed", error_code="UNAVAILABLE",
                                              error_message=message, finished_at=utcnow()))
-            return result.rowcount
+            return _rowcount(result)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -199,7 +201,7 @@ class Store:
 
     def delete_checkpoint(self, path: str) -> bool:
         with self.session() as session, session.begin():
-            return session.execute(delete(CheckpointRow).where(CheckpointRow.path == path)).rowcount > 0
+            return _rowcount(session.execute(delete(CheckpointRow).where(CheckpointRow.path == path))) > 0
 
     def set_checkpoint_expiry(self, path: str, expires_at: datetime | None) -> CheckpointRow | None:
         with self.session() as session, session.begin():
@@ -217,7 +219,13 @@ class Store:
     def count_runs(self, owner: str) -> int:
         with self.session() as session:
             return session.scalar(select(func.count()).select_from(TrainingRunRow)
-                                  .where(TrainingRunRow.owner == owner))
+                                  .where(TrainingRunRow.owner == owner)) or 0
+
+
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE or DELETE touched (`execute` is typed as returning a plain Result)."""
+    return cast(CursorResult, result).rowcount
+
 
 def migrations_dir() -> Path:
     """The alembic/ folder: installed as stillroom_server/migrations in a wheel, or read from the
