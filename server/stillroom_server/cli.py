@@ -66,7 +66,7 @@ def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--owner", help="who owns what the key creates (default: the name)")
     actions.add_parser("list", parents=[store], help="list keys (never their secrets)")
     revoke = actions.add_parser("revoke", parents=[store], help="revoke a key by id, prefix or secret")
-    revoke.add_argument("key")
+    revoke.add_argument("key", help="the key's id (key-...), its prefix, or the secret itself")
 
 
 def run_keys(args: argparse.Namespace) -> None:
