@@ -22,6 +22,7 @@ from stillroom_server import __version__
 from stillroom_server.core.auth import Authenticator
 from stillroom_server.core.errors import CLIENT_CODES, InvalidInput, ResourceExhausted, code_for
 from stillroom_server.core.service import SaveOptions, Service
+from stillroom_server.engine.types import new_sequence_id
 from stillroom_server.http_api import schemas, views, wire
 from stillroom_server.http_api.archives import Archives
 
@@ -257,10 +258,10 @@ class TinkerApi:
         if not isinstance(session_id, str):
             raise InvalidInput("sampling_session_id: make a sampling session first "
                                "(create_sampling_session) and name it here")
-        work = wire.sample_from_json(body, compute_logprobs_only=False)
+        work = wire.sample_from_json(body)
+        work.sequence_ids = tuple(new_sequence_id() for _ in range(max(work.num_samples, 0)))
         request_id = self.service.sample(owner, session_id, work)
-        sequence_ids = [f"{request_id}:{i}" for i in range(work.num_samples)]
-        return self.future(request_id, sample_sequence_ids=sequence_ids)
+        return self.future(request_id, sample_sequence_ids=list(work.sequence_ids))
 
     # ---------------------------------------------------------------- futures
 

@@ -14,8 +14,7 @@ import torch
 
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom_server.core.errors import InvalidInput
-from stillroom_server.engine.types import (ForwardBackwardWork, LogprobsWork, SampleWork,
-                                           SamplingConfig, TrainDatum)
+from stillroom_server.engine.types import ForwardBackwardWork, SampleWork, SamplingConfig, TrainDatum
 from stillroom_server.http_api._proto import tinker_wire_pb2 as tw
 
 _PROTO_DTYPES = {tw.DTYPE_FLOAT32: np.dtype("<f4"), tw.DTYPE_INT64: np.dtype("<i8"),
@@ -152,11 +151,11 @@ def forward_backward_from_proto(body: bytes) -> tuple[tw.ForwardBackwardRequest,
     return request, work
 
 
-def sample_from_json(body: dict, compute_logprobs_only: bool) -> SampleWork | LogprobsWork:
+def sample_from_json(body: dict) -> SampleWork:
+    """An `asample` body; the SDK's compute_logprobs is one of these too (one token, prompt
+    logprobs), and runs as what it asks for."""
     prompt_T = tokens_from_json(body.get("prompt") or {}, "prompt")
     params = body.get("sampling_params") or {}
-    if compute_logprobs_only:
-        return LogprobsWork(prompt_T)
     stop = params.get("stop")
     stop_texts: tuple[str, ...] = ()
     stop_tokens: tuple[int, ...] = ()
@@ -176,9 +175,11 @@ def sample_from_json(body: dict, compute_logprobs_only: bool) -> SampleWork | Lo
     work = SampleWork(prompt_T=prompt_T, num_samples=_number(body, "num_samples", int, 1), params=config,
                       include_prompt_logprobs=bool(body.get("prompt_logprobs")),
                       topk_prompt_logprobs=_number(body, "topk_prompt_logprobs", int, 0))
-    for name in ("topk_sample_logprobs", "prompt_logprobs_last_n"):
-        if hasattr(work, name) and body.get(name) is not None:
-            setattr(work, name, _number(body, name, int, 0))
+    work.topk_sample_logprobs = _number(body, "topk_sample_logprobs", int, 0)
+    work.prompt_logprobs_last_n = _number(body, "prompt_logprobs_last_n", int, None)
+    for name in ("target_prompt_logprobs", "prompt_alt_tokens_k", "record_stability_info"):
+        if body.get(name):
+            raise InvalidInput(f"{name}: not offered by this server")
     return work
 
 
