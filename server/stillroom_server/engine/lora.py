@@ -46,7 +46,12 @@ class LoraHost:
 
     def __init__(self, base: BaseModel) -> None:
         self.base = base
-        self.model: PeftModel | None = None
+        self.model: PeftModel | None = None   # made with the first adapter (PEFT needs its config)
+
+    @property
+    def peft(self) -> PeftModel:
+        assert self.model is not None, "a LoraHost is used only after its first add_adapter"
+        return self.model
 
     def add_adapter(self, name: str, config: LoraConfig, seed: int | None) -> None:
         with torch.random.fork_rng(devices=[]):
@@ -60,28 +65,29 @@ class LoraHost:
 
     def load_adapter(self, name: str, directory: Path) -> None:
         config = LoraConfig.from_pretrained(str(directory))
+        assert isinstance(config, LoraConfig), f"{directory} holds a LoRA adapter's config"
         self.add_adapter(name, config, seed=None)
         state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(self.base.module.device))
-        set_peft_model_state_dict(self.model, state, adapter_name=name)
+        set_peft_model_state_dict(self.peft, state, adapter_name=name)
         for param in self.adapter_parameters(name):
             param.requires_grad_(False)
 
     def remove_adapter(self, name: str) -> None:
-        self.model.delete_adapter(name)
+        self.peft.delete_adapter(name)
 
     def activate(self, name: str) -> torch.nn.Module:
-        self.model.set_adapter(name)
-        return self.model
+        self.peft.set_adapter(name)
+        return self.peft
 
     def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
         marker = f".{name}."
-        return [p for n, p in self.model.named_parameters() if marker in n]
+        return [p for n, p in self.peft.named_parameters() if marker in n]
 
     def save_adapter(self, name: str, directory: Path) -> None:
-        state = get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False)
+        state = get_peft_model_state_dict(self.peft, adapter_name=name, save_embedding_layers=False)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
                   str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        self.model.peft_config[name].save_pretrained(str(directory))
+        self.peft.peft_config[name].save_pretrained(str(directory))
 
 
 class LoraRun(TrainingRun):
