@@ -177,7 +177,9 @@ def sample_from_json(body: dict) -> SampleWork:
                       topk_prompt_logprobs=_number(body, "topk_prompt_logprobs", int, 0))
     work.topk_sample_logprobs = _number(body, "topk_sample_logprobs", int, 0)
     work.prompt_logprobs_last_n = _number(body, "prompt_logprobs_last_n", int, None)
-    for name in ("target_prompt_logprobs", "prompt_alt_tokens_k", "record_stability_info"):
+    # record_stability_info is accepted and records nothing: Stillroom's stable_reinforce weighs
+    # tokens by the sampler's logprobs the datum carries back (tinker-cookbook's RL default sets it)
+    for name in ("target_prompt_logprobs", "prompt_alt_tokens_k"):
         if body.get(name):
             raise InvalidInput(f"{name}: not offered by this server")
     return work
