@@ -130,7 +130,7 @@ def compare_names(tinker: Any, stillroom: Any) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--table", action="store_true", help="print the per-method table too")
     args = parser.parse_args()
     import tinker

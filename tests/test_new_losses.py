@@ -45,8 +45,8 @@ def with_ratio_mask(data: list[types.Datum]) -> list[types.Datum]:
     datum = data[0]
     n = datum.model_input.length
     mask = [0.0] * (n - n // 2) + [1.0] * (n // 2)
-    first = types.Datum(model_input=datum.model_input,
-                        loss_fn_inputs={**datum.loss_fn_inputs, "sequence_ratio_mask": mask})
+    first = types.Datum(model_input=datum.model_input, loss_fn_inputs={
+        **datum.loss_fn_inputs, "sequence_ratio_mask": types.TensorData(data=mask, dtype="float32")})
     return [first, *data[1:]]
 
 
@@ -62,8 +62,8 @@ def test_new_losses_match_plain_torch_in_value_and_gradient(service, server, tok
     if masked:
         data = with_ratio_mask(data)
     reference.zero_grad(set_to_none=True)
-    expected = sum(LOCAL[loss](logp, {k: v.to_torch() for k, v in d.loss_fn_inputs.items()}, config)
-                   for d, logp in zip(data, local_logprobs(reference, data)))
+    expected = torch.stack([LOCAL[loss](logp, {k: v.to_torch() for k, v in d.loss_fn_inputs.items()}, config)
+                            for d, logp in zip(data, local_logprobs(reference, data))]).sum()
     expected.backward()
     grads = {name: p.grad.clone() for name, p in reference.named_parameters() if p.grad is not None}
     reference.zero_grad(set_to_none=True)
@@ -88,7 +88,8 @@ def test_gspo_clips_whole_sequences(service, tokenizer, reference):
     advantage), since they all carry the sequence's ratio."""
     data = make_data(tokenizer, reference, "gspo")
     data = [types.Datum(model_input=d.model_input, loss_fn_inputs={
-        **d.loss_fn_inputs, "advantages": [1.0] * d.model_input.length}) for d in data]
+        **d.loss_fn_inputs,
+        "advantages": types.TensorData(data=[1.0] * d.model_input.length, dtype="float32")}) for d in data]
     trainer = service.create_full_training_client(TINY, seed=0)
     out = trainer.forward(data, "gspo", {"clip_low_threshold": 0.999, "clip_high_threshold": 1.001}).result()
     lengths = [d.model_input.length for d in data]
@@ -107,6 +108,7 @@ def test_bad_configs_name_the_field(service, tokenizer, loss, config, extra, mes
     n = len(tokens) - 1
     inputs = {"target_tokens": tokens[1:], "logprobs": [-1.0] * n, "advantages": [1.0] * n}
     inputs.update({key: value * n for key, value in extra.items()})
-    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
+    datum = types.Datum.model_validate({"model_input": types.ModelInput.from_ints(tokens[:-1]),
+                                        "loss_fn_inputs": inputs})
     with pytest.raises(stillroom.BadRequestError, match=message):
         trainer.forward_backward([datum], loss, config).result()

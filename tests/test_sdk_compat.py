@@ -126,7 +126,7 @@ def test_a_rest_client_built_as_tinker_builds_it(server, trained):
         run = rest.get_training_run_by_tinker_path(tinker_path).result()
         assert run.training_run_id == trained.model_id
         page = rest.list_user_checkpoints(limit=1, offset=0).result()
-        assert len(page.checkpoints) == 1 and page.cursor.total_count >= 1
+        assert len(page.checkpoints) == 1 and page.cursor is not None and page.cursor.total_count >= 1
         parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
         assert parsed.checkpoint_type == "sampler" and parsed.checkpoint_id == "sampler_weights/compat-rest"
         rest.delete_checkpoint(parsed.training_run_id, parsed.checkpoint_id).result()

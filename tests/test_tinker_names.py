@@ -46,6 +46,7 @@ print(json.dumps(out))
 
 
 def cookbook_sources() -> list[Path]:
+    assert COOKBOOK is not None and COOKBOOK.origin is not None
     return [p for p in Path(COOKBOOK.origin).parent.rglob("*.py") if "tests" not in p.parts]
 
 

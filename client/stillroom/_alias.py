@@ -37,4 +37,4 @@ def install_as_tinker() -> None:
     for alias, target in _SUBMODULES.items():
         __import__(target)
         sys.modules[alias] = sys.modules[target]
-    lib.public_interfaces = sys.modules["tinker.lib.public_interfaces"]
+    lib.__dict__["public_interfaces"] = sys.modules["tinker.lib.public_interfaces"]

@@ -12,7 +12,7 @@ import concurrent.futures
 import logging
 import random
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -78,13 +78,13 @@ class Connection:
 
     # ---------------------------------------------------------------- running coroutines
 
-    def spawn(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def run(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return self.spawn(coro).result(timeout)
 
-    async def run_async(self, coro: Awaitable[T]) -> T:
+    async def run_async(self, coro: Coroutine[Any, Any, T]) -> T:
         return await asyncio.wrap_future(self.spawn(coro))
 
     def close(self) -> None:

@@ -47,19 +47,21 @@ def tensor_to_pb(tensor: types.TensorData) -> pb.Tensor:
 
 
 def tensor_from_pb(tensor: pb.Tensor) -> types.TensorData:
-    return types.TensorData(data=unpack(tensor), dtype=_PB_TO_DTYPE[tensor.dtype],
-                            shape=list(tensor.shape))
+    dtype: types.DType = "int64" if tensor.dtype == pb.INT64 else "float32"
+    if tensor.dtype not in _PB_TO_DTYPE:
+        raise ValueError(f"tensor has unknown dtype {tensor.dtype}")
+    return types.TensorData(data=unpack(tensor), dtype=dtype, shape=list(tensor.shape))
 
 
 def model_input_to_pb(model_input: types.ModelInput) -> pb.ModelInput:
+    chunks = []
     for chunk in model_input.chunks:
         if not isinstance(chunk, types.EncodedTextChunk):
             raise ValueError(f"model_input: a {chunk.type!r} chunk was given; Stillroom's models read "
                              "text tokens only (EncodedTextChunk)")
-    return pb.ModelInput(chunks=[
-        pb.ModelInputChunk(encoded_text=pb.EncodedTextChunk(tokens=pack(chunk.tokens, "int64")))
-        for chunk in model_input.chunks
-    ])
+        tokens = pack(chunk.tokens, "int64")
+        chunks.append(pb.ModelInputChunk(encoded_text=pb.EncodedTextChunk(tokens=tokens)))
+    return pb.ModelInput(chunks=chunks)
 
 
 def checkpoint_path(path: str) -> str:
@@ -112,7 +114,7 @@ def forward_backward_from_pb(result: pb.ForwardBackwardResult) -> types.ForwardB
     )
 
 
-_STOP_REASONS = {pb.STOP: "stop", pb.LENGTH: "length"}
+_STOP_REASONS: dict[int, types.StopReason] = {pb.STOP: "stop", pb.LENGTH: "length"}
 
 
 def _topk_rows(topk: pb.TopkLogprobs) -> list[list[tuple[int, float]] | None]:

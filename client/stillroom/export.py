@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 CHECKPOINT_META = "stillroom_checkpoint.json"
 
@@ -28,7 +27,7 @@ def base_model_of(checkpoint_dir: str | os.PathLike) -> dict:
 
 
 def merge_lora_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                       base_model_dir: Optional[str | os.PathLike] = None) -> Path:
+                       base_model_dir: str | os.PathLike | None = None) -> Path:
     """Fold a PEFT LoRA adapter into its base model and save a plain Hugging Face model folder.
 
     `base_model_dir` is a local folder (or hub id) with the base model; by default the one the

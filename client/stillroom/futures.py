@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -74,7 +75,8 @@ class ValueFuture(APIFuture[T]):
         return getattr(self._future.result(), name)
 
     def __iter__(self):
-        return iter(self._future.result())
+        value: Any = self._future.result()
+        return iter(value)
 
     def __eq__(self, other: object) -> bool:
         return self._future.result() == other
@@ -129,10 +131,17 @@ def _forwarder(name: str, method: Any) -> Any:
     return forward
 
 
-def client_future_class(client_cls: type, name: str) -> type:
-    """A ClientFuture subclass that is also a `client_cls` (for isinstance checks), with every
-    public method of `client_cls` forwarded to the finished client."""
-    methods = {attr: _forwarder(attr, value) for attr, value in vars(client_cls).items()
-               if callable(value) and not attr.startswith("_")}
-    return type(name, (ClientFuture, client_cls), {**methods, "__module__": __name__,
-                                                    "__doc__": ClientFuture.__doc__})
+C = TypeVar("C", bound=type)
+
+
+def forwarding(client_cls: type) -> Callable[[C], C]:
+    """Class decorator for a ClientFuture subclass that also derives from `client_cls` (for
+    isinstance checks): every public method of `client_cls` is forwarded to the finished client."""
+
+    def decorate(cls: C) -> C:
+        for attr, value in vars(client_cls).items():
+            if callable(value) and not attr.startswith("_"):
+                setattr(cls, attr, _forwarder(attr, value))
+        return cls
+
+    return decorate

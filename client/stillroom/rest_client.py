@@ -23,7 +23,7 @@ from stillroom.futures import APIFuture, ValueFuture
 if TYPE_CHECKING:
     pass
 
-_CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
+_CHECKPOINT_TYPES: dict[str, types.CheckpointType] = {"weights": "training", "sampler_weights": "sampler"}
 CHUNK_BYTES = 1 << 20
 
 
@@ -34,7 +34,7 @@ def _time(text: str) -> datetime | None:
 def checkpoint_from_pb(info: pb.CheckpointInfo) -> types.Checkpoint:
     return types.Checkpoint(
         checkpoint_id=f"{info.kind}/{info.name}", checkpoint_type=_CHECKPOINT_TYPES[info.kind],
-        time=_time(info.created_at), tinker_path=info.path, size_bytes=info.size_bytes,
+        time=datetime.fromisoformat(info.created_at), tinker_path=info.path, size_bytes=info.size_bytes,
         expires_at=_time(info.expires_at), training_run_id=info.training_run_id,
         base_model=info.base_model, is_lora=info.is_lora,
         user_metadata=dict(info.user_metadata) or None)
@@ -241,7 +241,7 @@ class RestClient:
             url=f"{scheme}://{host}:{reply.http_port}{reply.url_path}", expires=_time(reply.expires_at),
             size_bytes=reply.size_bytes)
 
-    def get_checkpoint_archive_url(self, path: str) -> types.CheckpointArchiveUrlResponse:
+    def get_checkpoint_archive_url(self, path: str) -> APIFuture[types.CheckpointArchiveUrlResponse]:
         """A short-lived URL that serves the checkpoint as a tar archive."""
         return self._run(self._archive_url(path))
 
@@ -256,7 +256,7 @@ class RestClient:
         adapter_model.safetensors); a full one is a Hugging Face model folder. Either holds
         stillroom_checkpoint.json, which names the base model.
         """
-        url = self.get_checkpoint_archive_url(path)
+        url = self.get_checkpoint_archive_url(path).result()
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".stillroom-download-", dir=dest) as staging:
@@ -289,7 +289,8 @@ def _progress_bar(total: int, label: str, enabled: bool) -> Any:
     return Silent()
 
 
-def _fetch(url: str, target: Path, expected: int, progress: bool, label: str, verify=True) -> None:
+def _fetch(url: str, target: Path, expected: int, progress: bool, label: str,
+           verify: bool | str = True) -> None:
     """Stream `url` to `target`, never holding more than a chunk in memory. `verify`: True (the
     system's roots) or the path of a PEM certificate to trust, for https downloads."""
     import ssl
@@ -333,7 +334,7 @@ def _extract(archive_path: Path, staging: Path, dest: Path) -> Path:
         tops = {PurePosixPath(m.name).parts[0] for m in members}
         if len(tops) != 1:
             raise ValueError(f"archive should hold one top-level folder, found {sorted(tops)[:5]}")
-        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        kwargs: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         archive.extractall(staging, members=members, **kwargs)
     top = tops.pop()
     target = dest / top

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from stillroom import _wire, types
 from stillroom._proto import stillroom_pb2 as pb
-from stillroom.futures import APIFuture, client_future_class
+from stillroom.futures import APIFuture, ClientFuture, forwarding
 
 if TYPE_CHECKING:
     from stillroom.service_client import ServiceClient
@@ -119,5 +119,10 @@ class SamplingClient:
         return f"<SamplingClient {self.model_path or self._info.base_model}>"
 
 
-SamplingClientFuture = client_future_class(SamplingClient, "BackcompatSamplingClientFuture")
-BackcompatSamplingClientFuture = SamplingClientFuture
+@forwarding(SamplingClient)
+class BackcompatSamplingClientFuture(ClientFuture[SamplingClient], SamplingClient):
+    """What `create_sampling_client` returns: the client, usable at once, and a future of it
+    (`.result()`, `await`), as Tinker's."""
+
+
+SamplingClientFuture = BackcompatSamplingClientFuture

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from stillroom import _wire, types
 from stillroom._metrics import merge_metrics
 from stillroom._proto import stillroom_pb2 as pb
-from stillroom.futures import APIFuture, client_future_class
+from stillroom.futures import APIFuture, ClientFuture, forwarding
 from stillroom.sampling_client import SamplingClient, SamplingClientFuture
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def _as_data(data: Sequence[types.Datum | dict]) -> list[types.Datum]:
 
 
 def _with_inputs(datum: types.Datum, **inputs: list) -> types.Datum:
-    return types.Datum(model_input=datum.model_input, loss_fn_inputs=inputs)
+    return types.Datum.model_validate({"model_input": datum.model_input, "loss_fn_inputs": inputs})
 
 
 def _custom_loss_weights(data: list[types.Datum], forward: types.ForwardBackwardOutput,
@@ -450,5 +450,10 @@ class TrainingClient:
         return f"<TrainingClient {self.training_run_id} on {self._info.base_model}>"
 
 
-TrainingClientFuture = client_future_class(TrainingClient, "BackcompatTrainingClientFuture")
-BackcompatTrainingClientFuture = TrainingClientFuture
+@forwarding(TrainingClient)
+class BackcompatTrainingClientFuture(ClientFuture[TrainingClient], TrainingClient):
+    """What `create_*training_client*` return: the client, usable at once, and a future of it
+    (`.result()`, `await`), as Tinker's."""
+
+
+TrainingClientFuture = BackcompatTrainingClientFuture

@@ -77,7 +77,7 @@ class TensorData(StrictModel):
     def _check_shape(self) -> TensorData:
         if (self.sparse_crow_indices is None) != (self.sparse_col_indices is None):
             raise ValueError("TensorData: set sparse_crow_indices and sparse_col_indices together")
-        if self.sparse_crow_indices is not None:
+        if self.sparse_crow_indices is not None and self.sparse_col_indices is not None:
             if self.shape is None or len(self.shape) != 2:
                 raise ValueError("TensorData: a sparse CSR tensor needs a 2-D shape")
             if (len(self.sparse_crow_indices) != self.shape[0] + 1
@@ -92,16 +92,16 @@ class TensorData(StrictModel):
 
     def dense(self, pad_value: int = 0) -> TensorData:
         """This tensor with its sparse entries filled in (itself when it is dense)."""
-        if self.sparse_crow_indices is None:
+        crow, col, shape = self.sparse_crow_indices, self.sparse_col_indices, self.shape
+        if crow is None or col is None or shape is None:
             return self
-        rows, cols = self.shape
+        rows, cols = shape
         values: list = [pad_value] * (rows * cols)
-        crow, col = self.sparse_crow_indices, self.sparse_col_indices
         for row in range(rows):
             for index in range(crow[row], crow[row + 1]):
                 values[row * cols + col[index]] = self.data[index]
         cast = int if self.dtype == "int64" else float
-        return TensorData(data=[cast(v) for v in values], dtype=self.dtype, shape=list(self.shape))
+        return TensorData(data=[cast(v) for v in values], dtype=self.dtype, shape=list(shape))
 
     @classmethod
     def from_torch_sparse(cls, tensor: Any, pad_value: int = 0) -> TensorData:
@@ -140,14 +140,14 @@ class TensorData(StrictModel):
         import numpy as np
 
         dense = self.dense(pad_value)
-        return np.asarray(dense.data, dtype=dense.dtype).reshape(dense.shape)
+        return np.asarray(dense.data, dtype=dense.dtype).reshape(dense.shape or [len(dense.data)])
 
     def to_torch(self, pad_value: int = 0) -> Any:
         import torch
 
         dense = self.dense(pad_value)
         dtype = torch.int64 if dense.dtype == "int64" else torch.float32
-        return torch.tensor(dense.data, dtype=dtype).reshape(dense.shape)
+        return torch.tensor(dense.data, dtype=dtype).reshape(dense.shape or [len(dense.data)])
 
     def tolist(self, pad_value: int = 0) -> list:
         dense = self.dense(pad_value)
@@ -184,10 +184,13 @@ class ModelInput(StrictModel):
         return cls(chunks=[])
 
     def to_ints(self) -> list[int]:
-        if not all(isinstance(chunk, EncodedTextChunk) for chunk in self.chunks):
-            raise ValueError("to_ints only supported for ModelInput with EncodedTextChunks, got "
-                             f"{[type(chunk).__name__ for chunk in self.chunks]}")
-        return [t for chunk in self.chunks for t in chunk.tokens]
+        tokens: list[int] = []
+        for chunk in self.chunks:
+            if not isinstance(chunk, EncodedTextChunk):
+                raise ValueError("to_ints only supported for ModelInput with EncodedTextChunks, got "
+                                 f"{[type(chunk).__name__ for chunk in self.chunks]}")
+            tokens.extend(chunk.tokens)
+        return tokens
 
     def append_int(self, token: int) -> ModelInput:
         return self.append(EncodedTextChunk(tokens=[token]))
