@@ -1,0 +1,264 @@
+"""Personalization, the on-policy distillation post's second experiment, on SmolLM2-135M-Instruct:
+mid-train the assistant on internal documents (it learns their facts and loses some instruction
+following), then distill its own earlier self back in on instruction prompts.
+
+    bash scripts/setup_real_model.sh
+    python -m stillroom_cookbook.personalization [--smoke] [--seeds 0 1 2] [--out docs]
+
+Starts a server (STILLROOM_DTYPE=bf16 unless set), scores the base model once, and per seed:
+mid-trains a LoRA run on the documents; from that state, distills with Tinker's sampled-token
+estimate and with Stillroom's exact `teacher_reverse_kl`, and fine-tunes on the teacher's samples
+(SFT); beside them, mid-trains from the base with the teacher's chat replies mixed in. Writes
+personalization.json, personalization.md (the table) and personalization.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import stillroom
+from stillroom import types
+from stillroom_cookbook import instruction_following as ifeval
+from stillroom_cookbook import personalization_data as corpus
+from stillroom_cookbook.distillation import DistillationConfig, distill
+from stillroom_cookbook.local_server import LocalServer
+from stillroom_cookbook.metrics import MetricsLog
+from stillroom_cookbook.personalization_eval import Scores, score
+from stillroom_cookbook.personalization_report import write_report
+from stillroom_cookbook.renderers import ChatRenderer
+from stillroom_cookbook.supervised import SFTConfig, train_sft
+
+MODEL_NAME = "smollm2-135m-instruct"
+
+
+@dataclasses.dataclass(frozen=True)
+class PersonalizationConfig:
+    model_dir: Path
+    num_people: int = 40              # three facts each
+    phrasings_per_fact: int = 3       # of the four document phrasings
+    eval_questions: int = 36          # held-out questions scored (of 3 x num_people)
+    eval_topics: int = 3              # instruction topics kept for evaluation (8 constraints each)
+    teacher_prompts: int = 48         # training instruction prompts the teacher answers (SFT, chat mix)
+    lora_rank: int = 32
+    # Sized to the 2-core CPU (docs/personalization.md has the measured speeds).
+    midtrain: SFTConfig = SFTConfig(steps=30, learning_rate=2e-3, batch_size=8, final_lr_fraction=0.3,
+                                    name="mid-train")
+    chat_fraction: float = 0.3        # of the mid-training examples, in the chat-mix variant
+    distill: DistillationConfig = DistillationConfig(steps=8, learning_rate=1e-3, max_tokens=32,
+                                                     groups_per_batch=6, group_size=1)
+    sft: SFTConfig = SFTConfig(steps=8, learning_rate=1e-3, batch_size=6, name="sft-teacher")
+    question_tokens: int = 16
+    instruction_tokens: int = 40
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+    def __post_init__(self) -> None:
+        if not (self.model_dir / "config.json").is_file():
+            raise ValueError(f"model_dir: {self.model_dir} holds no config.json; run "
+                             "bash scripts/setup_real_model.sh (stillroom models import) first")
+        if not 0 <= self.chat_fraction < 1:
+            raise ValueError(f"chat_fraction: in [0, 1), got {self.chat_fraction}")
+
+
+def smoke(config: PersonalizationConfig) -> PersonalizationConfig:
+    """A few steps of every stage on a sliver of the data: what CI runs."""
+    tiny = dict(steps=2, batch_size=2)
+    return dataclasses.replace(
+        config, num_people=4, eval_questions=4, eval_topics=1, teacher_prompts=4, question_tokens=8,
+        instruction_tokens=12,
+        midtrain=dataclasses.replace(config.midtrain, **tiny), sft=dataclasses.replace(config.sft, **tiny),
+        distill=dataclasses.replace(config.distill, steps=2, groups_per_batch=2, max_tokens=8),
+        seeds=config.seeds[:1])
+
+
+@dataclasses.dataclass
+class Stage:
+    method: str
+    seed: int
+    scores: Scores
+    train_tokens: int = 0       # tokens through forward_backward
+    sampled_tokens: int = 0     # tokens generated for training (not evaluation)
+    teacher_tokens: int = 0     # tokens the teacher scored
+    seconds: float = 0.0
+
+    def row(self) -> dict:
+        return {"method": self.method, "seed": self.seed, "questions": self.scores.questions,
+                "instructions": self.scores.instructions, "train_tokens": self.train_tokens,
+                "sampled_tokens": self.sampled_tokens, "teacher_tokens": self.teacher_tokens,
+                "seconds": round(self.seconds, 1), "examples": list(self.scores.examples)}
+
+
+class Experiment:
+    """The data, the server's clients and the stages of one run of the experiment."""
+
+    def __init__(self, service: stillroom.ServiceClient, config: PersonalizationConfig, log_dir: Path):
+        self.service, self.config, self.log_dir = service, config, log_dir
+        self.base_model = str(config.model_dir)
+        self.teacher = service.create_sampling_client(base_model=self.base_model)
+        self.renderer = ChatRenderer(self.teacher.get_tokenizer())
+        facts = corpus.make_facts(config.num_people)
+        self.documents = corpus.documents(facts, config.phrasings_per_fact)
+        self.questions = corpus.questions(facts)
+        random.Random(0).shuffle(self.questions)
+        self.questions = self.questions[:config.eval_questions]
+        train, evaluation = ifeval.split(config.eval_topics)
+        random.Random(1).shuffle(train)
+        self.train_prompts = [i.prompt for i in train]
+        self.eval_instructions = evaluation
+
+    def score(self, sampler: stillroom.SamplingClient) -> Scores:
+        c = self.config
+        return score(sampler, self.renderer, self.questions, self.eval_instructions,
+                     c.question_tokens, c.instruction_tokens)
+
+    def teacher_replies(self, seed: int) -> list[tuple[str, str]]:
+        """The base model's replies (temperature 1) to the training instruction prompts."""
+        params = types.SamplingParams(max_tokens=self.config.distill.max_tokens, temperature=1.0,
+                                      seed=seed, stop=self.renderer.stop_tokens)
+        futures = [self.teacher.sample(types.ModelInput.from_ints(self.renderer.prompt_tokens(p)), 1, params)
+                   for p in self.train_prompts[:self.config.teacher_prompts]]
+        return [(p, self.renderer.decode(f.result().sequences[0].tokens))
+                for p, f in zip(self.train_prompts, futures)]
+
+    def midtrain(self, seed: int, chat: list[tuple[str, str]] | None = None) -> tuple[str, Stage]:
+        """Mid-train a fresh LoRA run on the documents (and chat replies); its saved state and scores."""
+        c = self.config
+        method = "mid-train + chat mix" if chat else "mid-train"
+        slug = "mid-train-chat" if chat else "mid-train"
+        trainer = self.service.create_lora_training_client(self.base_model, rank=c.lora_rank, seed=seed)
+        examples = [("", doc) for doc in self.documents]
+        if chat:
+            wanted = int(len(examples) * c.chat_fraction / (1 - c.chat_fraction))
+            examples += [chat[i % len(chat)] for i in range(wanted)]
+        renderer = DocumentOrChatRenderer(self.renderer)
+        start = time.monotonic()
+        log = MetricsLog(self.log_dir / f"{slug}-{seed}.jsonl")
+        train_sft(trainer, renderer, examples, dataclasses.replace(c.midtrain, seed=seed,
+                                                                  name=f"{slug}-s{seed}"), log)
+        state = trainer.save_state(f"{slug}-{seed}").result().path
+        stage = Stage(method, seed, self.score(trainer.save_weights_and_get_sampling_client(f"{slug}-{seed}")),
+                      train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
+                      sampled_tokens=sum(len(renderer.tokens(p, t)) for p, t in (chat or [])),
+                      seconds=time.monotonic() - start)
+        return state, stage
+
+    def distill_from(self, state: str, seed: int, loss: str) -> Stage:
+        c = self.config
+        method = "distill (exact reverse KL)" if loss == "teacher_reverse_kl" else "distill (sampled estimate)"
+        trainer = self.service.create_training_client_from_state(state)
+        start = time.monotonic()
+        log = MetricsLog(self.log_dir / f"distill-{loss}-{seed}.jsonl")
+        config = dataclasses.replace(c.distill, loss=loss, seed=seed, name=f"distill-{loss}-s{seed}")
+        distill(trainer, self.teacher, self.renderer, self.train_prompts, config, log)
+        sampler = trainer.save_weights_and_get_sampling_client(f"{loss}-{seed}")
+        return Stage(method, seed, self.score(sampler),
+                     train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
+                     sampled_tokens=sum(r.get("sampled_tokens", 0) for r in log.records),
+                     teacher_tokens=sum(r.get("teacher_tokens", 0) for r in log.records),
+                     seconds=time.monotonic() - start)
+
+    def sft_from(self, state: str, seed: int, replies: list[tuple[str, str]]) -> Stage:
+        c = self.config
+        trainer = self.service.create_training_client_from_state(state)
+        start = time.monotonic()
+        log = MetricsLog(self.log_dir / f"sft-teacher-{seed}.jsonl")
+        train_sft(trainer, self.renderer, replies,
+                  dataclasses.replace(c.sft, seed=seed, name=f"sft-teacher-s{seed}"), log)
+        sampler = trainer.save_weights_and_get_sampling_client(f"sft-{seed}")
+        return Stage("SFT on teacher samples", seed, self.score(sampler),
+                     train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
+                     sampled_tokens=sum(len(self.renderer.completion_tokens(p, t)) for p, t in replies),
+                     seconds=time.monotonic() - start)
+
+    def run(self, on_seed=lambda stages: None) -> list[Stage]:
+        """Every stage; `on_seed(stages so far)` after each seed (the results are written as they come)."""
+        start = time.monotonic()
+        stages = [Stage("base model", -1, self.score(self.teacher), seconds=time.monotonic() - start)]
+        print(f"base model: {stages[0].row()}")
+        for seed in self.config.seeds:
+            replies = self.teacher_replies(seed)
+            state, mid = self.midtrain(seed)
+            stages.append(mid)
+            stages.append(self.distill_from(state, seed, "sampled"))
+            stages.append(self.distill_from(state, seed, "teacher_reverse_kl"))
+            stages.append(self.sft_from(state, seed, replies))
+            stages.append(self.midtrain(seed, chat=replies)[1])
+            for stage in stages[-5:]:
+                print(f"{stage.method} (seed {seed}): questions {stage.scores.questions:.3f}, "
+                      f"instructions {stage.scores.instructions:.3f}, {stage.seconds:.0f} s", flush=True)
+            on_seed(stages)
+        return stages
+
+
+class DocumentOrChatRenderer:
+    """Mid-training data: an example with an empty prompt is a raw document (no chat template,
+    ended by the tokenizer's end-of-text), any other is a chat turn through `chat`."""
+
+    def __init__(self, chat: ChatRenderer) -> None:
+        self.chat = chat
+        self.stop_tokens = chat.stop_tokens
+        tokenizer = chat.tokenizer
+        end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.end_of_text = end_of_text if end_of_text in tokenizer.all_special_ids else tokenizer.eos_token_id
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        return self.chat.prompt_tokens(prompt) if prompt else [self.end_of_text]
+
+    def completion_tokens(self, prompt: str, completion: str) -> list[int]:
+        if prompt:
+            return self.chat.completion_tokens(prompt, completion)
+        return [*self.chat.tokenizer.encode(completion, add_special_tokens=False), self.end_of_text]
+
+    def tokens(self, prompt: str, completion: str) -> list[int]:
+        return self.completion_tokens(prompt, completion)
+
+    def decode(self, completion_tokens: list[int]) -> str:
+        return self.chat.decode(completion_tokens)
+
+
+def run_experiment(config: PersonalizationConfig, out_dir: Path, data_dir: Path) -> list[dict]:
+    os.environ.setdefault("STILLROOM_DTYPE", "bf16")
+    start = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save(stages: list[Stage]) -> None:
+        rows, wall = [s.row() for s in stages], time.monotonic() - start
+        (out_dir / "personalization.json").write_text(json.dumps(
+            {"config": _describe(config), "wall_seconds": round(wall, 1),
+             "dtype": os.environ["STILLROOM_DTYPE"], "rows": rows}, indent=1) + "\n")
+        write_report(rows, out_dir, wall)
+
+    with LocalServer(data_dir) as server:
+        service = stillroom.ServiceClient(base_url=server.address)
+        stages = Experiment(service, config, data_dir / "personalization-logs").run(on_seed=save)
+        service.close()
+    print(f"wall time {(time.monotonic() - start) / 60:.1f} min; wrote {out_dir}/personalization.{{json,md,png}}")
+    return [s.row() for s in stages]
+
+
+def _describe(config: PersonalizationConfig) -> dict:
+    described = dataclasses.asdict(config)
+    described["model_dir"] = config.model_dir.name
+    return described
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_dir = Path(os.environ.get("STILLROOM_MODELS_CACHE", ".stillroom/imported")) / MODEL_NAME
+    parser.add_argument("--model-dir", type=Path, default=default_dir)
+    parser.add_argument("--data-dir", type=Path, default=Path(".stillroom/personalization"))
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
+    args = parser.parse_args()
+    config = PersonalizationConfig(model_dir=args.model_dir.expanduser().resolve(), seeds=tuple(args.seeds))
+    run_experiment(smoke(config) if args.smoke else config, args.out, args.data_dir.resolve())
+
+
+if __name__ == "__main__":
+    main()

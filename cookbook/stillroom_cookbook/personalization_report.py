@@ -1,0 +1,119 @@
+"""The personalization experiment's table (Markdown) and plot (PNG) from its result rows.
+
+Knows dicts of numbers and file paths only. The plot has two panels: each method's question score
+against its instruction-following score (mean over seeds, one faint dot per seed, the base model and
+the mid-trained start marked), and each method's compute in tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+METHODS = ["base model", "mid-train", "distill (sampled estimate)", "distill (exact reverse KL)",
+           "SFT on teacher samples", "mid-train + chat mix"]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per method: means and spreads over seeds, compute, and the recovery against mid-training."""
+    by_method = {m: [r for r in rows if r["method"] == m] for m in METHODS}
+    base, mid = by_method["base model"], by_method["mid-train"]
+    out = []
+    for method, group in by_method.items():
+        if not group:
+            continue
+        entry = {"method": method, "seeds": len(group)}
+        for key in ("questions", "instructions", "train_tokens", "sampled_tokens", "teacher_tokens", "seconds"):
+            values = [r[key] for r in group]
+            entry[key] = statistics.mean(values)
+            entry[key + "_sd"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        if base and mid and method not in ("base model", "mid-train"):
+            entry.update(_recovery(base[0], mid, group))
+        out.append(entry)
+    return out
+
+
+def _recovery(base: dict, mid: list[dict], group: list[dict]) -> dict:
+    """Instruction following recovered (of what mid-training lost) and question gain kept, per seed
+    against that seed's mid-training, then averaged; None where mid-training changed nothing."""
+    mid_by_seed = {r["seed"]: r for r in mid}
+    recovered, kept = [], []
+    for row in group:
+        start = mid_by_seed.get(row["seed"])
+        if start is None:
+            continue
+        lost = base["instructions"] - start["instructions"]
+        gained = start["questions"] - base["questions"]
+        if lost > 0:
+            recovered.append((row["instructions"] - start["instructions"]) / lost)
+        if gained > 0:
+            kept.append((row["questions"] - base["questions"]) / gained)
+    return {"if_recovered": statistics.mean(recovered) if recovered else None,
+            "question_gain_kept": statistics.mean(kept) if kept else None}
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| method | seeds | questions (held-out) | instruction following | IF recovered | "
+             "question gain kept | train tokens | sampled tokens | teacher tokens | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in summary:
+        lines.append(
+            f"| {e['method']} | {e['seeds']} | {_pm(e, 'questions')} | {_pm(e, 'instructions')} | "
+            f"{_pct(e.get('if_recovered'))} | {_pct(e.get('question_gain_kept'))} | {e['train_tokens']:,.0f} | "
+            f"{e['sampled_tokens']:,.0f} | {e['teacher_tokens']:,.0f} | {e['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def _pm(entry: dict, key: str) -> str:
+    sd = entry[key + "_sd"]
+    return f"{100 * entry[key]:.1f}%" + (f" ± {100 * sd:.1f}" if entry["seeds"] > 1 else "")
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def plot(rows: list[dict], summary: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.3, 1]})
+    for i, e in enumerate(summary):
+        color = f"C{i}"
+        seeds = [r for r in rows if r["method"] == e["method"]]
+        left.scatter([100 * r["questions"] for r in seeds], [100 * r["instructions"] for r in seeds],
+                     color=color, alpha=0.3, s=20)
+        left.scatter(100 * e["questions"], 100 * e["instructions"], color=color, s=90, label=e["method"],
+                     marker="*" if e["method"] == "base model" else "o", edgecolor="black")
+    left.set(xlabel="held-out questions about the documents answered (%)",
+             ylabel="instruction prompts whose constraint holds (%)",
+             title="Knowledge vs instruction following\n(up and right is better; big = mean, faint = seeds)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="best")
+    names = [e["method"] for e in summary]
+    train = [e["train_tokens"] / 1000 for e in summary]
+    sampled = [e["sampled_tokens"] / 1000 for e in summary]
+    teacher = [e["teacher_tokens"] / 1000 for e in summary]
+    right.barh(names, train, label="trained (forward+backward)")
+    right.barh(names, sampled, left=train, label="sampled")
+    right.barh(names, teacher, left=[a + b for a, b in zip(train, sampled)], label="scored by teacher")
+    right.set(xlabel="thousand tokens per seed (mean)", title="Compute per method (beyond its start)")
+    right.invert_yaxis()
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: list[dict], out_dir: Path, wall_seconds: float) -> None:
+    summary = summarize(rows)
+    text = (f"{table(summary)}\n\nWall time {wall_seconds / 60:.1f} min. "
+            "IF recovered: of the instruction following mid-training lost, the share won back; "
+            "question gain kept: of the question score mid-training gained, the share still there "
+            "(both per seed against that seed's mid-training, then averaged).\n")
+    (out_dir / "personalization_table.md").write_text(text)
+    plot(rows, summary, out_dir / "personalization.png")
