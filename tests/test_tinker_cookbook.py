@@ -63,7 +63,8 @@ def run_recipe(server, workdir: Path, module: str, log_path: Path, **args) -> No
     argv = [f"base_url={server.http_url}", f"log_path={log_path}", *(f"{k}={v}" for k, v in args.items())]
     done = subprocess.run([sys.executable, "-m", module, *argv], cwd=workdir, env=env, text=True,
                           capture_output=True, timeout=RECIPE_TIMEOUT)
-    assert done.returncode == 0, f"{module} exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    output = f"{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    assert done.returncode == 0, f"{module} exited {done.returncode}:\n{output}"
 
 
 def read_jsonl(path: Path) -> list[dict]:
