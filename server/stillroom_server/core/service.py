@@ -412,6 +412,10 @@ class Service:
 
     def _queue_batched(self, owner: str, kind: str, opened: Sampler, work: Any,
                        encode: Callable[[Any], pb.FutureResult]) -> str:
+        if self.scheduler.outstanding >= self.scheduler.max_outstanding:  # refuse, never drop
+            raise ResourceExhausted(f"queue: {self.scheduler.outstanding} requests are waiting, the most "
+                                    "this server queues; retry shortly", retryable=True,
+                                    retry_after_seconds=0.5)
         request_id = new_request_id()
         if isinstance(work, SampleWork):  # both transports name a request's samples the same way
             work.sequence_ids = tuple(sample_sequence_ids(request_id, work.num_samples))
