@@ -21,8 +21,7 @@ from starlette.routing import Route
 from stillroom_server import __version__
 from stillroom_server.core.auth import Authenticator
 from stillroom_server.core.errors import CLIENT_CODES, InvalidInput, ResourceExhausted, code_for
-from stillroom_server.core.service import SaveOptions, Service
-from stillroom_server.engine.types import new_sequence_id
+from stillroom_server.core.service import SaveOptions, Service, sample_sequence_ids
 from stillroom_server.http_api import schemas, views, wire
 from stillroom_server.http_api.archives import Archives
 
@@ -259,9 +258,8 @@ class TinkerApi:
             raise InvalidInput("sampling_session_id: make a sampling session first "
                                "(create_sampling_session) and name it here")
         work = wire.sample_from_json(body)
-        work.sequence_ids = tuple(new_sequence_id() for _ in range(max(work.num_samples, 0)))
         request_id = self.service.sample(owner, session_id, work)
-        return self.future(request_id, sample_sequence_ids=list(work.sequence_ids))
+        return self.future(request_id, sample_sequence_ids=sample_sequence_ids(request_id, work.num_samples))
 
     # ---------------------------------------------------------------- futures
 
