@@ -43,7 +43,7 @@ def run_program(tinker, service) -> dict:
     ce = tinker_datum(tinker, tokens, target_tokens=tokens[1:], weights=[1.0] * n)
     out["forward"] = trainer.forward([ce], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
 
-    for loss in ("importance_sampling", "ppo", "cispo", "dro"):
+    for loss in ("importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"):
         inputs = rl_inputs(n) | {"target_tokens": tokens[1:]}
         config = {"beta": 0.1} if loss == "dro" else None
         result = trainer.forward_backward([tinker_datum(tinker, tokens, **inputs)], loss, config).result()
@@ -122,7 +122,8 @@ def assert_same(a: dict, b: dict) -> None:
     for key in ("forward", "logprobs", "named_logprobs", "prompt_logprobs"):
         for x, y in zip(a[key], b[key], strict=True):
             assert (x is None and y is None) or math.isclose(x, y, abs_tol=1e-5), key
-    for key in ("loss:importance_sampling", "loss:ppo", "loss:cispo", "loss:dro", "custom", "ce",
+    for key in ("loss:importance_sampling", "loss:ppo", "loss:cispo", "loss:dro", "loss:gspo",
+                "loss:stable_reinforce", "custom", "ce",
                 "grad_norm", "after_load", "resumed"):
         assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-5), (key, a[key], b[key])
     assert a["samples"] == b["samples"]
