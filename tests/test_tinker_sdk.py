@@ -286,3 +286,23 @@ def test_stillroom_extras_through_the_official_sdk(server):
     with pytest.raises(tinker_sdk.RequestFailedError, match="no/such-model"):
         trainer.forward_backward([kl], "teacher_reverse_kl", {"teacher": "no/such-model"}).result()
     client.close("success").result()
+
+
+def test_a_forward_backward_the_sdk_sends_in_parts(server):
+    """Over 1024 datums the SDK sends one forward_backward as several numbered parts (in the order
+    the server's client config asks for): every datum's output comes back, in order, and the loss
+    is the one the same datums give in calls under the limit."""
+    T = tinker_sdk.types
+    client = tinker_sdk.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
+    trainer = client.create_lora_training_client(BASE, rank=4, seed=5).result()
+    lines = [[10 + (i * 7 + j) % 90 for j in range(2 + i % 3)] for i in range(1030)]
+    data = [T.Datum(model_input=T.ModelInput.from_ints(line[:-1]),
+                    loss_fn_inputs={"target_tokens": line[1:], "weights": [1.0] * (len(line) - 1)})
+            for line in lines]
+    whole = trainer.forward_backward(data, "cross_entropy").result()
+    assert [len(out["logprobs"].tolist()) for out in whole.loss_fn_outputs] == [len(x) - 1 for x in lines]
+    halves = [trainer.forward(data[:515], "cross_entropy"), trainer.forward(data[515:], "cross_entropy")]
+    by_halves = sum(half.result().metrics["loss:sum"] for half in halves)
+    assert math.isclose(whole.metrics["loss:sum"], by_halves, rel_tol=1e-5)
+    assert trainer.optim_step(T.AdamParams(learning_rate=1e-3)).result().metrics["grad_norm:value"] > 0
+    client.close("success").result()

@@ -33,7 +33,11 @@ STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "ALREADY_EXISTS":
           "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
           "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "INTERNAL": 500}
 # The client config this server hands the SDK: every field is the SDK's default except where noted.
-CLIENT_CONFIG = {"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": True,
+# parallel_fwdbwd_chunks: not the default. In parallel mode the SDK awaits the answers to parts
+# 2..n before it sends part 1, while this server holds those answers until part 1 arrives: every
+# call over 1024 datums waited HOLD_OUT_OF_ORDER_SECONDS and failed. In order, each part is sent
+# once the one before it is accepted (scripts/measure_fwdbwd_chunks.py, docs/tinker_compat.md).
+CLIENT_CONFIG = {"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": False,
                  "proto_compress_fwdbwd": False, "sample_use_retrieve_futures": False,
                  "custom_loss_server_side": False, "sample_join_sampling_session": False}
 NOT_OFFERED = {

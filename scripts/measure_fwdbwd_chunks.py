@@ -1,0 +1,91 @@
+"""Time one chunked forward_backward through the official `tinker` SDK, its parts sent two ways.
+
+The SDK splits a forward_backward into parts of at most 1024 datums (or 5e6 bytes). With the
+server's client config `parallel_fwdbwd_chunks` true it sends parts 2..n at once and part 1 last;
+false: one part after another. This starts a server in this process, flips that one field of the
+config the server hands out (each new ServiceClient reads it), and times the same call both ways,
+alternating, on the char-1m preset. It prints ms per repetition, medians and their ratio; it knows
+nothing of why one is faster (see docs/tinker_compat.md).
+
+    python scripts/measure_fwdbwd_chunks.py [--datums 4096] [--tokens 8] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+BASE = "stillroom/char-1m"
+
+
+def make_data(tinker, datums: int, tokens: int) -> list:
+    data = []
+    for i in range(datums):
+        line = [10 + (i + j) % 90 for j in range(tokens + 1)]
+        data.append(tinker.types.Datum(
+            model_input=tinker.types.ModelInput.from_ints(line[:-1]),
+            loss_fn_inputs={"target_tokens": line[1:], "weights": [1.0] * tokens}))
+    return data
+
+
+def trainer_for(tinker, server, parallel: bool):
+    """A training client of a new session, made while the server hands out `parallel`."""
+    from stillroom_server.http_api import app
+
+    app.CLIENT_CONFIG["parallel_fwdbwd_chunks"] = parallel
+    service = tinker.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
+    trainer = service.create_lora_training_client(BASE, rank=8, seed=0).result()
+    assert service.holder._client_config.parallel_fwdbwd_chunks is parallel  # what the SDK read
+    return service, trainer
+
+
+def time_call(trainer, data) -> tuple[float, float | str]:
+    start = time.perf_counter()
+    try:
+        loss = trainer.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
+    except Exception as error:  # noqa: BLE001 - a failed way is a result to print
+        loss = f"failed: {type(error).__name__}: {str(error)[:200]}"
+    return (time.perf_counter() - start) * 1000, loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datums", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=8, help="tokens per datum")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--data-dir", type=Path, default=None, help="server data dir (default: a temp dir)")
+    args = parser.parse_args()
+
+    import tinker
+
+    from stillroom_server.app import StillroomServer
+    from stillroom_server.config import ServerConfig
+
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="stillroom-chunks-"))
+    data = make_data(tinker, args.datums, args.tokens)
+    with StillroomServer(ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0)) as server:
+        ways = {"parallel": trainer_for(tinker, server, True), "in order": trainer_for(tinker, server, False)}
+        for _, trainer in ways.values():  # warm-up: the base model loaded, one small step each
+            trainer.forward_backward(data[:8], "cross_entropy").result()
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        for rep in range(args.reps):
+            for way, (_, trainer) in ways.items():
+                ms, loss = time_call(trainer, data)
+                times[way].append(ms)
+                print(f"rep {rep} {way:>8}: {ms:9.1f} ms  loss:sum {loss}", flush=True)
+        for service, _ in ways.values():
+            service.close("success").result()
+    medians = {way: statistics.median(values) for way, values in times.items()}
+    print(f"{args.datums} datums x {args.tokens} tokens, parts of <= 1024 datums")
+    for way, values in times.items():
+        print(f"{way:>8}: median {medians[way]:.1f} ms  ({', '.join(f'{v:.0f}' for v in values)})")
+    print(f"parallel / in order = {medians['parallel'] / medians['in order']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
