@@ -42,9 +42,15 @@ class ComparisonConfig:
     # and warm-up; RL needs groups, so it samples 32 prompts x 4
     rl_group_size: int = 4
     target_fraction: float = 0.9        # "reached" = this fraction of the teacher's accuracy
+    # Each method's own learning rate (method -> lr); a method not named uses the demo's
+    # distillation rate. LEARNING_RATES holds the values the recorded sweep picked (docs/cookbook.md).
+    learning_rates: tuple[tuple[str, float], ...] = ()
+
+    def learning_rate(self, method: str) -> float:
+        return dict(self.learning_rates).get(method, self.demo.distillation.learning_rate)
 
     def __post_init__(self) -> None:
-        unknown = set(self.methods) - set(METHODS)
+        unknown = (set(self.methods) | {m for m, _ in self.learning_rates}) - set(METHODS)
         if unknown or not self.seeds or self.steps < 1:
             raise ValueError(f"ComparisonConfig: methods from {sorted(METHODS)}, at least one seed "
                              f"and one step; got {self.methods}, {self.seeds}, {self.steps}")
@@ -72,7 +78,7 @@ def run_method(setup: Setup, method: str, seed: int) -> list[tuple[int, float, f
     log = MetricsLog(setup.out_dir / f"{name}.jsonl")
     d = demo.distillation
     per_step = d.groups_per_batch * d.group_size
-    base = dict(steps=config.steps, learning_rate=d.learning_rate, warmup_steps=d.warmup_steps,
+    base = dict(steps=config.steps, learning_rate=config.learning_rate(method), warmup_steps=d.warmup_steps,
                 eval_every=config.eval_every, seed=seed, name=name)
     problems = demo.task.problems(4096, seed=1000 * seed + 3)
     sample_flops_per_step = 0.0
@@ -165,7 +171,7 @@ def write_report(config: ComparisonConfig, curves: dict, teacher_accuracy: float
         hit = [r for r in reached if r is not None]
         when = (f"{statistics.mean(s for s, _ in hit):.0f} | {statistics.mean(f for _, f in hit):.2e}"
                 if hit else "not reached | not reached")
-        rows.append(f"| {METHODS[method]} | {statistics.mean(finals):.1%} ± {statistics.pstdev(finals):.1%} "
+        rows.append(f"| {METHODS[method]} | {config.learning_rate(method):.0e} | {statistics.mean(finals):.1%} ± {statistics.pstdev(finals):.1%} "
                     f"| {len(hit)}/{len(runs)} | {when} | {mean_curve(runs)[-1][2]:.2e} |")
     means = {METHODS[m]: mean_curve(runs) for m, runs in curves.items()}
     stem = docs_dir / "distillation_comparison"
@@ -181,9 +187,9 @@ def write_report(config: ComparisonConfig, curves: dict, teacher_accuracy: float
         f"({config.demo.student_model} after SFT): {start:.1%}; target {target:.1%} "
         f"({config.target_fraction:.0%} of the teacher). {len(config.seeds)} seeds, {config.steps} steps, "
         f"{config.demo.eval_problems} problems.", "",
-        f"| method | final accuracy (mean ± sd) | runs reaching target | steps to target | "
+        f"| method | learning rate | final accuracy (mean ± sd) | runs reaching target | steps to target | "
         f"FLOPs to target | FLOPs for {config.steps} steps |",
-        "|---|---|---|---|---|---|", *rows])
+        "|---|---|---|---|---|---|---|", *rows])
     docs_dir.mkdir(parents=True, exist_ok=True)
     (docs_dir / "distillation_comparison.md").write_text(
         f"# On-policy distillation vs SFT vs RL, at CPU scale\n\nRegenerate with:\n\n"
