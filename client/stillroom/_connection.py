@@ -1,7 +1,8 @@
 """The SDK's one connection to a server: a gRPC channel driven by a background event loop.
 
 All clients made from one ServiceClient share it. It sends calls (retrying UNAVAILABLE with
-backoff, which is safe because every model call is idempotent by its request number), long-polls
+backoff, which is safe because every model call is idempotent by its request number, and a
+RESOURCE_EXHAUSTED refusal that carries `retry-after-ms` after that wait), long-polls
 futures, and turns gRPC failures into typed errors. It knows nothing of training or sampling.
 """
 
@@ -51,6 +52,17 @@ def normalize_target(base_url: str) -> str:
         if base_url.startswith(scheme):
             base_url = base_url[len(scheme):]
     return base_url.rstrip("/")
+
+
+def retry_after_ms(error: grpc.aio.AioRpcError) -> float | None:
+    """The wait a RESOURCE_EXHAUSTED refusal asks for (trailing `retry-after-ms`), if it says that
+    waiting helps; None for every other error."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            return float(value)
+    return None
 
 
 class Connection:
@@ -105,22 +117,27 @@ class Connection:
         without a request number): it fails at once with a clear error instead."""
         rpc = getattr(self.stub, method)
         delay = 0.1
-        for attempt in range(self.max_retries + 1):
+        attempt = 0
+        while True:
             try:
                 return await rpc(request, metadata=self._metadata, timeout=timeout)
             except grpc.aio.AioRpcError as error:
+                wait_ms = retry_after_ms(error)
+                if wait_ms is not None:  # a full queue refused it (and changed nothing): wait as told
+                    await asyncio.sleep(max(wait_ms, 50.0) / 1000 * (0.5 + random.random()))
+                    continue
+                attempt += 1
                 if error.code() == grpc.StatusCode.UNAVAILABLE and not retry:
                     raise errors.APIConnectionError(
                         f"{method}: server unavailable ({error.details()}); not retried, because "
                         "the server may have acted on it: check with the RestClient, then call again"
                     ) from None
-                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_retries:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt > self.max_retries:
                     raise errors.from_rpc_error(error) from None
                 logger.warning("%s: server unavailable (%s); retrying in %.1fs", method,
                                error.details(), delay)
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
 
     async def wait_for(self, request_id: str) -> pb.FutureResult:
         """Long-poll a future until it is done; raise its error if it failed."""

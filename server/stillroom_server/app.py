@@ -26,7 +26,9 @@ from stillroom_server.core.auth import LOCAL_KEY_FILE, LOCAL_OWNER, Authenticato
 from stillroom_server.core.futures import FutureHub
 from stillroom_server.core.service import Service
 from stillroom_server.core.validate import Limits
-from stillroom_server.engine.engine import Engine
+from stillroom_server.engine import resources
+from stillroom_server.engine.batching import EngineStreams
+from stillroom_server.engine.engine import MAX_LOADED_ADAPTERS, Engine
 from stillroom_server.engine.scheduler import Scheduler
 from stillroom_server.grpc_api.servicer import StillroomServicer
 from stillroom_server.http_api.app import TinkerApi, build_app
@@ -68,9 +70,16 @@ class StillroomServer:
             "server restarted before this request finished; its work was lost: submit it again")
         if failed:
             logger.warning("marked %d unfinished requests from an earlier run as failed", failed)
+        threads, how = resources.choose_threads(config.threads)
         self.engine = Engine(config.data_dir, config.device, config.max_num_samples,
                              config.local_models, dtype=config.dtype)
         self.scheduler = Scheduler(batch_runners(self.engine))
+        total, available = resources.memory_budget()
+        logger.info("memory: %.1f GiB total, %.1f GiB available at start; training runs keep up to "
+                    "%.1f GiB in memory (idle runs beyond it wait on disk), at most %d LoRA snapshots "
+                    "stay loaded, at most %d sample/logprob requests queue; torch threads: %d (%s)",
+                    total / 2**30, available / 2**30, self.engine.run_memory_bytes / 2**30,
+                    MAX_LOADED_ADAPTERS, self.scheduler.max_outstanding, threads, how)
         self.hub = FutureHub(self.store, asyncio.get_running_loop())
         self.local_api_key = self._ensure_a_key() if config.auth == "keys" else None
         self.service = Service(self.engine, self.scheduler, self.store, self.hub,
@@ -193,10 +202,7 @@ def serve(config: ServerConfig, ready_file: str | None = None) -> None:
     server.stop()
 
 
-def batch_runners(engine: Engine) -> dict:
-    """How the scheduler runs a batch of sampling or logprob jobs that share their weights."""
-    return {
-        "sample": lambda key, payloads: engine.sample(payloads[0][0], [w for _, w in payloads]),
-        "compute_logprobs": lambda key, payloads: engine.compute_logprobs(payloads[0][0],
-                                                                          [w for _, w in payloads]),
-    }
+def batch_runners(engine: Engine) -> EngineStreams:
+    """How the scheduler runs sampling and logprob jobs: continuous batches over the weights they
+    share (engine/batching.py)."""
+    return EngineStreams(engine)

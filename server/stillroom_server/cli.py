@@ -25,6 +25,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, help="port of the Tinker-compatible HTTP API and checkpoint downloads (default: --port + 1, any free one when --port is 0; STILLROOM_HTTP_PORT)")
     parser.add_argument("--ready-file", help="once serving, write the gRPC host:port (line 1) and the HTTP base URL (line 2) to this file")
     parser.add_argument("--max-live-runs-per-owner", type=int, help="training runs one owner may hold in memory (default 32)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: measured at start, 1 or all cores, whichever runs a matmul faster; STILLROOM_THREADS)")
     parser.add_argument("--max-tokens-per-request", type=int, help="tokens in one forward_backward request (default 4000000)")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve over TLS (with --tls-key; STILLROOM_TLS_CERT)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert (STILLROOM_TLS_KEY)")
@@ -49,7 +50,7 @@ def run_serve(args: argparse.Namespace) -> None:
                                        auth=args.auth, max_live_runs_per_owner=args.max_live_runs_per_owner,
                                        max_tokens_per_request=args.max_tokens_per_request,
                                        tls_cert=args.tls_cert, tls_key=args.tls_key,
-                                       http_port=args.http_port)
+                                       http_port=args.http_port, threads=args.threads)
     config.local_models = local_models
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

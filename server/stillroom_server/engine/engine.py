@@ -11,6 +11,7 @@ import collections
 import hashlib
 import logging
 import math
+import shutil
 import threading
 import warnings
 from dataclasses import dataclass
@@ -19,11 +20,12 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from stillroom_server.engine import checkpoints, compute, sampler, state
+from stillroom_server.engine import batching, checkpoints, compute, resources, sampler, state
 from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
 from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
 from stillroom_server.engine.losses import LOSSES, get_loss
 from stillroom_server.engine.models import BaseModel, ModelHost
+from stillroom_server.engine.scheduler import Job
 from stillroom_server.engine.training import FullRun, TrainingRun
 from stillroom_server.engine.types import (
     ForwardBackwardResult,
@@ -38,6 +40,7 @@ from stillroom_server.engine.types import (
 
 logger = logging.getLogger("stillroom.engine")
 MAX_LOADED_FULL_SNAPSHOTS = 4
+MAX_LOADED_ADAPTERS = 16   # LoRA snapshots kept loaded; the least recently used unpinned go first
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class Sampler:
 
 class Engine:
     def __init__(self, data_dir: Path, device: str = "cpu", max_num_samples: int = 128,
-                 local_models: dict[str, Path] | None = None, dtype: str = "auto") -> None:
+                 local_models: dict[str, Path] | None = None, dtype: str = "auto",
+                 run_memory_bytes: int | None = None) -> None:
         self.device = torch.device(device)
         # weights: bf16 on cuda unless fp32 is asked; on cpu fp32, computed under bf16 autocast if asked
         bf16_weights = self.device.type == "cuda" and dtype != "fp32"
@@ -78,10 +82,18 @@ class Engine:
         if removed := self.files.remove_partial():
             logger.warning("removed %d half-written checkpoint folders left by a crash", removed)
         self.max_num_samples = max_num_samples
-        self.runs: dict[str, TrainingRun] = {}
+        self.runs: collections.OrderedDict[str, TrainingRun] = collections.OrderedDict()  # least recent first
+        # training runs' weights and moments kept in memory; idle runs beyond it wait on disk
+        self.run_memory_bytes = run_memory_bytes if run_memory_bytes is not None else \
+            int(resources.MEMORY_FRACTION * resources.memory_budget()[1]) or 1 << 34
+        self._spill_dir = data_dir / "spill"
+        shutil.rmtree(self._spill_dir, ignore_errors=True)  # a restart forgets the runs held there
+        self._spilled: dict[str, Path] = {}
         self._lora_hosts: dict[str, LoraHost] = {}
         self._samplers: dict[str, Sampler] = {}
         self._full_snapshots: collections.OrderedDict[str, torch.nn.Module] = collections.OrderedDict()
+        self._adapters: collections.OrderedDict[str, Sampler] = collections.OrderedDict()  # loaded, LRU
+        self._pins: collections.Counter[str] = collections.Counter()  # adapters with rows in flight
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- runs
@@ -95,6 +107,7 @@ class Engine:
             config = lora_config(base, lora.rank, lora.train_mlp, lora.train_attn, lora.train_unembed)
             run = LoraRun(run_id, base, self._lora_host(base), config, self.device, seed)
         self.runs[run_id] = run
+        self._make_room(run_id)
         logger.info("created %s run %s on %s (%d trainable parameters)",
                     "LoRA" if lora else "full", run_id, base_model, run.num_trainable_params())
         return run
@@ -103,7 +116,10 @@ class Engine:
         """Drop a run's weights, gradients and optimizer state from memory (its checkpoints stay;
         a LoRA run's adapter leaves the shared host)."""
         run = self.runs.pop(run_id, None)
-        if isinstance(run, LoraRun):
+        spilled = self._spilled.pop(run_id, None)
+        if spilled is not None:
+            shutil.rmtree(spilled, ignore_errors=True)
+        elif isinstance(run, LoraRun):
             run.host.remove_adapter(run.adapter)
         if run is not None:
             logger.info("closed run %s", run_id)
@@ -119,20 +135,65 @@ class Engine:
                                      f"memory (the server restarted since it was created); {resume}")
         return run
 
+    def _resident(self, run_id: str) -> TrainingRun:
+        """The run with its weights in memory (brought back from disk if it was moved there);
+        on the worker thread only. Idle runs used least recently move to disk if over budget."""
+        run = self.get_run(run_id)
+        directory = self._spilled.pop(run_id, None)
+        if directory is not None:
+            run.rebuild()
+            state.restore(run, directory, with_optimizer=True)
+            shutil.rmtree(directory, ignore_errors=True)
+            logger.info("brought run %s back from disk", run_id)
+        self.runs.move_to_end(run_id)
+        self._make_room(run_id)
+        return run
+
+    def _make_room(self, keep: str) -> None:
+        """Move idle runs, least recently used first, to disk until the rest fit the budget."""
+        held = sum(r.memory_bytes() for i, r in self.runs.items() if i not in self._spilled)
+        for run_id, run in list(self.runs.items()):
+            if held <= self.run_memory_bytes:
+                return
+            if run_id == keep or run_id in self._spilled or not run.is_idle():
+                continue
+            held -= run.memory_bytes()
+            self.spill(run_id)
+
+    def spill(self, run_id: str) -> None:
+        """Write an idle run's weights and optimizer state to disk and free their memory; its next
+        call brings it back as it was."""
+        run = self.runs[run_id]
+        assert run.is_idle(), run_id
+        directory = self._spill_dir / hashlib.sha1(run_id.encode()).hexdigest()
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        state.save_state(run, directory)
+        with warnings.catch_warnings():  # PEFT warns when the live adapter goes
+            warnings.simplefilter("ignore", UserWarning)
+            run.release()
+        self._spilled[run_id] = directory
+        logger.info("moved idle run %s to disk", run_id)
+
     def _lora_host(self, base: BaseModel) -> LoraHost:
         if base.name not in self._lora_hosts:
             self._lora_hosts[base.name] = LoraHost(base)
         return self._lora_hosts[base.name]
 
     def forward_backward(self, run_id: str, work: ForwardBackwardWork) -> ForwardBackwardResult:
-        run = self.get_run(run_id)
-        teacher = None
-        if get_loss(work.loss_fn).needs_teacher:
-            teacher = self._module_for(self._open_teacher(run, work.loss_fn_config_strings))
-        with self._precision():
-            return run.forward_backward(work, teacher)
+        run = self._resident(run_id)
+        if not get_loss(work.loss_fn).needs_teacher:
+            with self.precision():
+                return run.forward_backward(work, None)
+        opened = self._open_teacher(run, work.loss_fn_config_strings)
+        self.pin(opened)  # other work runs between micro-batches: the teacher must stay loaded
+        try:
+            with self.precision():
+                return run.forward_backward(work, lambda: self._module_for(opened))
+        finally:
+            self.unpin(opened)
 
-    def _precision(self) -> torch.autocast:
+    def precision(self) -> torch.autocast:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16)
 
     def _open_teacher(self, run: TrainingRun, strings: dict[str, str]) -> Sampler:
@@ -149,11 +210,11 @@ class Engine:
         return teacher
 
     def optim_step(self, run_id: str, work: OptimWork) -> OptimResult:
-        return self.get_run(run_id).optim_step(work.adam)
+        return self._resident(run_id).optim_step(work.adam)
 
     def save_sampler_weights(self, run_id: str, name: str) -> tuple[str, int]:
         """Snapshot the run's weights for sampling; return the checkpoint path and its size."""
-        run = self.get_run(run_id)
+        run = self._resident(run_id)
         path = checkpoints.CheckpointPath(run_id, "sampler_weights", checkpoints.check_name(name))
         meta = {"base_model": run.base.name, "kind": "lora" if run.is_lora else "full",
                 "run_id": run_id, "name": name}
@@ -182,15 +243,70 @@ class Engine:
         base = self.models.get(meta["base_model"])
         if meta["kind"] == "lora":
             adapter = "snap-" + hashlib.sha1(path.uri.encode()).hexdigest()[:16]
-            self._lora_host(base).load_adapter(adapter, self.files.directory(path))
-            return Sampler(key, base, adapter=adapter)
+            opened = Sampler(key, base, adapter=adapter)
+            self._load_adapter(opened)
+            return opened
         return Sampler(key, base)
+
+    def _load_adapter(self, opened: Sampler) -> LoraHost:
+        """Make a LoRA snapshot's adapter loaded (from its files if it was unloaded) and the most
+        recently used; unload the least recently used beyond MAX_LOADED_ADAPTERS that no row uses."""
+        if opened.deleted:
+            raise NotFound(f"model_path: checkpoint {opened.key[len('path:'):]} was deleted")
+        host = self._lora_host(opened.base)
+        assert opened.adapter is not None
+        if opened.adapter not in self._adapters:
+            path = checkpoints.parse(opened.key[len("path:"):])
+            host.load_adapter(opened.adapter, self.files.directory(path))
+            self._adapters[opened.adapter] = opened
+            idle = [name for name in self._adapters if not self._pins[name] and name != opened.adapter]
+            for name in idle[:max(0, len(self._adapters) - MAX_LOADED_ADAPTERS)]:
+                self._adapters.pop(name)
+                self._remove_adapter(host, name)
+        self._adapters.move_to_end(opened.adapter)
+        return host
+
+    @staticmethod
+    def _remove_adapter(host: LoraHost, name: str) -> None:
+        with warnings.catch_warnings():  # PEFT warns when the live adapter goes; we set it per call
+            warnings.simplefilter("ignore", UserWarning)
+            host.remove_adapter(name)
+
+    # ---------------------------------------------------------------- batches the scheduler streams
+
+    def batch_group(self, opened: Sampler) -> str:
+        """Samplers whose rows can share one forward: a base model and its LoRA snapshots (each row
+        on its own adapter), or a full snapshot alone."""
+        if opened.adapter is None and opened.key.startswith("path:"):
+            return opened.key
+        return f"base:{opened.base.name}"
+
+    def batch_model(self, opened: Sampler, lora: bool) -> torch.nn.Module:
+        """The module a batch of `opened`'s group runs on: the base itself unless a row needs an
+        adapter, then the base's PEFT host (rows name their adapters)."""
+        if opened.adapter is None and opened.key.startswith("path:"):
+            return self._module_for(opened)
+        return self._lora_host(opened.base).model if lora else opened.base.module
+
+    def pin(self, opened: Sampler) -> str:
+        """Keep a sampler's weights loaded while its rows decode; return the rows' adapter name."""
+        if opened.deleted:
+            raise NotFound(f"model_path: checkpoint {opened.key[len('path:'):]} was deleted")
+        if opened.adapter is None:
+            return sampler.BASE_ADAPTER
+        self._load_adapter(opened)
+        self._pins[opened.adapter] += 1
+        return opened.adapter
+
+    def unpin(self, opened: Sampler) -> None:
+        if opened.adapter is not None and self._pins[opened.adapter] > 0:
+            self._pins[opened.adapter] -= 1
 
     def _module_for(self, opened: Sampler) -> torch.nn.Module:
         if opened.deleted:
             raise NotFound(f"model_path: checkpoint {opened.key[len('path:'):]} was deleted")
         if opened.adapter is not None:
-            return self._lora_host(opened.base).activate(opened.adapter)
+            return _AdapterView(self._load_adapter(opened).model, opened.adapter)
         if not opened.key.startswith("path:"):
             return opened.base.module
         if opened.key not in self._full_snapshots:
@@ -212,29 +328,29 @@ class Engine:
         return module.eval()
 
     def sample(self, opened: Sampler, works: list[SampleWork]) -> list[SampleResult]:
-        module = self._module_for(opened)
-        with self._precision():
-            sequences = sampler.sample(module, works, max_context=opened.max_context,
-                                       eos_ids=opened.base.eos_token_ids, tokenizer=opened.base.tokenizer,
-                                       device=self.device)
-        results = [SampleResult(seqs) for seqs in sequences]
-        wanting = [i for i, w in enumerate(works) if w.include_prompt_logprobs or w.topk_prompt_logprobs]
-        if wanting:
-            topk = max(works[i].topk_prompt_logprobs for i in wanting)
-            with self._precision():
-                scored = compute.sequence_logprobs(module, [works[i].prompt_T for i in wanting],
-                                                   self.device, topk)
-            for i, (logprobs_T, ids, values) in zip(wanting, scored):
-                k, last_n = works[i].topk_prompt_logprobs, works[i].prompt_logprobs_last_n
-                logprobs_T, values = _keep_last(logprobs_T, last_n), _keep_last(values, last_n)
-                results[i].prompt_logprobs_T = logprobs_T if works[i].include_prompt_logprobs else None
-                if k:
-                    results[i].topk_ids_T_K, results[i].topk_logprobs_T_K = ids[:, :k], values[:, :k]
-        return results
+        """Sample `works` to the end as one batch (outside the scheduler: tests, direct use)."""
+        jobs = [Job(kind="sample", run=None, done=lambda r, e: None, payload=(opened, w)) for w in works]
+        done = batching.run_to_end(batching.DecodeStream(self), jobs)
+        for job in jobs:
+            if done[id(job)][2] is not None:
+                raise done[id(job)][2]
+        return [done[id(job)][1] for job in jobs]
+
+    def prompt_logprobs(self, opened: Sampler, work: SampleWork, result: SampleResult) -> None:
+        """Fill `result`'s prompt logprobs (and top-k) as `work` asks."""
+        with self.precision():
+            logprobs_T, ids, values = compute.sequence_logprobs(
+                self._module_for(opened), [work.prompt_T], self.device, work.topk_prompt_logprobs)[0]
+        k, last_n = work.topk_prompt_logprobs, work.prompt_logprobs_last_n
+        logprobs_T, values = _keep_last(logprobs_T, last_n), _keep_last(values, last_n)
+        result.prompt_logprobs_T = logprobs_T if work.include_prompt_logprobs else None
+        if k:
+            assert ids is not None and values is not None
+            result.topk_ids_T_K, result.topk_logprobs_T_K = ids[:, :k], values[:, :k]
 
     def compute_logprobs(self, opened: Sampler, works: list[LogprobsWork]) -> list[LogprobsResult]:
         module = self._module_for(opened)
-        with self._precision():
+        with self.precision():
             scored = compute.sequence_logprobs(module, [w.tokens_T for w in works], self.device)
         return [LogprobsResult(_keep_last(logprobs_T, w.last_n))
                 for w, (logprobs_T, _, _) in zip(works, scored)]
@@ -243,7 +359,7 @@ class Engine:
 
     def save_state(self, run_id: str, name: str) -> tuple[str, int]:
         """Write the run's weights and optimizer state; return the checkpoint path and its size."""
-        run = self.get_run(run_id)
+        run = self._resident(run_id)
         path = checkpoints.CheckpointPath(run_id, "weights", checkpoints.check_name(name))
         meta = {"base_model": run.base.name, "kind": "lora" if run.is_lora else "full",
                 "run_id": run_id, "name": name, "is_lora": run.is_lora, "lora": _lora_meta(run)}
@@ -268,7 +384,7 @@ class Engine:
 
     def load_state(self, run_id: str, uri: str, with_optimizer: bool) -> None:
         self.validate_load_state(run_id, uri)
-        run = self.get_run(run_id)
+        run = self._resident(run_id)
         state.restore(run, self.files.directory(checkpoints.parse(uri)), with_optimizer)
 
     def create_run_from_state(self, run_id: str, uri: str, with_optimizer: bool) -> TrainingRun:
@@ -288,6 +404,7 @@ class Engine:
                 run.host.remove_adapter(run.adapter)
             raise
         self.runs[run_id] = run
+        self._make_room(run_id)
         logger.info("created %s run %s from %s", meta["kind"], run_id, uri)
         return run
 
@@ -299,10 +416,8 @@ class Engine:
         self._full_snapshots.pop(key, None)
         if opened is not None:
             opened.deleted = True
-        if opened is not None and opened.adapter is not None:
-            with warnings.catch_warnings():  # PEFT warns when the live adapter goes; we set it per call
-                warnings.simplefilter("ignore", UserWarning)
-                self._lora_host(opened.base).remove_adapter(opened.adapter)
+        if opened is not None and self._adapters.pop(opened.adapter or "", None) is not None:
+            self._remove_adapter(self._lora_host(opened.base), opened.adapter or "")
 
     def delete_checkpoint(self, uri: str) -> None:
         self.unload_checkpoint(uri)
@@ -416,6 +531,17 @@ class Engine:
         if low < 0 or high >= base.vocab_size:
             bad = low if low < 0 else high
             raise InvalidInput(f"{field}: token id {bad} is outside the vocabulary [0, {base.vocab_size})")
+
+
+class _AdapterView:
+    """A PEFT host called with every row on one adapter, whichever adapter is active (so a
+    training run's activation between two steps never changes what a sampler or teacher sees)."""
+
+    def __init__(self, model: torch.nn.Module, adapter: str) -> None:
+        self.model, self.adapter = model, adapter
+
+    def __call__(self, **inputs):
+        return self.model(**inputs, adapter_names=[self.adapter] * inputs["input_ids"].shape[0])
 
 
 def _check_last_n(last_n: int, tokens_T: torch.Tensor, field: str) -> None:

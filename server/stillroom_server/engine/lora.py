@@ -2,9 +2,10 @@
 
 Each base model gets one `LoraHost`: a PEFT model built over a structural copy of the base whose
 weights are the base's own tensors. Every LoRA run and every loaded LoRA snapshot is a named
-adapter in that host; `activate` switches the live adapter, so the host is used by one request
-at a time (the scheduler's single worker guarantees that). Adapters are saved and loaded in
-PEFT's own format, which is also the export format.
+adapter in that host. Training switches the live adapter with `activate` (before every
+micro-batch: other work may run between two); sampling never does: its rows name their adapters
+(PEFT's `adapter_names`), so rows of different snapshots share one forward. Adapters are saved
+and loaded in PEFT's own format, which is also the export format.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class LoraHost:
                 torch.manual_seed(seed)
             if self.model is None:
                 self.model = get_peft_model(self.base.shared_copy(), config, adapter_name=name)
+                self.model.eval()  # no dropout; and PEFT's mixed-adapter batches need eval mode
             else:
                 self.model.add_adapter(name, config)
         self.model.to(self.base.module.device)
@@ -119,3 +121,11 @@ class LoraRun(TrainingRun):
 
     def save_sampler_weights(self, directory: Path) -> None:
         self.host.save_adapter(self.adapter, directory)
+
+    def release(self) -> None:
+        self.host.remove_adapter(self.adapter)
+        self._params, self.optimizer = [], None
+
+    def rebuild(self) -> None:
+        self.host.add_adapter(self.adapter, self.config, seed=None)
+        self._params = self.host.adapter_parameters(self.adapter)

@@ -1,10 +1,12 @@
-"""Batched autoregressive sampling with a KV cache.
+"""Batched autoregressive sampling with a KV cache, one step at a time (continuous batching).
 
-Every sample of every request in a batch is one row: prompts are left-padded, each row keeps its
-own sampling settings, random generator, token budget and stop conditions, and the batch decodes
-until every row has stopped. Logprobs returned are the model's own (temperature 1, no
-truncation), so they agree with `compute_logprobs` and the trainer. Knows nothing of requests'
-origins; stop strings are matched on text decoded with the model's tokenizer.
+Every sample of every request is one row with its own sampling settings, random generator, token
+budget, stop conditions and LoRA adapter. A `DecodeBatch` is the running batch: rows are
+left-padded into one KV cache; new rows are prefilled on their own and merged in (the shorter
+cache is left-padded, masked), and a row leaves the batch as soon as it stops. Logprobs returned
+are the model's own (temperature 1, no truncation), so they agree with `compute_logprobs` and the
+trainer. Knows nothing of requests' origins or scheduling; stop strings are matched on text
+decoded with the model's tokenizer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from stillroom_server.engine.types import SampledSequence, SampleWork, SamplingConfig, new_sequence_id
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
 @dataclasses.dataclass
@@ -31,6 +35,14 @@ class _Row:
     sequence_id: str = dataclasses.field(default_factory=new_sequence_id)
     topk_ids: list[list[int]] = dataclasses.field(default_factory=list)
     topk_logprobs: list[list[float]] = dataclasses.field(default_factory=list)
+    adapter: str = BASE_ADAPTER      # the PEFT adapter this row samples from
+    owner: object = None             # whatever the caller ties the row to (a request)
+
+    def sequence(self) -> SampledSequence:
+        return SampledSequence(self.tokens, self.logprobs, self.stop_reason or "length",
+                               topk_ids=self.topk_ids if self.topk else None,
+                               topk_logprobs=self.topk_logprobs if self.topk else None,
+                               sequence_id=self.sequence_id)
 
 
 def _row_seed(seed: int | None, index: int) -> int:
@@ -39,14 +51,16 @@ def _row_seed(seed: int | None, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919) % (2**63 - 1)
 
 
-def make_rows(works: list[SampleWork], max_context: int) -> list[_Row]:
+def make_rows(works: list[SampleWork], max_context: int, adapter: str = BASE_ADAPTER,
+              owner: object = None) -> list[_Row]:
     rows = []
     for work in works:
         room = max_context - work.prompt_T.shape[0]
         budget = room if work.params.max_tokens < 0 else min(work.params.max_tokens, room)
         for index in range(work.num_samples):
             generator = torch.Generator().manual_seed(_row_seed(work.params.seed, index))
-            row = _Row(work.prompt_T, work.params, budget, generator, topk=work.topk_sample_logprobs)
+            row = _Row(work.prompt_T, work.params, budget, generator, topk=work.topk_sample_logprobs,
+                       adapter=adapter, owner=owner)
             if work.sequence_ids:
                 row.sequence_id = work.sequence_ids[index]
             rows.append(row)
@@ -109,51 +123,124 @@ def _stopped(row: _Row, token: int, eos_ids: tuple[int, ...], tokenizer) -> bool
     return False
 
 
-@torch.no_grad()
-def sample(model: torch.nn.Module, works: list[SampleWork], *, max_context: int,
-           eos_ids: tuple[int, ...], tokenizer, device: torch.device) -> list[list[SampledSequence]]:
-    """Sample every request in `works` as one batch; return each request's sequences."""
-    rows = make_rows(works, max_context)
-    lengths = [r.prompt_T.shape[0] for r in rows]
-    width = max(lengths)
-    input_B_T = torch.zeros(len(rows), width, dtype=torch.long)
-    mask_B_T = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_B_T[i, width - lengths[i]:] = row.prompt_T
-        mask_B_T[i, width - lengths[i]:] = 1
-    input_B_T, mask_B_T = input_B_T.to(device), mask_B_T.to(device)
-    position_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    logits_B_V = model(input_ids=input_B_T, attention_mask=mask_B_T, position_ids=position_B_T,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-    position_B = position_B_T[:, -1]
-    in_batch = list(range(len(rows)))          # the row behind each batch position
-    while True:
-        batch_rows = [rows[i] for i in in_batch]
-        tokens_B = choose_tokens(logits_B_V, batch_rows)
+def _forward(model: torch.nn.Module, rows: list[_Row], **inputs) -> torch.Tensor:
+    """The last position's logits of one forward; rows name their adapters when the model is a
+    PEFT host (a mixed-adapter batch: each row sees only its own adapter's weights)."""
+    if hasattr(model, "peft_config"):
+        inputs["adapter_names"] = [row.adapter for row in rows]
+    return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
+
+class DecodeBatch:
+    """Rows decoding together over one KV cache. `prefill` makes a batch of new rows (each gets
+    its first token), `merge` joins two batches, `decode` adds one token to every row, and
+    finished rows leave at once."""
+
+    def __init__(self, rows: list[_Row], cache: DynamicCache, mask_B_L: torch.Tensor,
+                 position_B: torch.Tensor, tokens_B: torch.Tensor) -> None:
+        self.rows, self.cache, self.mask_B_L = rows, cache, mask_B_L
+        self.position_B, self.tokens_B = position_B, tokens_B
+
+    @classmethod
+    def prefill(cls, model: torch.nn.Module, rows: list[_Row], device: torch.device,
+                eos_ids: tuple[int, ...], tokenizer) -> DecodeBatch:
+        """Run the new rows' prompts (each distinct prompt once) and choose their first tokens."""
+        prompts: dict[int, int] = {}     # id of a prompt tensor -> its row in the prefill batch
+        unique = []
+        for row in rows:
+            if id(row.prompt_T) not in prompts:
+                prompts[id(row.prompt_T)] = len(unique)
+                unique.append(row)
+        width = max(r.prompt_T.shape[0] for r in unique)
+        input_U_T = torch.zeros(len(unique), width, dtype=torch.long)
+        mask_U_T = torch.zeros(len(unique), width, dtype=torch.long)
+        for i, row in enumerate(unique):
+            n = row.prompt_T.shape[0]
+            input_U_T[i, width - n:], mask_U_T[i, width - n:] = row.prompt_T, 1
+        input_U_T, mask_U_T = input_U_T.to(device), mask_U_T.to(device)
+        position_U_T = (mask_U_T.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits_U_V = _forward(model, unique, input_ids=input_U_T, attention_mask=mask_U_T,
+                              position_ids=position_U_T, past_key_values=cache)
+        index_B = torch.tensor([prompts[id(r.prompt_T)] for r in rows], device=device)
+        if len(unique) != len(rows):
+            cache.batch_select_indices(index_B)
+        batch = cls(rows, cache, mask_U_T[index_B], position_U_T[index_B, -1], index_B)
+        batch._choose(logits_U_V[index_B], eos_ids, tokenizer)
+        return batch
+
+    def decode(self, model: torch.nn.Module, eos_ids: tuple[int, ...], tokenizer) -> None:
+        """One more token for every row."""
+        self.mask_B_L = torch.cat([self.mask_B_L, self.mask_B_L.new_ones(len(self.rows), 1)], dim=1)
+        self.position_B = self.position_B + 1
+        logits_B_V = _forward(model, self.rows, input_ids=self.tokens_B[:, None],
+                              attention_mask=self.mask_B_L, position_ids=self.position_B[:, None],
+                              past_key_values=self.cache)
+        self._choose(logits_B_V, eos_ids, tokenizer)
+
+    def _choose(self, logits_B_V: torch.Tensor, eos_ids: tuple[int, ...], tokenizer) -> None:
+        tokens_B = choose_tokens(logits_B_V, self.rows)
         logprobs_B_V = torch.log_softmax(logits_B_V, -1)
         logprobs_B = logprobs_B_V.gather(-1, tokens_B[:, None]).squeeze(-1)
-        _record_topk(batch_rows, logprobs_B_V)
-        for row, token, logprob in zip(batch_rows, tokens_B.tolist(), logprobs_B.tolist()):
-            if row.stop_reason is None:
-                _append(row, token, logprob, eos_ids, tokenizer)
-        live = [b for b, row in enumerate(batch_rows) if row.stop_reason is None]
-        if not live:
-            break
-        if len(live) <= len(in_batch) // 2:    # drop finished rows from the batch and the cache
-            keep = torch.tensor(live, device=device)
-            cache.batch_select_indices(keep)
-            mask_B_T, position_B, tokens_B = mask_B_T[keep], position_B[keep], tokens_B[keep]
-            in_batch = [in_batch[b] for b in live]
-        mask_B_T = torch.cat([mask_B_T, mask_B_T.new_ones(len(in_batch), 1)], dim=1)
-        position_B = position_B + 1
-        logits_B_V = model(input_ids=tokens_B[:, None], attention_mask=mask_B_T,
-                           position_ids=position_B[:, None], past_key_values=cache,
-                           use_cache=True).logits[:, -1].float()
-    sequences = [SampledSequence(r.tokens, r.logprobs, r.stop_reason,
-                                 topk_ids=r.topk_ids if r.topk else None,
-                                 topk_logprobs=r.topk_logprobs if r.topk else None,
-                                 sequence_id=r.sequence_id) for r in rows]
+        _record_topk(self.rows, logprobs_B_V)
+        for row, token, logprob in zip(self.rows, tokens_B.tolist(), logprobs_B.tolist()):
+            _append(row, token, logprob, eos_ids, tokenizer)
+        self.tokens_B = tokens_B
+
+    def take_finished(self) -> list[_Row]:
+        """Remove the rows that have stopped from the batch (and its cache); return them."""
+        done = [r for r in self.rows if r.stop_reason is not None]
+        if done:
+            self.keep([b for b, r in enumerate(self.rows) if r.stop_reason is None])
+        return done
+
+    def keep(self, live: list[int]) -> None:
+        """Keep only the rows at batch positions `live` (and drop cache columns no row needs)."""
+        keep = torch.tensor(live, dtype=torch.long, device=self.tokens_B.device)
+        self.rows = [self.rows[b] for b in live]
+        self.mask_B_L, self.position_B, self.tokens_B = (self.mask_B_L[keep], self.position_B[keep],
+                                                         self.tokens_B[keep])
+        self.cache.batch_select_indices(keep)
+        if self.rows:
+            start = int(self.mask_B_L.any(0).long().argmax())  # leading columns that are all padding
+            if start:
+                self.mask_B_L = self.mask_B_L[:, start:]
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def merge(self, other: DecodeBatch) -> None:
+        """Add `other`'s rows; the shorter cache is left-padded (masked out)."""
+        width = max(self.mask_B_L.shape[1], other.mask_B_L.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+        self.mask_B_L = torch.cat([_pad_left(self.mask_B_L, width), _pad_left(other.mask_B_L, width)])
+        self.position_B = torch.cat([self.position_B, other.position_B])
+        self.tokens_B = torch.cat([self.tokens_B, other.tokens_B])
+        self.rows = self.rows + other.rows
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the sequence axis (dim 1 of a mask [B, L], dim 2 of a cache [B, H, L, D])."""
+    axis = 1 if tensor.dim() == 2 else 2
+    missing = width - tensor.shape[axis]
+    if not missing:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, works: list[SampleWork], *, max_context: int,
+           eos_ids: tuple[int, ...], tokenizer, device: torch.device,
+           adapter: str = BASE_ADAPTER) -> list[list[SampledSequence]]:
+    """Sample every request in `works` as one batch, to the end; return each request's sequences."""
+    rows = make_rows(works, max_context, adapter)
+    batch = DecodeBatch.prefill(model, rows, device, eos_ids, tokenizer)
+    while batch.take_finished() is not None and batch.rows:
+        batch.decode(model, eos_ids, tokenizer)
+    sequences = [r.sequence() for r in rows]
     out, start = [], 0
     for work in works:
         out.append(sequences[start:start + work.num_samples])

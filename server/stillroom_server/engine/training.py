@@ -9,6 +9,7 @@ the whole batch has succeeded. Runs know nothing of request numbering or storage
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from stillroom_server.engine import compute
 from stillroom_server.engine.errors import FailedPrecondition
 from stillroom_server.engine.losses import get_loss
 from stillroom_server.engine.models import BaseModel
+from stillroom_server.engine.scheduler import pause
 from stillroom_server.engine.types import AdamConfig, ForwardBackwardResult, ForwardBackwardWork, OptimResult
 
 MICROBATCH_TOKENS = 16384  # padded tokens in one forward pass: bounds activation memory
@@ -77,18 +79,40 @@ class TrainingRun(abc.ABC):
     def num_trainable_params(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 
+    # ---------------------------------------------------------------- moving to disk and back
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Drop the weights and optimizer from memory (after they were saved to disk)."""
+
+    @abc.abstractmethod
+    def rebuild(self) -> None:
+        """Make fresh weights to load a saved state into (the reverse of `release`)."""
+
+    def memory_bytes(self) -> int:
+        """What the run holds in memory: its trainable weights and their two AdamW moments (a full
+        run's frozen copy counted too); 0 once released."""
+        params = self.trainable_parameters()
+        return 3 * sum(p.numel() * p.element_size() for p in params)
+
+    def is_idle(self) -> bool:
+        """Nothing in flight: no accumulated gradient and no held parts (safe to move to disk)."""
+        return self._staged is None and all(p.grad is None for p in self.trainable_parameters())
+
     # ---------------------------------------------------------------- forward / backward
 
     def forward_backward(self, work: ForwardBackwardWork,
-                         teacher: torch.nn.Module | None = None) -> ForwardBackwardResult:
+                         teacher: Callable[[], torch.nn.Module] | None = None) -> ForwardBackwardResult:
         """Compute the loss; unless `forward_only`, add its gradient (a chunked call's parts are
         held aside and added together when the last part succeeds). Large calls run as several
         micro-batches; the losses are sums over tokens, so the result is the same."""
         loss_spec = get_loss(work.loss_fn)
         config = loss_spec.resolve_config(work.loss_fn_config)
-        model = self.activate()
         grads, outputs, parts = None, [], []
-        for batch in microbatches(work.data, MICROBATCH_TOKENS):
+        for index, batch in enumerate(microbatches(work.data, MICROBATCH_TOKENS)):
+            if index:
+                pause()  # other work may run here; it never touches this run (its lane waits)
+            model = self.activate()  # again: the other work may have activated another adapter
             loss, metrics, logprobs = self._batch_loss(model, batch, loss_spec, config, teacher,
                                                        work.forward_only)
             if not work.forward_only:
@@ -109,7 +133,8 @@ class TrainingRun(abc.ABC):
                   for key in loss_spec.all_inputs}
         if loss_spec.needs_teacher:
             with torch.no_grad():
-                inputs["teacher_logprobs"] = torch.log_softmax(compute.logits_for(teacher, tokens_B_T), -1)
+                # teacher() activates its adapter now: it may share a LoRA host with this run
+                inputs["teacher_logprobs"] = torch.log_softmax(compute.logits_for(teacher(), tokens_B_T), -1)
             model = self.activate()  # the teacher may be another adapter of the same host
         mask_B_T = compute.lengths_mask(lengths, self.device)
         with torch.set_grad_enabled(not forward_only):
@@ -198,3 +223,10 @@ class FullRun(TrainingRun):
 
     def save_sampler_weights(self, directory: Path) -> None:
         self.model.save_pretrained(directory, safe_serialization=True)
+
+    def release(self) -> None:
+        self.model, self._params, self.optimizer = None, [], None
+
+    def rebuild(self) -> None:
+        self.model = self.base.owned_copy(requires_grad=True)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]

@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from stillroom_server.core.errors import code_for
+from stillroom_server.core.errors import ResourceExhausted, code_for
 
 
 def secret_from(context) -> str | None:
@@ -30,6 +30,9 @@ def rpc(method: Callable[[Any, Any, Any, str], Awaitable[Any]]):
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status code here, once
             code, message = code_for(error)
-            await context.abort(getattr(grpc.StatusCode, code), message)
+            hint = ()
+            if isinstance(error, ResourceExhausted) and error.retryable:  # the SDK waits, then retries
+                hint = (("retry-after-ms", str(int(error.retry_after_seconds * 1000))),)
+            await context.abort(getattr(grpc.StatusCode, code), message, trailing_metadata=hint)
 
     return wrapper
