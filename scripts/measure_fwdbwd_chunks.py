@@ -4,8 +4,8 @@ The SDK splits a forward_backward into parts of at most 1024 datums (or 5e6 byte
 server's client config `parallel_fwdbwd_chunks` true it sends parts 2..n at once and part 1 last;
 false: one part after another. This starts a server in this process, flips that one field of the
 config the server hands out (each new ServiceClient reads it), and times the same call both ways,
-alternating, on the char-1m preset. It prints ms per repetition, medians and their ratio; it knows
-nothing of why one is faster (see docs/tinker_compat.md).
+alternating, on the char-1m preset. It prints ms per repetition, when the server accepted each part,
+medians and their ratio; it knows nothing of why one is faster (see docs/tinker_compat.md).
 
     python scripts/measure_fwdbwd_chunks.py [--datums 4096] [--tokens 8] [--reps 3]
 """
@@ -44,13 +44,29 @@ def trainer_for(tinker, server, parallel: bool):
     return service, trainer
 
 
-def time_call(trainer, data) -> tuple[float, float | str]:
+def record_acceptances(server) -> list[float]:
+    """The times at which the server's core accepts a forward_backward part (appended to)."""
+    accepted: list[float] = []
+    accept = server.service.forward_backward
+
+    def timed(*args, **kwargs):
+        request_id = accept(*args, **kwargs)
+        accepted.append(time.perf_counter())
+        return request_id
+
+    server.service.forward_backward = timed
+    return accepted
+
+
+def time_call(trainer, data, accepted: list[float]) -> tuple[float, float | str, list[float]]:
+    """ms for the whole call, its loss (or the failure), ms at which each part was accepted."""
+    accepted.clear()
     start = time.perf_counter()
     try:
-        loss = trainer.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
+        loss = trainer.forward_backward(data, "cross_entropy").result(timeout=300).metrics["loss:sum"]
     except Exception as error:  # noqa: BLE001 - a failed way is a result to print
         loss = f"failed: {type(error).__name__}: {str(error)[:200]}"
-    return (time.perf_counter() - start) * 1000, loss
+    return (time.perf_counter() - start) * 1000, loss, [(t - start) * 1000 for t in accepted]
 
 
 def main() -> None:
@@ -68,18 +84,22 @@ def main() -> None:
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="stillroom-chunks-"))
     data = make_data(tinker, args.datums, args.tokens)
+    ways = {"parallel": True, "in order": False}
+    times: dict[str, list[float]] = {way: [] for way in ways}
     with StillroomServer(ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0)) as server:
-        ways = {"parallel": trainer_for(tinker, server, True), "in order": trainer_for(tinker, server, False)}
-        for _, trainer in ways.values():  # warm-up: the base model loaded, one small step each
-            trainer.forward_backward(data[:8], "cross_entropy").result()
-        times: dict[str, list[float]] = {way: [] for way in ways}
+        accepted = record_acceptances(server)
         for rep in range(args.reps):
-            for way, (_, trainer) in ways.items():
-                ms, loss = time_call(trainer, data)
+            for way, parallel in ways.items():  # a fresh session each time: a failed call leaves none behind
+                service, trainer = trainer_for(tinker, server, parallel)
+                trainer.forward_backward(data[:8], "cross_entropy").result()  # warm-up, one part
+                ms, loss, parts = time_call(trainer, data, accepted)
                 times[way].append(ms)
-                print(f"rep {rep} {way:>8}: {ms:9.1f} ms  loss:sum {loss}", flush=True)
-        for service, _ in ways.values():
-            service.close("success").result()
+                print(f"rep {rep} {way:>8}: {ms:9.1f} ms  loss:sum {loss}  parts accepted at ms: "
+                      f"{', '.join(f'{t:.0f}' for t in parts)}", flush=True)
+                try:
+                    service.close("success").result(timeout=30)
+                except Exception as error:  # noqa: BLE001 - after a failed call the session may hang
+                    print(f"  close: {type(error).__name__}")
     medians = {way: statistics.median(values) for way, values in times.items()}
     print(f"{args.datums} datums x {args.tokens} tokens, parts of <= 1024 datums")
     for way, values in times.items():
