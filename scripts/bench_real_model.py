@@ -74,14 +74,14 @@ def measure(model_dir: Path, dtype: str, rounds: int) -> dict:
         service = stillroom.ServiceClient(base_url=server.address)
         trainer = service.create_lora_training_client(NAME, rank=32, seed=0)
         tokenizer = trainer.get_tokenizer()
-        data = datums(tokenizer, 8, 128)
+        data = datums(tokenizer, 4, 128)
         lora = time_training(trainer, data, rounds)
-        full = time_training(service.create_full_training_client(NAME, seed=0), data[:2], rounds)
+        full = time_training(service.create_full_training_client(NAME, seed=0), data[:1], rounds)
         sampler = service.create_sampling_client(base_model=NAME)
         chat = tokenizer.apply_chat_template([{"role": "user", "content": "Write a long story about a cat."}],
                                              add_generation_prompt=True, tokenize=False)
         prompt = types.ModelInput.from_ints(tokenizer.encode(chat, add_special_tokens=False))
-        sampling = time_sampling(sampler, prompt, rounds, num_samples=8, max_tokens=64)
+        sampling = time_sampling(sampler, prompt, rounds, num_samples=16, max_tokens=32)
         probe = data[0].model_input.to_ints() + [data[0].loss_fn_inputs["target_tokens"].tolist()[-1]]
         logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(probe)).result()
         service.close()
@@ -98,9 +98,9 @@ def main() -> None:
     bf16 = measure(args.model_dir.resolve(), "bf16", args.rounds)
     print(f"threads {os.environ.get('OMP_NUM_THREADS', 'default')}, best of {args.rounds}")
     print("| measure | fp32 | bf16 autocast | bf16 / fp32 |\n|---|---|---|---|")
-    for key, label in [("lora", "LoRA r32 train, 8x128 tokens (tokens/s)"),
-                       ("full", "full fine-tune, 2x128 tokens (tokens/s)"),
-                       ("sampling", "sampling, 8 x 64 tokens (tokens/s)")]:
+    for key, label in [("lora", "LoRA r32 train, 4x128 tokens (tokens/s)"),
+                       ("full", "full fine-tune, 1x128 tokens (tokens/s)"),
+                       ("sampling", "sampling, 16 x 32 tokens (tokens/s)")]:
         print(f"| {label} | {fp32[key]:.0f} | {bf16[key]:.0f} | {bf16[key] / fp32[key]:.2f} |")
     diffs = [abs(a - b) for a, b in zip(fp32["logprobs"], bf16["logprobs"])]
     print(f"bf16 vs fp32 compute_logprobs over {len(diffs)} tokens: max |diff| {max(diffs):.4f}, "
