@@ -70,7 +70,7 @@ def time_call(trainer, data, accepted: list[float]) -> tuple[float, float | str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--datums", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=8, help="tokens per datum")
     parser.add_argument("--reps", type=int, default=3)

@@ -78,7 +78,7 @@ def write_workdir(root: Path, models: dict[str, Path]) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                         help="make WORKDIR/NAME a link to the model folder DIR (repeatable)")

@@ -94,7 +94,7 @@ def test_sl_loop(cookbook_server, workdir, tmp_path):
     service = tinker.ServiceClient(base_url=cookbook_server.http_url, api_key=cookbook_server.local_api_key)
     sampler = service.create_sampling_client(model_path=sampler_path)
     logprobs = sampler.compute_logprobs(tinker.ModelInput.from_ints([5, 6, 7, 8])).result()
-    assert logprobs[0] is None and all(math.isfinite(x) for x in logprobs[1:])
+    assert logprobs[0] is None and all(x is not None and math.isfinite(x) for x in logprobs[1:])
     service.close("success").result()
 
 
@@ -127,6 +127,7 @@ def test_rl_loop_training_datum(cookbook_server):
     sequences = sampler.sample(prompt, num_samples=2, sampling_params=params).result().sequences
     data = []
     for sequence, advantage in zip(sequences, (0.5, -0.5)):
+        assert sequence.logprobs is not None
         ob_len = prompt.length - 1
         model_input = prompt.append(types.EncodedTextChunk(tokens=sequence.tokens[:-1]))
         inputs = {"target_tokens": [0] * ob_len + list(sequence.tokens),
@@ -138,7 +139,8 @@ def test_rl_loop_training_datum(cookbook_server):
                                             sequence.sequence_id))
     result = trainer.forward_backward(data, loss_fn="stable_reinforce").result()
     step = trainer.optim_step(types.AdamParams(learning_rate=1e-4)).result()
-    assert math.isfinite(result.metrics["loss:sum"]) and step.metrics["grad_norm:value"] > 0
+    assert math.isfinite(result.metrics["loss:sum"])
+    assert step.metrics is not None and step.metrics["grad_norm:value"] > 0
     service.close("success").result()
 
 
