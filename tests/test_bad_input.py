@@ -177,4 +177,4 @@ def test_a_stop_condition_without_text_or_token_is_refused(sampler):
                        match="sampling_params.stop\\[1\\]: needs a text or a token"):
         connection.run(connection.call("Sample", request))
     with pytest.raises(ValueError, match="stop"):
-        types.SamplingParams(max_tokens=3, stop=[1.5, "x"])
+        types.SamplingParams(max_tokens=3, stop=[1.5, "x"])  # pyright: ignore[reportArgumentType]

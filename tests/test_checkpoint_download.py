@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -96,7 +97,7 @@ def test_download_urls_need_a_valid_token(service, trained_lora, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["for-download"]  # no staging left behind
 
 
-def _tar(tmp_path, build) -> str:
+def _tar(tmp_path, build) -> Path:
     path = tmp_path / "evil.tar"
     with tarfile.open(path, "w") as archive:
         build(archive)

@@ -49,6 +49,7 @@ def test_runs_and_checkpoints_are_listed(service, tokenizer):
     run = rest.get_training_run(trainer.training_run_id).result()  # an APIFuture, as in Tinker
     assert isinstance(run, stillroom.TrainingRun)
     assert (run.base_model, run.is_lora, run.lora_rank) == (TINY, True, 4)
+    assert run.last_checkpoint is not None and run.last_sampler_checkpoint is not None
     assert run.last_checkpoint.path == state and run.last_sampler_checkpoint.path == sampler
     assert run.user_metadata == {"who": "rest"}
 
@@ -166,11 +167,12 @@ def test_everything_saved_is_listed_loads_and_samples_the_same_after_a_restart(t
             expected[state] = after_step
             expected[sampler.model_path] = (sampler.sample(prompt, 2, PARAMS).result(),
                                             sampler.compute_logprobs(prompt).result())
-        listed = {c.path for c in client.create_rest_client().list_user_checkpoints().checkpoints}
+        listed = {c.path for c in client.create_rest_client().list_user_checkpoints().result().checkpoints}
 
     with StillroomServer(config) as server, \
             stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key) as client:
-        assert {c.path for c in client.create_rest_client().list_user_checkpoints().checkpoints} == listed
+        checkpoints = client.create_rest_client().list_user_checkpoints().result().checkpoints
+        assert {c.path for c in checkpoints} == listed
         assert set(expected) == listed
         for path, want in expected.items():
             if "/sampler_weights/" in path:

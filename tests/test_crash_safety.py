@@ -91,7 +91,7 @@ def check_recovered(server: ServerProcess, saved: dict, in_flight: set, lost_run
         samplers = sorted(p for p in listed if "/sampler_weights/" in p)
         for path in random.sample(samplers, k=min(3, len(samplers))):
             logprobs = client.create_sampling_client(model_path=path).compute_logprobs(probe).result()
-            assert all(math.isfinite(v) for v in logprobs[1:])
+            assert all(v is not None and math.isfinite(v) for v in logprobs[1:])
         states = sorted(p for p in listed if "/weights/" in p)
         if states:
             client.create_training_client_from_state_with_optimizer(states[-1]).get_info()

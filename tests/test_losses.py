@@ -8,6 +8,7 @@ import torch
 
 import stillroom
 from stillroom import types
+from stillroom_cookbook.rollouts import completion_datum
 
 from conftest import TINY
 from helpers import checkpoint_tensors, encode_line, load_local_model, sft_datum
@@ -76,8 +77,9 @@ def make_data(tokenizer, model, loss: str) -> list[types.Datum]:
 
 def local_loss_and_grads(model, data, loss: str, config: dict):
     model.zero_grad(set_to_none=True)
-    total = sum(local_loss(loss, logp, {k: v.to_torch() for k, v in d.loss_fn_inputs.items()}, config)
-                for d, logp in zip(data, local_logprobs(model, data)))
+    losses = [local_loss(loss, logp, {k: v.to_torch() for k, v in d.loss_fn_inputs.items()}, config)
+              for d, logp in zip(data, local_logprobs(model, data))]
+    total = torch.stack(losses).sum()
     total.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -172,12 +174,6 @@ def test_a_dpo_style_pairwise_loss_lowers_itself(service, tokenizer):
     prompt = encode_line(tokenizer, "Q: sky?")[:-1]
     chosen, rejected = tokenizer.encode(" blue"), tokenizer.encode(" green")
 
-    def completion_datum(completion):
-        tokens = prompt + completion
-        weights = [0.0] * (len(prompt) - 1) + [1.0] * len(completion)
-        return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                           loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
-
     def dpo_loss(data, logprobs_list):
         import torch.nn.functional as F
 
@@ -187,7 +183,7 @@ def test_a_dpo_style_pairwise_loss_lowers_itself(service, tokenizer):
         return -F.logsigmoid(0.5 * margin), {"margin:mean": float(margin.detach())}
 
     trainer = service.create_full_training_client(TINY, seed=0)
-    data = [completion_datum(chosen), completion_datum(rejected)]
+    data = [completion_datum(prompt, chosen), completion_datum(prompt, rejected)]
     losses, margins = [], []
     for _ in range(4):
         out = trainer.forward_backward_custom(data, dpo_loss)

@@ -71,7 +71,7 @@ CASES = [
     ("FB 2-D tokens", "ForwardBackward", lambda c: fb(c, [datum(token_tensor=tensor([[5, 6, 7]]))]), BAD, "tokens: must be 1-D"),
     ("FB negative shape", "ForwardBackward", lambda c: fb(c, [datum(token_tensor=tensor([5], shape=[-1]))]), BAD, "negative dimension"),
     ("FB unknown dtype 0", "ForwardBackward", lambda c: fb(c, [datum(token_tensor=pb.Tensor(shape=[1], data=b"\0" * 8))]), BAD, "tokens: unknown dtype"),
-    ("FB unknown dtype 7", "ForwardBackward", lambda c: fb(c, [datum(token_tensor=pb.Tensor(dtype=7, shape=[1], data=b"\0" * 8))]), BAD, "tokens: unknown dtype"),
+    ("FB unknown dtype 7", "ForwardBackward", lambda c: fb(c, [datum(token_tensor=pb.Tensor(dtype=7, shape=[1], data=b"\0" * 8))]), BAD, "tokens: unknown dtype"),  # pyright: ignore[reportArgumentType]
     ("FB token 100", "ForwardBackward", lambda c: fb(c, [datum((5, 6, 100))]), BAD, "model_input: token id 100 is outside"),
     ("FB token -1", "ForwardBackward", lambda c: fb(c, [datum((5, -1, 6))]), BAD, "model_input: token id -1"),
     ("FB huge token", "ForwardBackward", lambda c: fb(c, [datum((5, 2**62, 6))]), BAD, f"token id {2**62}"),

@@ -8,6 +8,7 @@ import pytest
 
 import stillroom
 from stillroom import types
+from stillroom._proto import stillroom_pb2 as pb
 from stillroom_server.app import StillroomServer
 from stillroom_server.config import ServerConfig
 
@@ -35,7 +36,7 @@ def test_saved_weights_survive_a_restart_and_lost_runs_say_so(tmp_path):
         after = sampler.sample(types.ModelInput.from_ints(tokens[:2]), 2, params).result()
         assert [s.tokens for s in after.sequences] == [s.tokens for s in before.sequences]
         trainer = stillroom.TrainingClient(client, client._connection.run(client._connection.call(
-            "GetTrainingRun", stillroom._proto.stillroom_pb2.GetTrainingRunRequest(training_run_id=run_id))))
+            "GetTrainingRun", pb.GetTrainingRunRequest(training_run_id=run_id))))
         assert trainer.get_info().training_run_id == run_id
         with pytest.raises(stillroom.FailedPreconditionError,
                            match=f"restarted.*last saved state is {state}"):

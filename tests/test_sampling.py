@@ -50,13 +50,13 @@ def test_top_k_1_is_greedy(sampler, tokenizer):
 
 def test_a_stop_string_ends_the_sequence_and_is_kept(sampler, tokenizer):
     prompt = prompt_of(tokenizer, "stop here")
-    params = dict(max_tokens=40, temperature=1.0, seed=3)  # a seeded row draws the same stream
-    free = sampler.sample(prompt, 1, types.SamplingParams(**params)).result().sequences[0]
+    params = types.SamplingParams(max_tokens=40, temperature=1.0, seed=3)  # a seeded row: same stream
+    free = sampler.sample(prompt, 1, params).result().sequences[0]
     text = tokenizer.decode(free.tokens, skip_special_tokens=True)
     assert len(set(text[:12])) > 3, text  # varied enough that the stop string means something
     stop = text[6:8]
     expected = text[:text.index(stop) + len(stop)]
-    stopped = sampler.sample(prompt, 1, types.SamplingParams(**params, stop=[stop, "never-seen"]))
+    stopped = sampler.sample(prompt, 1, params.model_copy(update={"stop": [stop, "never-seen"]}))
     seq = stopped.result().sequences[0]
     assert seq.stop_reason == "stop"
     assert tokenizer.decode(seq.tokens, skip_special_tokens=True) == expected

@@ -38,7 +38,8 @@ def test_serve_answers_health_and_stops_cleanly_on_sigterm(tmp_path, monkeypatch
     try:
         address = wait_for_file(ready, process)
         with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(  # pyright: ignore[reportAttributeAccessIssue] (the stubs are untyped)
                 health_pb2.HealthCheckRequest(service="stillroom.v1.Stillroom"), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         with stillroom.ServiceClient(base_url=address) as client:

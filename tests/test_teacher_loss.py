@@ -8,16 +8,10 @@ import torch
 
 import stillroom
 from stillroom import types
+from stillroom_cookbook.rollouts import completion_datum
 
 from conftest import SMALL, TINY
 from helpers import encode_line, load_local_model
-
-
-def completion_datum(prompt: list[int], completion: list[int]) -> types.Datum:
-    tokens = prompt + completion
-    weights = [0.0] * (len(prompt) - 1) + [1.0] * len(completion)
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
 
 
 def reference_kl(student, teacher, data: list[types.Datum], topk: int = 0):
@@ -35,7 +29,8 @@ def reference_kl(student, teacher, data: list[types.Datum], topk: int = 0):
             s, t = torch.log_softmax(s.gather(-1, index), -1), torch.log_softmax(t.gather(-1, index), -1)
         total = total + ((s.exp() * (s - t)).sum(-1) * weights).sum()
     total.backward()
-    grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in student.parameters() if p.grad is not None))
+    squares = [(p.grad ** 2).sum() for p in student.parameters() if p.grad is not None]
+    grad_norm = torch.stack(squares).sum().sqrt()
     return float(total.detach()), float(grad_norm)
 
 
