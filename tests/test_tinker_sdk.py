@@ -306,3 +306,33 @@ def test_a_forward_backward_the_sdk_sends_in_parts(server):
     assert math.isclose(whole.metrics["loss:sum"], by_halves, rel_tol=1e-5)
     assert trainer.optim_step(T.AdamParams(learning_rate=1e-3)).result().metrics["grad_norm:value"] > 0
     client.close("success").result()
+
+
+def test_numbered_requests_that_arrive_early_wait_for_their_turn(server, monkeypatch):
+    """A part sent before the one it follows is answered at once and runs after it; a gap that never
+    fills fails the held request, naming the missing number."""
+    import httpx
+
+    from stillroom_server.http_api import app as http_app
+
+    client = tinker_sdk.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
+    run = client.create_lora_training_client(BASE, rank=4, seed=9).result().model_id
+    url, key = server.http_url + "/api/v1", {"X-API-Key": server.local_api_key}
+    last = server.store.get_run(run).last_seq
+    poll = lambda answer: httpx.post(url + "/retrieve_future", headers=key, timeout=60,  # noqa: E731
+                                     json={"request_id": answer.json()["request_id"]}).json()
+    early = httpx.post(url + "/optim_step", headers=key, timeout=10,  # answered without waiting
+                       json={"model_id": run, "seq_id": last + 2, "adam_params": {}})
+    assert early.status_code == 200 and server.store.get_run(run).last_seq == last
+    first = httpx.post(url + "/save_weights", headers=key,
+                       json={"model_id": run, "seq_id": last + 1, "path": "before-step"})
+    assert poll(first)["path"].endswith("/weights/before-step")
+    assert "grad_norm:value" in poll(early)["metrics"]
+    monkeypatch.setattr(http_app, "HOLD_OUT_OF_ORDER_SECONDS", 0.5)
+    gap = httpx.post(url + "/optim_step", headers=key,
+                     json={"model_id": run, "seq_id": last + 4, "adam_params": {}})
+    failed = poll(gap)
+    while failed.get("type") == "try_again":
+        failed = poll(gap)
+    assert failed["category"] == "user" and f"request {last + 3}" in failed["error"]
+    client.close("success").result()

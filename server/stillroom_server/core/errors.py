@@ -15,7 +15,7 @@ from stillroom_server.store import SequenceConflict
 logger = logging.getLogger("stillroom.core")
 
 __all__ = ["AlreadyExists", "FailedPrecondition", "InvalidInput", "NotFound", "ResourceExhausted",
-           "SequenceConflict", "Unauthenticated", "code_for", "CLIENT_CODES"]
+           "SequenceConflict", "StoredFailure", "Unauthenticated", "code_for", "CLIENT_CODES"]
 
 
 class Unauthenticated(Exception):
@@ -30,6 +30,14 @@ class ResourceExhausted(Exception):
         super().__init__(message)
         self.retryable = retryable
         self.retry_after_seconds = retry_after_seconds
+
+
+class StoredFailure(Exception):
+    """A request that failed with `code` and `message`, relayed as the outcome of another."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 _CODES: list[tuple[type[BaseException], str]] = [
@@ -49,6 +57,8 @@ CLIENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FA
 
 def code_for(error: BaseException) -> tuple[str, str]:
     """The canonical code name and message for `error`."""
+    if isinstance(error, StoredFailure):
+        return error.code, str(error)
     for cls, code in _CODES:
         if isinstance(error, cls):
             return code, str(error)

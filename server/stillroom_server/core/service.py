@@ -20,8 +20,8 @@ from typing import Any, Callable
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom_server.core import results, validate
 from stillroom_server.core.errors import (AlreadyExists, FailedPrecondition, InvalidInput, NotFound,
-                                          ResourceExhausted)
-from stillroom_server.core.futures import FutureHub, new_request_id
+                                          ResourceExhausted, SequenceConflict, StoredFailure)
+from stillroom_server.core.futures import MAX_POLL_SECONDS, FutureHub, new_request_id
 from stillroom_server.core.sessions import ClientSessions
 from stillroom_server.engine import checkpoints
 from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, known_losses
@@ -82,6 +82,13 @@ def sample_sequence_ids(request_id: str, num_samples: int) -> list[str]:
     return [f"{request_id}:{i}" for i in range(num_samples)]
 
 
+def relay(record: FutureRecord) -> pb.FutureResult:
+    """Another request's outcome as this one's: its stored result, or its failure re-raised."""
+    if record.status == "failed":
+        raise StoredFailure(record.error_code or "INTERNAL", record.error_message or "")
+    return pb.FutureResult.FromString(record.result)
+
+
 class Service:
     def __init__(self, engine: Engine, scheduler: Scheduler, store: Store, hub: FutureHub,
                  limits: validate.Limits = validate.Limits()) -> None:
@@ -94,6 +101,7 @@ class Service:
         self.run_owners: dict[str, str] = {}  # runs live in this process, by owner
         self._samplers: dict[str, _OpenSampler] = {}
         self._turns: dict[str, asyncio.Event] = {}  # set when a run accepts its next request
+        self._held: dict[tuple[str, int], str] = {}  # numbered requests waiting for their turn
 
     async def on_worker(self, fn: Callable[[], Any], kind: str) -> Any:
         """Run `fn` on the engine's worker thread, in queue order, and await its result."""
@@ -278,15 +286,41 @@ class Service:
         self.hub.watch(request_id)
         return request_id
 
-    async def wait_for_turn(self, owner: str, run_id: str, seq: int, timeout: float) -> None:
-        """Hold request `seq` until the run has accepted `seq - 1` (a client that sends one call's
-        parts concurrently may deliver them out of order), at most `timeout` seconds; then the
-        request is submitted as it is, and a gap still open is refused naming the missing number."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            row = self.own_run(owner, run_id)
-            remaining = deadline - asyncio.get_running_loop().time()
-            if seq <= row.last_seq + 1 or remaining <= 0:
+    def in_turn(self, owner: str, run_id: str, seq: int, kind: str, submit: Callable[[], str],
+                hold_seconds: float) -> str:
+        """Submit numbered request `seq` with `submit()` now if the run is ready for it; else answer
+        at once with a request id and hold the request until `seq - 1` has been accepted (a client
+        that sends one call's parts concurrently may deliver them out of order, and may wait for
+        the later parts' answers before it sends the first). A gap still open after
+        `hold_seconds` fails the held request, naming the number that never came."""
+        row = self.own_run(owner, run_id)
+        validate.seq(seq)
+        if seq <= row.last_seq + 1:
+            return submit()
+        if (run_id, seq) in self._held:  # the client's retry of a request still held
+            return self._held[(run_id, seq)]
+
+        async def when_its_turn() -> FutureRecord:
+            try:
+                await self._wait_for_turn(run_id, seq, hold_seconds)
+                last = self.own_run(owner, run_id).last_seq
+                if seq > last + 1:
+                    raise SequenceConflict(f"seq: request {seq} of run {run_id} waited {hold_seconds:.0f} s "
+                                           f"for request {last + 1}, which never came")
+                return await self.wait_done(owner, submit())
+            finally:
+                self._held.pop((run_id, seq), None)
+
+        request_id = self.submit_async(owner, kind, when_its_turn, relay)
+        self._held[(run_id, seq)] = request_id
+        return request_id
+
+    async def _wait_for_turn(self, run_id: str, seq: int, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (remaining := deadline - loop.time()) > 0:
+            row = self.store.get_run(run_id)
+            if row is None or seq <= row.last_seq + 1:
                 return
             turn = self._turns.setdefault(run_id, asyncio.Event())
             try:
@@ -438,6 +472,13 @@ class Service:
         return self._queue_batched(owner, "compute_logprobs", opened, work, results.compute_logprobs)
 
     # ---------------------------------------------------------------- futures
+
+    async def wait_done(self, owner: str, request_id: str) -> FutureRecord:
+        """The request's record once it has finished or failed, however long that takes."""
+        record = await self.wait(owner, request_id, MAX_POLL_SECONDS)
+        while record.status == "pending":
+            record = await self.wait(owner, request_id, MAX_POLL_SECONDS)
+        return record
 
     async def wait(self, owner: str, request_id: str, timeout: float) -> FutureRecord:
         record = await self.hub.wait(request_id, owner, timeout)
