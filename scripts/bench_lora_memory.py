@@ -71,7 +71,7 @@ def main() -> None:
 
     data_dir = Path(tempfile.mkdtemp(prefix="stillroom-bench-memory-"))
     with LocalServer(data_dir) as server, stillroom.ServiceClient(base_url=server.address) as client:
-        pid = server._process.pid
+        pid = server.pid
         client._load_tokenizer(MODEL)  # loads the base model into the server
         cold = settled_rss(pid)
         if args.warmup_model:  # page in torch's training code without touching MODEL's memory

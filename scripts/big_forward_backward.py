@@ -38,13 +38,17 @@ def make_data(megabytes: float, seed: int = 0) -> list[types.Datum]:
     return data
 
 
-def timed_call(trainer: stillroom.TrainingClient, data: list[types.Datum], chunk_bytes: int):
+def timed_call(trainer: stillroom.TrainingClient, data: list[types.Datum],
+               chunk_bytes: int) -> tuple[types.ForwardBackwardOutput, float, int, float]:
+    """The call's output, the step's grad norm, the parts it went in, and its seconds."""
     trainer.max_chunk_bytes = chunk_bytes
     first_seq = trainer._next_seq
     start = time.perf_counter()
     out = trainer.forward_backward(data, "cross_entropy").result()
     step = trainer.optim_step(types.AdamParams(learning_rate=0.0)).result()
-    return out, step, trainer._next_seq - first_seq - 1, time.perf_counter() - start
+    assert step.metrics is not None
+    parts = trainer._next_seq - first_seq - 1
+    return out, step.metrics["grad_norm:value"], parts, time.perf_counter() - start
 
 
 def main() -> None:
@@ -59,16 +63,15 @@ def main() -> None:
             trainer = service.create_full_training_client(MODEL, seed=0)
             data = make_data(args.megabytes)
             tokens = sum(d.model_input.length for d in data)
-            out, step, parts, seconds = timed_call(trainer, data, int(args.chunk_mb * (1 << 20)))
+            out, grad_norm, parts, seconds = timed_call(trainer, data, int(args.chunk_mb * (1 << 20)))
             print(f"{args.megabytes:g} MB, {len(data)} datums, {tokens} tokens: {parts} parts, "
                   f"{seconds:.1f} s ({tokens / seconds:.0f} tokens/s), loss:sum "
-                  f"{out.metrics['loss:sum']:.1f}, grad norm {step.metrics['grad_norm:value']:.3f}")
+                  f"{out.metrics['loss:sum']:.1f}, grad norm {grad_norm:.3f}")
             small = make_data(0.5, seed=1)
-            whole, whole_step, _, _ = timed_call(trainer, small, 1 << 30)
-            split, split_step, parts, _ = timed_call(trainer, small, 16 << 10)
+            whole, whole_norm, _, _ = timed_call(trainer, small, 1 << 30)
+            split, split_norm, parts, _ = timed_call(trainer, small, 16 << 10)
             print(f"0.5 MB in {parts} parts vs one message: loss:sum {split.metrics['loss:sum']:.4f} vs "
-                  f"{whole.metrics['loss:sum']:.4f}, grad norm {split_step.metrics['grad_norm:value']:.6f}"
-                  f" vs {whole_step.metrics['grad_norm:value']:.6f}")
+                  f"{whole.metrics['loss:sum']:.4f}, grad norm {split_norm:.6f} vs {whole_norm:.6f}")
         finally:
             service.close()
             server.stop()

@@ -70,7 +70,7 @@ def sampler_loop(address: str, index: int, deadline: float, record: Recorder) ->
             record.time("compute_logprobs", lambda: sampler.compute_logprobs(prompt).result())
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 

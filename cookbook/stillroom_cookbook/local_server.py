@@ -46,6 +46,12 @@ class LocalServer:
             os.environ["STILLROOM_API_KEY"] = self.local_api_key  # for SDK clients in this process
         return self.address
 
+    @property
+    def pid(self) -> int:
+        """The server process's id (while it runs)."""
+        assert self._process is not None, "the server is not running"
+        return self._process.pid
+
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
