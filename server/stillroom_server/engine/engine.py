@@ -286,7 +286,7 @@ class Engine:
         adapter, then the base's PEFT host (rows name their adapters)."""
         if opened.adapter is None and opened.key.startswith("path:"):
             return self._module_for(opened)
-        return self._lora_host(opened.base).model if lora else opened.base.module
+        return _RowsView(self._lora_host(opened.base)) if lora else opened.base.module
 
     def pin(self, opened: Sampler) -> str:
         """Keep a sampler's weights loaded while its rows decode; return the rows' adapter name."""
@@ -306,7 +306,7 @@ class Engine:
         if opened.deleted:
             raise NotFound(f"model_path: checkpoint {opened.key[len('path:'):]} was deleted")
         if opened.adapter is not None:
-            return _AdapterView(self._load_adapter(opened).model, opened.adapter)
+            return _AdapterView(self._load_adapter(opened), opened.adapter)
         if not opened.key.startswith("path:"):
             return opened.base.module
         if opened.key not in self._full_snapshots:
@@ -534,14 +534,26 @@ class Engine:
 
 
 class _AdapterView:
-    """A PEFT host called with every row on one adapter, whichever adapter is active (so a
+    """A LoRA host called with every row on one adapter, whichever adapter is active (so a
     training run's activation between two steps never changes what a sampler or teacher sees)."""
 
-    def __init__(self, model: torch.nn.Module, adapter: str) -> None:
-        self.model, self.adapter = model, adapter
+    def __init__(self, host: LoraHost, adapter: str) -> None:
+        self.host, self.adapter = host, adapter
 
     def __call__(self, **inputs):
-        return self.model(**inputs, adapter_names=[self.adapter] * inputs["input_ids"].shape[0])
+        return self.host.run_rows([self.adapter] * inputs["input_ids"].shape[0], **inputs)
+
+
+class _RowsView:
+    """A LoRA host whose rows name their adapters (`adapter_names=`, one per row)."""
+
+    takes_adapter_names = True
+
+    def __init__(self, host: LoraHost) -> None:
+        self.host = host
+
+    def __call__(self, adapter_names: list[str], **inputs):
+        return self.host.run_rows(adapter_names, **inputs)
 
 
 def _check_last_n(last_n: int, tokens_T: torch.Tensor, field: str) -> None:

@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import load_file, save_file
 
 from stillroom_server.engine.errors import InvalidInput
+from stillroom_server.engine.mixed_lora import MixedAdapters
 from stillroom_server.engine.models import BaseModel
 from stillroom_server.engine.training import TrainingRun
 
@@ -48,6 +49,7 @@ class LoraHost:
     def __init__(self, base: BaseModel) -> None:
         self.base = base
         self.model: PeftModel | None = None   # made with the first adapter (PEFT needs its config)
+        self.mixed: MixedAdapters | None = None
 
     @property
     def peft(self) -> PeftModel:
@@ -61,9 +63,21 @@ class LoraHost:
             if self.model is None:
                 self.model = get_peft_model(self.base.shared_copy(), config, adapter_name=name)
                 self.model.eval()  # no dropout; and PEFT's mixed-adapter batches need eval mode
+                self.mixed = MixedAdapters(self.model)
             else:
                 self.model.add_adapter(name, config)
         self.model.to(self.base.module.device)
+        assert self.mixed is not None
+        self.mixed.refresh()
+
+    def run_rows(self, names: list[str], **inputs):
+        """Call the host with each row on its own adapter (`__base__`: none), whichever adapter is
+        active for training."""
+        assert self.mixed is not None
+        if self.mixed.fast:
+            with self.mixed.rows(names):
+                return self.peft(**inputs)
+        return self.peft(**inputs, adapter_names=names)
 
     def load_adapter(self, name: str, directory: Path) -> None:
         config = LoraConfig.from_pretrained(str(directory))
@@ -76,6 +90,8 @@ class LoraHost:
 
     def remove_adapter(self, name: str) -> None:
         self.peft.delete_adapter(name)
+        assert self.mixed is not None
+        self.mixed.refresh()
 
     def activate(self, name: str) -> torch.nn.Module:
         self.peft.set_adapter(name)

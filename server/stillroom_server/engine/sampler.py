@@ -125,8 +125,8 @@ def _stopped(row: _Row, token: int, eos_ids: tuple[int, ...], tokenizer) -> bool
 
 def _forward(model: torch.nn.Module, rows: list[_Row], **inputs) -> torch.Tensor:
     """The last position's logits of one forward; rows name their adapters when the model is a
-    PEFT host (a mixed-adapter batch: each row sees only its own adapter's weights)."""
-    if hasattr(model, "peft_config"):
+    LoRA host (a mixed-adapter batch: each row sees only its own adapter's weights)."""
+    if getattr(model, "takes_adapter_names", False):
         inputs["adapter_names"] = [row.adapter for row in rows]
     return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1].float()
 
