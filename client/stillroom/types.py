@@ -7,9 +7,9 @@ helpers that convert to and from them. These types know nothing of the wire form
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -215,6 +215,11 @@ class Datum(StrictModel):
     loss_fn_inputs: dict[str, TensorData] = Field(default_factory=dict)
     model_input_spans: ProvenanceSpans | None = None
     loss_fn_input_spans: ProvenanceSpans | None = None
+
+    if TYPE_CHECKING:  # the constructor also takes plain lists, numpy arrays and torch tensors
+        def __init__(self, *, model_input: ModelInput, loss_fn_inputs: Mapping[str, Any] = ...,
+                     model_input_spans: ProvenanceSpans | None = None,
+                     loss_fn_input_spans: ProvenanceSpans | None = None) -> None: ...
 
     @model_validator(mode="after")
     def _check_spans(self) -> Datum:
