@@ -64,6 +64,7 @@ def types_adam():
                          "weight_decay": ADAM["weight_decay"], "grad_clip_norm": ADAM["grad_clip_norm"]})
 
 
+@pytest.mark.slow
 def test_rows_joining_and_leaving_a_running_decode_keep_their_tokens_and_logprobs(engine):
     opened = engine.open_sampler(base_model=TINY)
     long = sample_job(opened, [1, 40, 41, 42], 3, 40, seed=1)
@@ -91,6 +92,7 @@ def test_rows_joining_and_leaving_a_running_decode_keep_their_tokens_and_logprob
             assert got.logprobs == pytest.approx(scored(engine, opened_, prompt, got.tokens), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_rows_of_different_lora_snapshots_share_a_forward_and_see_only_their_own_weights(engine):
     engine.create_run("tenants-lora", TINY, LoraSpec(rank=4), seed=0)
     line = [1, *range(30, 60), 2]
@@ -138,6 +140,7 @@ class _active:
         return False
 
 
+@pytest.mark.slow
 def test_snapshots_beyond_the_limit_are_unloaded_and_reload_from_their_files(engine, monkeypatch):
     from stillroom_server.engine import engine as engine_module
 
@@ -161,6 +164,7 @@ def test_snapshots_beyond_the_limit_are_unloaded_and_reload_from_their_files(eng
 
 # ------------------------------------------------------------------------------------ through a server
 
+@pytest.mark.slow
 def test_interleaved_training_keeps_each_runs_order_and_retries_apply_once(server, service, tokenizer,
                                                                            monkeypatch):
     monkeypatch.setattr(training, "MICROBATCH_TOKENS", 48)  # several micro-batches per call
