@@ -231,7 +231,7 @@ def run_experiment(config: PersonalizationConfig, out_dir: Path, data_dir: Path)
         (out_dir / "personalization.json").write_text(json.dumps(
             {"config": _describe(config), "wall_seconds": round(wall, 1),
              "dtype": os.environ["STILLROOM_DTYPE"], "rows": rows}, indent=1) + "\n")
-        write_report(rows, out_dir, wall)
+        write_report(rows, out_dir, wall, data_dir / "personalization-logs")
 
     with LocalServer(data_dir) as server:
         service = stillroom.ServiceClient(base_url=server.address)
@@ -255,7 +255,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="redraw the table and plot from --out's personalization.json and the logs")
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads((args.out / "personalization.json").read_text())
+        write_report(saved["rows"], args.out, saved["wall_seconds"], args.data_dir / "personalization-logs")
+        return
     config = PersonalizationConfig(model_dir=args.model_dir.expanduser().resolve(), seeds=tuple(args.seeds))
     run_experiment(smoke(config) if args.smoke else config, args.out, args.data_dir.resolve())
 

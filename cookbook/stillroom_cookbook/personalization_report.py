@@ -1,14 +1,17 @@
 """The personalization experiment's table (Markdown) and plot (PNG) from its result rows.
 
-Knows dicts of numbers and file paths only. The plot has two panels: each method's question score
-against its instruction-following score (mean over seeds, one faint dot per seed, the base model and
-the mid-trained start marked), and each method's compute in tokens.
+Knows dicts of numbers and file paths only. The plot has three panels: each method's question score
+against its instruction-following score (mean over seeds, one faint dot per seed), the two
+distillation losses' teacher KL by step (from their metrics logs, when given), and each method's
+compute in tokens.
 """
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
+
+from stillroom_cookbook.metrics import read_jsonl
 
 METHODS = ["base model", "mid-train", "distill (sampled estimate)", "distill (exact reverse KL)",
            "SFT on teacher samples", "mid-train + chat mix"]
@@ -73,13 +76,15 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.0f}%"
 
 
-def plot(rows: list[dict], summary: list[dict], path: Path) -> Path:
+def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.3, 1]})
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.8),
+                                              gridspec_kw={"width_ratios": [1.3, 1, 1]})
+    _plot_teacher_kl(middle, rows, log_dir)
     for i, e in enumerate(summary):
         color = f"C{i}"
         seeds = [r for r in rows if r["method"] == e["method"]]
@@ -109,11 +114,31 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> Path:
     return path
 
 
-def write_report(rows: list[dict], out_dir: Path, wall_seconds: float) -> None:
+def _plot_teacher_kl(ax, rows: list[dict], log_dir: Path | None) -> None:
+    """Per distillation loss and seed: the student's KL to the teacher on its own samples, by step."""
+    seeds = sorted({r["seed"] for r in rows if r["seed"] >= 0})
+    for i, (loss, label) in enumerate([("sampled", "distill (sampled estimate)"),
+                                       ("teacher_reverse_kl", "distill (exact reverse KL)")]):
+        color = f"C{METHODS.index(label)}"
+        for seed in seeds:
+            path = log_dir / f"distill-{loss}-{seed}.jsonl" if log_dir else None
+            if path is None or not path.exists():
+                continue
+            records = [r for r in read_jsonl(path) if "teacher_kl" in r]
+            ax.plot([r["step"] for r in records], [r["teacher_kl"] for r in records], color=color,
+                    marker="o", markersize=3, label=label if seed == seeds[0] else None)
+    ax.set(xlabel="distillation step", ylabel="KL(student || base model), nats per token",
+           title="Distance to the teacher on the student's samples\n(one line per seed)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def write_report(rows: list[dict], out_dir: Path, wall_seconds: float, log_dir: Path | None = None) -> None:
     summary = summarize(rows)
     text = (f"{table(summary)}\n\nWall time {wall_seconds / 60:.1f} min. "
             "IF recovered: of the instruction following mid-training lost, the share won back; "
             "question gain kept: of the question score mid-training gained, the share still there "
             "(both per seed against that seed's mid-training, then averaged).\n")
     (out_dir / "personalization_table.md").write_text(text)
-    plot(rows, summary, out_dir / "personalization.png")
+    plot(rows, summary, out_dir / "personalization.png", log_dir)
