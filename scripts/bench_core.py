@@ -30,6 +30,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ from stillroom_server.config import ServerConfig
 
 MODEL = "stillroom/char-10m"
 PROMPT = "Once upon a time, "
-ADAM = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+LR = 1e-4
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,7 +86,8 @@ def torch_train_rate(model_dir: Path, sequences: list[list[int]], warmup: int, s
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), **ADAM)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-12,
+                                  weight_decay=0.0)
     tokens = torch.tensor(sequences)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     weights = torch.ones(targets.shape)
@@ -105,7 +107,7 @@ def sdk_train_rate(tc, sequences: list[list[int]], warmup: int, steps: int):
     data = [types.Datum(model_input=types.ModelInput.from_ints(s[:-1]),
                         loss_fn_inputs={"target_tokens": s[1:], "weights": [1.0] * (len(s) - 1)})
             for s in sequences]
-    adam = types.AdamParams(learning_rate=ADAM["lr"], beta1=0.9, beta2=0.95, eps=1e-12)
+    adam = types.AdamParams(learning_rate=LR, beta1=0.9, beta2=0.95, eps=1e-12)
 
     def step() -> None:  # pipelined: both requests in flight, then both results awaited
         fb = tc.forward_backward(data, "cross_entropy")
@@ -122,7 +124,7 @@ def sdk_train_rate(tc, sequences: list[list[int]], warmup: int, steps: int):
 def hf_sample_rate(model_dir: Path, prompt_ids: list[int], samples: int, max_tokens: int):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     input_ids = torch.tensor([prompt_ids]).repeat(samples, 1)
     kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=1.0,
                   top_k=0, top_p=1.0, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
@@ -186,7 +188,7 @@ def wire_comparison(server, service, sequences: list[list[int]], args) -> list[t
     over_http = official.create_lora_training_client(MODEL, rank=16, seed=0).result()
     over_grpc = service.create_lora_training_client(MODEL, rank=16, seed=0)
     def step_ms(client, adam) -> float:
-        T = tinker.types if client is over_http else types
+        T: Any = tinker.types if client is over_http else types
         data = [T.Datum(model_input=T.ModelInput.from_ints(s[:-1]),
                         loss_fn_inputs={"target_tokens": s[1:], "weights": [1.0] * (len(s) - 1)})
                 for s in sequences]

@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from conftest import TINY
 from test_crash_safety import ServerProcess
+
+from conftest import TINY
 
 tinker = pytest.importorskip("tinker", reason="the official tinker SDK is a test dependency")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -101,8 +102,10 @@ def assert_lost_run_says_so(server: ServerProcess, data_dir, run_id: str) -> Non
     from stillroom_server.store import Store
 
     store = Store(f"sqlite:///{data_dir / 'stillroom.db'}")
-    next_seq = store.get_run(run_id).last_seq + 1
+    row = store.get_run(run_id)
     store.close()
+    assert row is not None
+    next_seq = row.last_seq + 1
     answer = httpx.post(server.http_url + "/api/v1/optim_step", headers={"X-API-Key": server.key},
                         json={"model_id": run_id, "seq_id": next_seq, "adam_params": {}})
     assert answer.status_code == 400, answer.text

@@ -51,7 +51,7 @@ def run_program(tinker, service) -> dict:
 
     def custom(data, logprobs_list):
         import torch
-        loss = sum(-(lp * torch.linspace(0, 1, len(lp))).sum() for lp in logprobs_list)
+        loss = torch.stack([-(lp * torch.linspace(0, 1, len(lp))).sum() for lp in logprobs_list]).sum()
         return loss, {"custom:sum": float(loss.detach())}
 
     out["custom"] = trainer.forward_backward_custom([ce], custom).result().metrics["loss:sum"]
@@ -121,7 +121,8 @@ def rest_program(tinker, rest, run_id: str, state: str) -> None:
 def assert_same(a: dict, b: dict) -> None:
     for key in ("forward", "logprobs", "named_logprobs", "prompt_logprobs"):
         for x, y in zip(a[key], b[key], strict=True):
-            assert (x is None and y is None) or math.isclose(x, y, abs_tol=1e-5), key
+            assert (x is None and y is None) or (x is not None and y is not None
+                                                 and math.isclose(x, y, abs_tol=1e-5)), key
     for key in ("loss:importance_sampling", "loss:ppo", "loss:cispo", "loss:dro", "loss:gspo",
                 "loss:stable_reinforce", "custom", "ce",
                 "grad_norm", "after_load", "resumed"):
@@ -137,7 +138,7 @@ def stillroom_as_tinker():
     """`import stillroom as tinker`, as a ported loop does it."""
     import stillroom
 
-    saved = sys.modules.get("tinker")
+    saved = sys.modules["tinker"]  # the official SDK, imported above
     sys.modules["tinker"] = stillroom
     try:
         yield stillroom
@@ -272,7 +273,7 @@ def test_stillroom_extras_through_the_official_sdk(server):
     assert abs(result.metrics["teacher_kl:mean"]) < 1e-5  # the student is its own teacher here
     for loss in ("gspo", "stable_reinforce"):
         datum = T.Datum(model_input=T.ModelInput.from_ints(tokens[:-1]),
-                        loss_fn_inputs={"target_tokens": tokens[1:], **rl_inputs(n) | {"target_tokens": tokens[1:]}})
+                        loss_fn_inputs=rl_inputs(n) | {"target_tokens": tokens[1:]})
         assert math.isfinite(trainer.forward_backward([datum], loss).result().metrics["loss:sum"])
     sampler = client.create_sampling_client(base_model=BASE)
     params = T.SamplingParams(max_tokens=5, temperature=1.0, seed=2)

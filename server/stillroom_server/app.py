@@ -54,7 +54,7 @@ class StillroomServer:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
-    def start(self) -> "StillroomServer":
+    def start(self) -> StillroomServer:
         self._thread = threading.Thread(target=self._loop.run_forever, name="stillroom-server",
                                         daemon=True)
         self._thread.start()
@@ -94,9 +94,9 @@ class StillroomServer:
             ("grpc.so_reuseport", 0),
         ])
         pb_grpc.add_StillroomServicer_to_server(self.servicer, self.server)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # pyright: ignore[reportAttributeAccessIssue]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if config.tls_cert is not None:
+        if config.tls_cert is not None and config.tls_key is not None:
             credentials = grpc.ssl_server_credentials(
                 [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
             self.port = self.server.add_secure_port(f"{config.host}:{config.port}", credentials)
@@ -106,7 +106,7 @@ class StillroomServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_checkpoints())
-        logger.info("Stillroom serving gRPC on %s and the Tinker HTTP API (and downloads) on %s "
+        logger.info("Stillroom serving on %s (gRPC) and %s (the Tinker HTTP API and downloads) "
                     "(device %s, data %s, database %s)", self.address, self.http_url, config.device,
                     config.data_dir, config.resolved_database_url.split("@")[-1])
 
@@ -118,11 +118,11 @@ class StillroomServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((config.host, config.resolved_http_port))
         self.http_port = sock.getsockname()[1]
-        tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)} \
-            if config.tls_cert is not None else {}
+        tls = config.tls_cert is not None
         self.http = uvicorn.Server(uvicorn.Config(
             build_app(api), lifespan="off", log_level="warning", access_log=False,
-            timeout_keep_alive=75, **tls))
+            timeout_keep_alive=75, ssl_certfile=str(config.tls_cert) if tls else None,
+            ssl_keyfile=str(config.tls_key) if tls else None))
         self._http_task = asyncio.get_running_loop().create_task(self.http.serve(sockets=[sock]))
         while not self.http.started:
             if self._http_task.done():
@@ -167,7 +167,8 @@ class StillroomServer:
         self._stopped.set()
         asyncio.run_coroutine_threadsafe(self._stop(grace), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     async def _stop(self, grace: float) -> None:
         logger.info("shutting down: refusing new calls, finishing queued work")
@@ -180,7 +181,7 @@ class StillroomServer:
         self.store.close()
         logger.info("stopped")
 
-    def __enter__(self) -> "StillroomServer":
+    def __enter__(self) -> StillroomServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -11,32 +11,44 @@ from pathlib import Path
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1; STILLROOM_HOST)")
-    parser.add_argument("--port", type=int, help="port to bind, 0 for any free one (default 50051; STILLROOM_PORT)")
-    parser.add_argument("--data-dir", type=Path, help="models, checkpoints and the database (default ~/.stillroom; STILLROOM_DATA_DIR)")
-    parser.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data dir; STILLROOM_DATABASE_URL)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="where models live (default cpu; STILLROOM_DEVICE)")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"],
-                        help="auto (default): bf16 on cuda, fp32 on cpu; bf16 on cpu keeps fp32 weights and "
-                        "computes under bf16 autocast (STILLROOM_DTYPE)")
-    parser.add_argument("--max-num-samples", type=int, help="most samples one request may ask for (default 128)")
-    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
-                        help="serve a local Hugging Face model directory under NAME (repeatable)")
-    parser.add_argument("--http-port", type=int, help="port of the Tinker-compatible HTTP API and checkpoint downloads (default: --port + 1, any free one when --port is 0; STILLROOM_HTTP_PORT)")
-    parser.add_argument("--ready-file", help="once serving, write the gRPC host:port (line 1) and the HTTP base URL (line 2) to this file")
-    parser.add_argument("--max-live-runs-per-owner", type=int, help="training runs one owner may hold in memory (default 32)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: measured at start, 1 or all cores, whichever runs a matmul faster; STILLROOM_THREADS)")
-    parser.add_argument("--max-tokens-per-request", type=int, help="tokens in one forward_backward request (default 4000000)")
-    parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve over TLS (with --tls-key; STILLROOM_TLS_CERT)")
-    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert (STILLROOM_TLS_KEY)")
-    parser.add_argument("--auth", choices=["keys", "off"],
-                        help="keys (default): every call needs an API key; off: loopback hosts only (STILLROOM_AUTH)")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO; STILLROOM_LOG_LEVEL)")
+    add = parser.add_argument
+    add("--host", help="address to bind (default 127.0.0.1; STILLROOM_HOST)")
+    add("--port", type=int, help="gRPC port to bind, 0 for any free one (default 50051; STILLROOM_PORT)")
+    add("--http-port", type=int,
+        help="port of the Tinker-compatible HTTP API and checkpoint downloads (default: --port + 1, "
+             "any free one when --port is 0; STILLROOM_HTTP_PORT)")
+    add("--data-dir", type=Path,
+        help="models, checkpoints and the database (default ~/.stillroom; STILLROOM_DATA_DIR)")
+    add("--database-url",
+        help="SQLAlchemy URL (default: SQLite in the data dir; STILLROOM_DATABASE_URL), e.g. "
+             "postgresql+psycopg://user:password@host/db")
+    add("--device", choices=["cpu", "cuda"], help="where models live (default cpu; STILLROOM_DEVICE)")
+    add("--dtype", choices=["auto", "fp32", "bf16"],
+        help="auto (default): bf16 on cuda, fp32 on cpu; bf16 on cpu keeps fp32 weights and computes "
+             "under bf16 autocast (STILLROOM_DTYPE)")
+    add("--max-num-samples", type=int, help="most samples one request may ask for (default 128)")
+    add("--model", action="append", default=[], metavar="NAME=DIR",
+        help="serve a local Hugging Face model directory under NAME (repeatable)")
+    add("--ready-file",
+        help="once serving, write the gRPC host:port (line 1) and the HTTP base URL (line 2) here")
+    add("--max-live-runs-per-owner", type=int,
+        help="training runs one owner may hold in memory (default 32)")
+    add("--threads", type=int,
+        help="torch CPU threads (default: measured at start, 1 or all cores, whichever runs a matmul "
+             "faster; STILLROOM_THREADS)")
+    add("--max-tokens-per-request", type=int,
+        help="tokens in one forward_backward request (default 4000000)")
+    add("--tls-cert", type=Path,
+        help="PEM certificate: serve gRPC and HTTP over TLS (with --tls-key; STILLROOM_TLS_CERT)")
+    add("--tls-key", type=Path, help="PEM private key of --tls-cert (STILLROOM_TLS_KEY)")
+    add("--auth", choices=["keys", "off"],
+        help="keys (default): every call needs an API key; off: loopback hosts only (STILLROOM_AUTH)")
+    add("--log-level", help="DEBUG, INFO, WARNING (default INFO; STILLROOM_LOG_LEVEL)")
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from stillroom_server.config import ServerConfig
     from stillroom_server.app import serve
+    from stillroom_server.config import ServerConfig
 
     local_models = {}
     for item in args.model:
@@ -44,13 +56,12 @@ def run_serve(args: argparse.Namespace) -> None:
         if not sep:
             raise SystemExit(f"--model expects NAME=DIR, got {item!r}")
         local_models[name] = Path(directory).expanduser().resolve()
-    config = ServerConfig.from_sources(host=args.host, port=args.port, data_dir=args.data_dir,
-                                       database_url=args.database_url, device=args.device, dtype=args.dtype,
-                                       max_num_samples=args.max_num_samples, log_level=args.log_level,
-                                       auth=args.auth, max_live_runs_per_owner=args.max_live_runs_per_owner,
-                                       max_tokens_per_request=args.max_tokens_per_request,
-                                       tls_cert=args.tls_cert, tls_key=args.tls_key,
-                                       http_port=args.http_port, threads=args.threads)
+    config = ServerConfig.from_sources(
+        host=args.host, port=args.port, data_dir=args.data_dir, database_url=args.database_url,
+        device=args.device, dtype=args.dtype, max_num_samples=args.max_num_samples,
+        log_level=args.log_level, auth=args.auth, max_live_runs_per_owner=args.max_live_runs_per_owner,
+        max_tokens_per_request=args.max_tokens_per_request, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, http_port=args.http_port, threads=args.threads)
     config.local_models = local_models
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,7 +71,8 @@ def run_serve(args: argparse.Namespace) -> None:
 def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
     store = argparse.ArgumentParser(add_help=False)
-    store.add_argument("--data-dir", type=Path, help="the server's data dir (default ~/.stillroom; STILLROOM_DATA_DIR)")
+    store.add_argument("--data-dir", type=Path,
+                       help="the server's data dir (default ~/.stillroom; STILLROOM_DATA_DIR)")
     store.add_argument("--database-url", help="the server's database (default: SQLite in the data dir)")
     create = actions.add_parser("create", parents=[store], help="make a key; its secret is shown once")
     create.add_argument("--name", required=True, help="what the key is for")

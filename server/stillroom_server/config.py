@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,27 +19,27 @@ class ServerConfig(BaseModel):
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
-    database_url: Optional[str] = None
+    database_url: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
     # auto: bf16 weights on cuda, fp32 on cpu; bf16 on cpu: fp32 weights with bf16 autocast
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     max_num_samples: int = Field(default=128, ge=1)
     max_live_runs_per_owner: int = Field(default=32, ge=1)
     max_tokens_per_request: int = Field(default=4_000_000, ge=1)
-    threads: Optional[int] = Field(default=None, ge=1)  # torch CPU threads; None: measured at start
+    threads: int | None = Field(default=None, ge=1)  # torch CPU threads; None: measured at start
     log_level: str = "INFO"
     local_models: dict[str, Path] = Field(default_factory=dict)
     # The Tinker HTTP API and checkpoint downloads; None: the gRPC port + 1 (any free one if 0).
-    http_port: Optional[int] = Field(default=None, ge=0, le=65535)
+    http_port: int | None = Field(default=None, ge=0, le=65535)
     checkpoint_sweep_seconds: float = Field(default=60.0, gt=0)  # how often expired checkpoints are deleted
     # "keys": every call but health needs an API key; "off": one local owner, loopback hosts only.
     auth: Literal["keys", "off"] = "keys"
 
-    tls_cert: Optional[Path] = None  # PEM certificate chain: serve gRPC and downloads over TLS
-    tls_key: Optional[Path] = None   # its PEM private key
+    tls_cert: Path | None = None  # PEM certificate chain: serve gRPC and downloads over TLS
+    tls_key: Path | None = None   # its PEM private key
 
     @model_validator(mode="after")
-    def _tls_needs_both_files(self) -> "ServerConfig":
+    def _tls_needs_both_files(self) -> ServerConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key: give both files or neither")
         for path in (self.tls_cert, self.tls_key):
@@ -48,7 +48,7 @@ class ServerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _auth_off_only_on_loopback(self) -> "ServerConfig":
+    def _auth_off_only_on_loopback(self) -> ServerConfig:
         from stillroom_server.core.auth import is_loopback
 
         if self.auth == "off" and not is_loopback(self.host):
@@ -72,7 +72,7 @@ class ServerConfig(BaseModel):
         return self.database_url or f"sqlite:///{self.data_dir / 'stillroom.db'}"
 
     @classmethod
-    def from_sources(cls, **flags) -> "ServerConfig":
+    def from_sources(cls, **flags) -> ServerConfig:
         """Flags (None = not given) over STILLROOM_<NAME> variables over defaults."""
         values = {}
         for name in cls.model_fields:

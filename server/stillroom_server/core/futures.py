@@ -19,6 +19,12 @@ def new_request_id() -> str:
     return "req-" + uuid.uuid4().hex
 
 
+def result_of(record: FutureRecord) -> pb.FutureResult:
+    """A finished request's stored result."""
+    assert record.status == "done" and record.result is not None, record.status
+    return pb.FutureResult.FromString(record.result)
+
+
 class FutureHub:
     def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
         self.store = store
@@ -33,6 +39,7 @@ class FutureHub:
                  error: BaseException | None) -> None:
         """Called from the worker thread: store the outcome, then wake the pollers."""
         if error is None:
+            assert result is not None, "a finished request has a result"
             result.request_id, result.status = request_id, pb.DONE
             self.store.finish_future(request_id, result.SerializeToString())
         else:
@@ -61,7 +68,7 @@ class FutureHub:
     @staticmethod
     def to_pb(record: FutureRecord) -> pb.FutureResult:
         if record.status == "done":
-            return pb.FutureResult.FromString(record.result)
+            return result_of(record)
         if record.status == "failed":
             return pb.FutureResult(request_id=record.id, status=pb.FAILED,
                                    error=pb.FutureError(code=record.error_code,

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from stillroom._proto import stillroom_pb2 as pb
-from stillroom_server.engine.types import (ForwardBackwardResult, LogprobsResult, OptimResult,
-                                           SampleResult)
+from stillroom_server.engine.types import ForwardBackwardResult, LogprobsResult, OptimResult, SampleResult
 
 
 def tensor_to_pb(tensor: torch.Tensor) -> pb.Tensor:
@@ -57,7 +56,7 @@ def sample(result: SampleResult) -> pb.FutureResult:
     message = pb.SampleResult(sequences=[_sequence(s) for s in result.sequences])
     if result.prompt_logprobs_T is not None:
         message.prompt_logprobs.CopyFrom(tensor_to_pb(result.prompt_logprobs_T))
-    if result.topk_ids_T_K is not None:
+    if result.topk_ids_T_K is not None and result.topk_logprobs_T_K is not None:
         message.topk_prompt_logprobs.token_ids.CopyFrom(tensor_to_pb(result.topk_ids_T_K))
         message.topk_prompt_logprobs.logprobs.CopyFrom(tensor_to_pb(result.topk_logprobs_T_K))
     return pb.FutureResult(sample=message)

@@ -13,21 +13,28 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any
 
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom_server.core import results, validate
-from stillroom_server.core.errors import (AlreadyExists, FailedPrecondition, InvalidInput, NotFound,
-                                          ResourceExhausted, SequenceConflict, StoredFailure)
-from stillroom_server.core.futures import MAX_POLL_SECONDS, FutureHub, new_request_id
+from stillroom_server.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    SequenceConflict,
+    StoredFailure,
+)
+from stillroom_server.core.futures import MAX_POLL_SECONDS, FutureHub, new_request_id, result_of
 from stillroom_server.core.sessions import ClientSessions
 from stillroom_server.engine import checkpoints
 from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, known_losses
 from stillroom_server.engine.scheduler import Job, Scheduler
-from stillroom_server.engine.types import (AdamConfig, ForwardBackwardWork, LogprobsWork, OptimWork,
-                                           SampleWork)
+from stillroom_server.engine.types import AdamConfig, ForwardBackwardWork, LogprobsWork, OptimWork, SampleWork
 from stillroom_server.store import Store
 from stillroom_server.store.models import CheckpointRow
 from stillroom_server.store.repo import FutureRecord, utcnow
@@ -86,17 +93,17 @@ def relay(record: FutureRecord) -> pb.FutureResult:
     """Another request's outcome as this one's: its stored result, or its failure re-raised."""
     if record.status == "failed":
         raise StoredFailure(record.error_code or "INTERNAL", record.error_message or "")
-    return pb.FutureResult.FromString(record.result)
+    return result_of(record)
 
 
 class Service:
     def __init__(self, engine: Engine, scheduler: Scheduler, store: Store, hub: FutureHub,
-                 limits: validate.Limits = validate.Limits()) -> None:
+                 limits: validate.Limits | None = None) -> None:
         self.engine = engine
         self.scheduler = scheduler
         self.store = store
         self.hub = hub
-        self.limits = limits
+        self.limits = limits or validate.Limits()
         self.sessions = ClientSessions()
         self.run_owners: dict[str, str] = {}  # runs live in this process, by owner
         self._samplers: dict[str, _OpenSampler] = {}
@@ -561,7 +568,10 @@ class Service:
         path, _ = self.owned_checkpoint(uri, owner)
         ttl = validate.ttl_seconds(ttl_seconds)
         expires_at = utcnow() + timedelta(seconds=ttl) if ttl else None
-        return self.store.set_checkpoint_expiry(path.uri, expires_at)
+        row = self.store.set_checkpoint_expiry(path.uri, expires_at)
+        if row is None:  # deleted between the check and the update
+            raise NotFound(f"path: checkpoint {path.uri} does not exist")
+        return row
 
     def checkpoint_files(self, owner: str, uri: str):
         """The path and row of a checkpoint whose files exist (NOT_FOUND if they are gone)."""

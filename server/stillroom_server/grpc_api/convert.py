@@ -11,8 +11,14 @@ import torch
 
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom_server.engine.errors import InvalidInput
-from stillroom_server.engine.types import (AdamConfig, ForwardBackwardWork, LogprobsWork, SampleWork,
-                                           SamplingConfig, TrainDatum)
+from stillroom_server.engine.types import (
+    AdamConfig,
+    ForwardBackwardWork,
+    LogprobsWork,
+    SampleWork,
+    SamplingConfig,
+    TrainDatum,
+)
 
 _NUMPY = {pb.INT64: np.dtype("<i8"), pb.FLOAT32: np.dtype("<f4")}
 

@@ -5,7 +5,8 @@ it names the caller's owner from `authorization: Bearer <key>` and answers error
 from __future__ import annotations
 
 import functools
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 

@@ -8,13 +8,15 @@ minutes. This module knows tokens and streaming; what a checkpoint holds is chec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import secrets
 import threading
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
-from typing import AsyncIterator
+from typing import BinaryIO, cast
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -74,26 +76,31 @@ class Archives:
         chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=8)
         stop = threading.Event()
 
+        def put(item: bytes | BaseException | None) -> None:
+            """Queue `item` unless the client has gone (then the writer stops)."""
+            while not stop.is_set():
+                try:
+                    chunks.put(item, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+            raise BrokenPipeError("download stopped by the client")
+
         class _Writer:
             def write(self, data: bytes) -> int:
                 for start in range(0, len(data), _CHUNK):
-                    while not stop.is_set():
-                        try:
-                            chunks.put(bytes(data[start:start + _CHUNK]), timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        raise BrokenPipeError("download stopped by the client")
+                    put(bytes(data[start:start + _CHUNK]))
                 return len(data)
 
         def produce() -> None:
             try:
-                self.files.write_archive(path, _Writer())
-                chunks.put(None)
+                self.files.write_archive(path, cast(BinaryIO, _Writer()))
+                put(None)
+            except BrokenPipeError:
+                logger.info("download of %s stopped by the client", path.uri)
             except BaseException as error:  # noqa: BLE001 - handed to the response
-                if not stop.is_set():
-                    chunks.put(error)
+                with contextlib.suppress(BrokenPipeError):
+                    put(error)
 
         threading.Thread(target=produce, name="stillroom-archive", daemon=True).start()
         loop = asyncio.get_running_loop()

@@ -7,7 +7,7 @@ InvalidInput naming the field.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,7 +31,7 @@ def parse(model: type[_Body], body: Any) -> Any:
 
 class CreateSession(_Body):
     tags: list[str] = Field(default_factory=list)
-    user_metadata: Optional[dict[str, Any]] = None
+    user_metadata: dict[str, Any] | None = None
 
 
 class SessionRef(_Body):
@@ -39,13 +39,13 @@ class SessionRef(_Body):
 
 
 class FinishSession(_Body):
-    reason: Optional[dict[str, Any]] = None
-    detail: Optional[str] = None
+    reason: dict[str, Any] | None = None
+    detail: str | None = None
 
 
 class LoraConfig(_Body):
     rank: int = 32
-    seed: Optional[int] = None
+    seed: int | None = None
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -59,9 +59,9 @@ class CreateModel(_Body):
     session_id: str
     model_seq_id: int
     base_model: str
-    user_metadata: Optional[dict[str, Any]] = None
-    lora_config: Optional[LoraConfig] = None
-    optimizer_config: Optional[OptimizerConfig] = None
+    user_metadata: dict[str, Any] | None = None
+    lora_config: LoraConfig | None = None
+    optimizer_config: OptimizerConfig | None = None
 
 
 class ModelRef(_Body):
@@ -80,46 +80,46 @@ class AdamParams(_Body):
 class OptimStep(_Body):
     model_id: str
     seq_id: int
-    adam_params: Optional[AdamParams] = None
-    optimizer_params: Optional[dict[str, Any]] = None
+    adam_params: AdamParams | None = None
+    optimizer_params: dict[str, Any] | None = None
 
 
 class SaveWeights(_Body):
     model_id: str
     seq_id: int
-    path: Optional[str] = None
-    ttl_seconds: Optional[int] = None
+    path: str | None = None
+    ttl_seconds: int | None = None
     overwrite: bool = False
-    user_metadata: Optional[dict[str, str]] = None
+    user_metadata: dict[str, str] | None = None
 
 
 class SaveWeightsForSampler(_Body):
     model_id: str
     seq_id: int
-    path: Optional[str] = None
-    sampling_session_seq_id: Optional[int] = None
+    path: str | None = None
+    sampling_session_seq_id: int | None = None
     kind: Literal["snapshot", "inflight"] = "snapshot"
-    ttl_seconds: Optional[int] = None
-    user_metadata: Optional[dict[str, str]] = None
+    ttl_seconds: int | None = None
+    user_metadata: dict[str, str] | None = None
 
 
 class LoadWeights(_Body):
     path: str
     optimizer: bool = False
-    model_id: Optional[str] = None
-    seq_id: Optional[int] = None
-    session_id: Optional[str] = None
-    model_seq_id: Optional[int] = None
-    base_model: Optional[str] = None
-    user_metadata: Optional[dict[str, Any]] = None
-    weights_access_token: Optional[str] = None
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+    weights_access_token: str | None = None
 
 
 class CreateSamplingSession(_Body):
     session_id: str
     sampling_session_seq_id: int = 0
-    base_model: Optional[str] = None
-    model_path: Optional[str] = None
+    base_model: str | None = None
+    model_path: str | None = None
 
 
 class RetrieveFuture(_Body):
@@ -128,7 +128,7 @@ class RetrieveFuture(_Body):
 
 
 class SetTtl(_Body):
-    ttl_seconds: Optional[int] = None
+    ttl_seconds: int | None = None
 
 
 class WeightsInfo(_Body):

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom_server.core import validate
 from stillroom_server.core.errors import InvalidInput
+from stillroom_server.core.futures import result_of
 from stillroom_server.core.service import RunInfo, SamplerInfo
 from stillroom_server.engine import checkpoints
 from stillroom_server.engine.engine import LoraSpec
@@ -131,7 +132,7 @@ def sampler_result(info: SamplerInfo) -> pb.FutureResult:
 def stored_result(record: FutureRecord) -> pb.FutureResult:
     if record.status != "done":
         raise InvalidInput(f"request_id: request {record.id} failed: {record.error_message}")
-    return pb.FutureResult.FromString(record.result)
+    return result_of(record)
 
 
 def result_response(result: pb.FutureResult) -> Response:

@@ -19,7 +19,6 @@ from stillroom_server.http_api._proto import tinker_wire_pb2 as tw
 
 _PROTO_DTYPES = {tw.DTYPE_FLOAT32: np.dtype("<f4"), tw.DTYPE_INT64: np.dtype("<i8"),
                  tw.DTYPE_INT32: np.dtype("<i4"), tw.DTYPE_BFLOAT16: np.dtype("<u2")}
-_JSON_DTYPES = {"float32": np.dtype("float32"), "int64": np.dtype("int64")}
 INT_INPUTS = ("target_tokens",)
 
 
@@ -71,23 +70,6 @@ def _dense_from_csr(values: torch.Tensor, crow: np.ndarray, col: np.ndarray, sha
         return sparse.to_dense()
     except RuntimeError as error:
         raise InvalidInput(f"{field}: invalid sparse CSR tensor ({error})") from None
-
-
-def tensor_from_json(value: dict, field: str) -> torch.Tensor:
-    dtype = _JSON_DTYPES.get(value.get("dtype"))
-    if dtype is None:
-        raise InvalidInput(f"{field}.dtype: must be 'int64' or 'float32', got {value.get('dtype')!r}")
-    try:
-        array = np.asarray(value.get("data"), dtype=dtype).reshape(-1)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{field}.data: must be a flat list of numbers") from None
-    shape = value.get("shape") or [array.size]
-    if value.get("sparse_crow_indices") is not None:
-        crow = np.asarray(value["sparse_crow_indices"], dtype=np.int64)
-        col = np.asarray(value.get("sparse_col_indices") or [], dtype=np.int64)
-        return _dense_from_csr(torch.from_numpy(array.copy()), crow, col, list(shape), field)
-    _check_shape(list(shape), array.size, field)
-    return torch.from_numpy(array.copy()).reshape(shape)
 
 
 def _loss_input(tensor: torch.Tensor, key: str, field: str) -> torch.Tensor:
@@ -169,7 +151,8 @@ def sample_from_json(body: dict) -> SampleWork:
         raise InvalidInput("sampling_params.stop: must be a string, a list of strings or a list of "
                            "token ids")
     config = SamplingConfig(
-        max_tokens=_number(params, "max_tokens", int, -1), temperature=_number(params, "temperature", float, 1.0),
+        max_tokens=_number(params, "max_tokens", int, -1),
+        temperature=_number(params, "temperature", float, 1.0),
         top_k=_number(params, "top_k", int, -1), top_p=_number(params, "top_p", float, 1.0),
         seed=_number(params, "seed", int, None), stop_tokens=stop_tokens, stop_texts=stop_texts)
     work = SampleWork(prompt_T=prompt_T, num_samples=_number(body, "num_samples", int, 1), params=config,
@@ -189,7 +172,8 @@ def _number(values: dict, key: str, kind: type, default):
     value = values.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and value != int(value)):
         raise InvalidInput(f"{key}: must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     return kind(value)
 
