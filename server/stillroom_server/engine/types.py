@@ -31,7 +31,7 @@ class ForwardBackwardWork:
 @dataclasses.dataclass
 class AdamConfig:
     """Every field comes from the request: the defaults live where requests are made (the SDK's
-    types.AdamParams and the HTTP API's body, both Tinker's)."""
+    types.AdamParams, which the HTTP API's body model extends)."""
 
     learning_rate: float
     beta1: float

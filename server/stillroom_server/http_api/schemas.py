@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stillroom import types
 from stillroom_server.core.errors import InvalidInput
 
 
@@ -68,13 +69,10 @@ class ModelRef(_Body):
     model_id: str
 
 
-class AdamParams(_Body):
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
+class AdamParams(types.AdamParams):
+    """The SDK's own AdamParams (one home for Tinker's defaults), reading a body leniently."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class OptimStep(_Body):
