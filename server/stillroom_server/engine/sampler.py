@@ -144,12 +144,14 @@ class DecodeBatch:
     @classmethod
     def prefill(cls, model: torch.nn.Module, rows: list[_Row], device: torch.device,
                 eos_ids: tuple[int, ...], tokenizer) -> DecodeBatch:
-        """Run the new rows' prompts (each distinct prompt once) and choose their first tokens."""
-        prompts: dict[int, int] = {}     # id of a prompt tensor -> its row in the prefill batch
+        """Run the new rows' prompts (each distinct prompt on each adapter once; the others copy
+        its KV cache) and choose their first tokens."""
+        prompts: dict[tuple, int] = {}   # (adapter, prompt) -> its row in the prefill batch
+        keys = [(row.adapter, tuple(row.prompt_T.tolist())) for row in rows]
         unique = []
-        for row in rows:
-            if id(row.prompt_T) not in prompts:
-                prompts[id(row.prompt_T)] = len(unique)
+        for row, key in zip(rows, keys):
+            if key not in prompts:
+                prompts[key] = len(unique)
                 unique.append(row)
         width = max(r.prompt_T.shape[0] for r in unique)
         input_U_T = torch.zeros(len(unique), width, dtype=torch.long)
@@ -162,7 +164,7 @@ class DecodeBatch:
         cache = DynamicCache()
         logits_U_V = _forward(model, unique, input_ids=input_U_T, attention_mask=mask_U_T,
                               position_ids=position_U_T, past_key_values=cache)
-        index_B = torch.tensor([prompts[id(r.prompt_T)] for r in rows], device=device)
+        index_B = torch.tensor([prompts[key] for key in keys], device=device)
         if len(unique) != len(rows):
             cache.batch_select_indices(index_B)
         batch = cls(rows, cache, mask_U_T[index_B], position_U_T[index_B, -1], index_B)

@@ -9,6 +9,7 @@ the whole batch has succeeded. Runs know nothing of request numbering or storage
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from stillroom_server.engine.types import AdamConfig, ForwardBackwardResult, For
 # 2-core VM): 1024: 291 tokens/s, 2048: 373, 4096: 325, 16384: 283 (its activations page-fault).
 # It also bounds how long other work waits: the scheduler interleaves between micro-batches.
 MICROBATCH_TOKENS = 2048
+# ... and at most about this long on this machine, as the run last measured it (never below
+# MIN_MICROBATCH_TOKENS): on a busy machine a 2048-token pass can take seconds.
+STEP_SECONDS = 0.5
+MIN_MICROBATCH_TOKENS = 512
 
 
 def microbatches(data: list, limit: int) -> list[list]:
@@ -39,6 +44,17 @@ def microbatches(data: list, limit: int) -> list[list]:
         groups[-1].append(datum)
         longest = max(longest, n)
     return groups
+
+
+def next_microbatch(data: list, start: int, limit: int) -> int:
+    """The end of the group that starts at `start` under `microbatches`' rule."""
+    end, longest = start, 0
+    while end < len(data):
+        n = data[end].tokens_T.shape[0]
+        if end > start and (end - start + 1) * max(longest, n) > limit:
+            break
+        longest, end = max(longest, n), end + 1
+    return end
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -57,6 +73,7 @@ class TrainingRun(abc.ABC):
         self._staged: list[torch.Tensor | None] | None = None   # a chunked call's parts so far
         self._staged_tokens = 0
         self._next_part = 0
+        self._seconds_per_token = 0.0   # measured on this run's last micro-batch
 
     # ---------------------------------------------------------------- what subclasses provide
 
@@ -112,9 +129,12 @@ class TrainingRun(abc.ABC):
         loss_spec = get_loss(work.loss_fn)
         config = loss_spec.resolve_config(work.loss_fn_config)
         grads, outputs, parts = None, [], []
-        for index, batch in enumerate(microbatches(work.data, MICROBATCH_TOKENS)):
-            if index:
+        start = 0
+        while start < len(work.data):
+            if start:
                 pause()  # other work may run here; it never touches this run (its lane waits)
+            end = next_microbatch(work.data, start, self._microbatch_tokens())
+            batch, began = work.data[start:end], time.perf_counter()
             model = self.activate()  # again: the other work may have activated another adapter
             loss, metrics, logprobs = self._batch_loss(model, batch, loss_spec, config, teacher,
                                                        work.forward_only)
@@ -123,9 +143,18 @@ class TrainingRun(abc.ABC):
                 grads = batch_grads if grads is None else [_add(a, b) for a, b in zip(grads, batch_grads)]
             outputs.extend({"logprobs": row} for row in logprobs)
             parts.append(({"loss:sum": float(loss.detach()), **metrics}, sum(r.numel() for r in logprobs)))
+            padded = (end - start) * max(d.tokens_T.shape[0] for d in batch)
+            self._seconds_per_token = (time.perf_counter() - began) / padded
+            start = end
         if not work.forward_only:
             self._collect(grads, sum(n for _, n in parts), work.part, work.num_parts)
         return ForwardBackwardResult(outputs, merge_metrics(parts))
+
+    def _microbatch_tokens(self) -> int:
+        if not self._seconds_per_token:
+            return MICROBATCH_TOKENS
+        timely = int(STEP_SECONDS / self._seconds_per_token)
+        return min(MICROBATCH_TOKENS, max(MIN_MICROBATCH_TOKENS, timely))
 
     def _batch_loss(self, model, data, loss_spec, config, teacher, forward_only):
         """One padded forward pass over `data`: the loss, its metrics, each datum's logprobs."""
