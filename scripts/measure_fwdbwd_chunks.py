@@ -69,26 +69,16 @@ def time_call(trainer, data, accepted: list[float]) -> tuple[float, float | str,
     return (time.perf_counter() - start) * 1000, loss, [(t - start) * 1000 for t in accepted]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--datums", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=8, help="tokens per datum")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--data-dir", type=Path, default=None, help="server data dir (default: a temp dir)")
-    args = parser.parse_args()
-
-    import tinker
-
+def measure(tinker, data_dir: Path, data: list, reps: int) -> dict[str, list[float]]:
+    """ms per repetition for each way, alternating, on a server over `data_dir`."""
     from stillroom_server.app import StillroomServer
     from stillroom_server.config import ServerConfig
 
-    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="stillroom-chunks-"))
-    data = make_data(tinker, args.datums, args.tokens)
     ways = {"parallel": True, "in order": False}
     times: dict[str, list[float]] = {way: [] for way in ways}
     with StillroomServer(ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0)) as server:
         accepted = record_acceptances(server)
-        for rep in range(args.reps):
+        for rep in range(reps):
             for way, parallel in ways.items():  # a fresh session each time: a failed call leaves none behind
                 service, trainer = trainer_for(tinker, server, parallel)
                 trainer.forward_backward(data[:8], "cross_entropy").result()  # warm-up, one part
@@ -100,11 +90,33 @@ def main() -> None:
                     service.close("success").result(timeout=30)
                 except Exception as error:  # noqa: BLE001 - after a failed call the session may hang
                     print(f"  close: {type(error).__name__}")
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--datums", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=8, help="tokens per datum")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--data-dir", type=Path, default=None, help="server data dir (default: a temp dir)")
+    args = parser.parse_args()
+
+    import tinker
+
+    data = make_data(tinker, args.datums, args.tokens)
+    if args.data_dir is not None:
+        times = measure(tinker, args.data_dir, data, args.reps)
+    else:
+        with tempfile.TemporaryDirectory(prefix="stillroom-chunks-") as data_dir:
+            times = measure(tinker, Path(data_dir), data, args.reps)
     medians = {way: statistics.median(values) for way, values in times.items()}
     print(f"{args.datums} datums x {args.tokens} tokens, parts of <= 1024 datums")
     for way, values in times.items():
         print(f"{way:>8}: median {medians[way]:.1f} ms  ({', '.join(f'{v:.0f}' for v in values)})")
-    print(f"parallel / in order = {medians['parallel'] / medians['in order']:.2f}")
+    pairs = [p / o for p, o in zip(times["parallel"], times["in order"])]
+    print(f"parallel / in order = {medians['parallel'] / medians['in order']:.2f} (medians); "
+          f"{statistics.median(pairs):.2f} (median of the {len(pairs)} pairs; parallel faster in "
+          f"{sum(r < 1 for r in pairs)})")
 
 
 if __name__ == "__main__":
