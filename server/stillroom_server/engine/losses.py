@@ -61,7 +61,11 @@ class LossSpec:
         return resolved
 
 
-def _ratio_metrics(ratio_B_T: torch.Tensor, mask_B_T: torch.Tensor, clipped_B_T=None) -> dict[str, float]:
+def _ratio_metrics(ratio_B_T: torch.Tensor, mask_B_T: torch.Tensor, inputs: dict,
+                   clipped_B_T=None) -> dict[str, float]:
+    """Means over the positions being trained (a nonzero advantage): prompt positions carry
+    placeholder sampler logprobs (0), whose ratios would say nothing about the policy's drift."""
+    mask_B_T = mask_B_T * (inputs["advantages"] != 0)
     n = mask_B_T.sum().clamp(min=1)
     metrics = {"importance_ratio:mean": float((ratio_B_T.detach() * mask_B_T).sum() / n)}
     if clipped_B_T is not None:
@@ -77,7 +81,7 @@ def cross_entropy(logp_B_T, mask_B_T, inputs, config):
 def importance_sampling(logp_B_T, mask_B_T, inputs, config):
     ratio_B_T = torch.exp(logp_B_T - inputs["logprobs"])
     loss = -(ratio_B_T * inputs["advantages"] * mask_B_T).sum()
-    return loss, _ratio_metrics(ratio_B_T, mask_B_T)
+    return loss, _ratio_metrics(ratio_B_T, mask_B_T, inputs)
 
 
 def ppo(logp_B_T, mask_B_T, inputs, config):
@@ -87,7 +91,7 @@ def ppo(logp_B_T, mask_B_T, inputs, config):
     objective_B_T = torch.minimum(ratio_B_T * advantages_B_T, clipped_ratio_B_T * advantages_B_T)
     loss = -(objective_B_T * mask_B_T).sum()
     clipped_B_T = (clipped_ratio_B_T * advantages_B_T) < (ratio_B_T * advantages_B_T)
-    return loss, _ratio_metrics(ratio_B_T, mask_B_T, clipped_B_T)
+    return loss, _ratio_metrics(ratio_B_T, mask_B_T, inputs, clipped_B_T)
 
 
 def cispo(logp_B_T, mask_B_T, inputs, config):
@@ -95,14 +99,14 @@ def cispo(logp_B_T, mask_B_T, inputs, config):
     weight_B_T = ratio_B_T.clamp(config["clip_low_threshold"], config["clip_high_threshold"]).detach()
     loss = -(weight_B_T * logp_B_T * inputs["advantages"] * mask_B_T).sum()
     clipped_B_T = weight_B_T != ratio_B_T.detach()
-    return loss, _ratio_metrics(ratio_B_T, mask_B_T, clipped_B_T)
+    return loss, _ratio_metrics(ratio_B_T, mask_B_T, inputs, clipped_B_T)
 
 
 def dro(logp_B_T, mask_B_T, inputs, config):
     drift_B_T = logp_B_T - inputs["logprobs"]
     objective_B_T = logp_B_T * inputs["advantages"] - config["beta"] / 2 * drift_B_T ** 2
     loss = -(objective_B_T * mask_B_T).sum()
-    return loss, _ratio_metrics(torch.exp(drift_B_T), mask_B_T)
+    return loss, _ratio_metrics(torch.exp(drift_B_T), mask_B_T, inputs)
 
 
 def gspo(logp_B_T, mask_B_T, inputs, config):
@@ -118,7 +122,7 @@ def gspo(logp_B_T, mask_B_T, inputs, config):
     objective_B_T = torch.minimum(ratio_B_T * advantages_B_T, clipped_ratio_B_T * advantages_B_T)
     loss = -(objective_B_T * mask_B_T).sum()
     clipped_B_T = (clipped_ratio_B_T * advantages_B_T) < (ratio_B_T * advantages_B_T)
-    return loss, _ratio_metrics(ratio_B_T, mask_B_T, clipped_B_T)
+    return loss, _ratio_metrics(ratio_B_T, mask_B_T, inputs, clipped_B_T)
 
 
 def stable_reinforce(logp_B_T, mask_B_T, inputs, config):
@@ -129,7 +133,7 @@ def stable_reinforce(logp_B_T, mask_B_T, inputs, config):
     weight_B_T = ratio_B_T.clamp(max=config["clip_high_threshold"]).detach()
     loss = -(weight_B_T * logp_B_T * inputs["advantages"] * mask_B_T).sum()
     clipped_B_T = weight_B_T != ratio_B_T.detach()
-    return loss, _ratio_metrics(ratio_B_T, mask_B_T, clipped_B_T)
+    return loss, _ratio_metrics(ratio_B_T, mask_B_T, inputs, clipped_B_T)
 
 
 def teacher_reverse_kl(logp_B_T, mask_B_T, inputs, config):
