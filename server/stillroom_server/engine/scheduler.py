@@ -164,8 +164,8 @@ class _Fiber:
             assert job is not None and job.run is not None
             try:
                 self.outcome = (job.run(), None)
-            except Exception as error:  # noqa: BLE001 - handed to the job's callback
-                self.outcome = (None, error)
+            except BaseException as error:  # noqa: BLE001 - handed to the job's callback
+                self.outcome = (None, error)    # (the executor must get the baton back, always)
             self._back.release()
 
     def start(self, job: Job) -> None:
