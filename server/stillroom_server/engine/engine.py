@@ -139,10 +139,15 @@ class Engine:
         """The run with its weights in memory (brought back from disk if it was moved there);
         on the worker thread only. Idle runs used least recently move to disk if over budget."""
         run = self.get_run(run_id)
-        directory = self._spilled.pop(run_id, None)
+        directory = self._spilled.get(run_id)
         if directory is not None:
             run.rebuild()
-            state.restore(run, directory, with_optimizer=True)
+            try:
+                state.restore(run, directory, with_optimizer=True)
+            except BaseException:
+                run.release()  # still on disk: never a run with fresh weights under its name
+                raise
+            del self._spilled[run_id]
             shutil.rmtree(directory, ignore_errors=True)
             logger.info("brought run %s back from disk", run_id)
         self.runs.move_to_end(run_id)
