@@ -83,7 +83,7 @@ def check_recovered(server: ServerProcess, saved: dict, in_flight: set, lost_run
     """Check every promise after a restart; return how many lost requests came back failed."""
     with server.client() as client:
         rest = client.create_rest_client()
-        listed = {c.path for c in rest.list_user_checkpoints().result().checkpoints}
+        listed = {c.path for c in rest.list_user_checkpoints(limit=10_000).result().checkpoints}
         assert set(saved) <= listed, set(saved) - listed
         for path in sorted(listed):
             assert "/." not in path
