@@ -28,6 +28,7 @@ logger = logging.getLogger("stillroom")
 
 MAX_MESSAGE_BYTES = 1 << 30
 POLL_SECONDS = 20.0
+MAX_CALLS_IN_FLIGHT = 64   # requests sent at once; more wait here (thousands at once came back CANCELLED)
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -74,6 +75,7 @@ class Connection:
         self.tls_root_cert = tls_root_cert
         self.max_retries = max_retries
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._sending: asyncio.Semaphore | None = None   # made on the connection's loop
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="stillroom-connection")
@@ -120,7 +122,12 @@ class Connection:
         attempt = 0
         while True:
             try:
-                return await rpc(request, metadata=self._metadata, timeout=timeout)
+                if method == "RetrieveFuture":
+                    return await rpc(request, metadata=self._metadata, timeout=timeout)
+                if self._sending is None:
+                    self._sending = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+                async with self._sending:
+                    return await rpc(request, metadata=self._metadata, timeout=timeout)
             except grpc.aio.AioRpcError as error:
                 wait_ms = retry_after_ms(error)
                 if wait_ms is not None:  # a full queue refused it (and changed nothing): wait as told
