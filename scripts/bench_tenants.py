@@ -128,7 +128,8 @@ def adapters_row(client, model: str, reps: int) -> tuple[float, str]:
         trainer.optim_step(types.AdamParams(learning_rate=1e-3))
         snapshots.append(trainer.save_weights_and_get_sampling_client(f"adapter-{i}"))
     base = [client.create_sampling_client(base_model=model) for _ in range(8)]
-    sampling_rate(base, 1), sampling_rate(snapshots, 1)
+    sampling_rate(base, 1)  # warm-up
+    sampling_rate(snapshots, 1)
     ratios = []
     for rep in range(reps):
         on_base, on_snapshots = sampling_rate(base, 4), sampling_rate(snapshots, 4)
@@ -230,7 +231,8 @@ def teacher_row(client, teacher: str, data_dir: Path, reps: int) -> tuple[float,
         futures = [sampler.compute_logprobs(types.ModelInput.from_ints(s)) for s in sequences]
         return [f.result() for f in futures]
 
-    bare(), sdk()
+    bare()  # warm-up
+    sdk()
     ratios = []
     for rep in range(reps):
         t_bare, t_sdk = clock(bare), clock(sdk)
@@ -294,6 +296,7 @@ def main() -> None:
     rows: list[tuple[str, float, str, str, bool]] = []
     data_dir = Path(tempfile.mkdtemp(prefix="stillroom-bench-tenants-"))
     with LocalServer(data_dir) as server, stillroom.ServiceClient(base_url=server.address) as client:
+        assert server._process is not None
         pid = server._process.pid
         client.create_sampling_client(base_model=args.model)
         client.create_sampling_client(base_model=args.teacher)

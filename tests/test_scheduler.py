@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from stillroom_server.engine.scheduler import Job, Policy, Scheduler, pause
+from stillroom_server.engine.scheduler import Decision, Job, Policy, Scheduler, pause
 
 
 def run_jobs(submit_all):
@@ -59,6 +59,17 @@ def test_sampling_jobs_for_the_same_weights_batch_across_lanes():
 
 # ------------------------------------------------------------------------ the policy, without threads
 
+def decide(policy: Policy) -> Decision:
+    decision = policy.next_batch()
+    assert decision is not None
+    return decision
+
+
+def kind(decision: Decision) -> str:
+    assert decision.job is not None
+    return decision.job.kind
+
+
 def single(lane, name):
     return Job(kind=name, run=lambda: name, done=lambda r, e: None, lane=lane)
 
@@ -68,39 +79,39 @@ def batchable(key, name):
 
 
 def test_policy_resumes_a_parked_job_before_its_lane_runs_anything_else():
-    policy = Policy(lambda job: job.batch_key)
+    policy = Policy(lambda job: job.batch_key or "")
     policy.submit(single("run-a", "fb"))
     policy.submit(single("run-a", "optim"))
     policy.submit(single("run-b", "b0"))
-    first = policy.next_batch()
-    assert (first.action, first.job.kind) == ("start", "fb")
+    first = decide(policy)
+    assert (first.action, kind(first)) == ("start", "fb")
     policy.parked("run-a")  # fb stopped between two micro-batches
-    assert policy.next_batch().job.kind == "b0"  # another lane's turn comes first
+    assert kind(decide(policy)) == "b0"  # another lane's turn comes first
     policy.finished("run-b")
-    assert policy.next_batch().action == "resume"  # then fb goes on, before optim
+    assert decide(policy).action == "resume"  # then fb goes on, before optim
     policy.finished("run-a")
-    assert policy.next_batch().job.kind == "optim"
+    assert kind(decide(policy)) == "optim"
     policy.finished("run-a")
     assert policy.next_batch() is None and policy.idle()
 
 
 def test_policy_steps_a_busy_stream_in_turn_with_lanes_and_new_jobs_join_it():
-    policy = Policy(lambda job: job.batch_key)
+    policy = Policy(lambda job: job.batch_key or "")
     policy.submit(batchable("w", "s1"))
     policy.submit(single("run-a", "fb"))
-    step = policy.next_batch()
+    step = decide(policy)
     assert (step.action, step.lane, [j.payload for j in step.joining]) == ("step", "w", ["s1"])
     policy.stepped("w", busy=True)  # rows still decoding
     policy.submit(batchable("w", "s2"))
-    start = policy.next_batch()
-    assert start.job.kind == "fb"
+    start = decide(policy)
+    assert kind(start) == "fb"
     policy.parked("run-a")
-    step = policy.next_batch()
+    step = decide(policy)
     assert step.action == "step" and [j.payload for j in step.joining] == ["s2"]  # joins the running decode
     policy.stepped("w", busy=True)
-    assert policy.next_batch().action == "resume"
+    assert decide(policy).action == "resume"
     policy.finished("run-a")
-    step = policy.next_batch()
+    step = decide(policy)
     assert step.action == "step" and step.joining == []
     policy.stepped("w", busy=False)
     assert policy.next_batch() is None and policy.idle()

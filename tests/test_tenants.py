@@ -259,5 +259,5 @@ def test_a_burst_beyond_the_queue_is_refused_then_retried_by_the_sdk(server, ser
     finally:
         server.scheduler.max_outstanding = limit
     error = refused.value
-    assert error.code().name == "RESOURCE_EXHAUSTED" and "queue" in error.details()
+    assert error.code().name == "RESOURCE_EXHAUSTED" and "queue" in str(error.details())
     assert dict(error.trailing_metadata())["retry-after-ms"] == "500"

@@ -16,6 +16,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from peft import LoraConfig
@@ -291,7 +292,9 @@ class Engine:
         adapter, then the base's PEFT host (rows name their adapters)."""
         if opened.adapter is None and opened.key.startswith("path:"):
             return self._module_for(opened)
-        return _RowsView(self._lora_host(opened.base)) if lora else opened.base.module
+        if lora:  # called like a module, with adapter_names=
+            return cast(torch.nn.Module, _RowsView(self._lora_host(opened.base)))
+        return opened.base.module
 
     def pin(self, opened: Sampler) -> str:
         """Keep a sampler's weights loaded while its rows decode; return the rows' adapter name."""
@@ -311,7 +314,7 @@ class Engine:
         if opened.deleted:
             raise NotFound(f"model_path: checkpoint {opened.key[len('path:'):]} was deleted")
         if opened.adapter is not None:
-            return _AdapterView(self._load_adapter(opened), opened.adapter)
+            return cast(torch.nn.Module, _AdapterView(self._load_adapter(opened), opened.adapter))
         if not opened.key.startswith("path:"):
             return opened.base.module
         if opened.key not in self._full_snapshots:
@@ -337,8 +340,8 @@ class Engine:
         jobs = [Job(kind="sample", run=None, done=lambda r, e: None, payload=(opened, w)) for w in works]
         done = batching.run_to_end(batching.DecodeStream(self), jobs)
         for job in jobs:
-            if done[id(job)][2] is not None:
-                raise done[id(job)][2]
+            if (error := done[id(job)][2]) is not None:
+                raise error
         return [done[id(job)][1] for job in jobs]
 
     def prompt_logprobs(self, opened: Sampler, work: SampleWork, result: SampleResult) -> None:

@@ -75,15 +75,21 @@ class MixedAdapters:
             if not present:
                 self._stacks[key] = (None, None, None)
             else:
-                a_cat = torch.cat([layer.lora_A[name].weight for _, name in present]).detach()
-                b_cat = torch.cat([layer.lora_B[name].weight * layer.scaling[name]
+                a_cat = torch.cat([_weight(layer.lora_A[name]) for _, name in present]).detach()
+                b_cat = torch.cat([_weight(layer.lora_B[name]) * layer.scaling[name]
                                    for _, name in present], dim=1).detach()
-                layout = tuple((i, layer.lora_A[name].weight.shape[0]) for i, name in present)
+                layout = tuple((i, int(_weight(layer.lora_A[name]).shape[0])) for i, name in present)
                 if layout not in self._owners:
                     self._owners[layout] = torch.cat([torch.full((rank,), i, device=a_cat.device)
                                                       for i, rank in layout])
                 self._stacks[key] = (a_cat, b_cat, self._owners[layout])
         return self._stacks[key]
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 def _forward(mixed: MixedAdapters, layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

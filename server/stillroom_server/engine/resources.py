@@ -20,11 +20,11 @@ def _matmul_seconds(threads: int, repeats: int = 3) -> float:
     """Best time of a [1024, 256] x [256, 512] matmul (a small model's layer on a micro-batch)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(1024, 256), torch.randn(256, 512)
-    a @ b  # warm-up
+    _ = a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        _ = a @ b
         best = min(best, time.perf_counter() - start)
     return best
 

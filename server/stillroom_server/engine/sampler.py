@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -207,19 +208,24 @@ class DecodeBatch:
             start = int(self.mask_B_L.any(0).long().argmax())  # leading columns that are all padding
             if start:
                 self.mask_B_L = self.mask_B_L[:, start:]
-                for layer in self.cache.layers:
+                for layer in _kv_layers(self.cache):
                     layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
     def merge(self, other: DecodeBatch) -> None:
         """Add `other`'s rows; the shorter cache is left-padded (masked out)."""
         width = max(self.mask_B_L.shape[1], other.mask_B_L.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+        for mine, theirs in zip(_kv_layers(self.cache), _kv_layers(other.cache)):
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
         self.mask_B_L = torch.cat([_pad_left(self.mask_B_L, width), _pad_left(other.mask_B_L, width)])
         self.position_B = torch.cat([self.position_B, other.position_B])
         self.tokens_B = torch.cat([self.tokens_B, other.tokens_B])
         self.rows = self.rows + other.rows
+
+
+def _kv_layers(cache: DynamicCache) -> list[Any]:
+    """The cache's layers, each holding `keys` and `values` [B, H, L, D] (full attention)."""
+    return list(cache.layers)
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:

@@ -316,7 +316,7 @@ class Scheduler:
         except Exception as error:  # noqa: BLE001 - a broken stream fails its jobs, not the server
             logger.exception("a %s step failed", key)
             unfinished = {id(job): job for job in [*stream.drain(), *joining]}
-            outcomes = [(job, None, error) for job in unfinished.values()]
+            outcomes: list[Outcome] = [(job, None, error) for job in unfinished.values()]
             busy = False
         if not busy:
             del self._streams[key]

@@ -147,6 +147,7 @@ class TrainingRun(abc.ABC):
             self._seconds_per_token = (time.perf_counter() - began) / padded
             start = end
         if not work.forward_only:
+            assert grads is not None  # validation refuses empty data
             self._collect(grads, sum(n for _, n in parts), work.part, work.num_parts)
         return ForwardBackwardResult(outputs, merge_metrics(parts))
 
@@ -257,7 +258,7 @@ class FullRun(TrainingRun):
         self.model.save_pretrained(directory, safe_serialization=True)
 
     def release(self) -> None:
-        self.model, self._params, self.optimizer = None, [], None
+        self.model, self._params, self.optimizer = torch.nn.Module(), [], None  # an empty stand-in
 
     def rebuild(self) -> None:
         self.model = self.base.owned_copy(requires_grad=True)
