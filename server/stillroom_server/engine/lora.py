@@ -10,6 +10,7 @@ and loaded in PEFT's own format, which is also the export format.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,7 +90,10 @@ class LoraHost:
             param.requires_grad_(False)
 
     def remove_adapter(self, name: str) -> None:
-        self.peft.delete_adapter(name)
+        # PEFT warns when the active adapter goes; every use activates its own adapter first.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted")
+            self.peft.delete_adapter(name)
         assert self.mixed is not None
         self.mixed.refresh()
 
