@@ -255,6 +255,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
+    parser.add_argument("--distill-steps", type=int, help="distillation steps (default 8)")
     parser.add_argument("--report-only", action="store_true",
                         help="redraw the table and plot from --out's personalization.json and the logs")
     args = parser.parse_args()
@@ -263,6 +264,8 @@ def main() -> None:
         write_report(saved["rows"], args.out, saved["wall_seconds"], args.data_dir / "personalization-logs")
         return
     config = PersonalizationConfig(model_dir=args.model_dir.expanduser().resolve(), seeds=tuple(args.seeds))
+    if args.distill_steps is not None:
+        config = dataclasses.replace(config, distill=dataclasses.replace(config.distill, steps=args.distill_steps))
     run_experiment(smoke(config) if args.smoke else config, args.out, args.data_dir.resolve())
 
 
