@@ -16,7 +16,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig
@@ -238,6 +238,7 @@ class Engine:
         if base_model is not None:
             opened = Sampler(key, self.models.get(base_model))
         else:
+            assert model_path is not None, "a sampler needs a base model or a path"
             opened = self._open_snapshot(key, checkpoints.parse(model_path))
         with self._lock:
             return self._samplers.setdefault(key, opened)
@@ -360,8 +361,8 @@ class Engine:
         module = self._module_for(opened)
         with self.precision():
             scored = compute.sequence_logprobs(module, [w.tokens_T for w in works], self.device)
-        return [LogprobsResult(_keep_last(logprobs_T, w.last_n))
-                for w, (logprobs_T, _, _) in zip(works, scored)]
+        return [LogprobsResult(_keep_last(logprobs_T, w.last_n))  # pyright: ignore[reportArgumentType]
+                for w, (logprobs_T, _, _) in zip(works, scored, strict=True)]
 
     # ---------------------------------------------------------------- training state and checkpoint files
 
@@ -401,7 +402,7 @@ class Engine:
         directory = self.files.directory(checkpoints.parse(uri))
         base = self.models.get(meta["base_model"])
         if meta["is_lora"]:
-            config = LoraConfig.from_pretrained(str(directory))
+            config: Any = LoraConfig.from_pretrained(str(directory))
             run: TrainingRun = LoraRun(run_id, base, self._lora_host(base), config, self.device, None)
         else:
             run = FullRun(run_id, base, self.device)
@@ -580,9 +581,9 @@ def _keep_last(values_T: torch.Tensor | None, last_n: int | None) -> torch.Tenso
 
 
 def _lora_meta(run: TrainingRun) -> dict | None:
-    if not run.is_lora:
+    if not isinstance(run, LoraRun):
         return None
-    config = run.config
+    config: Any = run.config
     return {"rank": config.r, "lora_alpha": config.lora_alpha,
             "target_modules": sorted(config.target_modules)}
 

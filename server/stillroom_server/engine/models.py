@@ -13,10 +13,14 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from stillroom_server.engine import presets
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from stillroom_server.engine.errors import InvalidInput, NotFound
 
 logger = logging.getLogger("stillroom.engine")
@@ -29,18 +33,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class BaseModel:
     name: str
     directory: Path
-    module: torch.nn.Module            # frozen, eval mode, on the engine's device
+    module: PreTrainedModel            # frozen, eval mode, on the engine's device
     vocab_size: int
     max_context: int
     eos_token_ids: tuple[int, ...]
-    tokenizer: object                  # a transformers tokenizer, for stop strings
+    tokenizer: PreTrainedTokenizerBase  # for stop strings and tokenizer comparisons
 
-    def shared_copy(self) -> torch.nn.Module:
+    def shared_copy(self) -> Any:
         """A copy of the module's structure whose parameters are this model's own tensors."""
         memo = {id(t): t for t in [*self.module.parameters(), *self.module.buffers()]}
         return copy.deepcopy(self.module, memo)
 
-    def owned_copy(self, requires_grad: bool) -> torch.nn.Module:
+    def owned_copy(self, requires_grad: bool) -> Any:
         module = copy.deepcopy(self.module)
         for param in module.parameters():
             param.requires_grad_(requires_grad)
@@ -104,21 +108,22 @@ class ModelHost:
             tokenizer = AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError) as error:
             raise InvalidInput(f"base_model: cannot load '{name}' from {directory}: {error}") from error
-        module.to(self.device).eval()
+        module.to(self.device).eval()  # pyright: ignore[reportArgumentType] - transformers' stubs
         module.requires_grad_(False)
         config = module.config
         return BaseModel(
             name=name, directory=directory, module=module,
-            vocab_size=module.get_input_embeddings().weight.shape[0],
+            vocab_size=int(module.get_input_embeddings().weight.shape[0]),  # pyright: ignore[reportIndexIssue]
             max_context=int(getattr(config, "max_position_embeddings", 2048)),
             eos_token_ids=stop_token_ids(module, tokenizer), tokenizer=tokenizer)
 
 
-def stop_token_ids(module: torch.nn.Module, tokenizer) -> tuple[int, ...]:
+def stop_token_ids(module: Any, tokenizer: Any) -> tuple[int, ...]:
     """Every id the model's config, generation config or tokenizer calls EOS: a chat model's
     end-of-turn token (SmolLM2's <|im_end|>) ends a sample as its end-of-text token does."""
     generation = getattr(module, "generation_config", None)
     ids: set[int] = set()
-    for eos in (module.config.eos_token_id, getattr(generation, "eos_token_id", None), tokenizer.eos_token_id):
+    for eos in (module.config.eos_token_id, getattr(generation, "eos_token_id", None),
+                tokenizer.eos_token_id):
         ids.update(eos if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,)))
     return tuple(sorted(ids))

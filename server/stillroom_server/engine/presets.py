@@ -87,7 +87,7 @@ def build_preset_model(spec: PresetSpec):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        torch_dtype="float32",
+        torch_dtype="float32",  # pyright: ignore[reportCallIssue] - still read by transformers 5
     )
     generator_state = torch.random.get_rng_state()
     try:

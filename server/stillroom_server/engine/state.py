@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,8 +27,9 @@ def named_trainable(run: TrainingRun) -> list[tuple[str, torch.nn.Parameter]]:
     """The run's trainable parameters with names shared by every run of the same shape."""
     if isinstance(run, FullRun):
         return [(name, p) for name, p in run.model.named_parameters() if p.requires_grad]
-    marker = f".{run.adapter}."
-    return [(name.replace(marker, "."), p) for name, p in run.host.model.named_parameters()
+    lora: Any = run  # a LoraRun (lora.py imports this module's neighbours, not the other way)
+    marker = f".{lora.adapter}."
+    return [(name.replace(marker, "."), p) for name, p in lora.host.model.named_parameters()
             if marker in name]
 
 
@@ -68,7 +70,8 @@ def load_weights(run: TrainingRun, directory: Path) -> None:
 
     state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(run.device))
     with torch.no_grad():
-        result = set_peft_model_state_dict(run.host.model, state, adapter_name=run.adapter)
+        lora: Any = run
+        result = set_peft_model_state_dict(lora.host.model, state, adapter_name=lora.adapter)
     if result.unexpected_keys:
         raise InvalidInput(f"path: the saved adapter does not fit this run "
                            f"(unexpected {list(result.unexpected_keys)[:3]})")

@@ -12,6 +12,7 @@ import abc
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -241,7 +242,7 @@ class FullRun(TrainingRun):
 
     def __init__(self, run_id: str, base: BaseModel, device: torch.device) -> None:
         super().__init__(run_id, base, device)
-        self.model = base.owned_copy(requires_grad=True)
+        self.model: Any = base.owned_copy(requires_grad=True)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
 
     @property
