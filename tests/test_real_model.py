@@ -201,7 +201,8 @@ def test_teacher_reverse_kl_between_two_checkpoints(real_service, renderer):
 def test_bf16_autocast_stays_close_to_fp32(real_service, renderer, model_dir, tmp_path):
     import stillroom
 
-    tokens = _chat_datum(renderer, CHAT[0]["content"], "The sky is blue on a clear day.").model_input.to_ints()
+    reply = "The sky is blue on a clear day."
+    tokens = _chat_datum(renderer, CHAT[0]["content"], reply).model_input.to_ints()
     fp32 = real_service.create_sampling_client(base_model=NAME).compute_logprobs(
         types.ModelInput.from_ints(tokens)).result()[1:]
     with _start_server(tmp_path, model_dir, "bf16") as server:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tqdm import tqdm
 
 import stillroom
-
-from stillroom_cookbook.distillation import DistillationConfig, distill
+from stillroom_cookbook.distillation import distill
 from stillroom_cookbook.distillation_demo import DemoConfig, demo_evaluator, get_teacher, student_start
 from stillroom_cookbook.evaluation import TaskEvaluator
 from stillroom_cookbook.metrics import MetricsLog, plot_curves
@@ -78,12 +77,14 @@ def run_method(setup: Setup, method: str, seed: int) -> list[tuple[int, float, f
     log = MetricsLog(setup.out_dir / f"{name}.jsonl")
     d = demo.distillation
     per_step = d.groups_per_batch * d.group_size
-    base = dict(steps=config.steps, learning_rate=config.learning_rate(method), warmup_steps=d.warmup_steps,
+    base = dict(steps=config.steps, learning_rate=config.learning_rate(method),
+                warmup_steps=d.warmup_steps,
                 eval_every=config.eval_every, seed=seed, name=name)
     problems = demo.task.problems(4096, seed=1000 * seed + 3)
     sample_flops_per_step = 0.0
     if method == "sft":
-        examples, teacher_tokens = teacher_samples(setup, problems[:config.steps * per_step], d.max_tokens, seed)
+        examples, teacher_tokens = teacher_samples(setup, problems[:config.steps * per_step], d.max_tokens,
+                                                   seed)
         sft = SFTConfig(batch_size=per_step, final_lr_fraction=1.0, **base)
         train_sft(student, renderer, examples, sft, log, setup.evaluator, progress=False)
         sample_flops_per_step = 2 * setup.teacher_params * teacher_tokens / config.steps
@@ -171,7 +172,8 @@ def write_report(config: ComparisonConfig, curves: dict, teacher_accuracy: float
         hit = [r for r in reached if r is not None]
         when = (f"{statistics.mean(s for s, _ in hit):.0f} | {statistics.mean(f for _, f in hit):.2e}"
                 if hit else "not reached | not reached")
-        rows.append(f"| {METHODS[method]} | {config.learning_rate(method):.0e} | {statistics.mean(finals):.1%} ± {statistics.pstdev(finals):.1%} "
+        rows.append(f"| {METHODS[method]} | {config.learning_rate(method):.0e} "
+                    f"| {statistics.mean(finals):.1%} ± {statistics.pstdev(finals):.1%} "
                     f"| {len(hit)}/{len(runs)} | {when} | {mean_curve(runs)[-1][2]:.2e} |")
     means = {METHODS[m]: mean_curve(runs) for m, runs in curves.items()}
     stem = docs_dir / "distillation_comparison"

@@ -141,7 +141,8 @@ class Experiment:
         train_sft(trainer, renderer, examples, dataclasses.replace(c.midtrain, seed=seed,
                                                                   name=f"{slug}-s{seed}"), log)
         state = trainer.save_state(f"{slug}-{seed}").result().path
-        stage = Stage(method, seed, self.score(trainer.save_weights_and_get_sampling_client(f"{slug}-{seed}")),
+        sampler = trainer.save_weights_and_get_sampling_client(f"{slug}-{seed}")
+        stage = Stage(method, seed, self.score(sampler),
                       train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
                       sampled_tokens=sum(len(renderer.tokens(p, t)) for p, t in (chat or [])),
                       seconds=time.monotonic() - start)
@@ -149,7 +150,8 @@ class Experiment:
 
     def distill_from(self, state: str, seed: int, loss: str) -> Stage:
         c = self.config
-        method = "distill (exact reverse KL)" if loss == "teacher_reverse_kl" else "distill (sampled estimate)"
+        exact = loss == "teacher_reverse_kl"
+        method = "distill (exact reverse KL)" if exact else "distill (sampled estimate)"
         trainer = self.service.create_training_client_from_state(state)
         start = time.monotonic()
         log = MetricsLog(self.log_dir / f"distill-{loss}-{seed}.jsonl")
@@ -237,7 +239,8 @@ def run_experiment(config: PersonalizationConfig, out_dir: Path, data_dir: Path)
         service = stillroom.ServiceClient(base_url=server.address)
         stages = Experiment(service, config, data_dir / "personalization-logs").run(on_seed=save)
         service.close()
-    print(f"wall time {(time.monotonic() - start) / 60:.1f} min; wrote {out_dir}/personalization.{{json,md,png}}")
+    print(f"wall time {(time.monotonic() - start) / 60:.1f} min; "
+          f"wrote {out_dir}/personalization.json, personalization_table.md, personalization.png")
     return [s.row() for s in stages]
 
 
@@ -265,7 +268,8 @@ def main() -> None:
         return
     config = PersonalizationConfig(model_dir=args.model_dir.expanduser().resolve(), seeds=tuple(args.seeds))
     if args.distill_steps is not None:
-        config = dataclasses.replace(config, distill=dataclasses.replace(config.distill, steps=args.distill_steps))
+        distill_config = dataclasses.replace(config.distill, steps=args.distill_steps)
+        config = dataclasses.replace(config, distill=distill_config)
     run_experiment(smoke(config) if args.smoke else config, args.out, args.data_dir.resolve())
 
 

@@ -26,7 +26,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         if not group:
             continue
         entry = {"method": method, "seeds": len(group)}
-        for key in ("questions", "instructions", "train_tokens", "sampled_tokens", "teacher_tokens", "seconds"):
+        for key in ("questions", "instructions", "train_tokens", "sampled_tokens", "teacher_tokens",
+                    "seconds"):
             values = [r[key] for r in group]
             entry[key] = statistics.mean(values)
             entry[key + "_sd"] = statistics.pstdev(values) if len(values) > 1 else 0.0
@@ -62,7 +63,8 @@ def table(summary: list[dict]) -> str:
     for e in summary:
         lines.append(
             f"| {e['method']} | {e['seeds']} | {_pm(e, 'questions')} | {_pm(e, 'instructions')} | "
-            f"{_pct(e.get('if_recovered'))} | {_pct(e.get('question_gain_kept'))} | {e['train_tokens']:,.0f} | "
+            f"{_pct(e.get('if_recovered'))} | {_pct(e.get('question_gain_kept'))} | "
+            f"{e['train_tokens']:,.0f} | "
             f"{e['sampled_tokens']:,.0f} | {e['teacher_tokens']:,.0f} | {e['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -117,8 +119,8 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
 def _plot_teacher_kl(ax, rows: list[dict], log_dir: Path | None) -> None:
     """Per distillation loss and seed: the student's KL to the teacher on its own samples, by step."""
     seeds = sorted({r["seed"] for r in rows if r["seed"] >= 0})
-    for i, (loss, label) in enumerate([("sampled", "distill (sampled estimate)"),
-                                       ("teacher_reverse_kl", "distill (exact reverse KL)")]):
+    for loss, label in [("sampled", "distill (sampled estimate)"),
+                        ("teacher_reverse_kl", "distill (exact reverse KL)")]:
         color = f"C{METHODS.index(label)}"
         for seed in seeds:
             path = log_dir / f"distill-{loss}-{seed}.jsonl" if log_dir else None
