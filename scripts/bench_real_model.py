@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import stillroom
 from stillroom import types
@@ -22,7 +23,7 @@ TEXT = ("The Stillroom service hosts models next to the accelerators, and resear
         "sampling, logprobs and training steps from short loops on their own laptops. ")
 
 
-def start_server(data_dir: Path, model_dir: Path, dtype: str):
+def start_server(data_dir: Path, model_dir: Path, dtype: Literal["auto", "fp32", "bf16"]):
     from stillroom_server.config import ServerConfig
 
     for module in ("stillroom_server.app", "stillroom_server.service.app"):
@@ -69,7 +70,7 @@ def time_sampling(sampler, prompt, rounds: int, num_samples: int, max_tokens: in
     return best
 
 
-def measure(model_dir: Path, dtype: str, rounds: int) -> dict:
+def measure(model_dir: Path, dtype: Literal["auto", "fp32", "bf16"], rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as data_dir, start_server(Path(data_dir), model_dir, dtype) as server:
         service = stillroom.ServiceClient(base_url=server.address)
         trainer = service.create_lora_training_client(NAME, rank=32, seed=0)
@@ -89,7 +90,7 @@ def measure(model_dir: Path, dtype: str, rounds: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path(os.environ.get(
         "STILLROOM_MODELS_CACHE", ".stillroom/imported")) / NAME)
     parser.add_argument("--rounds", type=int, default=3)

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -35,7 +36,7 @@ def _model_dir() -> Path:
     return import_smollm2(cache)   # a no-op when already imported
 
 
-def _start_server(data_dir: Path, model_dir: Path, dtype: str):
+def _start_server(data_dir: Path, model_dir: Path, dtype: Literal["auto", "fp32", "bf16"]):
     from stillroom_server.config import ServerConfig
 
     for module in ("stillroom_server.app", "stillroom_server.service.app"):

