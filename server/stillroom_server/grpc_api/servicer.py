@@ -151,12 +151,10 @@ class StillroomServicer(pb_grpc.StillroomServicer):
                                        expires_at=iso(expires_at), size_bytes=row.size_bytes)
 
 
-def save_options(request) -> SaveOptions:
-    """ttl_seconds, overwrite and user_metadata, where the request message carries them."""
-    fields = {f.name for f in request.DESCRIPTOR.fields}
-    ttl = request.ttl_seconds if "ttl_seconds" in fields and request.HasField("ttl_seconds") else None
-    return SaveOptions(ttl_seconds=ttl, overwrite="overwrite" in fields and request.overwrite,
-                       user_metadata=dict(request.user_metadata) if "user_metadata" in fields else {})
+def save_options(request: pb.SaveWeightsRequest) -> SaveOptions:
+    ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+    return SaveOptions(ttl_seconds=ttl, overwrite=request.overwrite,
+                       user_metadata=dict(request.user_metadata))
 
 
 def iso(moment: datetime | None) -> str:

@@ -8,6 +8,7 @@ audit, projects, publishing, external weights) answers 404 naming it, which the 
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -22,7 +23,8 @@ from starlette.routing import Route
 from stillroom_server import __version__
 from stillroom_server.core.auth import Authenticator
 from stillroom_server.core.errors import CLIENT_CODES, InvalidInput, ResourceExhausted, code_for
-from stillroom_server.core.service import SaveOptions, Service, sample_sequence_ids
+from stillroom_server.core.futures import result_of
+from stillroom_server.core.service import SaveOptions, Service, relay, sample_sequence_ids
 from stillroom_server.http_api import schemas, views, wire
 from stillroom_server.http_api.archives import Archives
 
@@ -30,6 +32,7 @@ logger = logging.getLogger("stillroom.http")
 PROTO = "application/x-protobuf"
 HOLD_OUT_OF_ORDER_SECONDS = 30.0  # how long a numbered request waits for the one before it
 MAX_POLL_SECONDS = 30.0           # the SDK's own poll timeout is 45 s
+MAX_CHAINED = 4096                # unnamed sampler saves remembered for retries
 STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "ALREADY_EXISTS": 400,
           "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
           "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "INTERNAL": 500}
@@ -75,7 +78,9 @@ class TinkerApi:
         self.service = service
         self.auth = auth
         self.archives = archives
-        self._chained: dict[str, str] = {}  # an unnamed sampler save's request -> its opener's
+        # An unnamed sampler save's request -> its opener's, for the SDK's retries of that save;
+        # the oldest are forgotten (a retry comes within minutes, not thousands of saves later).
+        self._chained: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     # ---------------------------------------------------------------- plumbing
 
@@ -213,11 +218,13 @@ class TinkerApi:
             self._chained[request_id] = self.service.submit_async(
                 owner, "open_sampler", lambda: self._open_saved(owner, request_id, session_id),
                 views.sampler_result)
+            while len(self._chained) > MAX_CHAINED:
+                self._chained.popitem(last=False)
         return self.future(self._chained[request_id], model_id=body.model_id)
 
     async def _open_saved(self, owner: str, save_request_id: str, session_id: str | None):
         record = await self.service.wait_done(owner, save_request_id)
-        saved = views.stored_result(record)
+        saved = relay(record)  # a failed save fails the opener with the save's own error
         return await self.service.open_sampler(owner, model_path=saved.save_weights.path,
                                                client_session=session_id)
 
@@ -283,7 +290,7 @@ class TinkerApi:
             category = "user" if record.error_code in CLIENT_CODES else "server"
             return JSONResponse({"error": record.error_message or record.error_code,
                                  "category": category, "code": record.error_code})
-        return views.result_response(views.stored_result(record))
+        return views.result_response(result_of(record))
 
     # ---------------------------------------------------------------- REST
 

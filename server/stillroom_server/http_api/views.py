@@ -4,6 +4,7 @@ request fields that need translating (model ids, LoRA and Adam settings, checkpo
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -13,13 +14,11 @@ from starlette.responses import JSONResponse, Response
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom_server.core import validate
 from stillroom_server.core.errors import InvalidInput
-from stillroom_server.core.futures import result_of
 from stillroom_server.core.service import RunInfo, SamplerInfo
 from stillroom_server.engine import checkpoints
 from stillroom_server.engine.engine import LoraSpec
 from stillroom_server.engine.types import AdamConfig
 from stillroom_server.http_api import schemas, wire
-from stillroom_server.store.repo import FutureRecord
 
 PROTO = "application/x-protobuf"
 CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
@@ -77,8 +76,6 @@ def tinker_path(uri: str) -> str:
 
 
 def checkpoint(row) -> dict[str, Any]:
-    import json
-
     return {"checkpoint_id": f"{row.kind}/{row.name}", "checkpoint_type": CHECKPOINT_TYPES[row.kind],
             "time": iso(row.created_at), "tinker_path": tinker_path(row.path),
             "size_bytes": row.size_bytes, "public": False,
@@ -127,12 +124,6 @@ def sampler_result(info: SamplerInfo) -> pb.FutureResult:
     return pb.FutureResult(sampling_session=pb.SamplingSessionInfo(
         sampling_session_id=info.sampling_session_id, base_model=info.base_model,
         model_path=info.model_path))
-
-
-def stored_result(record: FutureRecord) -> pb.FutureResult:
-    if record.status != "done":
-        raise InvalidInput(f"request_id: request {record.id} failed: {record.error_message}")
-    return result_of(record)
 
 
 def result_response(result: pb.FutureResult) -> Response:
