@@ -1,0 +1,277 @@
+"""A worker process of the sharded back end: `python -m stillroom_server.engine.sharded.worker`.
+
+Rendezvous is torch.distributed's own (`env://`: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, as
+torchrun sets them), so the same code runs under a torchrun-style launch on several machines.
+Rank 0 connects to the server (STILLROOM_WORKER_ADDRESS, STILLROOM_WORKER_AUTHKEY), receives each
+command, broadcasts it to every rank (gloo), and every rank runs it on its `WorkerEngine`, in the
+same order; rank 0 sends back the result. Knows nothing of owners, request numbers or the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Client, Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stillroom_server.engine import checkpoints, state
+from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, _AdapterView
+from stillroom_server.engine.errors import InvalidInput
+from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
+from stillroom_server.engine.models import BaseModel, ModelHost, stop_token_ids
+from stillroom_server.engine.sampler import BASE_ADAPTER
+from stillroom_server.engine.sharded import fsdp
+from stillroom_server.engine.training import TrainingRun
+from stillroom_server.engine.types import LogprobsResult, LogprobsWork, SampleResult, SampleWork
+
+logger = logging.getLogger("stillroom.worker")
+COLLECTIVE_TIMEOUT_SECONDS = 600  # a rank stuck this long in a collective gives up (and exits)
+PING_SECONDS = 30.0               # rank 0 wakes the others this often while idle (under the timeout)
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the server keeps of a run the workers hold."""
+    is_lora: bool
+    lora_rank: int
+    num_trainable_params: int
+    lora_meta: dict | None
+
+
+class ShardedModelHost(ModelHost):
+    """Base models built sharded over the group (no rank holds a whole copy)."""
+
+    def _load(self, name: str) -> BaseModel:
+        from transformers import AutoTokenizer
+
+        directory = self.resolve(name)
+        module = fsdp.build_sharded(directory, self.dtype, self.device)
+        module.eval()
+        module.requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return BaseModel(name=name, directory=directory, module=module,
+                         vocab_size=int(module.config.vocab_size),
+                         max_context=int(getattr(module.config, "max_position_embeddings", 2048)),
+                         eos_token_ids=stop_token_ids(module, tokenizer), tokenizer=tokenizer)
+
+
+class WorkerEngine(Engine):
+    """The in-process engine's code over sharded modules: full runs shard their weights, gradients
+    and AdamW moments; LoRA runs are adapters on one sharded base. Never moves runs to disk."""
+
+    def __init__(self, data_dir: Path, device: str, local_models: dict[str, Path], dtype: str) -> None:
+        super().__init__(data_dir, device, max_num_samples=1 << 30, local_models=local_models,
+                         dtype=dtype, run_memory_bytes=1 << 62)
+        self.models = ShardedModelHost(data_dir, self.models.device, self.models.dtype, local_models)
+
+    def _lora_host(self, base: BaseModel) -> LoraHost:
+        if base.name not in self._lora_hosts:
+            self._lora_hosts[base.name] = fsdp.ShardedLoraHost(base)
+        return self._lora_hosts[base.name]
+
+    def create_run(self, run_id: str, base_model: str, lora: LoraSpec | None,  # type: ignore[override]
+                   seed: int | None) -> RunFacts:
+        base = self.models.get(base_model)
+        if lora is None:
+            run: TrainingRun = fsdp.ShardedFullRun(run_id, base, self.device)
+        else:
+            config = lora_config(base, lora.rank, lora.train_mlp, lora.train_attn, lora.train_unembed)
+            run = LoraRun(run_id, base, self._lora_host(base), config, self.device, seed)
+        self.runs[run_id] = run
+        return facts(run)
+
+    def create_run_from_state(self, run_id: str, uri: str,  # type: ignore[override]
+                              with_optimizer: bool) -> RunFacts:
+        meta = self.state_meta(uri)
+        if meta["is_lora"]:
+            return facts(super().create_run_from_state(run_id, uri, with_optimizer))
+        directory = self.files.directory(checkpoints.parse(uri))
+        base = self.models.get(meta["base_model"])
+        run = fsdp.ShardedFullRun(run_id, base, self.device, weights=directory / "model.safetensors")
+        if with_optimizer:
+            restore_optimizer(run, directory)
+        self.runs[run_id] = run
+        return facts(run)
+
+    def load_state(self, run_id: str, uri: str, with_optimizer: bool) -> None:
+        run = self.get_run(run_id)
+        if not isinstance(run, fsdp.ShardedFullRun):
+            return super().load_state(run_id, uri, with_optimizer)
+        directory = self.files.directory(checkpoints.parse(uri))
+        run.load_weights(directory)
+        run.optimizer = None
+        if with_optimizer:
+            restore_optimizer(run, directory)
+        for param in run.trainable_parameters():
+            param.grad = None
+        run.accumulated_tokens, run._staged = 0, None
+
+    def write_state(self, run_id: str, directory: str) -> None:
+        """Write the run's training state into the server's staging `directory` (rank 0 writes)."""
+        run = self.get_run(run_id)
+        if isinstance(run, fsdp.ShardedFullRun):
+            run.save_sampler_weights(Path(directory))
+            save_optimizer(run, Path(directory))
+        elif fsdp.is_rank0():
+            state.save_state(run, Path(directory))
+
+    def write_sampler_weights(self, run_id: str, directory: str) -> None:
+        run = self.get_run(run_id)
+        if isinstance(run, fsdp.ShardedFullRun) or fsdp.is_rank0():
+            run.save_sampler_weights(Path(directory))
+
+    def _open(self, key: str) -> Sampler:
+        kind, _, name = key.partition(":")
+        return self.open_sampler(base_model=name) if kind == "base" else self.open_sampler(model_path=name)
+
+    def sample_key(self, key: str, works: list[SampleWork]) -> list[SampleResult]:
+        return self.sample(self._open(key), works)
+
+    def logprobs_key(self, key: str, works: list[LogprobsWork]) -> list[LogprobsResult]:
+        return self.compute_logprobs(self._open(key), works)
+
+    def _module_for(self, opened: Sampler) -> torch.nn.Module:
+        module = super()._module_for(opened)
+        return self._without_adapters(opened.base, module)
+
+    def batch_model(self, opened: Sampler, lora: bool) -> torch.nn.Module:
+        return self._without_adapters(opened.base, super().batch_model(opened, lora))
+
+    def _without_adapters(self, base: BaseModel, module: torch.nn.Module) -> torch.nn.Module:
+        """The base module itself carries the LoRA host's adapters: base rows run with them off."""
+        host = self._lora_hosts.get(base.name)
+        if module is base.module and host is not None and host.model is not None:
+            return _AdapterView(host, BASE_ADAPTER)  # pyright: ignore[reportReturnType]
+        return module
+
+    def _load_full_snapshot(self, opened: Sampler) -> torch.nn.Module:
+        directory = self.files.directory(checkpoints.parse(opened.key[len("path:"):]))
+        module = fsdp.build_sharded(opened.base.directory, opened.base.module.dtype, self.device,
+                                    weights=directory / "model.safetensors")
+        return module.eval().requires_grad_(False)
+
+    @staticmethod
+    def ping() -> None:
+        """Nothing: keeps the ranks' collectives within their timeout while the server is idle."""
+
+
+def facts(run: TrainingRun) -> RunFacts:
+    meta = None
+    if isinstance(run, LoraRun):
+        config: Any = run.config
+        meta = {"rank": config.r, "lora_alpha": config.lora_alpha,
+                "target_modules": sorted(config.target_modules)}
+    return RunFacts(run.is_lora, run.lora_rank, run.num_trainable_params(), meta)
+
+
+def save_optimizer(run: fsdp.ShardedFullRun, directory: Path) -> None:
+    """AdamW's state gathered to rank 0 and written in engine/state.py's format."""
+    from safetensors.torch import save_file
+
+    full = run.optimizer_state() if run.optimizer is not None else {"state": {}, "param_groups": []}
+    if not fsdp.is_rank0():
+        return
+    tensors, steps = {}, {}
+    for name, moments in full["state"].items():
+        for key in state.MOMENTS:
+            tensors[f"{name}.{key}"] = moments[key].detach().contiguous().cpu()
+        steps[name] = float(moments["step"])
+    group = full["param_groups"][0] if full["param_groups"] else None
+    hyper = ({k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+             if group is not None else None)
+    save_file(tensors, str(directory / state.OPTIMIZER_TENSORS), metadata={"format": "pt"})
+    (directory / state.OPTIMIZER_JSON).write_text(json.dumps({"steps": steps, "param_group": hyper},
+                                                             indent=1))
+
+
+def restore_optimizer(run: fsdp.ShardedFullRun, directory: Path) -> None:
+    """The saved AdamW state (engine/state.py's format), read by rank 0 and scattered to shards."""
+    saved = json.loads((directory / state.OPTIMIZER_JSON).read_text())
+    if saved["param_group"] is None:
+        run.optimizer = None
+        return
+    names = [name for name, _ in run.model.named_parameters()]
+    full: dict[str, Any] = {"state": {}, "param_groups": []}
+    if fsdp.is_rank0():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(directory / state.OPTIMIZER_TENSORS), device="cpu")
+        group = dict(saved["param_group"])
+        group["betas"] = tuple(group["betas"])
+        full["param_groups"] = [{**group, "params": names}]
+        for name in names:
+            if name not in saved["steps"]:
+                raise InvalidInput(f"path: {directory.name} has no optimizer state for {name}")
+            full["state"][name] = {"step": torch.tensor(saved["steps"][name], dtype=torch.float32),
+                                   **{key: tensors[f"{name}.{key}"] for key in state.MOMENTS}}
+    run.set_optimizer_state(full)
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+def _picklable(error: BaseException) -> BaseException:
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 - any error must reach the server as something it can read
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def serve_commands(engine: WorkerEngine, connection: Connection | None) -> None:
+    """Receive (rank 0), broadcast, run and answer commands until the server says stop or goes."""
+    while True:
+        command: Any = None
+        if connection is not None:
+            try:
+                command = (pickle.loads(connection.recv_bytes()) if connection.poll(PING_SECONDS)
+                           else ("ping", ()))
+            except (EOFError, OSError):
+                command = ("stop", ())
+        box = [command]
+        dist.broadcast_object_list(box, src=0)
+        method, args = box[0]
+        if method == "stop":
+            return
+        try:
+            answer: tuple[str, Any] = ("ok", getattr(engine, method)(*args))
+        except Exception as error:  # noqa: BLE001 - sent back as the request's outcome
+            logger.debug("%s failed on rank %d", method, dist.get_rank(), exc_info=True)
+            answer = ("error", _picklable(error))
+        if connection is not None and method != "ping":
+            connection.send_bytes(pickle.dumps(answer))  # plain pickle: torch's own would share memory
+
+
+def main() -> None:
+    settings = json.loads(os.environ["STILLROOM_WORKER_SETTINGS"])
+    logging.basicConfig(level=settings.get("log_level", "INFO").upper(),
+                        format=f"%(asctime)s %(levelname)s rank {os.environ['RANK']} %(name)s: %(message)s")
+    torch.set_num_threads(int(settings.get("threads") or 1))
+    device = settings["device"]
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS))
+    engine = WorkerEngine(Path(settings["data_dir"]), device,
+                          {k: Path(v) for k, v in settings["local_models"].items()}, settings["dtype"])
+    connection = None
+    if dist.get_rank() == 0:
+        host, port = os.environ["STILLROOM_WORKER_ADDRESS"].rsplit(":", 1)
+        connection = Client((host, int(port)), authkey=bytes.fromhex(os.environ["STILLROOM_WORKER_AUTHKEY"]))
+    try:
+        serve_commands(engine, connection)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # by its package name, so what it sends unpickles in the server
+    from stillroom_server.engine.sharded import worker
+
+    worker.main()
