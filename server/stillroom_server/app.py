@@ -27,7 +27,7 @@ from stillroom_server.core.futures import FutureHub
 from stillroom_server.core.service import Service
 from stillroom_server.core.validate import Limits
 from stillroom_server.engine import resources
-from stillroom_server.engine.batching import EngineStreams
+from stillroom_server.engine.backend import make_engine
 from stillroom_server.engine.engine import MAX_LOADED_ADAPTERS, Engine
 from stillroom_server.engine.scheduler import Scheduler
 from stillroom_server.grpc_api.servicer import StillroomServicer
@@ -71,8 +71,8 @@ class StillroomServer:
         if failed:
             logger.warning("marked %d unfinished requests from an earlier run as failed", failed)
         threads, how = resources.choose_threads(config.threads)
-        self.engine = Engine(config.data_dir, config.device, config.max_num_samples,
-                             config.local_models, dtype=config.dtype)
+        self.engine = make_engine(config.data_dir, config.workers, config.device, config.max_num_samples,
+                                  config.local_models, config.dtype, config.threads, config.log_level)
         self.scheduler = Scheduler(batch_runners(self.engine))
         total, available = resources.memory_budget()
         logger.info("memory: %.1f GiB total, %.1f GiB available at start; training runs keep up to "
@@ -181,6 +181,7 @@ class StillroomServer:
         await self.server.stop(grace)
         await self._http_task
         await asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
         self.store.close()
         logger.info("stopped")
 
@@ -206,7 +207,7 @@ def serve(config: ServerConfig, ready_file: str | None = None) -> None:
     server.stop()
 
 
-def batch_runners(engine: Engine) -> EngineStreams:
-    """How the scheduler runs sampling and logprob jobs: continuous batches over the weights they
-    share (engine/batching.py)."""
-    return EngineStreams(engine)
+def batch_runners(engine: Engine):
+    """How the scheduler runs sampling and logprob jobs: the back end says (in-process: continuous
+    batches over the weights they share, engine/batching.py; sharded: whole batches on the workers)."""
+    return engine.streams()

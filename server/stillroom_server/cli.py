@@ -36,6 +36,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int,
         help="torch CPU threads (default: measured at start, 1 or all cores, whichever runs a matmul "
              "faster; STILLROOM_THREADS)")
+    add("--workers", type=int,
+        help="worker processes to shard training runs over with torch.distributed FSDP2 (gloo on cpu, "
+             "NCCL on cuda); 1 (default): every model in the server process (STILLROOM_WORKERS)")
     add("--max-tokens-per-request", type=int,
         help="tokens in one forward_backward request (default 4000000)")
     add("--tls-cert", type=Path,
@@ -61,7 +64,8 @@ def run_serve(args: argparse.Namespace) -> None:
         device=args.device, dtype=args.dtype, max_num_samples=args.max_num_samples,
         log_level=args.log_level, auth=args.auth, max_live_runs_per_owner=args.max_live_runs_per_owner,
         max_tokens_per_request=args.max_tokens_per_request, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, http_port=args.http_port, threads=args.threads)
+        tls_key=args.tls_key, http_port=args.http_port, threads=args.threads,
+        workers=args.workers)
     config.local_models = local_models
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -27,6 +27,8 @@ class ServerConfig(BaseModel):
     max_live_runs_per_owner: int = Field(default=32, ge=1)
     max_tokens_per_request: int = Field(default=4_000_000, ge=1)
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads; None: measured at start
+    # worker processes a training run is sharded over (FSDP2); 1: every model in the server process
+    workers: int = Field(default=1, ge=1)
     log_level: str = "INFO"
     local_models: dict[str, Path] = Field(default_factory=dict)
     # The Tinker HTTP API and checkpoint downloads; None: the gRPC port + 1 (any free one if 0).

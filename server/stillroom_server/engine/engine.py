@@ -281,6 +281,13 @@ class Engine:
 
     # ---------------------------------------------------------------- batches the scheduler streams
 
+    def streams(self) -> batching.EngineStreams:
+        """How the scheduler runs sample and logprob jobs: continuous batches over shared weights."""
+        return batching.EngineStreams(self)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: every model lives in this process (the sharded back end stops workers)."""
+
     def batch_group(self, opened: Sampler) -> str:
         """Samplers whose rows can share one forward: a base model and its LoRA snapshots (each row
         on its own adapter), or a full snapshot alone."""

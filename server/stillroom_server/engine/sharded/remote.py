@@ -206,7 +206,7 @@ class ShardedEngine(Engine):
         if self.group.alive:
             self._call("unload_checkpoint", uri)
 
-    def batch_runners(self) -> dict[str, Any]:
+    def streams(self) -> dict[str, Any]:  # type: ignore[override]
         """The scheduler's runners: each batch of one sampler's requests is one call to the workers."""
         return {"sample": lambda _key, items: self.sample(items[0][0], [w for _, w in items]),
                 "compute_logprobs": lambda _key, items: self.compute_logprobs(items[0][0],

@@ -1,0 +1,147 @@
+"""Runs sharded over two worker processes (FSDP2 on gloo) behave as the single-process engine: the
+same requests give the same losses, logprobs, samples and weights; a state saved by either loads
+in the other and continues; a killed worker fails its requests clearly and the server keeps serving.
+
+Two real servers on real ports share one data directory and database: `--workers 2` and the
+default in-process engine, driven through the SDK with the same requests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+import stillroom
+from stillroom import types
+from stillroom_server.app import StillroomServer
+from stillroom_server.config import ServerConfig
+
+from conftest import TINY
+from helpers import checkpoint_tensors, encode_line, sft_datum
+
+pytestmark = pytest.mark.slow
+LR = 1e-2
+TEXTS = ["the quick brown fox", "jumps over the lazy dog", "Stillroom shards its runs."]
+SAME = 1e-5      # fp32, two processes vs one: the same sums in another order
+PARAMS = types.SamplingParams(max_tokens=12, temperature=1.0, seed=11)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """(single, sharded): two servers over one data directory and SQLite store."""
+    data_dir = tmp_path_factory.mktemp("sharded-data")
+    single = StillroomServer(ServerConfig(data_dir=data_dir, port=0)).start()
+    sharded = StillroomServer(ServerConfig(data_dir=data_dir, port=0, workers=2)).start()
+    yield single, sharded
+    sharded.stop()
+    single.stop()
+
+
+@pytest.fixture(scope="module")
+def clients(servers):
+    made = [stillroom.ServiceClient(base_url=s.address, api_key=s.local_api_key) for s in servers]
+    yield made
+    for client in made:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def data(clients):
+    tokenizer = clients[0]._load_tokenizer(TINY)
+    return [sft_datum(encode_line(tokenizer, text)) for text in TEXTS]
+
+
+def _trainer(client, kind: str):
+    if kind == "lora":
+        return client.create_lora_training_client(TINY, rank=4, seed=3)
+    return client.create_full_training_client(TINY, seed=3)
+
+
+def _step(trainer, data) -> tuple[float, list[float]]:
+    """One forward_backward + optim_step: the loss and every datum's logprobs (flattened)."""
+    forward = trainer.forward_backward(data, "cross_entropy")
+    trainer.optim_step(types.AdamParams(learning_rate=LR, grad_clip_norm=1.0))
+    result = forward.result()
+    return result.metrics["loss:sum"], [v for out in result.loss_fn_outputs for v in out["logprobs"].data]
+
+
+def _scores(trainer, data) -> list[float]:
+    result = trainer.forward(data, "cross_entropy").result()
+    return [v for out in result.loss_fn_outputs for v in out["logprobs"].data]
+
+
+def _gap(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_sharded_training_matches_the_single_process_engine(servers, clients, data, kind):
+    trainers = [_trainer(client, kind) for client in clients]
+    for _ in range(4):
+        (loss_1, logprobs_1), (loss_2, logprobs_2) = (_step(t, data) for t in trainers)
+        assert abs(loss_1 - loss_2) <= SAME * max(1.0, abs(loss_1))
+        assert _gap(logprobs_1, logprobs_2) <= SAME
+
+    # the weights (and AdamW moments) the two wrote are the same, in the same files
+    paths = [t.save_state(f"{kind}-4").result().path for t in trainers]
+    weights = [checkpoint_tensors(s, p) for s, p in zip(servers, paths)]
+    assert weights[0].keys() == weights[1].keys()
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) <= SAME
+
+    # sampling and logprobs from their sampler weights agree too
+    samplers = [t.save_weights_and_get_sampling_client(f"{kind}-4s") for t in trainers]
+    prompt = types.ModelInput.from_ints(data[0].model_input.to_ints()[:5])
+    samples = [s.sample(prompt, 2, PARAMS).result() for s in samplers]
+    assert [q.tokens for q in samples[0].sequences] == [q.tokens for q in samples[1].sequences]
+    for one, two in zip(samples[0].sequences, samples[1].sequences):
+        assert _gap(list(one.logprobs or []), list(two.logprobs or [])) <= SAME
+    sequence = types.ModelInput.from_ints(data[1].model_input.to_ints())
+    scored = [s.compute_logprobs(sequence).result() for s in samplers]
+    assert _gap(scored[0][1:], scored[1][1:]) <= SAME
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("saver", [1, 0], ids=["saved-sharded", "saved-single"])
+def test_a_state_saved_by_one_back_end_continues_in_the_other(clients, data, kind, saver):
+    """Saved with W=2 and loaded with W=1, or the other way round: the loaded run scores as the
+    saver does, and its AdamW moments came along (a fresh optimizer would differ by > 1e-3)."""
+    loader = 1 - saver
+    original = _trainer(clients[saver], kind)
+    for _ in range(3):
+        _step(original, data)
+    path = original.save_state(f"cross-{kind}-{saver}").result().path
+    resumed = clients[loader].create_training_client_from_state_with_optimizer(path)
+    assert _gap(_scores(original, data), _scores(resumed, data)) <= 1e-6
+    for _ in range(2):
+        _, logprobs_original = _step(original, data)
+        _, logprobs_resumed = _step(resumed, data)
+        assert _gap(logprobs_original, logprobs_resumed) <= SAME
+
+
+def test_a_killed_worker_fails_its_requests_clearly_and_the_server_keeps_serving(servers, clients, data):
+    sharded, client = servers[1], clients[1]
+    trainer = _trainer(client, "full")
+    _step(trainer, data)
+    state = trainer.save_state("before-the-kill").result().path
+    sampler = trainer.save_weights_and_get_sampling_client("before-the-kill-s")
+
+    victim = sharded.engine.group.processes[1]
+    in_flight = trainer.forward_backward(data * 8, "cross_entropy")
+    os.kill(victim.pid, signal.SIGKILL)
+    with pytest.raises(stillroom.FailedPreconditionError,
+                       match=rf"worker rank 1 \(pid {victim.pid}\) was killed by signal SIGKILL.*"
+                             rf"last saved state is {state}"):
+        in_flight.result()
+
+    # the run stays gone, saying where to resume from, as after a restart
+    with pytest.raises(stillroom.FailedPreconditionError, match=f"last saved state is {state}"):
+        trainer.forward_backward(data, "cross_entropy").result()
+    # the server still serves: a fresh group samples the saved weights and resumes the state
+    prompt = types.ModelInput.from_ints(data[0].model_input.to_ints()[:5])
+    assert len(sampler.sample(prompt, 1, PARAMS).result().sequences[0].tokens) > 0
+    resumed = client.create_training_client_from_state_with_optimizer(state)
+    loss, _ = _step(resumed, data)
+    assert loss > 0
