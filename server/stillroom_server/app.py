@@ -72,7 +72,8 @@ class StillroomServer:
             logger.warning("marked %d unfinished requests from an earlier run as failed", failed)
         threads, how = resources.choose_threads(config.threads)
         self.engine = make_engine(config.data_dir, config.workers, config.device, config.max_num_samples,
-                                  config.local_models, config.dtype, config.threads, config.log_level)
+                                  config.local_models, config.dtype, config.threads, config.log_level,
+                                  config.worker_listen)
         self.scheduler = Scheduler(batch_runners(self.engine))
         total, available = resources.memory_budget()
         logger.info("memory: %.1f GiB total, %.1f GiB available at start; training runs keep up to "

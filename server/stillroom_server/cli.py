@@ -39,6 +39,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int,
         help="worker processes to shard training runs over with torch.distributed FSDP2 (gloo on cpu, "
              "NCCL on cuda); 1 (default): every model in the server process (STILLROOM_WORKERS)")
+    add("--worker-listen", metavar="HOST:PORT",
+        help="with --workers W: wait for a group of W workers launched elsewhere (torchrun, "
+             "STILLROOM_WORKER_AUTHKEY set on both sides) to connect here, instead of starting them "
+             "(STILLROOM_WORKER_LISTEN)")
     add("--max-tokens-per-request", type=int,
         help="tokens in one forward_backward request (default 4000000)")
     add("--tls-cert", type=Path,
@@ -65,7 +69,7 @@ def run_serve(args: argparse.Namespace) -> None:
         log_level=args.log_level, auth=args.auth, max_live_runs_per_owner=args.max_live_runs_per_owner,
         max_tokens_per_request=args.max_tokens_per_request, tls_cert=args.tls_cert,
         tls_key=args.tls_key, http_port=args.http_port, threads=args.threads,
-        workers=args.workers)
+        workers=args.workers, worker_listen=args.worker_listen)
     config.local_models = local_models
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -29,6 +29,8 @@ class ServerConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads; None: measured at start
     # worker processes a training run is sharded over (FSDP2); 1: every model in the server process
     workers: int = Field(default=1, ge=1)
+    # HOST:PORT where a worker group launched elsewhere (torchrun) connects; None: start them here
+    worker_listen: str | None = None
     log_level: str = "INFO"
     local_models: dict[str, Path] = Field(default_factory=dict)
     # The Tinker HTTP API and checkpoint downloads; None: the gRPC port + 1 (any free one if 0).

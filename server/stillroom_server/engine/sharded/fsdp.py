@@ -54,7 +54,7 @@ def build_sharded(directory: Path, dtype: torch.dtype, device: torch.device,
     module.to_empty(device=device)
     _remake_rotary(module, device)
     source = weights or directory / "model.safetensors"
-    state = load_file(str(source), device="cpu") if is_rank0() else {}
+    state: dict[str, Any] = load_file(str(source), device="cpu") if is_rank0() else {}
     set_model_state_dict(module, state, options=FULL_FROM_RANK0)
     return module
 
@@ -74,7 +74,7 @@ def _remake_rotary(module: Any, device: torch.device) -> None:
                 setattr(parent, name.rsplit(".", 1)[-1], type(child)(config=module.config))
 
 
-def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_state(module: torch.nn.Module) -> dict[str, Any]:
     """The module's whole state on rank 0 (gathered; empty on the other ranks)."""
     return get_model_state_dict(module, options=FULL)
 
@@ -129,7 +129,8 @@ class ShardedFullRun(FullRun):
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def load_weights(self, directory: Path) -> None:
-        state = load_file(str(directory / "model.safetensors"), device="cpu") if is_rank0() else {}
+        state: dict[str, Any] = load_file(str(directory / "model.safetensors"), device="cpu") \
+            if is_rank0() else {}
         with torch.no_grad():
             set_model_state_dict(self.model, state, options=FULL_FROM_RANK0)
 

@@ -8,7 +8,6 @@ processes and sockets, not what the commands mean.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -19,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Listener
 from typing import Any
 
 from stillroom_server.engine.errors import FailedPrecondition
@@ -47,33 +46,49 @@ def _how(code: int | None) -> str:
 
 
 class WorkerGroup:
-    def __init__(self, workers: int, settings: dict[str, Any]) -> None:
+    """W local worker processes (`listen` None), or a group launched elsewhere (torchrun on other
+    machines) whose rank 0 connects to `listen` ("HOST:PORT") with the STILLROOM_WORKER_AUTHKEY
+    secret; such a group is watched through rank 0's connection only."""
+
+    def __init__(self, workers: int, settings: dict[str, Any], listen: str | None = None) -> None:
         self.workers = workers
-        authkey = secrets.token_bytes(32)
-        self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        address = "%s:%d" % self._listener.address  # noqa: UP031 - a (host, port) tuple
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-               "WORLD_SIZE": str(workers), "STILLROOM_WORKER_ADDRESS": address,
-               "STILLROOM_WORKER_AUTHKEY": authkey.hex(), "STILLROOM_WORKER_SETTINGS": json.dumps(settings)}
-        self.processes = [
-            subprocess.Popen([sys.executable, "-m", "stillroom_server.engine.sharded.worker"],
-                             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
-            for rank in range(workers)]
+        if listen is None:
+            authkey, host, port = secrets.token_bytes(32), "127.0.0.1", 0
+        else:
+            authkey = bytes.fromhex(os.environ["STILLROOM_WORKER_AUTHKEY"])
+            host, port = listen.rsplit(":", 1)[0], int(listen.rsplit(":", 1)[1])
+        self._listener = Listener((host, port), authkey=authkey)
+        self.processes = [] if listen is not None else self._spawn(authkey)
         self._lock = threading.Lock()
         self.death: str | None = None
         self._connection = self._accept()
-        logger.info("%d workers joined (pids %s)", workers, [p.pid for p in self.processes])
+        world = pickle.loads(self._connection.recv_bytes())
+        if world != workers:
+            self.stop(timeout=0.0)
+            raise WorkersDied(f"workers: a group of {world} connected, {workers} were expected (--workers)")
+        self._connection.send_bytes(pickle.dumps(settings))
+        logger.info("%d workers joined%s", workers,
+                    f" (pids {[p.pid for p in self.processes]})" if self.processes else f" on {listen}")
 
-    def _accept(self) -> Connection:
+    def _spawn(self, authkey: bytes) -> list[subprocess.Popen]:
+        address = "%s:%d" % self._listener.address  # noqa: UP031 - a (host, port) tuple
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "WORLD_SIZE": str(self.workers), "STILLROOM_WORKER_ADDRESS": address,
+               "STILLROOM_WORKER_AUTHKEY": authkey.hex()}
+        return [subprocess.Popen([sys.executable, "-m", "stillroom_server.engine.sharded.worker"],
+                                 env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                for rank in range(self.workers)]
+
+    def _accept(self) -> Any:
         """Rank 0's connection, failing (not waiting forever) if a worker dies while starting."""
-        accepted: list[Connection] = []
+        accepted: list[Any] = []
         thread = threading.Thread(target=lambda: accepted.append(self._listener.accept()), daemon=True)
         thread.start()
         deadline = time.monotonic() + START_SECONDS
         while not accepted:
             thread.join(0.2)
             if (dead := self._dead()) is not None or time.monotonic() > deadline:
-                self.stop()
+                self.stop(timeout=0.0)
                 raise WorkersDied(f"workers: {dead or 'rank 0 did not connect'} while starting")
         return accepted[0]
 
@@ -95,14 +110,22 @@ class WorkerGroup:
                         raise WorkersDied(dead)
                 status, value = pickle.loads(self._connection.recv_bytes())
             except (EOFError, OSError, WorkersDied) as error:
-                self.death = str(error) if isinstance(error, WorkersDied) else \
-                    (self._dead() or f"rank 0's connection broke ({error})")
+                self.death = str(error) if isinstance(error, WorkersDied) else self._why_broken(error)
                 logger.error("sharded workers lost: %s; stopping the rest", self.death)
                 self.stop(timeout=0.0)
                 raise WorkersDied(f"workers: {self.death}") from None
         if status == "error":
             raise value
         return value
+
+    def _why_broken(self, error: BaseException) -> str:
+        """Rank 0's connection broke: the worker that died, once its exit shows (or the error)."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and self.processes:
+            if (dead := self._dead()) is not None:
+                return dead
+            time.sleep(0.05)
+        return f"rank 0's connection broke ({type(error).__name__}: {error})"
 
     @property
     def alive(self) -> bool:
@@ -111,7 +134,7 @@ class WorkerGroup:
     def stop(self, timeout: float = 10.0) -> None:
         """Ask rank 0 to stop the group; kill what has not ended by `timeout`."""
         try:
-            if self.death is None:
+            if self.death is None and timeout > 0:
                 self._connection.send_bytes(pickle.dumps(("stop", ())))
         except (AttributeError, OSError):
             pass

@@ -77,7 +77,7 @@ class RunHandle:
 class ShardedEngine(Engine):
     def __init__(self, data_dir: Path, workers: int, device: str = "cpu", max_num_samples: int = 128,
                  local_models: dict[str, Path] | None = None, dtype: str = "auto",
-                 threads: int | None = None, log_level: str = "INFO") -> None:
+                 threads: int | None = None, log_level: str = "INFO", listen: str | None = None) -> None:
         super().__init__(data_dir, device, max_num_samples, local_models, dtype, run_memory_bytes=0)
         self.models = FactsHost(data_dir, self.models.device, self.models.dtype, local_models)
         self.workers = workers
@@ -85,12 +85,16 @@ class ShardedEngine(Engine):
                           "local_models": {k: str(v) for k, v in (local_models or {}).items()},
                           "threads": threads, "log_level": log_level}
         self._lost: dict[str, str] = {}     # runs that were on a group that died -> how it ended
-        self.group = WorkerGroup(workers, self._settings)
+        self.listen = listen
+        self.group = WorkerGroup(workers, self._settings, listen)
+        logger.info("training runs are sharded over %d workers (FSDP2 on %s); sampling runs as whole "
+                    "batches on them; runs are never moved to disk", workers,
+                    "NCCL" if device == "cuda" else "gloo")
 
     def _call(self, method: str, *args: Any) -> Any:
         if not self.group.alive:
             logger.info("starting a fresh group of %d workers", self.workers)
-            self.group = WorkerGroup(self.workers, self._settings)
+            self.group = WorkerGroup(self.workers, self._settings, self.listen)
         try:
             return self.group.call(method, *args)
         except WorkersDied as error:
@@ -173,7 +177,8 @@ class ShardedEngine(Engine):
             raise InvalidInput(f"path: {uri} is a {meta['kind']} state of {meta['base_model']}; this run "
                                f"is a {'lora' if run.is_lora else 'full'} run of {run.base.name}")
         if run.is_lora and meta["lora"] != run.facts.lora_meta:
-            raise InvalidInput(f"path: {uri} has LoRA settings {meta['lora']}, this run {run.facts.lora_meta}")
+            raise InvalidInput(f"path: {uri} has LoRA settings {meta['lora']}, "
+                               f"this run {run.facts.lora_meta}")
 
     def load_state(self, run_id: str, uri: str, with_optimizer: bool) -> None:
         self.validate_load_state(run_id, uri)
@@ -185,7 +190,8 @@ class ShardedEngine(Engine):
         if path.kind != "sampler_weights":
             raise InvalidInput(f"model_path: {path.uri} is a training state, not sampler weights")
         meta = self.files.read_meta(path)
-        adapter = "snap-" + hashlib.sha1(path.uri.encode()).hexdigest()[:16] if meta["kind"] == "lora" else None
+        lora = meta["kind"] == "lora"
+        adapter = "snap-" + hashlib.sha1(path.uri.encode()).hexdigest()[:16] if lora else None
         return Sampler(key, self.models.get(meta["base_model"]), adapter=adapter)
 
     def _weights_of(self, opened: Sampler) -> str:

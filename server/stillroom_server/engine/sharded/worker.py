@@ -2,9 +2,10 @@
 
 Rendezvous is torch.distributed's own (`env://`: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, as
 torchrun sets them), so the same code runs under a torchrun-style launch on several machines.
-Rank 0 connects to the server (STILLROOM_WORKER_ADDRESS, STILLROOM_WORKER_AUTHKEY), receives each
-command, broadcasts it to every rank (gloo), and every rank runs it on its `WorkerEngine`, in the
-same order; rank 0 sends back the result. Knows nothing of owners, request numbers or the wire.
+Rank 0 connects to the server (STILLROOM_WORKER_ADDRESS, STILLROOM_WORKER_AUTHKEY), receives the
+server's settings and then each command, broadcasts them to every rank (on gloo), and every rank
+runs the command on its `WorkerEngine`, in the same order; rank 0 sends back the result. Knows
+nothing of owners, request numbers or the wire.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from datetime import timedelta
-from multiprocessing.connection import Client, Connection
+from multiprocessing.connection import Client
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +226,7 @@ def _picklable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
-def serve_commands(engine: WorkerEngine, connection: Connection | None) -> None:
+def serve_commands(engine: WorkerEngine, connection: Any) -> None:
     """Receive (rank 0), broadcast, run and answer commands until the server says stop or goes."""
     while True:
         command: Any = None
@@ -236,7 +237,7 @@ def serve_commands(engine: WorkerEngine, connection: Connection | None) -> None:
             except (EOFError, OSError):
                 command = ("stop", ())
         box = [command]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
         method, args = box[0]
         if method == "stop":
             return
@@ -250,21 +251,26 @@ def serve_commands(engine: WorkerEngine, connection: Connection | None) -> None:
 
 
 def main() -> None:
-    settings = json.loads(os.environ["STILLROOM_WORKER_SETTINGS"])
-    logging.basicConfig(level=settings.get("log_level", "INFO").upper(),
-                        format=f"%(asctime)s %(levelname)s rank {os.environ['RANK']} %(name)s: %(message)s")
-    torch.set_num_threads(int(settings.get("threads") or 1))
-    device = settings["device"]
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+    rank = int(os.environ["RANK"])
+    logging.basicConfig(level=os.environ.get("STILLROOM_LOG_LEVEL", "INFO").upper(),
+                        format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    # commands travel on gloo (CPU tensors); FSDP's collectives on CUDA tensors take NCCL
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS))
-    engine = WorkerEngine(Path(settings["data_dir"]), device,
-                          {k: Path(v) for k, v in settings["local_models"].items()}, settings["dtype"])
     connection = None
-    if dist.get_rank() == 0:
+    if rank == 0:
         host, port = os.environ["STILLROOM_WORKER_ADDRESS"].rsplit(":", 1)
         connection = Client((host, int(port)), authkey=bytes.fromhex(os.environ["STILLROOM_WORKER_AUTHKEY"]))
+        connection.send_bytes(pickle.dumps(dist.get_world_size()))
+    box = [pickle.loads(connection.recv_bytes()) if connection is not None else None]
+    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))  # the server's settings
+    settings = box[0]
+    torch.set_num_threads(int(settings.get("threads") or 1))
+    engine = WorkerEngine(Path(settings["data_dir"]), settings["device"],
+                          {k: Path(v) for k, v in settings["local_models"].items()}, settings["dtype"])
     try:
         serve_commands(engine, connection)
     finally:
