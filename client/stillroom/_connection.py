@@ -21,9 +21,11 @@ import grpc
 from stillroom import errors
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom._proto import stillroom_pb2_grpc as pb_grpc
+from stillroom._submit import Submitter
 from stillroom.futures import APIFuture
 
 T = TypeVar("T")
+Accepted = tuple[str, Awaitable[pb.FutureResult]]   # a Submit call's request id and result
 logger = logging.getLogger("stillroom")
 
 MAX_MESSAGE_BYTES = 1 << 30
@@ -76,6 +78,7 @@ class Connection:
         self.max_retries = max_retries
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._sending: asyncio.Semaphore | None = None   # made on the connection's loop
+        self._submitter: Submitter | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="stillroom-connection")
@@ -111,6 +114,10 @@ class Connection:
 
     # ---------------------------------------------------------------- calls
 
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
     async def call(self, method: str, request: Any, timeout: float | None = 60.0,
                    retry: bool = True) -> Any:
         """One unary call, retried with jittered backoff while the server is UNAVAILABLE.
@@ -118,16 +125,25 @@ class Connection:
         Pass retry=False for a call that is not safe to repeat (one that creates something
         without a request number): it fails at once with a clear error instead."""
         rpc = getattr(self.stub, method)
+
+        async def once() -> Any:
+            if method == "RetrieveFuture":
+                return await rpc(request, metadata=self._metadata, timeout=timeout)
+            if self._sending is None:
+                self._sending = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+            async with self._sending:
+                return await rpc(request, metadata=self._metadata, timeout=timeout)
+
+        return await self.with_retries(method, once, retry)
+
+    async def with_retries(self, method: str, once: Callable[[], Awaitable[T]], retry: bool = True) -> T:
+        """`once()`, again after a RESOURCE_EXHAUSTED refusal that says to wait, and with jittered
+        backoff while the server is UNAVAILABLE (unless `retry` is False); typed errors otherwise."""
         delay = 0.1
         attempt = 0
         while True:
             try:
-                if method == "RetrieveFuture":
-                    return await rpc(request, metadata=self._metadata, timeout=timeout)
-                if self._sending is None:
-                    self._sending = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
-                async with self._sending:
-                    return await rpc(request, metadata=self._metadata, timeout=timeout)
+                return await once()
             except grpc.aio.AioRpcError as error:
                 wait_ms = retry_after_ms(error)
                 if wait_ms is not None:  # a full queue refused it (and changed nothing): wait as told
@@ -159,23 +175,39 @@ class Connection:
             if result.status == pb.FAILED:
                 raise errors.error_for(result.error.code, result.error.message, request_id)
 
-    def submit(self, send: Callable[[], Awaitable[pb.FutureRef]],
+    def submit(self, send: Callable[[], Awaitable[pb.FutureRef | Accepted]],
                parse: Callable[[pb.FutureResult], T]) -> APIFuture[T]:
-        """Send a request with `send` and return an APIFuture for its parsed result."""
+        """Send a request with `send` and return an APIFuture for its parsed result. `send` answers
+        with a FutureRef (its result is then long-polled) or, for a call sent through `Submit`,
+        with its request id and a future of its result."""
         submitted: concurrent.futures.Future[str] = concurrent.futures.Future()
 
-        async def send_then_poll() -> T:
+        async def send_then_wait() -> T:
             try:
                 ref = await send()
             except BaseException as error:
                 submitted.set_exception(error)
                 raise
-            submitted.set_result(ref.request_id)
-            return parse(await self.wait_for(ref.request_id))
+            if isinstance(ref, pb.FutureRef):
+                request_id, result = ref.request_id, self.wait_for(ref.request_id)
+            else:
+                request_id, result = ref
+            submitted.set_result(request_id)
+            return parse(await result)
 
-        return APIFuture(self.spawn(send_then_poll()), submitted)
+        return APIFuture(self.spawn(send_then_wait()), submitted)
 
-    async def submit_async(self, send: Callable[[], Awaitable[pb.FutureRef]],
+    def submit_item(self, item: pb.SubmitItem, parse: Callable[[pb.FutureResult], T]) -> APIFuture[T]:
+        """Send one call through `Submit`, together with other calls made at the same moment."""
+        return self.submit(lambda: self.submitter().send(item), parse)
+
+    def submitter(self) -> Submitter:
+        """The connection's Submit batcher (made on the connection's loop)."""
+        if self._submitter is None:
+            self._submitter = Submitter(self)
+        return self._submitter
+
+    async def submit_async(self, send: Callable[[], Awaitable[pb.FutureRef | Accepted]],
                            parse: Callable[[pb.FutureResult], T]) -> APIFuture[T]:
         """Like `submit`, but return only once the server has accepted the request."""
         future = self.submit(send, parse)

@@ -29,7 +29,7 @@ class SamplingClient:
 
     # ---------------------------------------------------------------- sample
 
-    def _sample_sender(self, prompt: types.ModelInput, num_samples: int,
+    def _sample_item(self, prompt: types.ModelInput, num_samples: int,
                        sampling_params: types.SamplingParams, include_prompt_logprobs: bool,
                        topk_prompt_logprobs: int, topk_sample_logprobs: int,
                        target_prompt_logprobs: Any, prompt_alt_tokens_k: int,
@@ -44,7 +44,7 @@ class SamplingClient:
             topk_prompt_logprobs=topk_prompt_logprobs, topk_sample_logprobs=topk_sample_logprobs)
         if prompt_logprobs_last_n is not None:
             request.prompt_logprobs_last_n = prompt_logprobs_last_n
-        return lambda: self._connection.call("Sample", request)
+        return pb.SubmitItem(sample=request)
 
     @staticmethod
     def _parse_sample(result: pb.FutureResult) -> types.SampleResponse:
@@ -59,10 +59,10 @@ class SamplingClient:
         `topk_sample_logprobs` k > 0, its `topk_logprobs` lists the k likeliest (token, logprob)
         at each sampled position; `prompt_logprobs_last_n` scores only the prompt's last n tokens
         (for prompt logprobs and top-k prompt logprobs; earlier entries are None)."""
-        send = self._sample_sender(prompt, num_samples, sampling_params, include_prompt_logprobs,
+        item = self._sample_item(prompt, num_samples, sampling_params, include_prompt_logprobs,
                                    topk_prompt_logprobs, topk_sample_logprobs,
                                    target_prompt_logprobs, prompt_alt_tokens_k, prompt_logprobs_last_n)
-        return self._connection.submit(send, self._parse_sample)
+        return self._connection.submit_item(item, self._parse_sample)
 
     async def sample_async(self, prompt: types.ModelInput, num_samples: int,
                            sampling_params: types.SamplingParams,
@@ -71,19 +71,19 @@ class SamplingClient:
                            prompt_alt_tokens_k: int = 0,
                            prompt_logprobs_last_n: int | None = None) -> types.SampleResponse:
         """Like `sample`, awaiting the result (as Tinker's does)."""
-        send = self._sample_sender(prompt, num_samples, sampling_params, include_prompt_logprobs,
+        item = self._sample_item(prompt, num_samples, sampling_params, include_prompt_logprobs,
                                    topk_prompt_logprobs, topk_sample_logprobs,
                                    target_prompt_logprobs, prompt_alt_tokens_k, prompt_logprobs_last_n)
-        return await self._connection.submit(send, self._parse_sample)
+        return await self._connection.submit_item(item, self._parse_sample)
 
     # ---------------------------------------------------------------- logprobs
 
-    def _logprobs_sender(self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None):
+    def _logprobs_item(self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None):
         request = pb.ComputeLogprobsRequest(sampling_session_id=self.sampling_session_id,
                                             prompt=_wire.model_input_to_pb(prompt))
         if prompt_logprobs_last_n is not None:
             request.prompt_logprobs_last_n = prompt_logprobs_last_n
-        return lambda: self._connection.call("ComputeLogprobs", request)
+        return pb.SubmitItem(compute_logprobs=request)
 
     @staticmethod
     def _parse_logprobs(result: pb.FutureResult) -> list[float | None]:
@@ -93,8 +93,8 @@ class SamplingClient:
                          prompt_logprobs_last_n: int | None = None) -> APIFuture[list[float | None]]:
         """Each token's logprob given the tokens before it; the first entry is None (and, with
         `prompt_logprobs_last_n`, every entry before the last n)."""
-        return self._connection.submit(self._logprobs_sender(prompt, prompt_logprobs_last_n),
-                                       self._parse_logprobs)
+        return self._connection.submit_item(self._logprobs_item(prompt, prompt_logprobs_last_n),
+                                            self._parse_logprobs)
 
     async def compute_logprobs_async(self, prompt: types.ModelInput,
                                      prompt_logprobs_last_n: int | None = None) -> list[float | None]:

@@ -89,6 +89,9 @@ def _custom_loss_weights(data: list[types.Datum], forward: types.ForwardBackward
     return weights, value, metrics
 
 
+SUBMITTED = {"ForwardBackward": "forward_backward", "OptimStep": "optim_step"}  # sent through Submit
+
+
 class TrainingClient:
     def __init__(self, service: ServiceClient, info: pb.TrainingRunInfo) -> None:
         self._service = service
@@ -114,12 +117,19 @@ class TrainingClient:
         self._next_seq += 1
         return ref
 
-    def _numbered(self, build: Callable[[int], Any], method: str) -> Callable[[], Awaitable[pb.FutureRef]]:
-        """A sender that takes the next request number and sends in call order."""
+    def _numbered(self, build: Callable[[int], Any], method: str) -> Callable[[], Awaitable[Any]]:
+        """A sender that takes the next request number and sends in call order (forward_backward
+        and optim_step through `Submit`, their results coming back on its stream)."""
+        field = SUBMITTED.get(method)
 
-        async def send() -> pb.FutureRef:
+        async def send() -> Any:
             async with self._lock():
-                return await self._send_next(build, method)
+                if field is None:
+                    return await self._send_next(build, method)
+                item = pb.SubmitItem(**{field: build(self._next_seq)})
+                accepted = await self._connection.submitter().send(item)
+                self._next_seq += 1
+                return accepted
 
         return send
 

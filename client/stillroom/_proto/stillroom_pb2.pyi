@@ -399,6 +399,42 @@ class FutureRef(_message.Message):
     request_id: str
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
+class SubmitRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[SubmitItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[SubmitItem, _Mapping]]] = ...) -> None: ...
+
+class SubmitItem(_message.Message):
+    __slots__ = ("sample", "compute_logprobs", "forward_backward", "optim_step")
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    OPTIM_STEP_FIELD_NUMBER: _ClassVar[int]
+    sample: SampleRequest
+    compute_logprobs: ComputeLogprobsRequest
+    forward_backward: ForwardBackwardRequest
+    optim_step: OptimStepRequest
+    def __init__(self, sample: _Optional[_Union[SampleRequest, _Mapping]] = ..., compute_logprobs: _Optional[_Union[ComputeLogprobsRequest, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardRequest, _Mapping]] = ..., optim_step: _Optional[_Union[OptimStepRequest, _Mapping]] = ...) -> None: ...
+
+class SubmitAccepted(_message.Message):
+    __slots__ = ("request_id", "refused", "retry_after_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    refused: FutureError
+    retry_after_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., refused: _Optional[_Union[FutureError, _Mapping]] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+
+class SubmitEvent(_message.Message):
+    __slots__ = ("accepted", "result")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    accepted: _containers.RepeatedCompositeFieldContainer[SubmitAccepted]
+    result: FutureResult
+    def __init__(self, accepted: _Optional[_Iterable[_Union[SubmitAccepted, _Mapping]]] = ..., result: _Optional[_Union[FutureResult, _Mapping]] = ...) -> None: ...
+
 class RetrieveFutureRequest(_message.Message):
     __slots__ = ("request_id", "timeout_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

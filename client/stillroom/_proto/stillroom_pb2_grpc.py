@@ -90,6 +90,11 @@ class StillroomStub:
                 request_serializer=stillroom_dot_v1_dot_stillroom__pb2.RetrieveFutureRequest.SerializeToString,
                 response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.FutureResult.FromString,
                 _registered_method=True)
+        self.Submit = channel.unary_stream(
+                '/stillroom.v1.Stillroom/Submit',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.SubmitEvent.FromString,
+                _registered_method=True)
         self.SaveState = channel.unary_unary(
                 '/stillroom.v1.Stillroom/SaveState',
                 request_serializer=stillroom_dot_v1_dot_stillroom__pb2.SaveWeightsRequest.SerializeToString,
@@ -201,6 +206,15 @@ class StillroomServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Submit(self, request, context):
+        """Several model calls in one message, answered on one stream: first every call's request id
+        (or its refusal), then each result as it finishes. The ids are the same futures as the unary
+        calls' (RetrieveFuture long-polls them, e.g. after the stream was lost).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SaveState(self, request, context):
         """Training state (weights + optimizer) and checkpoint management.
         """
@@ -307,6 +321,11 @@ def add_StillroomServicer_to_server(servicer, server):
                     servicer.RetrieveFuture,
                     request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.RetrieveFutureRequest.FromString,
                     response_serializer=stillroom_dot_v1_dot_stillroom__pb2.FutureResult.SerializeToString,
+            ),
+            'Submit': grpc.unary_stream_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.SubmitRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.SubmitEvent.SerializeToString,
             ),
             'SaveState': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveState,
@@ -646,6 +665,33 @@ class Stillroom:
             '/stillroom.v1.Stillroom/RetrieveFuture',
             stillroom_dot_v1_dot_stillroom__pb2.RetrieveFutureRequest.SerializeToString,
             stillroom_dot_v1_dot_stillroom__pb2.FutureResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/Submit',
+            stillroom_dot_v1_dot_stillroom__pb2.SubmitRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.SubmitEvent.FromString,
             options,
             channel_credentials,
             insecure,

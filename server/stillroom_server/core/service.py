@@ -212,8 +212,7 @@ class Service:
         """A request id for a coroutine made by `make`, finished (or failed) when it is: for calls
         that one wire answers at once and the other as a future (Tinker's create_model)."""
         request_id = new_request_id()
-        self.store.create_future(request_id, owner, kind)
-        self.hub.watch(request_id)
+        self.hub.create(request_id, owner, kind)
 
         async def run() -> None:
             try:
@@ -282,15 +281,15 @@ class Service:
             return request_id
         request_id = self._accept(owner, kind, run_id, seq)
         self.scheduler.submit(Job(
-            kind=kind, run=lambda: encode(work()), lane=run_id,
-            done=lambda result, error: self.hub.complete(request_id, result, error)))
+            kind=kind, run=work, lane=run_id,
+            done=lambda result, error: self.hub.complete(request_id, result, error, encode)))
         return request_id
 
     def _accept(self, owner: str, kind: str, run_id: str, seq: int) -> str:
         request_id, _ = self.store.accept_sequenced(new_request_id(), owner, kind, run_id, seq)
         if (turn := self._turns.pop(run_id, None)) is not None:
             turn.set()
-        self.hub.watch(request_id)
+        self.hub.watch(request_id, owner, kind)
         return request_id
 
     def in_turn(self, owner: str, run_id: str, seq: int, kind: str, submit: Callable[[], str],
@@ -460,12 +459,10 @@ class Service:
         request_id = new_request_id()
         if isinstance(work, SampleWork):  # both transports name a request's samples the same way
             work.sequence_ids = tuple(sample_sequence_ids(request_id, work.num_samples))
-        self.store.create_future(request_id, owner, kind)
-        self.hub.watch(request_id)
+        self.hub.create(request_id, owner, kind)
         self.scheduler.submit(Job(
             kind=kind, run=None, lane=f"sampling:{owner}", batch_key=opened.key, payload=(opened, work),
-            done=lambda result, error: self.hub.complete(
-                request_id, None if error else encode(result), error)))
+            done=lambda result, error: self.hub.complete(request_id, result, error, encode)))
         return request_id
 
     def sample(self, owner: str, session_id: str, work: SampleWork) -> str:

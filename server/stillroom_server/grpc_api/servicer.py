@@ -10,12 +10,12 @@ from stillroom._proto import stillroom_pb2 as pb
 from stillroom._proto import stillroom_pb2_grpc as pb_grpc
 from stillroom_server import __version__
 from stillroom_server.core.auth import Authenticator
-from stillroom_server.core.errors import FailedPrecondition
+from stillroom_server.core.errors import FailedPrecondition, InvalidInput, code_for
 from stillroom_server.core.futures import FutureHub
 from stillroom_server.core.service import RunInfo, SamplerInfo, SaveOptions, Service
 from stillroom_server.engine.engine import LoraSpec
 from stillroom_server.grpc_api import convert
-from stillroom_server.grpc_api.status import rpc
+from stillroom_server.grpc_api.status import retry_after_ms, rpc, rpc_stream
 from stillroom_server.http_api.archives import Archives
 
 
@@ -59,14 +59,19 @@ class StillroomServicer(pb_grpc.StillroomServicer):
 
     @rpc
     async def ForwardBackward(self, request, context, owner):
+        return pb.FutureRef(request_id=self._forward_backward(owner, request))
+
+    def _forward_backward(self, owner: str, request: pb.ForwardBackwardRequest) -> str:
         work = convert.forward_backward_from_pb(request)
-        return pb.FutureRef(request_id=self.service.forward_backward(
-            owner, request.training_run_id, request.seq, work))
+        return self.service.forward_backward(owner, request.training_run_id, request.seq, work)
 
     @rpc
     async def OptimStep(self, request, context, owner):
-        return pb.FutureRef(request_id=self.service.optim_step(
-            owner, request.training_run_id, request.seq, convert.adam_from_pb(request.adam_params)))
+        return pb.FutureRef(request_id=self._optim_step(owner, request))
+
+    def _optim_step(self, owner: str, request: pb.OptimStepRequest) -> str:
+        return self.service.optim_step(owner, request.training_run_id, request.seq,
+                                       convert.adam_from_pb(request.adam_params))
 
     @rpc
     async def SaveWeightsForSampler(self, request, context, owner):
@@ -101,13 +106,18 @@ class StillroomServicer(pb_grpc.StillroomServicer):
 
     @rpc
     async def Sample(self, request, context, owner):
-        return pb.FutureRef(request_id=self.service.sample(
-            owner, request.sampling_session_id, convert.sample_from_pb(request)))
+        return pb.FutureRef(request_id=self._sample(owner, request))
+
+    def _sample(self, owner: str, request: pb.SampleRequest) -> str:
+        return self.service.sample(owner, request.sampling_session_id, convert.sample_from_pb(request))
 
     @rpc
     async def ComputeLogprobs(self, request, context, owner):
-        return pb.FutureRef(request_id=self.service.compute_logprobs(
-            owner, request.sampling_session_id, convert.logprobs_from_pb(request)))
+        return pb.FutureRef(request_id=self._compute_logprobs(owner, request))
+
+    def _compute_logprobs(self, owner: str, request: pb.ComputeLogprobsRequest) -> str:
+        return self.service.compute_logprobs(owner, request.sampling_session_id,
+                                             convert.logprobs_from_pb(request))
 
     # ---------------------------------------------------------------- futures
 
@@ -115,6 +125,36 @@ class StillroomServicer(pb_grpc.StillroomServicer):
     async def RetrieveFuture(self, request, context, owner):
         record = await self.service.wait(owner, request.request_id, request.timeout_seconds)
         return FutureHub.to_pb(record)
+
+    @rpc_stream
+    async def Submit(self, request, context, owner):
+        with self.service.hub.batched():  # one transaction for every item's pending row
+            accepted = [self._accept(owner, item) for item in request.items]
+        yield pb.SubmitEvent(accepted=accepted)
+        async for record in self.service.hub.settled([a.request_id for a in accepted if a.request_id],
+                                                     owner):
+            yield pb.SubmitEvent(result=FutureHub.to_pb(record))
+
+    def _accept(self, owner: str, item: pb.SubmitItem) -> pb.SubmitAccepted:
+        """One item of a Submit, as its unary call would take it; a refusal is its answer alone."""
+        call = item.WhichOneof("call")
+        try:
+            if call == "sample":
+                request_id = self._sample(owner, item.sample)
+            elif call == "compute_logprobs":
+                request_id = self._compute_logprobs(owner, item.compute_logprobs)
+            elif call == "forward_backward":
+                request_id = self._forward_backward(owner, item.forward_backward)
+            elif call == "optim_step":
+                request_id = self._optim_step(owner, item.optim_step)
+            else:
+                raise InvalidInput("items: each item needs a call (sample, compute_logprobs, "
+                                   "forward_backward or optim_step)")
+        except Exception as error:  # noqa: BLE001 - answered as this item's refusal
+            code, message = code_for(error)
+            return pb.SubmitAccepted(refused=pb.FutureError(code=code, message=message),
+                                     retry_after_ms=retry_after_ms(error))
+        return pb.SubmitAccepted(request_id=request_id)
 
     # ---------------------------------------------------------------- checkpoint management
 

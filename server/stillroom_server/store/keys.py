@@ -54,9 +54,10 @@ def owner_of(store: Store, secret: str) -> str | None:
     candidates = [_hash(secret)]
     if secret.startswith(KEY_PREFIX + "sr-"):
         candidates.append(_hash(secret[len(KEY_PREFIX):]))
-    with store.session() as session:
-        row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash.in_(candidates)))
-    return row.owner if row is not None and row.revoked_at is None else None
+    with store.engine.connect() as connection:  # Core, not the ORM: this runs on every call
+        row = connection.execute(select(ApiKeyRow.owner).where(
+            ApiKeyRow.key_hash.in_(candidates), ApiKeyRow.revoked_at.is_(None))).first()
+    return None if row is None else row.owner
 
 
 def revoke_key(store: Store, key: str) -> ApiKeyInfo | None:

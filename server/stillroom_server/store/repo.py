@@ -13,7 +13,18 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, create_engine, delete, event, func, select, update
+from sqlalchemy import (
+    CursorResult,
+    Table,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from stillroom_server.store.models import CheckpointRow, FutureRow, TrainingRunRow
@@ -40,9 +51,17 @@ class FutureRecord:
     error_message: str | None
 
 
-def _record(row: FutureRow) -> FutureRecord:
-    return FutureRecord(row.id, row.owner, row.kind, row.status, row.result, row.error_code,
-                        row.error_message)
+@dataclass(frozen=True)
+class FutureOutcome:
+    """How a request ended, as `settle_futures` records it."""
+    id: str
+    status: str                 # "done" | "failed"
+    result: bytes | None
+    error_code: str | None
+    error_message: str | None
+
+
+_FUTURES = cast(Table, FutureRow.__table__)
 
 
 class Store:
@@ -130,8 +149,18 @@ class Store:
                                                              FutureRow.seq == seq))
 
     def create_future(self, future_id: str, owner: str, kind: str) -> None:
-        with self.session() as session, session.begin():
-            session.add(self._new_future(future_id, owner, kind, None, None))
+        self.create_futures([(future_id, owner, kind)])
+
+    def create_futures(self, futures: list[tuple[str, str, str]]) -> None:
+        """Record pending requests (id, owner, kind) in one transaction."""
+        if not futures:
+            return
+        now = utcnow()
+        with self.engine.begin() as connection:  # Core, not the ORM: this runs once per request
+            connection.execute(insert(_FUTURES), [
+                {"id": future_id, "owner": owner, "kind": kind, "run_id": None, "seq": None,
+                 "status": "pending", "created_at": now, "expires_at": now + FUTURE_TTL}
+                for future_id, owner, kind in futures])
 
     @staticmethod
     def _new_future(future_id, owner, kind, run_id, seq) -> FutureRow:
@@ -140,20 +169,31 @@ class Store:
                          status="pending", created_at=now, expires_at=now + FUTURE_TTL)
 
     def finish_future(self, future_id: str, result: bytes) -> None:
-        self._set_future(future_id, status="done", result=result)
+        self.settle_futures([FutureOutcome(future_id, "done", result, None, None)])
 
     def fail_future(self, future_id: str, code: str, message: str) -> None:
-        self._set_future(future_id, status="failed", error_code=code, error_message=message)
+        self.settle_futures([FutureOutcome(future_id, "failed", None, code, message)])
 
-    def _set_future(self, future_id: str, **values) -> None:
-        with self.session() as session, session.begin():
-            session.execute(update(FutureRow).where(FutureRow.id == future_id)
-                            .values(finished_at=utcnow(), **values))
+    def settle_futures(self, outcomes: list[FutureOutcome]) -> None:
+        """Record many requests' outcomes in one transaction (one commit for a whole batch)."""
+        if not outcomes:
+            return
+        now = utcnow()
+        statement = (update(_FUTURES).where(_FUTURES.c.id == bindparam("future_id"))
+                     .values(status=bindparam("new_status"), result=bindparam("new_result"),
+                             error_code=bindparam("code"), error_message=bindparam("message"),
+                             finished_at=bindparam("at")))
+        with self.engine.begin() as connection:
+            connection.execute(statement, [
+                {"future_id": o.id, "new_status": o.status, "new_result": o.result, "code": o.error_code,
+                 "message": o.error_message, "at": now} for o in outcomes])
 
     def get_future(self, future_id: str) -> FutureRecord | None:
-        with self.session() as session:
-            row = session.get(FutureRow, future_id)
-            return None if row is None else _record(row)
+        columns = (_FUTURES.c.id, _FUTURES.c.owner, _FUTURES.c.kind, _FUTURES.c.status,
+                   _FUTURES.c.result, _FUTURES.c.error_code, _FUTURES.c.error_message)
+        with self.engine.connect() as connection:
+            row = connection.execute(select(*columns).where(_FUTURES.c.id == future_id)).first()
+        return None if row is None else FutureRecord(*row)
 
     def delete_expired_futures(self, now: datetime | None = None) -> int:
         """Remove finished futures whose results have expired; pending ones are never removed."""
