@@ -4,7 +4,8 @@ PEFT's own `adapter_names=` does the same, but loops over adapters in every laye
 whole module tree on every call: on a decode step of 8 snapshots it was 6x slower than the base
 model alone. Here a batch's rows are grouped by adapter once per batch composition (a gather index,
 groups padded to one size), and every LoRA linear layer adds each group's update with two batched
-matmuls over the adapters' stacked weights: x[rows] @ A_g^T @ B_g^T, added back at the rows.
+matmuls over the adapters' stacked weights: x[rows] @ A_g^T @ B_g^T, added back at the rows; layers
+reading one input (q/k/v, gate/up) share the gather and the matmuls (their A's side by side).
 Each row pays for its own adapter's rank only (stacking every adapter's A and masking, as before,
 paid for all of them: 8x the work with 8 snapshots). Stacks are built once per set of adapters and
 kept until an adapter is added or removed. Rows named `__base__` get no update. Knows PEFT's LoRA
@@ -24,6 +25,7 @@ from peft.tuners.lora.layer import LoraLayer
 
 BASE = "__base__"
 KEPT_SETS = 4   # sets of adapters whose stacks stay built (a decode's set changes as requests come and go)
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))   # layers called on one input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,15 @@ class _Plan:
     keep_G: torch.Tensor | None      # [G * size]: 0 at padding slots; None: no padding
 
 
+@dataclasses.dataclass(frozen=True)
+class _Siblings:
+    """LoRA layers of one module that read the same input (q/k/v, gate/up): their updates are made
+    together, with one gather and two batched matmuls; a layer alone is a group of one."""
+
+    layers: tuple[LoraLinear, ...]
+    columns: dict[int, tuple[int, int]]   # id(layer) -> its slice of the joint output
+
+
 class MixedAdapters:
     """Installed once on a PEFT host; `rows(names)` makes calls within it mixed-adapter calls."""
 
@@ -43,9 +54,12 @@ class MixedAdapters:
         self.model = model
         self.plan: _Plan | None = None                       # the call in progress
         self._last: tuple[tuple[str, ...], _Plan] | None = None
-        # per set of adapters, per layer: (A [G, in, r], B [G, r, out] scaled) or None (no adapter has it)
+        self._siblings: dict[int, _Siblings] = {}            # id(layer) -> its group
+        # per set of adapters, per group: (A [G, in, R], B [G, R, out] scaled) or None (no adapter has it)
         self._stacks: collections.OrderedDict[tuple[str, ...], dict[int, tuple | None]] = \
             collections.OrderedDict()
+        self._current: dict[int, tuple | None] = {}          # this call's set of adapters
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # group -> x, update, users
         self.fast = True
         self.refresh()
 
@@ -53,37 +67,80 @@ class MixedAdapters:
         """After adapters were added or removed: forget the stacks, cover new layers."""
         self._stacks.clear()
         self._last = None
-        for module in self.model.modules():
+        layers: dict[str, LoraLinear] = {}
+        for name, module in self.model.named_modules():
             if isinstance(module, LoraLayer) and not isinstance(module, LoraLinear):
                 self.fast = False
             elif isinstance(module, LoraLinear) and "forward" not in module.__dict__:
                 module.forward = functools.partial(_forward, self, module)
-            if isinstance(module, LoraLinear) and any(module.use_dora.values()):
-                self.fast = False
+            if isinstance(module, LoraLinear):
+                layers[name] = module
+                if any(module.use_dora.values()):
+                    self.fast = False
+        self._siblings = _group_siblings(layers)
 
     @contextlib.contextmanager
     def rows(self, names: list[str]):
         key = tuple(names)
         if self._last is None or self._last[0] != key:   # the composition changed since the last call
             self._last = (key, _make_plan(key, next(self.model.parameters()).device))
-        self.plan = self._last[1]
+        self.plan = plan = self._last[1]
+        self._current = self._stacks_of(plan.adapters)
         try:
             yield
         finally:
             self.plan = None
+            self._pending.clear()
 
-    def stacks(self, layer: LoraLinear, adapters: tuple[str, ...]) -> tuple | None:
-        """(A [G, in, r], B [G, r, out] scaled) of `adapters` in `layer` (ranks padded with zeros)."""
-        per_layer = self._stacks.get(adapters)
-        if per_layer is None:
-            per_layer = self._stacks[adapters] = {}
-            while len(self._stacks) > KEPT_SETS:
-                self._stacks.popitem(last=False)
-        else:
+    def _stacks_of(self, adapters: tuple[str, ...]) -> dict[int, tuple | None]:
+        if adapters in self._stacks:
             self._stacks.move_to_end(adapters)
-        if id(layer) not in per_layer:
-            per_layer[id(layer)] = _stack(layer, adapters)
-        return per_layer[id(layer)]
+            return self._stacks[adapters]
+        self._stacks[adapters] = {}
+        while len(self._stacks) > KEPT_SETS:
+            self._stacks.popitem(last=False)
+        return self._stacks[adapters]
+
+    def update(self, plan: _Plan, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """This layer's LoRA update of every row on an adapter, in the plan's group layout
+        [G * size, ..., out]; None when no adapter of the batch adapts this layer."""
+        siblings = self._siblings[id(layer)]
+        key = id(siblings)
+        pending = self._pending.get(key)
+        if pending is None or pending[0] is not x:
+            if key not in self._current:
+                self._current[key] = _stack(siblings, plan.adapters)
+            stacks = self._current[key]
+            if stacks is None:
+                return None
+            pending = (x, _grouped_update(plan, x, *stacks), len(siblings.layers))
+        if pending[2] > 1:
+            self._pending[key] = (pending[0], pending[1], pending[2] - 1)
+        else:
+            self._pending.pop(key, None)
+        start, stop = siblings.columns[id(layer)]
+        return pending[1][..., start:stop]
+
+
+def _group_siblings(layers: dict[str, LoraLinear]) -> dict[int, _Siblings]:
+    """Each LoRA layer's group: its siblings in SIBLINGS under the same parent, else itself."""
+    groups: dict[int, _Siblings] = {}
+    for name, layer in layers.items():
+        if id(layer) in groups:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        family = next((f for f in SIBLINGS if leaf in f), (leaf,))
+        members = [layers[f"{parent}.{m}" if parent else m] for m in family
+                   if (f"{parent}.{m}" if parent else m) in layers]
+        if len({_features(m)[0] for m in members}) != 1:
+            members = [layer]
+        columns, start = {}, 0
+        for member in members:
+            columns[id(member)] = (start, start + _features(member)[1])
+            start += _features(member)[1]
+        group = _Siblings(tuple(members), columns)
+        groups.update({id(member): group for member in members})
+    return groups
 
 
 def _make_plan(names: tuple[str, ...], device: torch.device) -> _Plan:
@@ -104,20 +161,54 @@ def _make_plan(names: tuple[str, ...], device: torch.device) -> _Plan:
                  None if all(keep) else torch.tensor(keep, device=device))
 
 
-def _stack(layer: LoraLinear, adapters: tuple[str, ...]) -> tuple | None:
-    present = [name for name in adapters if name in layer.lora_A]
-    if not present:
+def _stack(siblings: _Siblings, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A [G, in, R] (each layer's A side by side, ranks padded with zeros) and B [G, R, out] (each
+    layer's scaled B on its own rank rows and output columns) of `adapters` over the siblings."""
+    blocks = []   # (layer, name, A [r, in], B [out, r] scaled)
+    for layer in siblings.layers:
+        present = [name for name in adapters if name in layer.lora_A]
+        rank = max((_weight(layer.lora_A[name]).shape[0] for name in present), default=0)
+        blocks.append((layer, present, rank))
+    total = sum(rank for _, _, rank in blocks)
+    if not total:
         return None
-    weight = _weight(layer.lora_A[present[0]])
-    rank = max(_weight(layer.lora_A[name]).shape[0] for name in present)
-    a_G_in_r = weight.new_zeros(len(adapters), layer.in_features, rank)
-    b_G_r_out = weight.new_zeros(len(adapters), rank, layer.out_features)
-    for g, name in enumerate(adapters):
-        if name in present:
-            a, b = _weight(layer.lora_A[name]), _weight(layer.lora_B[name])
-            a_G_in_r[g, :, :a.shape[0]] = a.detach().T
-            b_G_r_out[g, :a.shape[0], :] = (b.detach() * layer.scaling[name]).T
-    return a_G_in_r, b_G_r_out
+    out = sum(_features(layer)[1] for layer in siblings.layers)
+    weight = next(_weight(layer.lora_A[p[0]]) for layer, p, _ in blocks if p)
+    a_G_in_R = weight.new_zeros(len(adapters), _features(siblings.layers[0])[0], total)
+    b_G_R_out = weight.new_zeros(len(adapters), total, out)
+    offset = 0
+    for layer, present, rank in blocks:
+        start, stop = siblings.columns[id(layer)]
+        for g, name in enumerate(adapters):
+            if name in present:
+                a, b = _weight(layer.lora_A[name]).detach(), _weight(layer.lora_B[name]).detach()
+                a_G_in_R[g, :, offset:offset + a.shape[0]] = a.T
+                b_G_R_out[g, offset:offset + a.shape[0], start:stop] = (b * layer.scaling[name]).T
+        offset += rank
+    return a_G_in_R, b_G_R_out
+
+
+def _grouped_update(plan: _Plan, x: torch.Tensor, a_G_in_R: torch.Tensor,
+                    b_G_R_out: torch.Tensor) -> torch.Tensor:
+    """x's rows gathered into the plan's groups, through each group's adapter: [G * size, ..., out]."""
+    if x.dtype != a_G_in_R.dtype:
+        x = x.to(a_G_in_R.dtype)
+    groups = len(plan.adapters)
+    if plan.index_G is None:
+        x_G = x.reshape(groups, -1, x.shape[-1])
+    else:
+        x_G = x.index_select(0, plan.index_G)
+        if plan.keep_G is not None:
+            x_G = x_G.mul_(plan.keep_G.view((-1,) + (1,) * (x.dim() - 1)))
+        x_G = x_G.view(groups, -1, x.shape[-1])
+    update = torch.bmm(torch.bmm(x_G, a_G_in_R), b_G_R_out)
+    return update.view((groups * plan.size,) + x.shape[1:-1] + (b_G_R_out.shape[-1],))
+
+
+def _features(layer: LoraLinear) -> tuple[int, int]:
+    """(in, out) of a LoRA layer's base linear."""
+    out_features, in_features = _weight(layer.get_base_layer()).shape
+    return in_features, out_features
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:
@@ -131,21 +222,11 @@ def _forward(mixed: MixedAdapters, layer: LoraLinear, x: torch.Tensor, *args, **
     if plan is None or not mixed.fast:
         return type(layer).forward(layer, x, *args, **kwargs)
     result = layer.base_layer(x, *args, **kwargs)
-    stacks = mixed.stacks(layer, plan.adapters) if plan.adapters else None
-    if stacks is None:
+    update = mixed.update(plan, layer, x) if plan.adapters else None
+    if update is None:
         return result
-    a_G_in_r, b_G_r_out = stacks
-    if x.dtype != a_G_in_r.dtype:
-        x = x.to(a_G_in_r.dtype)
-    groups = len(plan.adapters)
+    if update.dtype != result.dtype:
+        update = update.to(result.dtype)
     if plan.index_G is None:
-        x_G = x.reshape(groups, -1, x.shape[-1])
-    else:
-        x_G = x.index_select(0, plan.index_G)
-        if plan.keep_G is not None:
-            x_G = x_G.mul_(plan.keep_G.view((-1,) + (1,) * (x.dim() - 1)))
-        x_G = x_G.view(groups, -1, x.shape[-1])
-    update = torch.bmm(torch.bmm(x_G, a_G_in_r), b_G_r_out).to(result.dtype)
-    if plan.index_G is None:
-        return result.add_(update.view(result.shape))
-    return result.index_add_(0, plan.index_G, update.view((-1,) + result.shape[1:]))
+        return result.add_(update)
+    return result.index_add_(0, plan.index_G, update)

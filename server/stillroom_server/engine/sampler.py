@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from stillroom_server.engine.kv_cache import GrowingCache
 from stillroom_server.engine.types import SampledSequence, SampleWork, SamplingConfig, new_sequence_id
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -68,28 +69,51 @@ def make_rows(works: list[SampleWork], max_context: int, adapter: str = BASE_ADA
     return rows
 
 
-def choose_tokens(logits_B_V: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The rows' sampling settings as tensors, made once per batch composition (not every step);
+    None where every row has the neutral value, so that step is skipped."""
+
+    temperature_B: torch.Tensor | None    # None: every row at temperature 1
+    greedy_B: torch.Tensor | None         # None: no row at temperature 0
+    top_k_B: torch.Tensor | None          # None: no row truncates by rank
+    top_p_B: torch.Tensor
+
+    @classmethod
+    def of(cls, rows: list[_Row], vocab: int, device: torch.device) -> _Settings:
+        temperatures = [r.params.temperature for r in rows]
+        temperature_B = torch.tensor(temperatures, device=device)
+        top_ks = [r.params.top_k if r.params.top_k > 0 else vocab for r in rows]
+        return cls(None if all(t == 1.0 for t in temperatures) else temperature_B.clamp(min=1e-6),
+                   temperature_B == 0 if 0 in temperatures else None,
+                   None if all(k >= vocab for k in top_ks) else torch.tensor(top_ks, device=device),
+                   torch.tensor([r.params.top_p for r in rows], device=device))
+
+
+def choose_tokens(logits_B_V: torch.Tensor, rows: list[_Row],
+                  settings: _Settings | None = None) -> torch.Tensor:
     """One token per row under that row's temperature, top_k and top_p (greedy at temperature 0)."""
-    device = logits_B_V.device
-    temperature_B = torch.tensor([r.params.temperature for r in rows], device=device)
-    greedy_B = temperature_B == 0
-    sorted_B_V, order_B_V = torch.sort(logits_B_V / temperature_B.clamp(min=1e-6)[:, None],
-                                       dim=-1, descending=True)
-    vocab = logits_B_V.shape[-1]
-    top_k_B = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows],
-                           device=device)
-    rank_V = torch.arange(vocab, device=device)
-    sorted_B_V = sorted_B_V.masked_fill(rank_V[None, :] >= top_k_B[:, None], float("-inf"))
+    device, vocab = logits_B_V.device, logits_B_V.shape[-1]
+    if settings is None:
+        settings = _Settings.of(rows, vocab, device)
+    scaled_B_V = logits_B_V
+    if settings.temperature_B is not None:
+        scaled_B_V = logits_B_V / settings.temperature_B[:, None]
+    sorted_B_V, order_B_V = torch.sort(scaled_B_V, dim=-1, descending=True)
+    if settings.top_k_B is not None:
+        rank_V = torch.arange(vocab, device=device)
+        sorted_B_V = sorted_B_V.masked_fill(rank_V[None, :] >= settings.top_k_B[:, None], float("-inf"))
     probs_B_V = torch.softmax(sorted_B_V, dim=-1)
-    top_p_B = torch.tensor([r.params.top_p for r in rows], device=device)
     mass_before_B_V = probs_B_V.cumsum(-1) - probs_B_V
-    probs_B_V = probs_B_V.masked_fill(mass_before_B_V >= top_p_B[:, None], 0.0)
+    probs_B_V = probs_B_V.masked_fill(mass_before_B_V >= settings.top_p_B[:, None], 0.0)
     cdf_B_V = probs_B_V.cumsum(-1)
     uniform_B = torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(device)
     picked_B = torch.searchsorted(cdf_B_V, (uniform_B * cdf_B_V[:, -1])[:, None]).squeeze(-1)
     picked_B = picked_B.clamp(max=vocab - 1)
     sampled_B = order_B_V.gather(-1, picked_B[:, None]).squeeze(-1)
-    return torch.where(greedy_B, logits_B_V.argmax(-1), sampled_B)
+    if settings.greedy_B is None:
+        return sampled_B
+    return torch.where(settings.greedy_B, logits_B_V.argmax(-1), sampled_B)
 
 
 def _record_topk(rows: list[_Row], logprobs_B_V: torch.Tensor) -> None:
@@ -141,6 +165,7 @@ class DecodeBatch:
                  position_B: torch.Tensor, tokens_B: torch.Tensor) -> None:
         self.rows, self.cache, self.mask_B_L = rows, cache, mask_B_L
         self.position_B, self.tokens_B = position_B, tokens_B
+        self._settings: _Settings | None = None   # made at the first step after the rows change
 
     @classmethod
     def prefill(cls, model: torch.nn.Module, rows: list[_Row], device: torch.device,
@@ -162,7 +187,7 @@ class DecodeBatch:
             input_U_T[i, width - n:], mask_U_T[i, width - n:] = row.prompt_T, 1
         input_U_T, mask_U_T = input_U_T.to(device), mask_U_T.to(device)
         position_U_T = (mask_U_T.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = GrowingCache()
         logits_U_V = _forward(model, unique, input_ids=input_U_T, attention_mask=mask_U_T,
                               position_ids=position_U_T, past_key_values=cache)
         index_B = torch.tensor([prompts[key] for key in keys], device=device)
@@ -182,7 +207,9 @@ class DecodeBatch:
         self._choose(logits_B_V, eos_ids, tokenizer)
 
     def _choose(self, logits_B_V: torch.Tensor, eos_ids: tuple[int, ...], tokenizer) -> None:
-        tokens_B = choose_tokens(logits_B_V, self.rows)
+        if self._settings is None:
+            self._settings = _Settings.of(self.rows, logits_B_V.shape[-1], logits_B_V.device)
+        tokens_B = choose_tokens(logits_B_V, self.rows, self._settings)
         logprobs_B_V = torch.log_softmax(logits_B_V, -1)
         logprobs_B = logprobs_B_V.gather(-1, tokens_B[:, None]).squeeze(-1)
         _record_topk(self.rows, logprobs_B_V)
@@ -200,7 +227,7 @@ class DecodeBatch:
     def keep(self, live: list[int]) -> None:
         """Keep only the rows at batch positions `live` (and drop cache columns no row needs)."""
         keep = torch.tensor(live, dtype=torch.long, device=self.tokens_B.device)
-        self.rows = [self.rows[b] for b in live]
+        self.rows, self._settings = [self.rows[b] for b in live], None
         self.mask_B_L, self.position_B, self.tokens_B = (self.mask_B_L[keep], self.position_B[keep],
                                                          self.tokens_B[keep])
         self.cache.batch_select_indices(keep)
@@ -220,7 +247,7 @@ class DecodeBatch:
         self.mask_B_L = torch.cat([_pad_left(self.mask_B_L, width), _pad_left(other.mask_B_L, width)])
         self.position_B = torch.cat([self.position_B, other.position_B])
         self.tokens_B = torch.cat([self.tokens_B, other.tokens_B])
-        self.rows = self.rows + other.rows
+        self.rows, self._settings = self.rows + other.rows, None
 
 
 def _kv_layers(cache: DynamicCache) -> list[Any]:
