@@ -106,12 +106,13 @@ class Service:
         self.limits = limits or validate.Limits()
         self.sessions = ClientSessions()
         self.run_owners: dict[str, str] = {}  # runs live in this process, by owner
+        self.run_bytes: dict[str, int] = {}   # their weights and AdamW moments, as measured at creation
         self._samplers: dict[str, _OpenSampler] = {}
         self._turns: dict[str, asyncio.Event] = {}  # set when a run accepts its next request
         self._held: dict[tuple[str, int], str] = {}  # numbered requests waiting for their turn
 
-    async def on_worker(self, fn: Callable[[], Any], kind: str) -> Any:
-        """Run `fn` on the engine's worker thread, in queue order, and await its result."""
+    async def on_worker(self, fn: Callable[[], Any], kind: str, lane: str = "admin") -> Any:
+        """Run `fn` on the engine's worker thread after the work queued in `lane`; await its result."""
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future = loop.create_future()
 
@@ -121,7 +122,7 @@ class Service:
                     outcome.set_exception(error) if error else outcome.set_result(result)
             loop.call_soon_threadsafe(settle)
 
-        self.scheduler.submit(Job(kind=kind, run=fn, done=done, lane="admin"))
+        self.scheduler.submit(Job(kind=kind, run=fn, done=done, lane=lane))
         return await outcome
 
     # ---------------------------------------------------------------- capabilities
@@ -159,7 +160,7 @@ class Service:
         session = self.sessions.get(owner, client_session) if client_session else None
         run_id = self._reserve_run(owner, run_id)
         run = await self._create_on_worker(
-            run_id, lambda: self.engine.create_run(run_id, base_model, lora, seed))
+            owner, run_id, lambda: self.engine.create_run(run_id, base_model, lora, seed))
         if session is not None:
             session.run_ids.append(run_id)
         config = {"lora": vars(lora) if lora else None, "seed": seed}
@@ -178,7 +179,7 @@ class Service:
         session = self.sessions.get(owner, client_session) if client_session else None
         run_id = self._reserve_run(owner, run_id)
         run = await self._create_on_worker(
-            run_id, lambda: self.engine.create_run_from_state(run_id, parsed.uri, with_optimizer))
+            owner, run_id, lambda: self.engine.create_run_from_state(run_id, parsed.uri, with_optimizer))
         if session is not None:
             session.run_ids.append(run_id)
         config = {"lora": meta["lora"], "seed": None, "from_state": parsed.uri,
@@ -194,18 +195,50 @@ class Service:
             raise ResourceExhausted(f"training runs: {live} live runs is the limit of "
                                     f"{self.limits.max_live_runs_per_owner} per owner (finish a "
                                     "session or restart to release runs)")
+        held, budget = self.live_bytes(owner), self.live_bytes_budget()
+        if budget is not None and held >= budget:
+            raise self._over_budget(held, 0, budget)
         run_id = run_id or "run-" + uuid.uuid4().hex[:16]
         if run_id in self.run_owners or self.store.get_run(run_id) is not None:
             raise AlreadyExists(f"training_run_id: run '{run_id}' already exists")
         self.run_owners[run_id] = owner
         return run_id
 
-    async def _create_on_worker(self, run_id: str, create: Callable[[], Any]):
+    def live_bytes(self, owner: str) -> int:
+        """Bytes of weights and AdamW moments the owner's live runs hold (in memory or on disk)."""
+        return sum(self.run_bytes.get(r, 0) for r, o in self.run_owners.items() if o == owner)
+
+    def live_bytes_budget(self) -> int | None:
+        """The per-owner bytes limit: as configured, else the engine's training-run memory budget
+        (None where the engine keeps runs outside this process and states none)."""
+        configured = self.limits.max_live_bytes_per_owner
+        budget = configured if configured is not None else self.engine.run_memory_bytes
+        return budget if budget > 0 else None
+
+    @staticmethod
+    def _over_budget(held: int, size: int, budget: int) -> ResourceExhausted:
+        needs = f"a new run needs {size / 2**20:.1f} MiB and " if size else ""
+        return ResourceExhausted(
+            f"training runs: {needs}your live runs hold {held / 2**20:.1f} MiB of weights and AdamW "
+            f"moments, against a budget of {budget / 2**20:.1f} MiB per owner (the memory this server "
+            "keeps for training runs, stated at start); finish a session to release its runs")
+
+    async def _create_on_worker(self, owner: str, run_id: str, create: Callable[[], Any]):
+        """Make the run on the worker; one that would take its owner past their bytes budget is
+        taken out again at once and refused (nothing is recorded for it)."""
         try:
-            return await self.on_worker(create, "create_run")
+            run = await self.on_worker(create, "create_run")
         except BaseException:
             self.run_owners.pop(run_id, None)
             raise
+        size = run.memory_bytes() if hasattr(run, "memory_bytes") else 0  # 0: held outside this process
+        held, budget = self.live_bytes(owner), self.live_bytes_budget()
+        if budget is not None and held + size > budget:
+            self.run_owners.pop(run_id, None)
+            await self.on_worker(lambda: self.engine.close_run(run_id), "close_run")
+            raise self._over_budget(held, size, budget)
+        self.run_bytes[run_id] = size
+        return run
 
     def submit_async(self, owner: str, kind: str, make: Callable[[], Any],
                      encode: Callable[[Any], pb.FutureResult]) -> str:
@@ -506,7 +539,9 @@ class Service:
             del self._samplers[sampler_id]
         for run_id in session.run_ids:
             if self.run_owners.pop(run_id, None) is not None:
-                await self.on_worker(lambda r=run_id: self.engine.close_run(r), "close_run")
+                self.run_bytes.pop(run_id, None)
+                # in the run's own lane: after its queued requests, never between a request's steps
+                await self.on_worker(lambda r=run_id: self.engine.close_run(r), "close_run", lane=run_id)
         logger.info("session %s finished (%s): released %d runs", session.id, reason,
                     len(session.run_ids))
 

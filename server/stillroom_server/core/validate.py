@@ -23,6 +23,9 @@ MAX_METADATA_CHARS = 4096
 class Limits:
     max_live_runs_per_owner: int = 32
     max_tokens_per_request: int = 4_000_000
+    # bytes of weights and AdamW moments one owner's live runs may hold (in memory or moved to disk);
+    # None: the engine's training-run memory budget, which the server states at start
+    max_live_bytes_per_owner: int | None = None
 
 
 def adam(config: AdamConfig) -> AdamConfig:
