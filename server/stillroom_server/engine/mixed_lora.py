@@ -5,7 +5,7 @@ whole module tree on every call: on a decode step of 8 snapshots it was 6x slowe
 model alone. Here a batch's rows are grouped by adapter once per batch composition (a gather index,
 groups padded to one size), and every LoRA linear layer adds each group's update with two batched
 matmuls over the adapters' stacked weights: x[rows] @ A_g^T @ B_g^T, added back at the rows; layers
-reading one input (q/k/v, gate/up) share the gather and the matmuls (their A's side by side).
+reading one input (q/k/v, gate/up) share the gather and the A product (their A's side by side).
 Each row pays for its own adapter's rank only (stacking every adapter's A and masking, as before,
 paid for all of them: 8x the work with 8 snapshots). Stacks are built once per set of adapters and
 kept until an adapter is added or removed. Rows named `__base__` get no update. Knows PEFT's LoRA
@@ -40,11 +40,10 @@ class _Plan:
 
 @dataclasses.dataclass(frozen=True)
 class _Siblings:
-    """LoRA layers of one module that read the same input (q/k/v, gate/up): their updates are made
-    together, with one gather and two batched matmuls; a layer alone is a group of one."""
+    """LoRA layers of one module that read the same input (q/k/v, gate/up): one gather and one
+    batched matmul by their A's side by side serve them all; a layer alone is a group of one."""
 
     layers: tuple[LoraLinear, ...]
-    columns: dict[int, tuple[int, int]]   # id(layer) -> its slice of the joint output
 
 
 class MixedAdapters:
@@ -59,7 +58,7 @@ class MixedAdapters:
         self._stacks: collections.OrderedDict[tuple[str, ...], dict[int, tuple | None]] = \
             collections.OrderedDict()
         self._current: dict[int, tuple | None] = {}          # this call's set of adapters
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # group -> x, update, users
+        self._pending: dict[int, list] = {}   # siblings -> [x, x @ A's, calls still to come]
         self.fast = True
         self.refresh()
 
@@ -103,23 +102,29 @@ class MixedAdapters:
 
     def update(self, plan: _Plan, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """This layer's LoRA update of every row on an adapter, in the plan's group layout
-        [G * size, ..., out]; None when no adapter of the batch adapts this layer."""
+        [G * size, ..., out]; None when no adapter of the batch adapts this layer. Siblings called
+        on the same x share its gather and the A product."""
         siblings = self._siblings[id(layer)]
         key = id(siblings)
+        if key not in self._current:
+            self._current[key] = _stack(siblings, plan.adapters)
+        stacks = self._current[key]
+        if stacks is None:
+            return None
+        a_G_in_R, bs = stacks
         pending = self._pending.get(key)
         if pending is None or pending[0] is not x:
-            if key not in self._current:
-                self._current[key] = _stack(siblings, plan.adapters)
-            stacks = self._current[key]
-            if stacks is None:
-                return None
-            pending = (x, _grouped_update(plan, x, *stacks), len(siblings.layers))
-        if pending[2] > 1:
-            self._pending[key] = (pending[0], pending[1], pending[2] - 1)
-        else:
-            self._pending.pop(key, None)
-        start, stop = siblings.columns[id(layer)]
-        return pending[1][..., start:stop]
+            pending = [x, _low_rank(plan, x, a_G_in_R), len(siblings.layers)]
+            self._pending[key] = pending
+        pending[2] -= 1
+        low_G_N_R = pending[1]
+        if not pending[2]:
+            del self._pending[key]
+        if (b_entry := bs.get(id(layer))) is None:
+            return None
+        start, stop, b_G_r_out = b_entry
+        update = torch.bmm(low_G_N_R[..., start:stop], b_G_r_out)
+        return update.view((len(plan.adapters) * plan.size,) + x.shape[1:-1] + (b_G_r_out.shape[-1],))
 
 
 def _group_siblings(layers: dict[str, LoraLinear]) -> dict[int, _Siblings]:
@@ -134,11 +139,7 @@ def _group_siblings(layers: dict[str, LoraLinear]) -> dict[int, _Siblings]:
                    if (f"{parent}.{m}" if parent else m) in layers]
         if len({_features(m)[0] for m in members}) != 1:
             members = [layer]
-        columns, start = {}, 0
-        for member in members:
-            columns[id(member)] = (start, start + _features(member)[1])
-            start += _features(member)[1]
-        group = _Siblings(tuple(members), columns)
+        group = _Siblings(tuple(members))
         groups.update({id(member): group for member in members})
     return groups
 
@@ -161,10 +162,10 @@ def _make_plan(names: tuple[str, ...], device: torch.device) -> _Plan:
                  None if all(keep) else torch.tensor(keep, device=device))
 
 
-def _stack(siblings: _Siblings, adapters: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A [G, in, R] (each layer's A side by side, ranks padded with zeros) and B [G, R, out] (each
-    layer's scaled B on its own rank rows and output columns) of `adapters` over the siblings."""
-    blocks = []   # (layer, name, A [r, in], B [out, r] scaled)
+def _stack(siblings: _Siblings, adapters: tuple[str, ...]) -> tuple | None:
+    """A [G, in, R]: the siblings' A's of `adapters` side by side (ranks padded with zeros), and
+    for each sibling adapted by one of them, its rank columns in R and its B [G, r, out] scaled."""
+    blocks = []   # (layer, adapters present in it, their largest rank)
     for layer in siblings.layers:
         present = [name for name in adapters if name in layer.lora_A]
         rank = max((_weight(layer.lora_A[name]).shape[0] for name in present), default=0)
@@ -172,25 +173,26 @@ def _stack(siblings: _Siblings, adapters: tuple[str, ...]) -> tuple[torch.Tensor
     total = sum(rank for _, _, rank in blocks)
     if not total:
         return None
-    out = sum(_features(layer)[1] for layer in siblings.layers)
     weight = next(_weight(layer.lora_A[p[0]]) for layer, p, _ in blocks if p)
     a_G_in_R = weight.new_zeros(len(adapters), _features(siblings.layers[0])[0], total)
-    b_G_R_out = weight.new_zeros(len(adapters), total, out)
+    bs: dict[int, tuple[int, int, torch.Tensor]] = {}
     offset = 0
     for layer, present, rank in blocks:
-        start, stop = siblings.columns[id(layer)]
+        if not present:
+            continue
+        b_G_r_out = weight.new_zeros(len(adapters), rank, _features(layer)[1])
         for g, name in enumerate(adapters):
             if name in present:
                 a, b = _weight(layer.lora_A[name]).detach(), _weight(layer.lora_B[name]).detach()
                 a_G_in_R[g, :, offset:offset + a.shape[0]] = a.T
-                b_G_R_out[g, offset:offset + a.shape[0], start:stop] = (b * layer.scaling[name]).T
+                b_G_r_out[g, :a.shape[0]] = (b * layer.scaling[name]).T
+        bs[id(layer)] = (offset, offset + rank, b_G_r_out)
         offset += rank
-    return a_G_in_R, b_G_R_out
+    return a_G_in_R, bs
 
 
-def _grouped_update(plan: _Plan, x: torch.Tensor, a_G_in_R: torch.Tensor,
-                    b_G_R_out: torch.Tensor) -> torch.Tensor:
-    """x's rows gathered into the plan's groups, through each group's adapter: [G * size, ..., out]."""
+def _low_rank(plan: _Plan, x: torch.Tensor, a_G_in_R: torch.Tensor) -> torch.Tensor:
+    """x's rows gathered into the plan's groups, times each group's A's: [G, size * ..., R]."""
     if x.dtype != a_G_in_R.dtype:
         x = x.to(a_G_in_R.dtype)
     groups = len(plan.adapters)
@@ -201,8 +203,7 @@ def _grouped_update(plan: _Plan, x: torch.Tensor, a_G_in_R: torch.Tensor,
         if plan.keep_G is not None:
             x_G = x_G.mul_(plan.keep_G.view((-1,) + (1,) * (x.dim() - 1)))
         x_G = x_G.view(groups, -1, x.shape[-1])
-    update = torch.bmm(torch.bmm(x_G, a_G_in_R), b_G_R_out)
-    return update.view((groups * plan.size,) + x.shape[1:-1] + (b_G_R_out.shape[-1],))
+    return torch.bmm(x_G, a_G_in_R)
 
 
 def _features(layer: LoraLinear) -> tuple[int, int]:
