@@ -1,0 +1,111 @@
+"""The decode loop's fast paths give the samples of the plain ones: a KV cache grown in place (with
+rows joining and leaving) samples what a concatenated one does, and rows of LoRA snapshots in
+uneven groups, beside base rows and with prompts of different lengths, see only their own adapter.
+Engine-level, real weights; no timing is asserted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stillroom_server.engine import batching, compute, kv_cache
+from stillroom_server.engine.engine import Engine, LoraSpec
+from stillroom_server.engine.scheduler import Job
+from stillroom_server.engine.types import (
+    AdamConfig,
+    ForwardBackwardWork,
+    OptimWork,
+    SampleWork,
+    SamplingConfig,
+    TrainDatum,
+)
+
+from conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return Engine(tmp_path_factory.mktemp("decode-batches"))
+
+
+def job(opened, prompt: list[int], num_samples: int, max_tokens: int, seed: int) -> Job:
+    work = SampleWork(torch.tensor(prompt), num_samples,
+                      SamplingConfig(max_tokens=max_tokens, temperature=1.0, seed=seed))
+    return Job(kind="sample", run=None, done=lambda r, e: None, payload=(opened, work))
+
+
+def decode(engine, plan: dict[int, list[Job]]) -> dict[int, list]:
+    """Step one stream, adding `plan[step]`'s jobs at that step; each job's sequences."""
+    stream, done, step = batching.DecodeStream(engine), {}, 0
+    while plan or stream.busy():
+        stream.add(plan.pop(step, []))
+        for finished, result, error in stream.step():
+            assert error is None
+            done[id(finished)] = result.sequences
+        step += 1
+    return done
+
+
+def test_a_cache_grown_in_place_samples_what_a_concatenated_one_does(engine, monkeypatch):
+    opened = engine.open_sampler(base_model=TINY)
+
+    def jobs() -> dict[int, list[Job]]:
+        return {0: [job(opened, [1, 40, 41, 42], 3, 30, seed=1)],
+                3: [job(opened, [1, 50, 51], 2, 6, seed=2)],          # joins, leaves early
+                7: [job(opened, [1] + list(range(30, 50)), 1, 12, seed=3)]}   # a longer prompt
+
+    def sequences(plan: dict[int, list[Job]]) -> list:
+        order = [j for step in sorted(plan) for j in plan[step]]
+        done = decode(engine, plan)
+        return [done[id(j)] for j in order]
+
+    concatenated = sequences(jobs())
+    monkeypatch.setattr(kv_cache, "CONTIGUOUS_BYTES", 0)   # every layer in buffers from the start
+    monkeypatch.setattr(kv_cache, "GROW", 2)               # and out of room every few steps
+    grown = sequences(jobs())
+    for expected_request, got_request in zip(concatenated, grown, strict=True):
+        for expected, got in zip(expected_request, got_request, strict=True):
+            assert got.tokens == expected.tokens
+            assert got.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+
+
+def train(engine, run_id: str, tokens: list[int], steps: int) -> None:
+    seq = torch.tensor(tokens)
+    datum = TrainDatum(seq[:-1], {"target_tokens": seq[1:], "weights": torch.ones(len(tokens) - 1)})
+    adam = AdamConfig(learning_rate=5e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
+                      grad_clip_norm=0.0)
+    for _ in range(steps):
+        engine.forward_backward(run_id, ForwardBackwardWork([datum], "cross_entropy", {}))
+        engine.optim_step(run_id, OptimWork(adam))
+
+
+@pytest.mark.slow
+def test_adapter_rows_in_uneven_groups_see_only_their_own_weights(engine):
+    engine.create_run("decode-a", TINY, LoraSpec(rank=4), seed=0)
+    engine.create_run("decode-b", TINY, LoraSpec(rank=2, train_mlp=False), seed=1)  # other rank, layers
+    train(engine, "decode-a", [1, *range(30, 60), 2], 3)
+    train(engine, "decode-b", [1, *range(60, 30, -1), 2], 3)
+    paths = [engine.save_sampler_weights(run, "snap")[0] for run in ("decode-a", "decode-b")]
+    train(engine, "decode-a", [1, *range(40, 70), 2], 3)
+    paths.append(engine.save_sampler_weights("decode-a", "later")[0])
+    snapshots = [engine.open_sampler(model_path=path) for path in paths]
+    base = engine.open_sampler(base_model=TINY)
+    decode(engine, {0: [job(s, [1, 30], 1, 1, seed=0) for s in snapshots]})   # all three seen lately
+    jobs = [job(snapshots[0], [1, 30, 31], 3, 16, seed=4),   # outlives the others: alone at the end
+            job(base, [1, 30, 31, 32, 33], 2, 6, seed=5),
+            job(snapshots[1], [1, 30], 1, 6, seed=6),        # the third snapshot is absent: an empty group
+            job(snapshots[0], [1, 44, 45, 46, 47, 48], 1, 6, seed=7)]   # joins the running batch
+    done = decode(engine, {0: jobs[:3], 2: jobs[3:]})
+    host = engine._lora_hosts[TINY]
+    assert host.model is not None
+    for request in jobs:
+        opened, work = request.payload
+        prompt = work.prompt_T.tolist()
+        for sequence in done[id(request)]:
+            tokens = torch.tensor(prompt + sequence.tokens)
+            if opened.adapter is None:
+                reference = compute.sequence_logprobs(opened.base.module, [tokens], engine.device)
+            else:   # PEFT's own forward with only this adapter live
+                host.model.set_adapter(opened.adapter)
+                reference = compute.sequence_logprobs(host.model, [tokens], engine.device)
+            assert sequence.logprobs == pytest.approx(reference[0][0][len(prompt):].tolist(), abs=1e-4)
