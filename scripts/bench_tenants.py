@@ -251,23 +251,56 @@ def train_ratio_row(client, model: str, data_dir: Path, reps: int) -> tuple[floa
 
 
 def sample_ratio_row(client, model: str, data_dir: Path, reps: int) -> tuple[float, str]:
-    """Returned tokens/s of one 8x128 request over HF generate's forced 8x128 tokens/s."""
+    """Returned tokens/s of 8x128 sample requests over HF `generate`'s on the same request, like
+    with like: both sample at temperature 1 without truncation, both stop a row at EOS (HF decodes
+    its batch until the longest row ends; the server lets a finished row go) and both count the
+    tokens they return, EOS included. Before, HF was forced to 128 tokens past EOS and credited
+    with all of them, against the server's tokens up to EOS. Lengths vary from call to call, so
+    each repetition alternates several calls per side and divides total tokens by total time."""
+    from typing import Any
+
+    from transformers import AutoModelForCausalLM
+
+    calls, samples, max_tokens = 4, 8, 128
     sampler = client.create_sampling_client(base_model=model)
-    prompt_ids = list(PROMPT.to_ints())
-    hf = bench_core.hf_sample_rate(data_dir / "models" / model, prompt_ids, 8, 128)
+    hf_model: Any = AutoModelForCausalLM.from_pretrained(data_dir / "models" / model,
+                                                          dtype=torch.float32).eval()
+    eos, pad = hf_model.config.eos_token_id, hf_model.config.pad_token_id
+    input_ids = torch.tensor([list(PROMPT.to_ints())]).repeat(samples, 1)
     seeds = iter(range(10**6))
 
-    def sdk() -> float:
+    def hf() -> tuple[int, int, float]:
+        torch.manual_seed(next(seeds))
         start = time.perf_counter()
-        result = sampler.sample(PROMPT, 8, params(128, next(seeds))).result()
-        return sum(len(s.tokens) for s in result.sequences) / (time.perf_counter() - start)
+        out = hf_model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
+                                temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_tokens,
+                                eos_token_id=eos, pad_token_id=pad)
+        elapsed = time.perf_counter() - start
+        rows = out[:, input_ids.shape[1]:].tolist()
+        returned = sum(row.index(eos) + 1 if eos in row else len(row) for row in rows)
+        return returned, samples * len(rows[0]), elapsed
 
+    def sdk() -> tuple[int, int, float]:
+        start = time.perf_counter()
+        result = sampler.sample(PROMPT, samples, params(max_tokens, next(seeds))).result()
+        elapsed = time.perf_counter() - start
+        lengths = [len(s.tokens) for s in result.sequences]
+        return sum(lengths), samples * max(lengths), elapsed
+
+    hf()  # warm-up
     sdk()
     ratios = []
-    for _ in range(reps):
-        h, s = hf(), sdk()
-        ratios.append(s / h)
-    return statistics.median(ratios), "x HF (returned tokens)"
+    for rep in range(reps):
+        totals = {"hf": [0, 0, 0.0], "sdk": [0, 0, 0.0]}
+        for _ in range(calls):
+            for side, call in (("hf", hf), ("sdk", sdk)):
+                totals[side] = [t + c for t, c in zip(totals[side], call())]
+        (hf_tokens, hf_positions, hf_s), (sdk_tokens, sdk_positions, sdk_s) = totals["hf"], totals["sdk"]
+        ratios.append((sdk_tokens / sdk_s) / (hf_tokens / hf_s))
+        print(f"  sample_ratio rep {rep}: returned tokens/s SDK {sdk_tokens / sdk_s:.0f}, "
+              f"HF {hf_tokens / hf_s:.0f} ({ratios[-1]:.2f}); decoded positions/s "
+              f"SDK {sdk_positions / sdk_s:.0f}, HF {hf_positions / hf_s:.0f}")
+    return statistics.median(ratios), "x HF (returned tokens, both stop at EOS)"
 
 
 def burst_row(client, model: str, count: int) -> tuple[float, str, int]:
