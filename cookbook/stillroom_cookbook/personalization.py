@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import random
+import resource
 import time
 from pathlib import Path
 
@@ -40,20 +41,18 @@ MODEL_NAME = "smollm2-135m-instruct"
 @dataclasses.dataclass(frozen=True)
 class PersonalizationConfig:
     model_dir: Path
-    num_people: int = 40              # three facts each
-    phrasings_per_fact: int = 3       # of the four document phrasings
-    eval_questions: int = 36          # held-out questions scored (of 3 x num_people)
-    eval_topics: int = 3              # instruction topics kept for evaluation (8 constraints each)
+    num_people: int = 10              # three facts each; the generator makes up to 600 (1,800 facts)
+    phrasings_per_fact: int = 4       # of the four document phrasings
+    eval_topics: int = 6              # instruction topics kept for evaluation (8 constraints each)
     teacher_prompts: int = 48         # training instruction prompts the teacher answers (SFT, chat mix)
     lora_rank: int = 32
     # Sized to the 2-core CPU (docs/personalization.md has the measured speeds).
-    midtrain: SFTConfig = SFTConfig(steps=30, learning_rate=2e-3, batch_size=8, final_lr_fraction=0.3,
+    midtrain: SFTConfig = SFTConfig(steps=40, learning_rate=3e-3, batch_size=8, final_lr_fraction=0.3,
                                     name="mid-train")
     chat_fraction: float = 0.3        # of the mid-training examples, in the chat-mix variant
-    distill: DistillationConfig = DistillationConfig(steps=8, learning_rate=1e-3, max_tokens=32,
+    distill: DistillationConfig = DistillationConfig(steps=20, learning_rate=1e-3, max_tokens=32,
                                                      groups_per_batch=6, group_size=1)
     sft: SFTConfig = SFTConfig(steps=8, learning_rate=1e-3, batch_size=6, name="sft-teacher")
-    question_tokens: int = 16
     instruction_tokens: int = 40
     seeds: tuple[int, ...] = (0, 1, 2)
 
@@ -69,11 +68,21 @@ def smoke(config: PersonalizationConfig) -> PersonalizationConfig:
     """A few steps of every stage on a sliver of the data: what CI runs."""
     tiny = dict(steps=2, batch_size=2)
     return dataclasses.replace(
-        config, num_people=4, eval_questions=4, eval_topics=1, teacher_prompts=4, question_tokens=8,
-        instruction_tokens=12,
+        config, num_people=2, eval_topics=1, teacher_prompts=4, instruction_tokens=12,
         midtrain=dataclasses.replace(config.midtrain, **tiny), sft=dataclasses.replace(config.sft, **tiny),
         distill=dataclasses.replace(config.distill, steps=2, groups_per_batch=2, max_tokens=8),
         seeds=config.seeds[:1])
+
+
+def cpu_seconds(server_pid: int | None) -> float:
+    """CPU seconds used so far by this process and (from /proc, where it is readable) the server's."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    stat = Path(f"/proc/{server_pid}/stat")
+    if server_pid is not None and stat.exists():
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 @dataclasses.dataclass
@@ -84,28 +93,32 @@ class Stage:
     train_tokens: int = 0       # tokens through forward_backward
     sampled_tokens: int = 0     # tokens generated for training (not evaluation)
     teacher_tokens: int = 0     # tokens the teacher scored
-    seconds: float = 0.0
+    seconds: float = 0.0        # wall time, evaluation included
+    cpu_seconds: float = 0.0    # the client's and the server's CPU time, evaluation included
+    load: float = 0.0           # the machine's 1-minute load average when the stage ended
 
     def row(self) -> dict:
         return {"method": self.method, "seed": self.seed, "questions": self.scores.questions,
+                "answer_probability": self.scores.answer_probability,
                 "instructions": self.scores.instructions, "train_tokens": self.train_tokens,
                 "sampled_tokens": self.sampled_tokens, "teacher_tokens": self.teacher_tokens,
-                "seconds": round(self.seconds, 1), "examples": list(self.scores.examples)}
+                "seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
+                "load": round(self.load, 2), "examples": list(self.scores.examples)}
 
 
 class Experiment:
     """The data, the server's clients and the stages of one run of the experiment."""
 
-    def __init__(self, service: stillroom.ServiceClient, config: PersonalizationConfig, log_dir: Path):
+    def __init__(self, service: stillroom.ServiceClient, config: PersonalizationConfig, log_dir: Path,
+                 server_pid: int | None = None):
         self.service, self.config, self.log_dir = service, config, log_dir
+        self.server_pid = server_pid
         self.base_model = str(config.model_dir)
         self.teacher = service.create_sampling_client(base_model=self.base_model)
         self.renderer = ChatRenderer(self.teacher.get_tokenizer())
         facts = corpus.make_facts(config.num_people)
         self.documents = corpus.documents(facts, config.phrasings_per_fact)
         self.questions = corpus.questions(facts)
-        random.Random(0).shuffle(self.questions)
-        self.questions = self.questions[:config.eval_questions]
         train, evaluation = ifeval.split(config.eval_topics)
         random.Random(1).shuffle(train)
         self.train_prompts = [i.prompt for i in train]
@@ -113,8 +126,14 @@ class Experiment:
 
     def score(self, sampler: stillroom.SamplingClient) -> Scores:
         c = self.config
-        return score(sampler, self.renderer, self.questions, self.eval_instructions,
-                     c.question_tokens, c.instruction_tokens)
+        return score(sampler, self.renderer, self.questions, self.eval_instructions, c.instruction_tokens)
+
+    def timed(self, stage: Stage, start: float, cpu_start: float) -> Stage:
+        """`stage` with its wall time, CPU time and the load average filled in."""
+        stage.seconds = time.monotonic() - start
+        stage.cpu_seconds = cpu_seconds(self.server_pid) - cpu_start
+        stage.load = os.getloadavg()[0]
+        return stage
 
     def teacher_replies(self, seed: int) -> list[tuple[str, str]]:
         """The base model's replies (temperature 1) to the training instruction prompts."""
@@ -136,7 +155,7 @@ class Experiment:
             wanted = int(len(examples) * c.chat_fraction / (1 - c.chat_fraction))
             examples += [chat[i % len(chat)] for i in range(wanted)]
         renderer = DocumentOrChatRenderer(self.renderer)
-        start = time.monotonic()
+        start, cpu = time.monotonic(), cpu_seconds(self.server_pid)
         log = MetricsLog(self.log_dir / f"{slug}-{seed}.jsonl")
         train_sft(trainer, renderer, examples, dataclasses.replace(c.midtrain, seed=seed,
                                                                   name=f"{slug}-s{seed}"), log)
@@ -144,43 +163,42 @@ class Experiment:
         sampler = trainer.save_weights_and_get_sampling_client(f"{slug}-{seed}")
         stage = Stage(method, seed, self.score(sampler),
                       train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
-                      sampled_tokens=sum(len(renderer.tokens(p, t)) for p, t in (chat or [])),
-                      seconds=time.monotonic() - start)
-        return state, stage
+                      sampled_tokens=sum(len(renderer.tokens(p, t)) for p, t in (chat or [])))
+        return state, self.timed(stage, start, cpu)
 
     def distill_from(self, state: str, seed: int, loss: str) -> Stage:
         c = self.config
         exact = loss == "teacher_reverse_kl"
         method = "distill (exact reverse KL)" if exact else "distill (sampled estimate)"
         trainer = self.service.create_training_client_from_state(state)
-        start = time.monotonic()
+        start, cpu = time.monotonic(), cpu_seconds(self.server_pid)
         log = MetricsLog(self.log_dir / f"distill-{loss}-{seed}.jsonl")
         config = dataclasses.replace(c.distill, loss=loss, seed=seed, name=f"distill-{loss}-s{seed}")
         distill(trainer, self.teacher, self.renderer, self.train_prompts, config, log)
         sampler = trainer.save_weights_and_get_sampling_client(f"{loss}-{seed}")
-        return Stage(method, seed, self.score(sampler),
-                     train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
-                     sampled_tokens=sum(r.get("sampled_tokens", 0) for r in log.records),
-                     teacher_tokens=sum(r.get("teacher_tokens", 0) for r in log.records),
-                     seconds=time.monotonic() - start)
+        return self.timed(Stage(method, seed, self.score(sampler),
+                                train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
+                                sampled_tokens=sum(r.get("sampled_tokens", 0) for r in log.records),
+                                teacher_tokens=sum(r.get("teacher_tokens", 0) for r in log.records)),
+                          start, cpu)
 
     def sft_from(self, state: str, seed: int, replies: list[tuple[str, str]]) -> Stage:
         c = self.config
         trainer = self.service.create_training_client_from_state(state)
-        start = time.monotonic()
+        start, cpu = time.monotonic(), cpu_seconds(self.server_pid)
         log = MetricsLog(self.log_dir / f"sft-teacher-{seed}.jsonl")
         train_sft(trainer, self.renderer, replies,
                   dataclasses.replace(c.sft, seed=seed, name=f"sft-teacher-s{seed}"), log)
         sampler = trainer.save_weights_and_get_sampling_client(f"sft-{seed}")
-        return Stage("SFT on teacher samples", seed, self.score(sampler),
-                     train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
-                     sampled_tokens=sum(len(self.renderer.completion_tokens(p, t)) for p, t in replies),
-                     seconds=time.monotonic() - start)
+        stage = Stage("SFT on teacher samples", seed, self.score(sampler),
+                      train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
+                      sampled_tokens=sum(len(self.renderer.completion_tokens(p, t)) for p, t in replies))
+        return self.timed(stage, start, cpu)
 
     def run(self, on_seed=lambda stages: None) -> list[Stage]:
         """Every stage; `on_seed(stages so far)` after each seed (the results are written as they come)."""
-        start = time.monotonic()
-        stages = [Stage("base model", -1, self.score(self.teacher), seconds=time.monotonic() - start)]
+        start, cpu = time.monotonic(), cpu_seconds(self.server_pid)
+        stages = [self.timed(Stage("base model", -1, self.score(self.teacher)), start, cpu)]
         print(f"base model: {stages[0].row()}")
         for seed in self.config.seeds:
             replies = self.teacher_replies(seed)
@@ -191,8 +209,10 @@ class Experiment:
             stages.append(self.sft_from(state, seed, replies))
             stages.append(self.midtrain(seed, chat=replies)[1])
             for stage in stages[-5:]:
-                print(f"{stage.method} (seed {seed}): questions {stage.scores.questions:.3f}, "
-                      f"instructions {stage.scores.instructions:.3f}, {stage.seconds:.0f} s", flush=True)
+                print(f"{stage.method} (seed {seed}): questions {stage.scores.questions:.3f} "
+                      f"(p {stage.scores.answer_probability:.3f}), instructions "
+                      f"{stage.scores.instructions:.3f}, {stage.seconds:.0f} s, {stage.cpu_seconds:.0f} "
+                      f"CPU-s, load {stage.load:.1f}", flush=True)
             on_seed(stages)
         return stages
 
@@ -228,16 +248,23 @@ def run_experiment(config: PersonalizationConfig, out_dir: Path, data_dir: Path)
     start = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    server = LocalServer(data_dir)
+    loads: list[float] = []
+
     def save(stages: list[Stage]) -> None:
         rows, wall = [s.row() for s in stages], time.monotonic() - start
+        loads.extend(s.load for s in stages[len(loads):])
         (out_dir / "personalization.json").write_text(json.dumps(
             {"config": _describe(config), "wall_seconds": round(wall, 1),
-             "dtype": os.environ["STILLROOM_DTYPE"], "rows": rows}, indent=1) + "\n")
-        write_report(rows, out_dir, wall, data_dir / "personalization-logs")
+             "cpu_seconds": round(cpu_seconds(server.pid), 1), "cpu_count": os.cpu_count(),
+             "mean_load": round(sum(loads) / len(loads), 2), "dtype": os.environ["STILLROOM_DTYPE"],
+             "rows": rows}, indent=1) + "\n")
+        write_report(rows, out_dir, wall, data_dir / "personalization-logs", cpu_seconds(server.pid),
+                     sum(loads) / len(loads))
 
-    with LocalServer(data_dir) as server:
+    with server:
         service = stillroom.ServiceClient(base_url=server.address)
-        stages = Experiment(service, config, data_dir / "personalization-logs").run(on_seed=save)
+        stages = Experiment(service, config, data_dir / "personalization-logs", server.pid).run(on_seed=save)
         service.close()
     print(f"wall time {(time.monotonic() - start) / 60:.1f} min; "
           f"wrote {out_dir}/personalization.json, personalization_table.md, personalization.png")
@@ -264,7 +291,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.report_only:
         saved = json.loads((args.out / "personalization.json").read_text())
-        write_report(saved["rows"], args.out, saved["wall_seconds"], args.data_dir / "personalization-logs")
+        write_report(saved["rows"], args.out, saved["wall_seconds"], args.data_dir / "personalization-logs",
+                     saved.get("cpu_seconds"), saved.get("mean_load"))
         return
     config = PersonalizationConfig(model_dir=args.model_dir.expanduser().resolve(), seeds=tuple(args.seeds))
     if args.distill_steps is not None:

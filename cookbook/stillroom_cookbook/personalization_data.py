@@ -1,6 +1,7 @@
 """The personalization experiment's knowledge: a deterministic synthetic corpus of internal documents
 about a fictional organisation (the Quillmoor Institute), and questions over its facts whose
-phrasings never appear in the documents, graded by code (the answer must name the right value).
+phrasings never appear in the documents, graded by code: a reply must name the right value, and a
+multiple-choice score compares the right value with the other nine values of its kind.
 
 Knows strings and a seed only: no tokens, models or server. The same seed gives the same corpus.
 """
@@ -52,6 +53,11 @@ class Fact:
 class Question:
     prompt: str
     answer: str     # the value a correct reply names
+    relation: str   # a key of VALUES: the closed list of candidate answers
+
+    @property
+    def candidates(self) -> list[str]:
+        return VALUES[self.relation]
 
 
 def people(num_people: int, seed: int) -> list[str]:
@@ -64,10 +70,16 @@ def people(num_people: int, seed: int) -> list[str]:
 
 
 def make_facts(num_people: int, seed: int = 0) -> list[Fact]:
-    """Three facts per person (office, team, badge), values drawn with a seeded generator."""
+    """Three facts per person (office, team, badge). Each value of a kind is used equally often (up to
+    one), in a seeded order, so knowing which values are common wins nothing on the questions."""
     rng = random.Random(seed + 1)
-    return [Fact(name, relation, rng.choice(options))
-            for name in people(num_people, seed) for relation, options in VALUES.items()]
+    names = people(num_people, seed)
+    drawn = {}
+    for relation, options in VALUES.items():
+        pool = [options[i % len(options)] for i in range(num_people)]
+        rng.shuffle(pool)
+        drawn[relation] = pool
+    return [Fact(name, relation, drawn[relation][i]) for i, name in enumerate(names) for relation in VALUES]
 
 
 def documents(facts: list[Fact], phrasings_per_fact: int, facts_per_document: int = 3,
@@ -84,7 +96,7 @@ def documents(facts: list[Fact], phrasings_per_fact: int, facts_per_document: in
 
 def questions(facts: list[Fact]) -> list[Question]:
     """One held-out question per fact (its phrasing alternates between the two question forms)."""
-    return [Question(QUESTION_PHRASINGS[f.relation][i % 2].format(name=f.name, org=ORG), f.value)
+    return [Question(QUESTION_PHRASINGS[f.relation][i % 2].format(name=f.name, org=ORG), f.value, f.relation)
             for i, f in enumerate(facts)]
 
 
@@ -93,5 +105,4 @@ def grade_answer(question: Question, reply: str) -> bool:
     text = reply.lower()
     if question.answer.lower() not in text:
         return False
-    kind = next(k for k, options in VALUES.items() if question.answer in options)
-    return not any(o.lower() in text for o in VALUES[kind] if o != question.answer)
+    return not any(o.lower() in text for o in question.candidates if o != question.answer)

@@ -1,27 +1,33 @@
-"""Scores of one set of weights in the personalization experiment: the held-out question score
-(knowledge of the documents) and the instruction-following score, both greedy and graded by code.
+"""Scores of one set of weights in the personalization experiment: knowledge of the documents as a
+multiple-choice score over held-out questions, and the instruction-following score (greedy, graded
+by code).
 
-Knows the SDK's sampling client, a renderer and the two question sets; every prompt's request is
-in flight before any is awaited, so the server decodes them as one batch.
+Knowledge: for each question, the log-likelihood of each of the ten values of its kind as the
+assistant's whole reply (through the chat template, `compute_logprobs`); right when the true value
+scores highest (chance: 10%). Knows the SDK's sampling client, a renderer and the two question sets;
+every request is in flight before any is awaited, so the server batches them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import stillroom
 from stillroom import types
 from stillroom_cookbook.instruction_following import Instruction, follows
-from stillroom_cookbook.personalization_data import Question, grade_answer
+from stillroom_cookbook.personalization_data import Question
 from stillroom_cookbook.renderers import Renderer
 
 
 @dataclasses.dataclass(frozen=True)
 class Scores:
-    questions: float            # fraction of held-out questions answered right
+    questions: float            # fraction of held-out questions whose true value is the likeliest
+    answer_probability: float   # mean probability of the true value, renormalised over its ten
     instructions: float         # fraction of instruction prompts whose constraint holds
     sampled_tokens: int         # tokens the evaluation generated (its compute)
+    scored_tokens: int          # tokens the multiple-choice score ran through the model
     examples: tuple[str, ...]   # a few replies to instruction prompts, for the write-up
 
 
@@ -34,10 +40,39 @@ def greedy_replies(sampler: stillroom.SamplingClient, renderer: Renderer, prompt
     return [renderer.decode(s.tokens) for s in sequences], sum(len(s.tokens) for s in sequences)
 
 
+def choice_logprobs(sampler: stillroom.SamplingClient, renderer: Renderer,
+                    questions: Sequence[Question]) -> tuple[list[list[float]], int]:
+    """Per question, the summed logprob of each candidate value as the whole reply (its tokens and
+    the end-of-turn), in `question.candidates` order; and the tokens scored."""
+    pending, scored = [], 0
+    for q in questions:
+        prompt = renderer.prompt_tokens(q.prompt)
+        row = []
+        for value in q.candidates:
+            reply = renderer.completion_tokens(q.prompt, value)
+            scored += len(prompt) + len(reply)
+            row.append((len(reply), sampler.compute_logprobs(types.ModelInput.from_ints(prompt + reply),
+                                                             prompt_logprobs_last_n=len(reply))))
+        pending.append(row)
+    return [[sum(lp for lp in f.result()[-n:] if lp is not None) for n, f in row] for row in pending], scored
+
+
+def multiple_choice(questions: Sequence[Question], logprobs: list[list[float]]) -> tuple[float, float]:
+    """(accuracy, mean renormalised probability of the true value) from `choice_logprobs`."""
+    right, probability = 0, 0.0
+    for q, row in zip(questions, logprobs, strict=True):
+        truth = q.candidates.index(q.answer)
+        right += max(range(len(row)), key=row.__getitem__) == truth
+        top = max(row)
+        probability += math.exp(row[truth] - top) / sum(math.exp(x - top) for x in row)
+    return right / len(questions), probability / len(questions)
+
+
 def score(sampler: stillroom.SamplingClient, renderer: Renderer, questions: Sequence[Question],
-          instructions: Sequence[Instruction], question_tokens: int, instruction_tokens: int) -> Scores:
-    answers, n_answer = greedy_replies(sampler, renderer, [q.prompt for q in questions], question_tokens)
+          instructions: Sequence[Instruction], instruction_tokens: int) -> Scores:
     replies, n_reply = greedy_replies(sampler, renderer, [i.prompt for i in instructions], instruction_tokens)
-    return Scores(questions=sum(grade_answer(q, a) for q, a in zip(questions, answers)) / len(questions),
+    logprobs, n_scored = choice_logprobs(sampler, renderer, questions)
+    accuracy, probability = multiple_choice(questions, logprobs)
+    return Scores(questions=accuracy, answer_probability=probability,
                   instructions=sum(follows(i, r) for i, r in zip(instructions, replies)) / len(instructions),
-                  sampled_tokens=n_answer + n_reply, examples=tuple(replies[:3]))
+                  sampled_tokens=n_reply, scored_tokens=n_scored, examples=tuple(replies[:3]))

@@ -26,9 +26,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         if not group:
             continue
         entry = {"method": method, "seeds": len(group)}
-        for key in ("questions", "instructions", "train_tokens", "sampled_tokens", "teacher_tokens",
-                    "seconds"):
-            values = [r[key] for r in group]
+        for key in ("questions", "answer_probability", "instructions", "train_tokens", "sampled_tokens",
+                    "teacher_tokens", "seconds", "cpu_seconds", "load"):
+            values = [r.get(key, 0.0) for r in group]
             entry[key] = statistics.mean(values)
             entry[key + "_sd"] = statistics.pstdev(values) if len(values) > 1 else 0.0
         if base and mid and method not in ("base model", "mid-train"):
@@ -39,9 +39,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def _recovery(base: dict, mid: list[dict], group: list[dict]) -> dict:
     """Instruction following recovered (of what mid-training lost) and question gain kept, per seed
-    against that seed's mid-training, then averaged; None where mid-training changed nothing."""
+    against that seed's mid-training, then averaged; None where mid-training changed nothing. The gain
+    is measured twice: on the multiple-choice accuracy and on the true value's probability."""
     mid_by_seed = {r["seed"]: r for r in mid}
-    recovered, kept = [], []
+    recovered, kept, kept_p = [], [], []
     for row in group:
         start = mid_by_seed.get(row["seed"])
         if start is None:
@@ -52,20 +53,26 @@ def _recovery(base: dict, mid: list[dict], group: list[dict]) -> dict:
             recovered.append((row["instructions"] - start["instructions"]) / lost)
         if gained > 0:
             kept.append((row["questions"] - base["questions"]) / gained)
+        gained_p = start["answer_probability"] - base["answer_probability"]
+        if gained_p > 0:
+            kept_p.append((row["answer_probability"] - base["answer_probability"]) / gained_p)
     return {"if_recovered": statistics.mean(recovered) if recovered else None,
-            "question_gain_kept": statistics.mean(kept) if kept else None}
+            "question_gain_kept": statistics.mean(kept) if kept else None,
+            "probability_gain_kept": statistics.mean(kept_p) if kept_p else None}
 
 
 def table(summary: list[dict]) -> str:
-    lines = ["| method | seeds | questions (held-out) | instruction following | IF recovered | "
-             "question gain kept | train tokens | sampled tokens | teacher tokens | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | questions right (of 10 choices) | p(true value) | instruction following | "
+             "IF recovered | knowledge gain kept (right / p) | train tokens | sampled tokens | "
+             "teacher tokens | seconds | CPU-seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
         lines.append(
-            f"| {e['method']} | {e['seeds']} | {_pm(e, 'questions')} | {_pm(e, 'instructions')} | "
-            f"{_pct(e.get('if_recovered'))} | {_pct(e.get('question_gain_kept'))} | "
-            f"{e['train_tokens']:,.0f} | "
-            f"{e['sampled_tokens']:,.0f} | {e['teacher_tokens']:,.0f} | {e['seconds']:.0f} |")
+            f"| {e['method']} | {e['seeds']} | {_pm(e, 'questions')} | {_pm(e, 'answer_probability')} | "
+            f"{_pm(e, 'instructions')} | {_pct(e.get('if_recovered'))} | "
+            f"{_pct(e.get('question_gain_kept'))} / {_pct(e.get('probability_gain_kept'))} | "
+            f"{e['train_tokens']:,.0f} | {e['sampled_tokens']:,.0f} | {e['teacher_tokens']:,.0f} | "
+            f"{e['seconds']:.0f} | {e['cpu_seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -94,7 +101,9 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
                      color=color, alpha=0.3, s=20)
         left.scatter(100 * e["questions"], 100 * e["instructions"], color=color, s=90, label=e["method"],
                      marker="*" if e["method"] == "base model" else "o", edgecolor="black")
-    left.set(xlabel="held-out questions about the documents answered (%)",
+    left.axvline(10, color="gray", linestyle="--", linewidth=1)
+    left.text(10.3, left.get_ylim()[0], " chance", color="gray", fontsize=8, va="bottom")
+    left.set(xlabel="held-out questions about the documents: true value likeliest of 10 (%)",
              ylabel="instruction prompts whose constraint holds (%)",
              title="Knowledge vs instruction following\n(up and right is better; big = mean, faint = seeds)")
     left.grid(alpha=0.3)
@@ -136,9 +145,12 @@ def _plot_teacher_kl(ax, rows: list[dict], log_dir: Path | None) -> None:
         ax.legend(fontsize=8)
 
 
-def write_report(rows: list[dict], out_dir: Path, wall_seconds: float, log_dir: Path | None = None) -> None:
+def write_report(rows: list[dict], out_dir: Path, wall_seconds: float, log_dir: Path | None = None,
+                 cpu_seconds: float | None = None, mean_load: float | None = None) -> None:
     summary = summarize(rows)
-    text = (f"{table(summary)}\n\nWall time {wall_seconds / 60:.1f} min. "
+    cpu = "" if cpu_seconds is None else f", {cpu_seconds / 60:.1f} CPU-minutes (client + server)"
+    load = "" if mean_load is None else f", mean 1-minute load average {mean_load:.1f}"
+    text = (f"{table(summary)}\n\nWall time {wall_seconds / 60:.1f} min{cpu}{load}. "
             "IF recovered: of the instruction following mid-training lost, the share won back; "
             "question gain kept: of the question score mid-training gained, the share still there "
             "(both per seed against that seed's mid-training, then averaged).\n")
