@@ -9,7 +9,11 @@ default in-process engine, driven through the SDK with the same requests.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +21,7 @@ import stillroom
 from stillroom import types
 from stillroom_server.app import StillroomServer
 from stillroom_server.config import ServerConfig
+from stillroom_server.engine.presets import build_char_tokenizer
 
 from conftest import TINY
 from helpers import checkpoint_tensors, encode_line, sft_datum
@@ -48,8 +53,8 @@ def clients(servers):
 
 
 @pytest.fixture(scope="module")
-def data(clients):
-    tokenizer = clients[0]._load_tokenizer(TINY)
+def data():
+    tokenizer = build_char_tokenizer()  # the presets' own
     return [sft_datum(encode_line(tokenizer, text)) for text in TEXTS]
 
 
@@ -145,3 +150,28 @@ def test_a_killed_worker_fails_its_requests_clearly_and_the_server_keeps_serving
     resumed = client.create_training_client_from_state_with_optimizer(state)
     loss, _ = _step(resumed, data)
     assert loss > 0
+
+
+def test_a_group_launched_by_torchrun_connects_and_trains(tmp_path, monkeypatch, data):
+    """The launch for several machines, on one: torchrun starts the workers (env:// rendezvous)
+    and rank 0 connects to the server's --worker-listen address with the shared secret."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    secret = secrets.token_hex(32)
+    monkeypatch.setenv("STILLROOM_WORKER_AUTHKEY", secret)
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "stillroom_server.engine.sharded.worker"],
+        env={**os.environ, "STILLROOM_WORKER_ADDRESS": f"127.0.0.1:{port}"})
+    try:
+        config = ServerConfig(data_dir=tmp_path, port=0, workers=2, worker_listen=f"127.0.0.1:{port}")
+        with StillroomServer(config) as server, \
+                stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key) as client:
+            trainer = _trainer(client, "lora")
+            losses = [_step(trainer, data)[0] for _ in range(3)]
+            assert losses[2] < losses[0]
+        assert launch.wait(timeout=60) == 0  # the server's stop ends the group
+    finally:
+        if launch.poll() is None:
+            launch.kill()

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pickle
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Client
@@ -35,6 +36,7 @@ from stillroom_server.engine.types import LogprobsResult, LogprobsWork, SampleRe
 
 logger = logging.getLogger("stillroom.worker")
 COLLECTIVE_TIMEOUT_SECONDS = 600  # a rank stuck this long in a collective gives up (and exits)
+CONNECT_SECONDS = 60.0            # rank 0 waits this long for the server to listen
 PING_SECONDS = 30.0               # rank 0 wakes the others this often while idle (under the timeout)
 
 
@@ -250,6 +252,23 @@ def serve_commands(engine: WorkerEngine, connection: Any) -> None:
             connection.send_bytes(pickle.dumps(answer))  # plain pickle: torch's own would share memory
 
 
+def _connect() -> Any:
+    """Rank 0's connection to the server (which may still be starting: tried for a minute)."""
+    host, port = os.environ["STILLROOM_WORKER_ADDRESS"].rsplit(":", 1)
+    authkey = bytes.fromhex(os.environ["STILLROOM_WORKER_AUTHKEY"])
+    deadline = time.monotonic() + CONNECT_SECONDS
+    while True:
+        try:
+            connection = Client((host, int(port)), authkey=authkey)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    connection.send_bytes(pickle.dumps(dist.get_world_size()))
+    return connection
+
+
 def main() -> None:
     rank = int(os.environ["RANK"])
     logging.basicConfig(level=os.environ.get("STILLROOM_LOG_LEVEL", "INFO").upper(),
@@ -260,11 +279,7 @@ def main() -> None:
     # commands travel on gloo (CPU tensors); FSDP's collectives on CUDA tensors take NCCL
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS))
-    connection = None
-    if rank == 0:
-        host, port = os.environ["STILLROOM_WORKER_ADDRESS"].rsplit(":", 1)
-        connection = Client((host, int(port)), authkey=bytes.fromhex(os.environ["STILLROOM_WORKER_AUTHKEY"]))
-        connection.send_bytes(pickle.dumps(dist.get_world_size()))
+    connection = _connect() if rank == 0 else None
     box = [pickle.loads(connection.recv_bytes()) if connection is not None else None]
     dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))  # the server's settings
     settings = box[0]
