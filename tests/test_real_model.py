@@ -224,4 +224,5 @@ def test_personalization_smoke(real_service, model_dir, tmp_path):
                                           "distill (exact reverse KL)", "SFT on teacher samples",
                                           "mid-train + chat mix"]
     assert all(0 <= s.scores.questions <= 1 and 0 <= s.scores.instructions <= 1 for s in stages)
+    assert all(0 < s.scores.answer_probability < 1 and s.scores.scored_tokens > 0 for s in stages)
     assert all(s.train_tokens > 0 for s in stages[1:])

@@ -43,14 +43,14 @@ class PersonalizationConfig:
     model_dir: Path
     num_people: int = 10              # three facts each; the generator makes up to 600 (1,800 facts)
     phrasings_per_fact: int = 4       # of the four document phrasings
-    eval_topics: int = 6              # instruction topics kept for evaluation (8 constraints each)
+    eval_topics: int = 4              # instruction topics kept for evaluation (8 constraints each)
     teacher_prompts: int = 48         # training instruction prompts the teacher answers (SFT, chat mix)
     lora_rank: int = 32
     # Sized to the 2-core CPU (docs/personalization.md has the measured speeds).
-    midtrain: SFTConfig = SFTConfig(steps=40, learning_rate=3e-3, batch_size=8, final_lr_fraction=0.3,
+    midtrain: SFTConfig = SFTConfig(steps=32, learning_rate=3e-3, batch_size=8, final_lr_fraction=0.3,
                                     name="mid-train")
     chat_fraction: float = 0.3        # of the mid-training examples, in the chat-mix variant
-    distill: DistillationConfig = DistillationConfig(steps=20, learning_rate=1e-3, max_tokens=32,
+    distill: DistillationConfig = DistillationConfig(steps=16, learning_rate=1e-3, max_tokens=32,
                                                      groups_per_batch=6, group_size=1)
     sft: SFTConfig = SFTConfig(steps=8, learning_rate=1e-3, batch_size=6, name="sft-teacher")
     instruction_tokens: int = 40
@@ -203,18 +203,21 @@ class Experiment:
         for seed in self.config.seeds:
             replies = self.teacher_replies(seed)
             state, mid = self.midtrain(seed)
-            stages.append(mid)
-            stages.append(self.distill_from(state, seed, "sampled"))
-            stages.append(self.distill_from(state, seed, "teacher_reverse_kl"))
-            stages.append(self.sft_from(state, seed, replies))
-            stages.append(self.midtrain(seed, chat=replies)[1])
-            for stage in stages[-5:]:
-                print(f"{stage.method} (seed {seed}): questions {stage.scores.questions:.3f} "
-                      f"(p {stage.scores.answer_probability:.3f}), instructions "
-                      f"{stage.scores.instructions:.3f}, {stage.seconds:.0f} s, {stage.cpu_seconds:.0f} "
-                      f"CPU-s, load {stage.load:.1f}", flush=True)
+            self._report(stages, mid)
+            self._report(stages, self.distill_from(state, seed, "sampled"))
+            self._report(stages, self.distill_from(state, seed, "teacher_reverse_kl"))
+            self._report(stages, self.sft_from(state, seed, replies))
+            self._report(stages, self.midtrain(seed, chat=replies)[1])
             on_seed(stages)
         return stages
+
+
+    @staticmethod
+    def _report(stages: list[Stage], stage: Stage) -> None:
+        stages.append(stage)
+        print(f"{stage.method} (seed {stage.seed}): questions {stage.scores.questions:.3f} "
+              f"(p {stage.scores.answer_probability:.3f}), instructions {stage.scores.instructions:.3f}, "
+              f"{stage.seconds:.0f} s, {stage.cpu_seconds:.0f} CPU-s, load {stage.load:.1f}", flush=True)
 
 
 class DocumentOrChatRenderer:

@@ -101,8 +101,14 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
                      color=color, alpha=0.3, s=20)
         left.scatter(100 * e["questions"], 100 * e["instructions"], color=color, s=90, label=e["method"],
                      marker="*" if e["method"] == "base model" else "o", edgecolor="black")
+    base = next((e for e in summary if e["method"] == "base model"), None)
+    if base is not None:
+        left.axhline(100 * base["instructions"], color="gray", linestyle=":", linewidth=1)
     left.axvline(10, color="gray", linestyle="--", linewidth=1)
     left.text(10.3, left.get_ylim()[0], " chance", color="gray", fontsize=8, va="bottom")
+    if base is not None:
+        left.text(left.get_xlim()[1], 100 * base["instructions"], "base model's instruction following ",
+                  color="gray", fontsize=8, ha="right", va="bottom")
     left.set(xlabel="held-out questions about the documents: true value likeliest of 10 (%)",
              ylabel="instruction prompts whose constraint holds (%)",
              title="Knowledge vs instruction following\n(up and right is better; big = mean, faint = seeds)")
@@ -118,6 +124,11 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
     right.set(xlabel="thousand tokens per seed (mean)", title="Compute per method (beyond its start)")
     right.invert_yaxis()
     right.legend(fontsize=8)
+    seeds = len({r["seed"] for r in rows if r["seed"] >= 0})
+    fig.suptitle("SmolLM2-135M-Instruct mid-trained on internal documents (LoRA), then brought back toward "
+                 f"its own earlier self: which method keeps the facts and the assistant? "
+                 f"({seeds} seed{'s' if seeds != 1 else ''})",
+                 fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
