@@ -107,6 +107,7 @@ class Service:
         self.sessions = ClientSessions()
         self.run_owners: dict[str, str] = {}  # runs live in this process, by owner
         self.run_bytes: dict[str, int] = {}   # their weights and AdamW moments, as measured at creation
+        self._stated_budget = engine.run_memory_bytes  # the training-run memory stated at start
         self._samplers: dict[str, _OpenSampler] = {}
         self._turns: dict[str, asyncio.Event] = {}  # set when a run accepts its next request
         self._held: dict[tuple[str, int], str] = {}  # numbered requests waiting for their turn
@@ -209,10 +210,11 @@ class Service:
         return sum(self.run_bytes.get(r, 0) for r, o in self.run_owners.items() if o == owner)
 
     def live_bytes_budget(self) -> int | None:
-        """The per-owner bytes limit: as configured, else the engine's training-run memory budget
-        (None where the engine keeps runs outside this process and states none)."""
+        """The per-owner bytes limit: as configured, else the training-run memory budget the engine
+        stated at start (one owner's runs fit in memory at once; beyond it, across owners, idle runs
+        wait on disk). None where the engine keeps runs outside this process and states none."""
         configured = self.limits.max_live_bytes_per_owner
-        budget = configured if configured is not None else self.engine.run_memory_bytes
+        budget = configured if configured is not None else self._stated_budget
         return budget if budget > 0 else None
 
     @staticmethod
