@@ -249,7 +249,16 @@ def serve_commands(engine: WorkerEngine, connection: Any) -> None:
             logger.debug("%s failed on rank %d", method, dist.get_rank(), exc_info=True)
             answer = ("error", _picklable(error))
         if connection is not None and method != "ping":
-            connection.send_bytes(pickle.dumps(answer))  # plain pickle: torch's own would share memory
+            connection.send_bytes(_pickled(answer))
+
+
+def _pickled(answer: tuple[str, Any]) -> bytes:
+    """Plain pickle (torch's own reductions would share memory), or the error of an answer that
+    cannot be sent."""
+    try:
+        return pickle.dumps(answer)
+    except Exception as error:  # noqa: BLE001 - the server must get an answer, never a dead rank 0
+        return pickle.dumps(("error", RuntimeError(f"the workers' answer cannot be sent: {error}")))
 
 
 def _connect() -> Any:
