@@ -22,7 +22,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
 BASE = "__base__"
-KEPT_SETS = 4   # sets of adapters whose stacks stay built (a decode's set changes as requests come and go)
+KEPT_SETS = 2   # sets of adapters whose stacks stay built: the adapters seen lately, and one other
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))   # layers called on one input
 
 
