@@ -369,8 +369,9 @@ def main() -> None:
             failed, unit, cancelled = burst_row(client, args.model, args.burst)
             rows.append((f"burst of {args.burst} sample requests ({cancelled} CANCELLED)", failed,
                          "0", unit, failed == 0))
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n{args.model} (teacher {args.teacher}), {args.reps} repetitions, medians; "
-          f"bench threads {torch.get_num_threads()}")
+          f"bench threads {torch.get_num_threads()}; load average {load} (1 / 5 / 15 min) at the end")
     header = ("what", "now", "target", "result")
     table = [header, *[(what, f"{value:.3g} {unit}", target, "PASS" if ok else "BELOW")
                        for what, value, target, unit, ok in rows]]
