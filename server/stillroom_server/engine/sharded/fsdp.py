@@ -3,8 +3,9 @@ them, and a LoRA host over one sharded base.
 
 A module is built on the meta device, sharded with `fully_shard` (each decoder layer, then the
 root) and filled from rank 0's safetensors through torch.distributed.checkpoint's state-dict
-helpers, so no rank ever holds a second full copy. Every rank runs the same batch (the gradients
-FSDP averages are equal), so results equal the single-process engine's. Knows no requests or wire.
+helpers, so no rank ever holds a second full copy. Each rank runs its share of a batch and the
+gradients are summed (split.py), so results equal the single-process engine's. Knows no requests
+or wire.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from stillroom_server.engine.lora import LoraHost
 from stillroom_server.engine.models import BaseModel
+from stillroom_server.engine.sharded.split import SplitBatch
 from stillroom_server.engine.training import FullRun, TrainingRun
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -79,9 +81,9 @@ def full_state(module: torch.nn.Module) -> dict[str, Any]:
     return get_model_state_dict(module, options=FULL)
 
 
-class ShardedFullRun(FullRun):
+class ShardedFullRun(SplitBatch, FullRun):
     """Full fine-tuning over a sharded module: each rank holds a shard of the weights, of their
-    gradients and of AdamW's moments."""
+    gradients and of AdamW's moments, and runs its share of each batch (split.py)."""
 
     def __init__(self, run_id: str, base: BaseModel, device: torch.device,
                  weights: Path | None = None) -> None:
@@ -99,13 +101,14 @@ class ShardedFullRun(FullRun):
         self._params = list(self.model.parameters())
 
     def _gradients(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
-        """This micro-batch's gradient alone (FSDP reduce-scatters it into `.grad`, so the run's
-        accumulated gradient is set aside and put back)."""
+        """This micro-batch's gradient alone, summed over the ranks (FSDP reduce-scatters the mean
+        into `.grad`, hence the loss times W; the run's accumulated gradient is set aside and put
+        back). A custom divide factor would do it, but gloo has no PREMUL_SUM."""
         held = [p.grad for p in self._params]
         for param in self._params:
             param.grad = None
         try:
-            loss.backward()
+            (loss * dist.get_world_size()).backward()
             return [p.grad for p in self._params]
         finally:
             for param, grad in zip(self._params, held):

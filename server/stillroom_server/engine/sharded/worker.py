@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from peft import LoraConfig
 
 from stillroom_server.engine import checkpoints, state
 from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, _AdapterView
@@ -31,6 +32,7 @@ from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
 from stillroom_server.engine.models import BaseModel, ModelHost, stop_token_ids
 from stillroom_server.engine.sampler import BASE_ADAPTER
 from stillroom_server.engine.sharded import fsdp
+from stillroom_server.engine.sharded.split import ShardedLoraRun
 from stillroom_server.engine.training import TrainingRun
 from stillroom_server.engine.types import LogprobsResult, LogprobsWork, SampleResult, SampleWork
 
@@ -87,17 +89,25 @@ class WorkerEngine(Engine):
             run: TrainingRun = fsdp.ShardedFullRun(run_id, base, self.device)
         else:
             config = lora_config(base, lora.rank, lora.train_mlp, lora.train_attn, lora.train_unembed)
-            run = LoraRun(run_id, base, self._lora_host(base), config, self.device, seed)
+            run = ShardedLoraRun(run_id, base, self._lora_host(base), config, self.device, seed)
         self.runs[run_id] = run
         return facts(run)
 
     def create_run_from_state(self, run_id: str, uri: str,  # type: ignore[override]
                               with_optimizer: bool) -> RunFacts:
         meta = self.state_meta(uri)
-        if meta["is_lora"]:
-            return facts(super().create_run_from_state(run_id, uri, with_optimizer))
         directory = self.files.directory(checkpoints.parse(uri))
         base = self.models.get(meta["base_model"])
+        if meta["is_lora"]:
+            config: Any = LoraConfig.from_pretrained(str(directory))
+            lora = ShardedLoraRun(run_id, base, self._lora_host(base), config, self.device, None)
+            try:
+                state.restore(lora, directory, with_optimizer)
+            except BaseException:
+                lora.host.remove_adapter(lora.adapter)
+                raise
+            self.runs[run_id] = lora
+            return facts(lora)
         run = fsdp.ShardedFullRun(run_id, base, self.device, weights=directory / "model.safetensors")
         if with_optimizer:
             restore_optimizer(run, directory)
