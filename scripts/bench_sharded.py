@@ -7,7 +7,7 @@ Starts `stillroom serve` in a child process (--workers 1, then 2; one torch thre
 drives one full run through the SDK and prints, per setting: training tokens/s, the time of a tiny
 forward (the per-request hop: server -> rank 0 -> broadcast), the time of a save_state (gathering
 the sharded weights and AdamW moments to rank 0), and each process's private memory (RssAnon)
-before the run and after it, and its peak RSS (VmHWM). The default model is the presets' Qwen3
+before the run and after its training steps, and its peak RSS (VmHWM) at the end. The default model is the presets' Qwen3
 shape made wider (built here, served with --model): on the 10M preset the ~200 MB every process
 spends on its first backward hides the run's own state. On CPU the W=2 workers share the same
 cores, so speed is not the point; memory per process is. Informational: always exits 0.
@@ -121,6 +121,7 @@ def measure(workers: int, args: argparse.Namespace, models: list[str]) -> dict:
                 trainer.forward_backward(data, "cross_entropy")
                 trainer.optim_step(adam).result()
             seconds = time.perf_counter() - began
+            trained = {name: _mib(p, "RssAnon") for name, p in _processes(server)}
             hops = []
             for _ in range(10):
                 start = time.perf_counter()
@@ -129,8 +130,7 @@ def measure(workers: int, args: argparse.Namespace, models: list[str]) -> dict:
             start = time.perf_counter()
             trainer.save_state("bench").result()
             save_seconds = time.perf_counter() - start
-            memory = [(name, before[name], _mib(p, "RssAnon"), _mib(p, "VmHWM"))
-                      for name, p in _processes(server)]
+            memory = [(name, before[name], trained[name], _mib(p, "VmHWM")) for name, p in _processes(server)]
             client.close()
         finally:
             server.stop()
@@ -146,7 +146,7 @@ def main() -> None:
     print(f"\n{args.model}, full fine-tuning, {args.batch} x {args.length} tokens per step, "
           f"{args.steps} timed steps, {os.cpu_count()} CPU cores\n")
     print(f"{'W':>2} | {'tokens/s':>9} | {'tiny forward':>12} | {'save_state':>10} | process: private MiB "
-          "before run -> after (peak RSS MiB)")
+          "before the run -> after its steps (peak RSS MiB, the save's gather included)")
     for workers, result in results.items():
         memory = ", ".join(f"{name} {start:.0f} -> {end:.0f} ({peak:.0f})"
                            for name, start, end, peak in result["memory"])

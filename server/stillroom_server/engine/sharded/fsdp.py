@@ -145,7 +145,8 @@ def grad_norm(grads: list[torch.Tensor]) -> float:
 
 class ShardedLoraHost(LoraHost):
     """PEFT adapters injected into the sharded base module itself (one sharded copy per base).
-    Adapter weights are small and kept whole on every rank; each rank computes the same update."""
+    Adapter weights are small and kept whole on every rank; their gradients are all-reduced
+    (split.py), so every rank applies the same update."""
 
     def add_adapter(self, name: str, config: LoraConfig, seed: int | None) -> None:
         with torch.random.fork_rng(devices=[]):

@@ -299,9 +299,9 @@ def main() -> None:
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS))
     connection = _connect() if rank == 0 else None
-    box = [pickle.loads(connection.recv_bytes()) if connection is not None else None]
+    box: list[Any] = [pickle.loads(connection.recv_bytes()) if connection is not None else None]
     dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))  # the server's settings
-    settings = box[0]
+    settings: dict[str, Any] = box[0]
     torch.set_num_threads(int(settings.get("threads") or 1))
     engine = WorkerEngine(Path(settings["data_dir"]), settings["device"],
                           {k: Path(v) for k, v in settings["local_models"].items()}, settings["dtype"])
