@@ -6,11 +6,12 @@
 Starts `stillroom serve` in a child process (--workers 1, then 2; one torch thread per process),
 drives one full run through the SDK and prints, per setting: training tokens/s, the time of a tiny
 forward (the per-request hop: server -> rank 0 -> broadcast), the time of a save_state (gathering
-the sharded weights and AdamW moments to rank 0), and each process's private memory (RssAnon)
-before the run and after its training steps, and its peak RSS (VmHWM) at the end. The default model is the presets' Qwen3
-shape made wider (built here, served with --model): on the 10M preset the ~200 MB every process
-spends on its first backward hides the run's own state. On CPU the W=2 workers share the same
-cores, so speed is not the point; memory per process is. Informational: always exits 0.
+the sharded weights and AdamW moments to rank 0), each process's private memory (RssAnon) before
+the run and after its training steps, and its peak RSS (VmHWM) at the end. The default model is
+the presets' Qwen3 shape made wider (built here, served with --model): on the 10M preset the
+~200 MB every process spends on its first backward hides the run's own state. On CPU the W=2
+workers share the same cores, so speed is not the point; memory per process is. Informational:
+always exits 0.
 """
 
 from __future__ import annotations
