@@ -10,6 +10,7 @@ nothing of owners, request numbers or the wire.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -39,6 +40,9 @@ from stillroom_server.engine.types import LogprobsResult, LogprobsWork, SampleRe
 logger = logging.getLogger("stillroom.worker")
 COLLECTIVE_TIMEOUT_SECONDS = 600  # a rank stuck this long in a collective gives up (and exits)
 CONNECT_SECONDS = 60.0            # rank 0 waits this long for the server to listen
+# commands that hold whole (unsharded) tensors for a while: the heap is trimmed after them
+WHOLE_TENSORS = frozenset({"create_run", "create_run_from_state", "load_state", "write_state",
+                           "write_sampler_weights"})
 PING_SECONDS = 30.0               # rank 0 wakes the others this often while idle (under the timeout)
 
 
@@ -260,6 +264,17 @@ def serve_commands(engine: WorkerEngine, connection: Any) -> None:
             answer = ("error", _picklable(error))
         if connection is not None and method != "ping":
             connection.send_bytes(_pickled(answer))
+        if method in WHOLE_TENSORS:
+            _trim()
+
+
+def _trim() -> None:
+    """Give the heap's free pages back to the system (glibc keeps them after a whole-model gather
+    or broadcast, so a worker would stay at its peak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _pickled(answer: tuple[str, Any]) -> bytes:
