@@ -194,3 +194,23 @@ def test_a_burst_of_calls_goes_in_a_few_submits(service, monkeypatch):
     assert all(len(f.result(120).sequences) == 1 for f in futures)
     assert sum(sent) == 300 and max(sent) <= _submit.MAX_ITEMS
     assert len(sent) < 300  # not one message per call
+
+
+def test_against_a_server_without_submit_the_sdk_sends_each_call_on_its_own(server, monkeypatch):
+    from stillroom import _submit, errors
+
+    async def unimplemented(self, batch):
+        raise errors.error_for("UNIMPLEMENTED", "Method not found!")  # what an older server answers
+
+    monkeypatch.setattr(_submit.Submitter, "_open", unimplemented)
+    with stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key) as client:
+        sampler = client.create_sampling_client(base_model=TINY)
+        futures = [sampler.sample(PROMPT, 2, types.SamplingParams(max_tokens=3, seed=i)) for i in range(6)]
+        assert all(len(f.result(60).sequences) == 2 for f in futures)
+        assert client._connection.submitter().unary
+        trainer = client.create_lora_training_client(TINY, rank=4, seed=0)
+        trainer.forward_backward([sft_datum([1, 40, 41, 42])], "cross_entropy")
+        assert trainer.optim_step(types.AdamParams(learning_rate=1e-3)).result(60).metrics
+        sampler.sampling_session_id = "samp-nope"  # a refusal still comes back as the call's error
+        with pytest.raises(stillroom.NotFoundError, match="samp-nope"):
+            sampler.sample(PROMPT, 1, types.SamplingParams(max_tokens=1)).result(60)

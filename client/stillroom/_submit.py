@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("stillroom")
 MAX_ITEMS = 256     # calls in one Submit
 MAX_OPENING = 2     # Submits sent and not yet answered; calls made meanwhile wait and go together
+UNARY = {"sample": "Sample", "compute_logprobs": "ComputeLogprobs", "forward_backward": "ForwardBackward",
+         "optim_step": "OptimStep"}  # each call's own RPC, for a server that has no Submit
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Submitter:
         self._opening = 0
         self._launch_queued = False
         self._tasks: set[asyncio.Task] = set()
+        self.unary = False  # the server has no Submit (older than it): every call goes on its own
 
     async def send(self, item: pb.SubmitItem) -> tuple[str, asyncio.Future[pb.FutureResult]]:
         """Send one call (with whatever else is being sent now); return its request id once the
@@ -61,6 +64,9 @@ class Submitter:
         failed request). A refusal raises here, as the unary call's would."""
         loop = asyncio.get_running_loop()
         call = _Call(item, loop.create_future(), loop.create_future())
+        if self.unary:
+            self._spawn(self._unary(call))
+            return await call.accepted, call.result
         self._queue.append(call)
         if not self._launch_queued:  # calls made in this turn of the loop go together
             self._launch_queued = True
@@ -72,9 +78,12 @@ class Submitter:
         while self._queue and self._opening < MAX_OPENING:
             batch, self._queue = self._queue[:MAX_ITEMS], self._queue[MAX_ITEMS:]
             self._opening += 1
-            task = asyncio.get_running_loop().create_task(self._run(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._run(batch))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _answered(self) -> None:
         self._opening -= 1
@@ -85,6 +94,10 @@ class Submitter:
             stream, accepted = await self._open(batch)
         except BaseException as error:
             self._answered()
+            if isinstance(error, errors.StillroomError) and error.code == "UNIMPLEMENTED":
+                self.unary = True  # an older server: send these (and every later call) on their own
+                await asyncio.gather(*(self._unary(call) for call in batch))
+                return
             for call in batch:
                 _fail(call.accepted, error)
             if not isinstance(error, Exception):
@@ -128,9 +141,19 @@ class Submitter:
             self._queue.append(call)
             self._launch()
 
-        task = asyncio.get_running_loop().create_task(again())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(again())
+
+    async def _unary(self, call: _Call) -> None:
+        """The call on its own RPC, its result long-polled (as before Submit existed)."""
+        field = call.item.WhichOneof("call")
+        assert field is not None, "a Submit item names its call"
+        try:
+            ref = await self._connection.call(UNARY[field], getattr(call.item, field))
+        except Exception as error:  # noqa: BLE001 - the call's own refusal
+            _fail(call.accepted, error)
+            return
+        call.accepted.set_result(ref.request_id)
+        await self._poll(ref.request_id, call)
 
     async def _poll(self, request_id: str, call: _Call) -> None:
         try:
