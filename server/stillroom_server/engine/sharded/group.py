@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import secrets
 import signal
 import socket
@@ -22,6 +21,7 @@ from multiprocessing.connection import Listener
 from typing import Any
 
 from stillroom_server.engine.errors import FailedPrecondition
+from stillroom_server.engine.sharded import wire
 
 logger = logging.getLogger("stillroom.workers")
 START_SECONDS = 600.0   # loading torch and joining the group, on a busy machine
@@ -62,11 +62,11 @@ class WorkerGroup:
         self._lock = threading.Lock()
         self.death: str | None = None
         self._connection = self._accept()
-        world = pickle.loads(self._connection.recv_bytes())
+        world = wire.decode(self._connection.recv_bytes())
         if world != workers:
             self.stop(timeout=0.0)
             raise WorkersDied(f"workers: a group of {world} connected, {workers} were expected (--workers)")
-        self._connection.send_bytes(pickle.dumps(settings))
+        self._connection.send_bytes(wire.encode(settings))
         logger.info("%d workers joined%s", workers,
                     f" (pids {[p.pid for p in self.processes]})" if self.processes else f" on {listen}")
 
@@ -104,11 +104,11 @@ class WorkerGroup:
             if self.death is not None:
                 raise WorkersDied(f"workers: {self.death}")
             try:
-                self._connection.send_bytes(pickle.dumps((method, args)))  # tensors copied, not shared
+                self._connection.send_bytes(wire.encode((method, args)))
                 while not self._connection.poll(0.2):
                     if (dead := self._dead()) is not None:
                         raise WorkersDied(dead)
-                status, value = pickle.loads(self._connection.recv_bytes())
+                status, value = wire.decode(self._connection.recv_bytes())
             except (EOFError, OSError, WorkersDied) as error:
                 self.death = str(error) if isinstance(error, WorkersDied) else self._why_broken(error)
                 logger.error("sharded workers lost: %s; stopping the rest", self.death)
@@ -135,7 +135,7 @@ class WorkerGroup:
         """Ask rank 0 to stop the group; kill what has not ended by `timeout`."""
         try:
             if self.death is None and timeout > 0:
-                self._connection.send_bytes(pickle.dumps(("stop", ())))
+                self._connection.send_bytes(wire.encode(("stop", ())))
         except (AttributeError, OSError):
             pass
         deadline = time.monotonic() + timeout

@@ -24,7 +24,7 @@ from stillroom_server.engine.engine import Engine, LoraSpec, Sampler
 from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
 from stillroom_server.engine.models import BaseModel, ModelHost, stop_token_ids
 from stillroom_server.engine.sharded.group import WorkerGroup, WorkersDied
-from stillroom_server.engine.sharded.worker import RunFacts
+from stillroom_server.engine.sharded.wire import RunFacts
 from stillroom_server.engine.types import (
     ForwardBackwardResult,
     ForwardBackwardWork,

@@ -3,8 +3,9 @@
 Rendezvous is torch.distributed's own (`env://`: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, as
 torchrun sets them), so the same code runs under a torchrun-style launch on several machines.
 Rank 0 connects to the server (STILLROOM_WORKER_ADDRESS, STILLROOM_WORKER_AUTHKEY), receives the
-server's settings and then each command, broadcasts them to every rank (on gloo), and every rank
-runs the command on its `WorkerEngine`, in the same order; rank 0 sends back the result. Knows
+server's settings and then each command (wire.py: JSON and safetensors, no pickles), broadcasts
+them to every rank (on gloo), and every rank runs the command on its `WorkerEngine`, in the same
+order; rank 0 sends back the result. Knows
 nothing of owners, request numbers or the wire.
 """
 
@@ -14,9 +15,7 @@ import ctypes
 import json
 import logging
 import os
-import pickle
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Client
 from pathlib import Path
@@ -32,8 +31,9 @@ from stillroom_server.engine.errors import InvalidInput
 from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
 from stillroom_server.engine.models import BaseModel, ModelHost, stop_token_ids
 from stillroom_server.engine.sampler import BASE_ADAPTER
-from stillroom_server.engine.sharded import fsdp
+from stillroom_server.engine.sharded import fsdp, wire
 from stillroom_server.engine.sharded.split import ShardedLoraRun
+from stillroom_server.engine.sharded.wire import RunFacts
 from stillroom_server.engine.training import TrainingRun
 from stillroom_server.engine.types import LogprobsResult, LogprobsWork, SampleResult, SampleWork
 
@@ -44,15 +44,6 @@ CONNECT_SECONDS = 60.0            # rank 0 waits this long for the server to lis
 WHOLE_TENSORS = frozenset({"create_run", "create_run_from_state", "load_state", "write_state",
                            "write_sampler_weights"})
 PING_SECONDS = 30.0               # rank 0 wakes the others this often while idle (under the timeout)
-
-
-@dataclass(frozen=True)
-class RunFacts:
-    """What the server keeps of a run the workers hold."""
-    is_lora: bool
-    lora_rank: int
-    num_trainable_params: int
-    lora_meta: dict | None
 
 
 class ShardedModelHost(ModelHost):
@@ -166,8 +157,8 @@ class WorkerEngine(Engine):
         """The base module itself carries the LoRA host's adapters: base rows run with them off."""
         host = self._lora_hosts.get(base.name)
         if module is base.module and host is not None and host.model is not None:
-            return _AdapterView(host, BASE_ADAPTER)  # pyright: ignore[reportReturnType]
-        return module
+            module = _AdapterView(host, BASE_ADAPTER)  # pyright: ignore[reportAssignmentType]
+        return _Ordinary(module)  # pyright: ignore[reportReturnType]
 
     def _load_full_snapshot(self, opened: Sampler) -> torch.nn.Module:
         directory = self.files.directory(checkpoints.parse(opened.key[len("path:"):]))
@@ -178,6 +169,21 @@ class WorkerEngine(Engine):
     @staticmethod
     def ping() -> None:
         """Nothing: keeps the ranks' collectives within their timeout while the server is idle."""
+
+
+class _Ordinary:
+    """A sharded module called outside inference mode (the decode loop runs inside it): FSDP's
+    gathered weights must stay ordinary tensors, or the next pass cannot write into them."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.no_grad():
+            return self.module(*args, **kwargs)
 
 
 def facts(run: TrainingRun) -> RunFacts:
@@ -234,38 +240,46 @@ def restore_optimizer(run: fsdp.ShardedFullRun, directory: Path) -> None:
 
 # ------------------------------------------------------------------------------------ the loop
 
-def _picklable(error: BaseException) -> BaseException:
-    try:
-        pickle.dumps(error)
-        return error
-    except Exception:  # noqa: BLE001 - any error must reach the server as something it can read
-        return RuntimeError(f"{type(error).__name__}: {error}")
+def _broadcast(message: bytes | None) -> bytes:
+    """Rank 0's bytes on every rank (two broadcasts on gloo: the length, then the bytes)."""
+    size = torch.tensor([len(message) if message is not None else 0], dtype=torch.int64)
+    dist.broadcast(size, src=0)
+    buffer = (torch.frombuffer(bytearray(message), dtype=torch.uint8) if message is not None
+              else torch.empty(int(size), dtype=torch.uint8))
+    dist.broadcast(buffer, src=0)
+    return buffer.numpy().tobytes()
 
 
 def serve_commands(engine: WorkerEngine, connection: Any) -> None:
     """Receive (rank 0), broadcast, run and answer commands until the server says stop or goes."""
     while True:
-        command: Any = None
+        message = None
         if connection is not None:
             try:
-                command = (pickle.loads(connection.recv_bytes()) if connection.poll(PING_SECONDS)
-                           else ("ping", ()))
+                ready = connection.poll(PING_SECONDS)
+                message = connection.recv_bytes() if ready else wire.encode(("ping", ()))
             except (EOFError, OSError):
-                command = ("stop", ())
-        box = [command]
-        dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
-        method, args = box[0]
+                message = wire.encode(("stop", ()))
+        method, args = wire.decode(_broadcast(message))
         if method == "stop":
             return
         try:
             answer: tuple[str, Any] = ("ok", getattr(engine, method)(*args))
         except Exception as error:  # noqa: BLE001 - sent back as the request's outcome
             logger.debug("%s failed on rank %d", method, dist.get_rank(), exc_info=True)
-            answer = ("error", _picklable(error))
+            answer = ("error", error)
         if connection is not None and method != "ping":
-            connection.send_bytes(_pickled(answer))
+            connection.send_bytes(_encoded(answer))
         if method in WHOLE_TENSORS:
             _trim()
+
+
+def _encoded(answer: tuple[str, Any]) -> bytes:
+    """The answer as bytes, or the error of an answer that cannot be sent."""
+    try:
+        return wire.encode(answer)
+    except (TypeError, AssertionError) as error:  # the server must get an answer, never a dead rank 0
+        return wire.encode(("error", RuntimeError(f"the workers' answer cannot be sent: {error}")))
 
 
 def _trim() -> None:
@@ -275,15 +289,6 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def _pickled(answer: tuple[str, Any]) -> bytes:
-    """Plain pickle (torch's own reductions would share memory), or the error of an answer that
-    cannot be sent."""
-    try:
-        return pickle.dumps(answer)
-    except Exception as error:  # noqa: BLE001 - the server must get an answer, never a dead rank 0
-        return pickle.dumps(("error", RuntimeError(f"the workers' answer cannot be sent: {error}")))
 
 
 def _connect() -> Any:
@@ -299,7 +304,7 @@ def _connect() -> Any:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-    connection.send_bytes(pickle.dumps(dist.get_world_size()))
+    connection.send_bytes(wire.encode(dist.get_world_size()))
     return connection
 
 
@@ -314,9 +319,7 @@ def main() -> None:
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS))
     connection = _connect() if rank == 0 else None
-    box: list[Any] = [pickle.loads(connection.recv_bytes()) if connection is not None else None]
-    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))  # the server's settings
-    settings: dict[str, Any] = box[0]
+    settings: dict[str, Any] = wire.decode(_broadcast(connection.recv_bytes() if connection else None))
     torch.set_num_threads(int(settings.get("threads") or 1))
     engine = WorkerEngine(Path(settings["data_dir"]), settings["device"],
                           {k: Path(v) for k, v in settings["local_models"].items()}, settings["dtype"])
@@ -326,7 +329,7 @@ def main() -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # by its package name, so what it sends unpickles in the server
+if __name__ == "__main__":  # by its package name, so its classes are the ones wire.py registers
     from stillroom_server.engine.sharded import worker
 
     worker.main()
