@@ -107,6 +107,12 @@ def test_sharded_training_matches_the_single_process_engine(servers, clients, da
     scored = [s.compute_logprobs(sequence).result() for s in samplers]
     assert _gap(scored[0][1:], scored[1][1:]) <= SAME
 
+    # a teacher's distributions (its sampler weights, sharded on the workers) give the same loss
+    teacher = {"teacher": samplers[0].model_path if kind == "lora" else TINY}
+    kl = [t.forward_backward(data, "teacher_reverse_kl", teacher).result().metrics["loss:sum"]
+          for t in trainers]
+    assert abs(kl[0] - kl[1]) <= SAME * max(1.0, abs(kl[0]))
+
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
 @pytest.mark.parametrize("saver", [1, 0], ids=["saved-sharded", "saved-single"])
