@@ -163,7 +163,8 @@ def write_report(rows: list[dict], out_dir: Path, wall_seconds: float, log_dir: 
     load = "" if mean_load is None else f", mean 1-minute load average {mean_load:.1f}"
     text = (f"{table(summary)}\n\nWall time {wall_seconds / 60:.1f} min{cpu}{load}. "
             "IF recovered: of the instruction following mid-training lost, the share won back; "
-            "question gain kept: of the question score mid-training gained, the share still there "
-            "(both per seed against that seed's mid-training, then averaged).\n")
+            "knowledge gain kept: of the multiple-choice accuracy / true-value probability mid-training "
+            "gained over the base model, the share still there; — where mid-training gained nothing "
+            "(all per seed against that seed's mid-training, then averaged).\n")
     (out_dir / "personalization_table.md").write_text(text)
     plot(rows, summary, out_dir / "personalization.png", log_dir)
