@@ -222,9 +222,7 @@ class Engine:
         """Snapshot the run's weights for sampling; return the checkpoint path and its size."""
         run = self._resident(run_id)
         path = checkpoints.CheckpointPath(run_id, "sampler_weights", checkpoints.check_name(name))
-        meta = {"base_model": run.base.name, "kind": "lora" if run.is_lora else "full",
-                "run_id": run_id, "name": name}
-        size = self.files.write(path, meta, run.save_sampler_weights)
+        size = self.files.write(path, self.checkpoint_meta(run, name), run.save_sampler_weights)
         return path.uri, size
 
     # ---------------------------------------------------------------- samplers
@@ -377,8 +375,7 @@ class Engine:
         """Write the run's weights and optimizer state; return the checkpoint path and its size."""
         run = self._resident(run_id)
         path = checkpoints.CheckpointPath(run_id, "weights", checkpoints.check_name(name))
-        meta = {"base_model": run.base.name, "kind": "lora" if run.is_lora else "full",
-                "run_id": run_id, "name": name, "is_lora": run.is_lora, "lora": _lora_meta(run)}
+        meta = self.checkpoint_meta(run, name, training_state=True)
         size = self.files.write(path, meta, lambda directory: state.save_state(run, directory))
         return path.uri, size
 
@@ -395,8 +392,22 @@ class Engine:
         if meta["base_model"] != run.base.name or meta["is_lora"] != run.is_lora:
             raise InvalidInput(f"path: {uri} is a {meta['kind']} state of {meta['base_model']}; this run "
                                f"is a {'lora' if run.is_lora else 'full'} run of {run.base.name}")
-        if run.is_lora and meta["lora"] != _lora_meta(run):
-            raise InvalidInput(f"path: {uri} has LoRA settings {meta['lora']}, this run {_lora_meta(run)}")
+        settings = self.lora_meta(run)
+        if run.is_lora and meta["lora"] != settings:
+            raise InvalidInput(f"path: {uri} has LoRA settings {meta['lora']}, this run {settings}")
+
+    def checkpoint_meta(self, run: Any, name: str, training_state: bool = False) -> dict:
+        """What a checkpoint's meta.json says of the run that wrote it (a training state also
+        records its LoRA settings, which a load must match)."""
+        meta = {"base_model": run.base.name, "kind": "lora" if run.is_lora else "full",
+                "run_id": run.run_id, "name": name}
+        if training_state:
+            meta |= {"is_lora": run.is_lora, "lora": self.lora_meta(run)}
+        return meta
+
+    def lora_meta(self, run: Any) -> dict | None:
+        """A run's LoRA settings as checkpoints record them (None for full fine-tuning)."""
+        return _lora_meta(run)
 
     def load_state(self, run_id: str, uri: str, with_optimizer: bool) -> None:
         self.validate_load_state(run_id, uri)

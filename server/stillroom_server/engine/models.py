@@ -39,6 +39,13 @@ class BaseModel:
     eos_token_ids: tuple[int, ...]
     tokenizer: PreTrainedTokenizerBase  # for stop strings and tokenizer comparisons
 
+    @classmethod
+    def of(cls, name: str, directory: Path, module: Any, tokenizer: Any, vocab_size: int) -> BaseModel:
+        """The facts of a loaded (or meta, or sharded) module: its context length and stop ids."""
+        return cls(name=name, directory=directory, module=module, vocab_size=vocab_size,
+                   max_context=int(getattr(module.config, "max_position_embeddings", 2048)),
+                   eos_token_ids=stop_token_ids(module, tokenizer), tokenizer=tokenizer)
+
     def shared_copy(self) -> Any:
         """A copy of the module's structure whose parameters are this model's own tensors."""
         memo = {id(t): t for t in [*self.module.parameters(), *self.module.buffers()]}
@@ -110,12 +117,8 @@ class ModelHost:
             raise InvalidInput(f"base_model: cannot load '{name}' from {directory}: {error}") from error
         module.to(self.device).eval()  # pyright: ignore[reportArgumentType] - transformers' stubs
         module.requires_grad_(False)
-        config = module.config
-        return BaseModel(
-            name=name, directory=directory, module=module,
-            vocab_size=int(module.get_input_embeddings().weight.shape[0]),  # pyright: ignore[reportIndexIssue]
-            max_context=int(getattr(config, "max_position_embeddings", 2048)),
-            eos_token_ids=stop_token_ids(module, tokenizer), tokenizer=tokenizer)
+        vocab_size = int(module.get_input_embeddings().weight.shape[0])  # pyright: ignore[reportIndexIssue]
+        return BaseModel.of(name, directory, module, tokenizer, vocab_size)
 
 
 def stop_token_ids(module: Any, tokenizer: Any) -> tuple[int, ...]:

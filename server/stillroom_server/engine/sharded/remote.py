@@ -22,7 +22,7 @@ import torch
 from stillroom_server.engine import checkpoints
 from stillroom_server.engine.engine import Engine, LoraSpec, Sampler
 from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
-from stillroom_server.engine.models import BaseModel, ModelHost, stop_token_ids
+from stillroom_server.engine.models import BaseModel, ModelHost
 from stillroom_server.engine.sharded.group import WorkerGroup, WorkersDied
 from stillroom_server.engine.sharded.wire import RunFacts
 from stillroom_server.engine.types import (
@@ -50,9 +50,7 @@ class FactsHost(ModelHost):
         with torch.device("meta"):
             module: Any = AutoModelForCausalLM.from_config(config)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        return BaseModel(name=name, directory=directory, module=module, vocab_size=int(config.vocab_size),
-                         max_context=int(getattr(config, "max_position_embeddings", 2048)),
-                         eos_token_ids=stop_token_ids(module, tokenizer), tokenizer=tokenizer)
+        return BaseModel.of(name, directory, module, tokenizer, int(config.vocab_size))
 
 
 @dataclasses.dataclass
@@ -158,27 +156,19 @@ class ShardedEngine(Engine):
     def save_sampler_weights(self, run_id: str, name: str) -> tuple[str, int]:
         run = self.get_run(run_id)
         path = checkpoints.CheckpointPath(run_id, "sampler_weights", checkpoints.check_name(name))
-        meta = {"base_model": run.base.name, "kind": "lora" if run.is_lora else "full",
-                "run_id": run_id, "name": name}
-        size = self.files.write(path, meta, lambda d: self._run_call(run_id, "write_sampler_weights", str(d)))
+        size = self.files.write(path, self.checkpoint_meta(run, name),
+                                lambda d: self._run_call(run_id, "write_sampler_weights", str(d)))
         return path.uri, size
 
     def save_state(self, run_id: str, name: str) -> tuple[str, int]:
         run = self.get_run(run_id)
         path = checkpoints.CheckpointPath(run_id, "weights", checkpoints.check_name(name))
-        meta = {"base_model": run.base.name, "kind": "lora" if run.is_lora else "full",
-                "run_id": run_id, "name": name, "is_lora": run.is_lora, "lora": run.facts.lora_meta}
-        size = self.files.write(path, meta, lambda d: self._run_call(run_id, "write_state", str(d)))
+        size = self.files.write(path, self.checkpoint_meta(run, name, training_state=True),
+                                lambda d: self._run_call(run_id, "write_state", str(d)))
         return path.uri, size
 
-    def validate_load_state(self, run_id: str, uri: str) -> None:
-        run, meta = self.get_run(run_id), self.state_meta(uri)
-        if meta["base_model"] != run.base.name or meta["is_lora"] != run.is_lora:
-            raise InvalidInput(f"path: {uri} is a {meta['kind']} state of {meta['base_model']}; this run "
-                               f"is a {'lora' if run.is_lora else 'full'} run of {run.base.name}")
-        if run.is_lora and meta["lora"] != run.facts.lora_meta:
-            raise InvalidInput(f"path: {uri} has LoRA settings {meta['lora']}, "
-                               f"this run {run.facts.lora_meta}")
+    def lora_meta(self, run: Any) -> dict | None:
+        return run.facts.lora_meta  # the workers hold the run; its facts carry the settings
 
     def load_state(self, run_id: str, uri: str, with_optimizer: bool) -> None:
         self.validate_load_state(run_id, uri)

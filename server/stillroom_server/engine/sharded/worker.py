@@ -29,7 +29,7 @@ from stillroom_server.engine import checkpoints, state
 from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, _AdapterView
 from stillroom_server.engine.errors import InvalidInput
 from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
-from stillroom_server.engine.models import BaseModel, ModelHost, stop_token_ids
+from stillroom_server.engine.models import BaseModel, ModelHost
 from stillroom_server.engine.sampler import BASE_ADAPTER
 from stillroom_server.engine.sharded import fsdp, wire
 from stillroom_server.engine.sharded.split import ShardedLoraRun
@@ -57,10 +57,7 @@ class ShardedModelHost(ModelHost):
         module.eval()
         module.requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        return BaseModel(name=name, directory=directory, module=module,
-                         vocab_size=int(module.config.vocab_size),
-                         max_context=int(getattr(module.config, "max_position_embeddings", 2048)),
-                         eos_token_ids=stop_token_ids(module, tokenizer), tokenizer=tokenizer)
+        return BaseModel.of(name, directory, module, tokenizer, int(module.config.vocab_size))
 
 
 class WorkerEngine(Engine):
