@@ -15,6 +15,7 @@ import ctypes
 import json
 import logging
 import os
+import sys
 import time
 from datetime import timedelta
 from multiprocessing.connection import Client
@@ -324,6 +325,14 @@ def main() -> None:
         serve_commands(engine, connection)
     finally:
         dist.destroy_process_group()
+    # A clean stop leaves without the interpreter's teardown. The models' device meshes keep the
+    # gloo group (and its C++ threads) alive past destroy_process_group, and destroying those
+    # threads during finalization, in no fixed order, now and then aborts the process (SIGABRT,
+    # "terminate called without an active exception"), which torchrun reports as a failed group.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # by its package name, so its classes are the ones wire.py registers
