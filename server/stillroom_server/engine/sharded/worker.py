@@ -325,10 +325,10 @@ def main() -> None:
         serve_commands(engine, connection)
     finally:
         dist.destroy_process_group()
-    # A clean stop leaves without the interpreter's teardown. The models' device meshes keep the
-    # gloo group (and its C++ threads) alive past destroy_process_group, and destroying those
-    # threads during finalization, in no fixed order, now and then aborts the process (SIGABRT,
-    # "terminate called without an active exception"), which torchrun reports as a failed group.
+    # A clean stop leaves without the interpreter's teardown: about one stop in twenty, rank 0
+    # aborted during it (SIGABRT, "terminate called without an active exception": a C++ thread
+    # still joinable when destroyed, most likely gloo's, kept alive by the models' device meshes
+    # past destroy_process_group), which torchrun reports as a failed group.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
