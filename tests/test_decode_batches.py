@@ -1,6 +1,7 @@
 """The decode loop's fast paths give the samples of the plain ones: a KV cache grown in place (with
 rows joining and leaving) samples what a concatenated one does, and rows of LoRA snapshots in
-uneven groups, beside base rows and with prompts of different lengths, see only their own adapter.
+uneven groups, beside base rows and with prompts of different lengths, see only their own adapter;
+a small request decoding in the express batch beside a large one samples what it would alone.
 Engine-level, real weights; no timing is asserted."""
 
 from __future__ import annotations
@@ -67,6 +68,33 @@ def test_a_cache_grown_in_place_samples_what_a_concatenated_one_does(engine, mon
         for expected, got in zip(expected_request, got_request, strict=True):
             assert got.tokens == expected.tokens
             assert got.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_small_request_decoding_beside_a_large_batch_samples_what_it_does_alone(engine):
+    opened = engine.open_sampler(base_model=TINY)
+    large = job(opened, [1, 40, 41, 42], 16, 40, seed=1)
+    small = job(opened, [1, 50, 51], 2, 8, seed=2)             # 2 rows beside 16: the express batch
+    stream, done, step, beside = batching.DecodeStream(engine), {}, 0, 0
+    stream.add([large])
+    while stream.busy():
+        stream.add([small] if step == 3 else [])
+        for finished, result, error in stream.step():
+            assert error is None
+            done[id(finished)] = result.sequences
+        beside += stream.express is not None and len(stream.express.rows) == 2
+        assert stream.batch is None or len(stream.batch.rows) <= 16     # the small rows never rode it
+        step += 1
+    assert beside > 0
+    for request in (large, small):
+        alone = decode(engine, {0: [job(opened, request.payload[1].prompt_T.tolist(),
+                                        request.payload[1].num_samples,
+                                        request.payload[1].params.max_tokens,
+                                        request.payload[1].params.seed)]})
+        expected = next(iter(alone.values()))
+        for got, want in zip(done[id(request)], expected, strict=True):
+            assert got.tokens == want.tokens
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
 
 
 def train(engine, run_id: str, tokens: list[int], steps: int) -> None:

@@ -5,13 +5,21 @@ LoRA snapshot on it (each row names its adapter: PEFT's mixed-adapter batches), 
 snapshot. A sampling step admits waiting requests within a prefill token budget (each distinct
 prompt runs once, then its KV cache is copied to its samples), adds one token to every running
 row, and lets finished rows go at once; a logprob step runs one forward over waiting sequences
-within a token budget. Knows the engine's samplers, not the scheduler's policy or the wire.
+within a token budget.
+
+A small request that arrives while a much larger batch decodes (at most 1/EXPRESS_SHARE of its
+rows) decodes in a second, express batch instead of riding the large one: the two take turns by
+time (each gets about half of the stream's time while both run), so the small request moves at
+nearly its idle speed and the large batch keeps at least half of its own. Knows the engine's
+samplers, not the scheduler's policy or the wire.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +35,7 @@ if TYPE_CHECKING:
 PREFILL_TOKENS = 4096      # prompt tokens admitted into a running decode per step
 MAX_ROWS = 256             # rows decoding together
 LOGPROB_TOKENS = 8192      # padded tokens in one compute_logprobs forward
+EXPRESS_SHARE = 8          # a request with at most 1/8 of the running rows decodes beside them
 
 
 @dataclasses.dataclass
@@ -44,8 +53,11 @@ class DecodeStream:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.waiting: collections.deque[Job] = collections.deque()
-        self.batch: sampler.DecodeBatch | None = None
+        self.batch: sampler.DecodeBatch | None = None     # the main batch
+        self.express: sampler.DecodeBatch | None = None   # small requests beside a large batch
         self.requests: dict[int, _Request] = {}   # id(job) -> its rows
+        self._express_seconds = 0.0   # the express batch's time since the main batch's last step
+        self._main_seconds = 0.0      # the main batch's last step
 
     def add(self, jobs: list[Job]) -> None:
         self.waiting.extend(jobs)
@@ -59,26 +71,41 @@ class DecodeStream:
             self.engine.unpin(request.opened)
         self.waiting.clear()
         self.requests.clear()
-        self.batch = None
+        self.batch = self.express = None
         return jobs
 
     def step(self) -> list[Outcome]:
         outcomes = self._drop_deleted()
         joining, failed = self._admit()
         outcomes += failed
+        main_rows = _rows(self.batch)
+        express = bool(joining) and main_rows > 0 and \
+            (_rows(self.express) + len(joining)) * EXPRESS_SHARE <= main_rows
         with self.engine.precision(), torch.inference_mode():  # 4% faster steps than no_grad
-            if self.batch is not None and self.batch.rows:
-                self.batch.decode(self._model(self.batch.rows), *self._stops())
+            if _rows(self.express) and self._express_seconds < self._main_seconds:
+                self._express_seconds += _timed(lambda: self._decode(self.express))
+            elif main_rows:
+                self._main_seconds = _timed(lambda: self._decode(self.batch))
+                self._express_seconds = 0.0
             if joining:
+                started = time.perf_counter()
                 fresh = sampler.DecodeBatch.prefill(self._model(joining), joining, self.engine.device,
                                                     *self._stops())
-                if self.batch is None or not self.batch.rows:
-                    self.batch = fresh
+                if express:
+                    self.express = _merged(self.express, fresh)
+                    self._express_seconds += time.perf_counter() - started
                 else:
-                    self.batch.merge(fresh)
-        if self.batch is not None:
-            outcomes += self._finish(self.batch.take_finished())
+                    self.batch = _merged(self.batch, fresh)
+        for batch in (self.batch, self.express):
+            if batch is not None:
+                outcomes += self._finish(batch.take_finished())
+        if not _rows(self.batch) and _rows(self.express):  # the large batch ended: no more turns
+            self.batch, self.express = self.express, None
         return outcomes
+
+    def _decode(self, batch: sampler.DecodeBatch | None) -> None:
+        assert batch is not None
+        batch.decode(self._model(batch.rows), *self._stops())
 
     def _stops(self) -> tuple[tuple[int, ...], Any]:
         base = self._any_sampler().base
@@ -97,7 +124,7 @@ class DecodeStream:
         """Waiting requests that fit this step's prefill budget and the row limit become rows."""
         rows: list[sampler._Row] = []
         failed: list[Outcome] = []
-        tokens, running = 0, len(self.batch.rows) if self.batch is not None else 0
+        tokens, running = 0, _rows(self.batch) + _rows(self.express)
         while self.waiting:
             job = self.waiting[0]
             opened, work = job.payload
@@ -147,9 +174,10 @@ class DecodeStream:
             self.waiting.remove(job)
             outcomes.append((job, None, _deleted(job.payload[0])))
         gone = [r for r in self.requests.values() if r.opened.deleted]
-        if gone and self.batch is not None:
-            dead = {id(row) for r in gone for row in r.rows}
-            self.batch.keep([b for b, row in enumerate(self.batch.rows) if id(row) not in dead])
+        dead = {id(row) for r in gone for row in r.rows}
+        for batch in (self.batch, self.express):
+            if dead and batch is not None:
+                batch.keep([b for b, row in enumerate(batch.rows) if id(row) not in dead])
         for request in gone:
             del self.requests[id(request.job)]
             self.engine.unpin(request.opened)
@@ -197,6 +225,23 @@ class LogprobStream:
         except Exception as error:  # noqa: BLE001 - one sampler's failure is its jobs' alone
             return [(job, None, error) for job in jobs]
         return [(job, result, None) for job, result in zip(jobs, results)]
+
+
+def _rows(batch: sampler.DecodeBatch | None) -> int:
+    return len(batch.rows) if batch is not None else 0
+
+
+def _merged(batch: sampler.DecodeBatch | None, fresh: sampler.DecodeBatch) -> sampler.DecodeBatch:
+    if batch is None or not batch.rows:
+        return fresh
+    batch.merge(fresh)
+    return batch
+
+
+def _timed(work: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
 
 
 def _deleted(opened) -> NotFound:
