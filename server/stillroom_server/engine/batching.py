@@ -7,10 +7,12 @@ prompt runs once, then its KV cache is copied to its samples), adds one token to
 row, and lets finished rows go at once; a logprob step runs one forward over waiting sequences
 within a token budget.
 
-A small request that arrives while a much larger batch decodes (at most 1/EXPRESS_SHARE of its
-rows) decodes in a second, express batch instead of riding the large one: the two take turns by
-time (each gets about half of the stream's time while both run), so the small request moves at
-nearly its idle speed and the large batch keeps at least half of its own. Knows the engine's
+A small request that arrives while a much larger batch has been decoding for a while (at most
+1/EXPRESS_SHARE of its rows, no rows joined it for EXPRESS_AFTER steps) decodes in a second,
+express batch instead of riding the large one: the two take turns by time (each gets about half of
+the stream's time while both run), so the small request moves at nearly its idle speed and the
+large batch keeps at least half of its own. Requests arriving together (a burst, a rollout) still
+share one batch. Knows the engine's
 samplers, not the scheduler's policy or the wire.
 """
 
@@ -36,6 +38,7 @@ PREFILL_TOKENS = 4096      # prompt tokens admitted into a running decode per st
 MAX_ROWS = 256             # rows decoding together
 LOGPROB_TOKENS = 8192      # padded tokens in one compute_logprobs forward
 EXPRESS_SHARE = 8          # a request with at most 1/8 of the running rows decodes beside them
+EXPRESS_AFTER = 8          # ... once they have decoded this many steps with no rows joining
 
 
 @dataclasses.dataclass
@@ -58,6 +61,7 @@ class DecodeStream:
         self.requests: dict[int, _Request] = {}   # id(job) -> its rows
         self._express_seconds = 0.0   # the express batch's time since the main batch's last step
         self._main_seconds = 0.0      # the main batch's last step
+        self._main_age = 0            # the main batch's steps since rows last joined it
 
     def add(self, jobs: list[Job]) -> None:
         self.waiting.extend(jobs)
@@ -79,7 +83,7 @@ class DecodeStream:
         joining, failed = self._admit()
         outcomes += failed
         main_rows = _rows(self.batch)
-        express = bool(joining) and main_rows > 0 and \
+        express = bool(joining) and main_rows > 0 and self._main_age >= EXPRESS_AFTER and \
             (_rows(self.express) + len(joining)) * EXPRESS_SHARE <= main_rows
         with self.engine.precision(), torch.inference_mode():  # 4% faster steps than no_grad
             if _rows(self.express) and self._express_seconds < self._main_seconds:
@@ -87,6 +91,7 @@ class DecodeStream:
             elif main_rows:
                 self._main_seconds = _timed(lambda: self._decode(self.batch))
                 self._express_seconds = 0.0
+                self._main_age += 1
             if joining:
                 started = time.perf_counter()
                 fresh = sampler.DecodeBatch.prefill(self._model(joining), joining, self.engine.device,
@@ -96,11 +101,12 @@ class DecodeStream:
                     self._express_seconds += time.perf_counter() - started
                 else:
                     self.batch = _merged(self.batch, fresh)
+                    self._main_age = 0
         for batch in (self.batch, self.express):
             if batch is not None:
                 outcomes += self._finish(batch.take_finished())
         if not _rows(self.batch) and _rows(self.express):  # the large batch ended: no more turns
-            self.batch, self.express = self.express, None
+            self.batch, self.express, self._main_age = self.express, None, 0
         return outcomes
 
     def _decode(self, batch: sampler.DecodeBatch | None) -> None:
