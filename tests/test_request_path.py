@@ -176,6 +176,31 @@ def test_finishing_a_session_waits_for_its_runs_work(server, service, tokenizer,
         trainer.optim_step(types.AdamParams()).result(60)
 
 
+@pytest.mark.slow
+def test_unload_frees_a_run_after_its_queued_work_and_its_save_resumes_it(server, service, tokenizer):
+    core = server.service
+    trainer = service.create_lora_training_client(TINY, rank=4, seed=6)
+    run_id = trainer.training_run_id
+    data = [sft_datum(encode_line(tokenizer, f"line {i} before the unload\n")) for i in range(4)]
+    trainer.forward_backward(data, "cross_entropy")
+    trainer.optim_step(types.AdamParams(learning_rate=1e-2))
+    state = trainer.save_state("before-unload").result(60).path
+    held = core.live_bytes("local")
+    queued = trainer.forward(data, "cross_entropy")
+    trainer.unload()                                      # after the forward queued before it
+    assert queued.result(60).metrics["loss:sum"] > 0
+    assert not core.is_live(run_id) and run_id not in server.engine.runs
+    assert core.live_bytes("local") < held
+    with pytest.raises(stillroom.FailedPreconditionError, match="before-unload"):
+        trainer.forward(data, "cross_entropy").result(60)
+    trainer.unload()                                      # a second unload changes nothing
+    resumed = service.create_training_client_from_state(state)
+    assert resumed.forward(data, "cross_entropy").result(60).metrics["loss:sum"] == pytest.approx(
+        queued.result().metrics["loss:sum"], abs=1e-6)
+    with pytest.raises(stillroom.NotFoundError):
+        stillroom.TrainingClient(service, pb.TrainingRunInfo(training_run_id="no-such-run")).unload()
+
+
 def test_a_burst_of_calls_goes_in_a_few_submits(service, monkeypatch):
     from stillroom import _submit
 

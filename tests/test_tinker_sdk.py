@@ -337,3 +337,31 @@ def test_numbered_requests_that_arrive_early_wait_for_their_turn(server, monkeyp
         failed = poll(gap)
     assert failed["category"] == "user" and f"request {last + 3}" in failed["error"]
     client.close("success").result()
+
+
+def test_unload_model_frees_a_run_that_its_checkpoint_resumes(server):
+    """Tinker's unload_model (a type the SDK ships, sent here as the wire says): the run leaves
+    memory after its queued work, a later call names its last save, and the save resumes it."""
+    import httpx
+
+    T = tinker_sdk.types
+    client = tinker_sdk.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
+    trainer = client.create_lora_training_client(BASE, rank=4, seed=4).result()
+    run = trainer.model_id
+    datum = tinker_datum(tinker_sdk, [1, 40, 41, 42, 43], target_tokens=[40, 41, 42, 43], weights=[1.0] * 4)
+    trainer.forward_backward([datum], "cross_entropy")
+    trainer.optim_step(T.AdamParams(learning_rate=1e-2))
+    state = trainer.save_state("before-unload").result().path
+    before = trainer.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    url, key = server.http_url + "/api/v1", {"X-API-Key": server.local_api_key}
+    answer = httpx.post(url + "/unload_model", headers=key, json={"model_id": run, "type": "unload_model"})
+    done = httpx.post(url + "/retrieve_future", headers=key, timeout=60,
+                      json={"request_id": answer.json()["request_id"]}).json()
+    assert done["model_id"] == run and not server.service.is_live(run)
+    with pytest.raises(tinker_sdk.RequestFailedError, match="before-unload"):
+        trainer.forward([datum], "cross_entropy").result()
+    resumed = client.create_training_client_from_state_with_optimizer(state).result()
+    assert resumed.forward([datum], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(before, abs=1e-6)
+    unknown = httpx.post(url + "/unload_model", headers=key, json={"model_id": "no-such-run"})
+    assert unknown.status_code == 404 and "no-such-run" in unknown.text
+    client.close("success").result()

@@ -448,6 +448,22 @@ class TrainingClient:
             max_context_length=info.max_context_length, user_metadata=dict(info.user_metadata),
             created_at=info.created_at or None)
 
+    # ---------------------------------------------------------------- ending
+
+    def unload(self) -> None:
+        """Free this run's memory on the server once its queued requests are done (Tinker's
+        UnloadModelRequest). Its checkpoints stay; `create_training_client_from_state` resumes it.
+        Later calls on this client are refused, naming the run's last saved state."""
+        self._connection.run(self._unload())
+
+    async def unload_async(self) -> None:
+        await self._connection.run_async(self._unload())
+
+    async def _unload(self) -> None:
+        async with self._lock():  # after every call made before it has been accepted
+            await self._connection.call(
+                "CloseTrainingRun", pb.GetTrainingRunRequest(training_run_id=self.training_run_id))
+
     def get_tokenizer(self) -> Any:
         """The base model's Hugging Face tokenizer (needs transformers on the client)."""
         return self._service._load_tokenizer(self._info.base_model)

@@ -55,6 +55,11 @@ class StillroomStub:
                 request_serializer=stillroom_dot_v1_dot_stillroom__pb2.GetTrainingRunRequest.SerializeToString,
                 response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.TrainingRunInfo.FromString,
                 _registered_method=True)
+        self.CloseTrainingRun = channel.unary_unary(
+                '/stillroom.v1.Stillroom/CloseTrainingRun',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.GetTrainingRunRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.TrainingRunInfo.FromString,
+                _registered_method=True)
         self.ForwardBackward = channel.unary_unary(
                 '/stillroom.v1.Stillroom/ForwardBackward',
                 request_serializer=stillroom_dot_v1_dot_stillroom__pb2.ForwardBackwardRequest.SerializeToString,
@@ -160,6 +165,14 @@ class StillroomServicer:
 
     def GetTrainingRun(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseTrainingRun(self, request, context):
+        """Take a run out of memory after its queued requests (Tinker's unload_model); its checkpoints
+        stay, and CreateTrainingRunFromState resumes it. A run that is not live is left as it is.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -284,6 +297,11 @@ def add_StillroomServicer_to_server(servicer, server):
             ),
             'GetTrainingRun': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTrainingRun,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.GetTrainingRunRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.TrainingRunInfo.SerializeToString,
+            ),
+            'CloseTrainingRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseTrainingRun,
                     request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.GetTrainingRunRequest.FromString,
                     response_serializer=stillroom_dot_v1_dot_stillroom__pb2.TrainingRunInfo.SerializeToString,
             ),
@@ -474,6 +492,33 @@ class Stillroom:
             request,
             target,
             '/stillroom.v1.Stillroom/GetTrainingRun',
+            stillroom_dot_v1_dot_stillroom__pb2.GetTrainingRunRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.TrainingRunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseTrainingRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/CloseTrainingRun',
             stillroom_dot_v1_dot_stillroom__pb2.GetTrainingRunRequest.SerializeToString,
             stillroom_dot_v1_dot_stillroom__pb2.TrainingRunInfo.FromString,
             options,

@@ -540,12 +540,27 @@ class Service:
         for sampler_id in [k for k, v in self._samplers.items() if v.client_session == session.id]:
             del self._samplers[sampler_id]
         for run_id in session.run_ids:
-            if self.run_owners.pop(run_id, None) is not None:
-                self.run_bytes.pop(run_id, None)
-                # in the run's own lane: after its queued requests, never between a request's steps
-                await self.on_worker(lambda r=run_id: self.engine.close_run(r), "close_run", lane=run_id)
+            await self._release(run_id)
         logger.info("session %s finished (%s): released %d runs", session.id, reason,
                     len(session.run_ids))
+
+    async def close_run(self, owner: str, run_id: str) -> RunInfo:
+        """Take one run out of memory once its queued requests are done (Tinker's unload_model).
+        Its checkpoints stay and `create_training_run_from_state` resumes it; a later call on it
+        is refused and names its last saved state. Closing a run that is not live changes nothing."""
+        self.own_run(owner, run_id)
+        if await self._release(run_id):
+            logger.info("run %s closed by its owner", run_id)
+        return self.run_info(owner, run_id, with_checkpoints=True)
+
+    async def _release(self, run_id: str) -> bool:
+        """Free a live run's memory (False if it was not live)."""
+        if self.run_owners.pop(run_id, None) is None:
+            return False
+        self.run_bytes.pop(run_id, None)
+        # in the run's own lane: after its queued requests, never between a request's steps
+        await self.on_worker(lambda: self.engine.close_run(run_id), "close_run", lane=run_id)
+        return True
 
     def run_client_session(self, owner: str, run_id: str) -> str | None:
         """The client session that made `run_id`, if one did and is still open."""

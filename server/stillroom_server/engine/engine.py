@@ -133,7 +133,8 @@ class Engine:
                       "create_training_client_from_state_with_optimizer" if saved else
                       "it saved no training state (save_state) to continue from")
             raise FailedPrecondition(f"training_run_id: run {run_id} has no weights in this server's "
-                                     f"memory (the server restarted since it was created); {resume}")
+                                     f"memory (it was unloaded, its session finished, or the server "
+                                     f"restarted since it was created); {resume}")
         return run
 
     def _resident(self, run_id: str) -> TrainingRun:

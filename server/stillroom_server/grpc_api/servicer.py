@@ -58,6 +58,10 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         return run_to_pb(self.service.run_info(owner, request.training_run_id))
 
     @rpc
+    async def CloseTrainingRun(self, request, context, owner):
+        return run_to_pb(await self.service.close_run(owner, request.training_run_id))
+
+    @rpc
     async def ForwardBackward(self, request, context, owner):
         return pb.FutureRef(request_id=self._forward_backward(owner, request))
 

@@ -170,6 +170,17 @@ class TinkerApi:
         info = self.service.run_info(owner, body.model_id)
         return JSONResponse(views.get_info(info, self.service.tokenizer_dir(info.base_model)))
 
+    async def unload_model(self, request: Request, owner: str) -> Response:
+        """Tinker's UnloadModelRequest: the run leaves memory after its queued requests."""
+        body = schemas.parse(schemas.ModelRef, await self.json_body(request))
+        self.service.own_run(owner, body.model_id)   # an unknown run is refused now, not as a future
+
+        async def close():
+            return await self.service.close_run(owner, body.model_id)
+
+        request_id = self.service.submit_async(owner, "unload_model", close, views.run_result)
+        return self.future(request_id, model_id=body.model_id)
+
     async def forward_backward(self, request: Request, owner: str) -> Response:
         if PROTO not in request.headers.get("content-type", ""):
             raise InvalidInput("content-type: forward_backward takes the Tinker protobuf body "
@@ -364,6 +375,7 @@ def build_app(api: TinkerApi) -> Starlette:
         ("get_server_capabilities", "capabilities", ["GET"]),
         ("create_model", "create_model", ["POST"]),
         ("get_info", "get_info", ["POST"]),
+        ("unload_model", "unload_model", ["POST"]),
         ("forward_backward", "forward_backward", ["POST"]),
         ("forward", "forward_backward", ["POST"]),
         ("optim_step", "optim_step", ["POST"]),
