@@ -6,7 +6,8 @@ composition, and each LoRA linear layer adds x[rows] @ A_g^T @ B_g^T with two ba
 the adapters' stacked weights: a row pays for its own adapter's rank only. Layers reading one input
 (q/k/v, gate/up) share the gather and the A product. Stacks are built per set of adapters (all
 adapters seen lately while the batch uses most of them, so the set holds as requests come and go)
-and kept until an adapter is added or removed. `__base__` rows get no update. Knows PEFT's LoRA
+and kept until an adapter is added or removed; a call with every row on one adapter (a request's
+prefill) uses that adapter's own weights and builds no stack. `__base__` rows get no update. Knows PEFT's LoRA
 `Linear` layers only; a host with other LoRA layer kinds (embeddings, DoRA) uses PEFT's path.
 """
 
@@ -34,6 +35,11 @@ class _Plan:
     size: int                        # rows per group (the largest group; shorter ones padded)
     index_G: torch.Tensor | None     # batch row of each group slot; None: the batch is the groups
     keep_G: torch.Tensor | None      # [G * size]: 0 at padding slots; None: no padding
+
+    @property
+    def single(self) -> bool:
+        """Every row on one adapter (a request's prefill): its own weights serve, no stacks."""
+        return len(self.adapters) == 1 and self.index_G is None and self.keep_G is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +91,7 @@ class MixedAdapters:
             self._seen.update(dict.fromkeys(sorted(set(key) - {BASE})))
             self._last = (key, _make_plan(key, tuple(self._seen), next(self.model.parameters()).device))
         self.plan = plan = self._last[1]
-        self._current = self._stacks_of(plan.adapters)
+        self._current = {} if plan.single else self._stacks_of(plan.adapters)
         try:
             yield
         finally:
@@ -222,12 +228,23 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
+def _own_update(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor | None:
+    """One adapter's update of every row, from the layer's own A and B (None if it has none)."""
+    if name not in layer.lora_A:
+        return None
+    a, b = _weight(layer.lora_A[name]), _weight(layer.lora_B[name])
+    return ((x.to(a.dtype) @ a.T) * layer.scaling[name]) @ b.T
+
+
 def _forward(mixed: MixedAdapters, layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     plan = mixed.plan
     if plan is None or not mixed.fast:
         return type(layer).forward(layer, x, *args, **kwargs)
     result = layer.base_layer(x, *args, **kwargs)
-    update = mixed.update(plan, layer, x) if plan.adapters else None
+    if plan.single:
+        update = _own_update(layer, plan.adapters[0], x)
+    else:
+        update = mixed.update(plan, layer, x) if plan.adapters else None
     if update is None:
         return result
     if update.dtype != result.dtype:
