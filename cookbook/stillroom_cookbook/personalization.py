@@ -20,6 +20,8 @@ import json
 import os
 import random
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,27 +33,30 @@ from stillroom_cookbook.distillation import DistillationConfig, distill
 from stillroom_cookbook.local_server import LocalServer
 from stillroom_cookbook.metrics import MetricsLog
 from stillroom_cookbook.personalization_eval import Scores, score
-from stillroom_cookbook.personalization_report import write_report
+from stillroom_cookbook.personalization_report import METHODS, write_report
 from stillroom_cookbook.renderers import ChatRenderer
 from stillroom_cookbook.supervised import SFTConfig, train_sft
 
 MODEL_NAME = "smollm2-135m-instruct"
+METHOD_ORDER = {m: i for i, m in enumerate(METHODS)}
 
 
 @dataclasses.dataclass(frozen=True)
 class PersonalizationConfig:
     model_dir: Path
-    num_people: int = 10              # three facts each; the generator makes up to 600 (1,800 facts)
+    num_people: int = 12              # three facts each (the generator makes up to 30)
+    teach_qa: bool = False            # mix question-answer pairs about the first half of the people into
+                                      # mid-training, and score only the other half
     phrasings_per_fact: int = 4       # of the four document phrasings
     eval_topics: int = 4              # instruction topics kept for evaluation (8 constraints each)
     teacher_prompts: int = 48         # training instruction prompts the teacher answers (SFT, chat mix)
     lora_rank: int = 32
     # Sized to the 2-core CPU (docs/personalization.md has the measured speeds).
-    midtrain: SFTConfig = SFTConfig(steps=32, learning_rate=3e-3, batch_size=8, final_lr_fraction=0.3,
+    midtrain: SFTConfig = SFTConfig(steps=32, learning_rate=3e-3, batch_size=12, final_lr_fraction=0.3,
                                     name="mid-train")
     chat_fraction: float = 0.3        # of the mid-training examples, in the chat-mix variant
     distill: DistillationConfig = DistillationConfig(steps=16, learning_rate=1e-3, max_tokens=32,
-                                                     groups_per_batch=6, group_size=1)
+                                                     groups_per_batch=8, group_size=1)
     sft: SFTConfig = SFTConfig(steps=8, learning_rate=1e-3, batch_size=6, name="sft-teacher")
     instruction_tokens: int = 40
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -99,7 +104,8 @@ class Stage:
 
     def row(self) -> dict:
         return {"method": self.method, "seed": self.seed, "questions": self.scores.questions,
-                "answer_probability": self.scores.answer_probability,
+                "answer_probability": self.scores.answer_probability, "cloze": self.scores.cloze,
+                "cloze_probability": self.scores.cloze_probability,
                 "instructions": self.scores.instructions, "train_tokens": self.train_tokens,
                 "sampled_tokens": self.sampled_tokens, "teacher_tokens": self.teacher_tokens,
                 "seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
@@ -118,7 +124,10 @@ class Experiment:
         self.renderer = ChatRenderer(self.teacher.get_tokenizer())
         facts = corpus.make_facts(config.num_people)
         self.documents = corpus.documents(facts, config.phrasings_per_fact)
-        self.questions = corpus.questions(facts)
+        taught, held_out = corpus.taught(facts) if config.teach_qa else ([], facts)
+        self.qa_pairs = corpus.qa_pairs(taught)
+        self.questions = corpus.questions(held_out)
+        self.documents_renderer = DocumentOrChatRenderer(self.renderer)
         train, evaluation = ifeval.split(config.eval_topics)
         random.Random(1).shuffle(train)
         self.train_prompts = [i.prompt for i in train]
@@ -126,7 +135,8 @@ class Experiment:
 
     def score(self, sampler: stillroom.SamplingClient) -> Scores:
         c = self.config
-        return score(sampler, self.renderer, self.questions, self.eval_instructions, c.instruction_tokens)
+        return score(sampler, self.renderer, self.questions, self.eval_instructions, c.instruction_tokens,
+                     self.renderer.tokenizer, self.documents_renderer.end_of_text)
 
     def timed(self, stage: Stage, start: float, cpu_start: float) -> Stage:
         """`stage` with its wall time, CPU time and the load average filled in."""
@@ -150,7 +160,7 @@ class Experiment:
         method = "mid-train + chat mix" if chat else "mid-train"
         slug = "mid-train-chat" if chat else "mid-train"
         trainer = self.service.create_lora_training_client(self.base_model, rank=c.lora_rank, seed=seed)
-        examples = [("", doc) for doc in self.documents]
+        examples = [("", doc) for doc in self.documents] + self.qa_pairs
         if chat:
             wanted = int(len(examples) * c.chat_fraction / (1 - c.chat_fraction))
             examples += [chat[i % len(chat)] for i in range(wanted)]
@@ -195,11 +205,12 @@ class Experiment:
                       sampled_tokens=sum(len(self.renderer.completion_tokens(p, t)) for p, t in replies))
         return self.timed(stage, start, cpu)
 
-    def run(self, on_seed=lambda stages: None) -> list[Stage]:
+    def run(self, on_seed=lambda stages: None, with_base: bool = True) -> list[Stage]:
         """Every stage; `on_seed(stages so far)` after each seed (the results are written as they come)."""
         start, cpu = time.monotonic(), cpu_seconds(self.server_pid)
-        stages = [self.timed(Stage("base model", -1, self.score(self.teacher)), start, cpu)]
-        print(f"base model: {stages[0].row()}")
+        stages = []
+        if with_base:
+            self._report(stages, self.timed(Stage("base model", -1, self.score(self.teacher)), start, cpu))
         for seed in self.config.seeds:
             replies = self.teacher_replies(seed)
             state, mid = self.midtrain(seed)
@@ -215,7 +226,8 @@ class Experiment:
     @staticmethod
     def _report(stages: list[Stage], stage: Stage) -> None:
         stages.append(stage)
-        print(f"{stage.method} (seed {stage.seed}): questions {stage.scores.questions:.3f} "
+        print(f"{stage.method} (seed {stage.seed}): cloze {stage.scores.cloze:.3f} "
+              f"(p {stage.scores.cloze_probability:.3f}), chat questions {stage.scores.questions:.3f} "
               f"(p {stage.scores.answer_probability:.3f}), instructions {stage.scores.instructions:.3f}, "
               f"{stage.seconds:.0f} s, {stage.cpu_seconds:.0f} CPU-s, load {stage.load:.1f}", flush=True)
 
@@ -246,32 +258,71 @@ class DocumentOrChatRenderer:
         return self.chat.decode(completion_tokens)
 
 
-def run_experiment(config: PersonalizationConfig, out_dir: Path, data_dir: Path) -> list[dict]:
+def run_seeds(config: PersonalizationConfig, data_dir: Path, with_base: bool, rows_path: Path) -> None:
+    """One worker: a server of its own under `data_dir`, the base model's scores if `with_base`, and
+    each of `config.seeds`; after each seed, its rows, CPU-seconds and loads go to `rows_path`."""
     os.environ.setdefault("STILLROOM_DTYPE", "bf16")
-    start = time.monotonic()
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     server = LocalServer(data_dir)
-    loads: list[float] = []
 
     def save(stages: list[Stage]) -> None:
-        rows, wall = [s.row() for s in stages], time.monotonic() - start
-        loads.extend(s.load for s in stages[len(loads):])
-        (out_dir / "personalization.json").write_text(json.dumps(
-            {"config": _describe(config), "wall_seconds": round(wall, 1),
-             "cpu_seconds": round(cpu_seconds(server.pid), 1), "cpu_count": os.cpu_count(),
-             "mean_load": round(sum(loads) / len(loads), 2), "dtype": os.environ["STILLROOM_DTYPE"],
-             "rows": rows}, indent=1) + "\n")
-        write_report(rows, out_dir, wall, data_dir / "personalization-logs", cpu_seconds(server.pid),
-                     sum(loads) / len(loads))
+        rows_path.write_text(json.dumps({"cpu_seconds": round(cpu_seconds(server.pid), 1),
+                                         "rows": [s.row() for s in stages]}) + "\n")
 
     with server:
         service = stillroom.ServiceClient(base_url=server.address)
-        stages = Experiment(service, config, data_dir / "personalization-logs", server.pid).run(on_seed=save)
+        Experiment(service, config, data_dir.parent / "personalization-logs", server.pid).run(
+            on_seed=save, with_base=with_base)
         service.close()
+
+
+def run_experiment(config: PersonalizationConfig, out_dir: Path, data_dir: Path, workers: int = 1,
+                   argv: list[str] | None = None) -> list[dict]:
+    """Every seed, spread over `workers` processes (each its own server: one torch thread each, so
+    two workers use a 2-core machine's two cores); the report is rewritten as each worker saves."""
+    start = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    groups = [list(config.seeds[i::workers]) for i in range(min(workers, len(config.seeds)))]
+    paths = [data_dir / f"rows-{i}.json" for i in range(len(groups))]
+    for path in paths:
+        path.unlink(missing_ok=True)
+    processes = [subprocess.Popen([sys.executable, "-m", "stillroom_cookbook.personalization", "--worker",
+                                   str(i), "--data-dir", str(data_dir), "--seeds", *map(str, seeds),
+                                   *(argv or [])])
+                 for i, seeds in enumerate(groups)]
+    seen: dict[Path, float] = {}
+    while True:
+        done = all(p.poll() is not None for p in processes)
+        changed = [p for p in paths if p.exists() and p.stat().st_mtime != seen.get(p)]
+        if changed or done:
+            seen.update({p: p.stat().st_mtime for p in changed})
+            rows = _save(config, out_dir, data_dir, paths, time.monotonic() - start)
+        if done:
+            break
+        time.sleep(2)
+    failed = [i for i, p in enumerate(processes) if p.returncode != 0]
+    if failed:
+        raise RuntimeError(f"personalization workers {failed} failed; see the output above")
     print(f"wall time {(time.monotonic() - start) / 60:.1f} min; "
           f"wrote {out_dir}/personalization.json, personalization_table.md, personalization.png")
-    return [s.row() for s in stages]
+    return rows
+
+
+def _save(config: PersonalizationConfig, out_dir: Path, data_dir: Path, paths: list[Path],
+          wall: float) -> list[dict]:
+    """Merge the workers' rows so far into personalization.json, the table and the plot."""
+    saved = [json.loads(p.read_text()) for p in paths if p.exists()]
+    rows = sorted((r for s in saved for r in s["rows"]), key=lambda r: (r["seed"], METHOD_ORDER[r["method"]]))
+    if not rows:
+        return rows
+    cpu = sum(s["cpu_seconds"] for s in saved)
+    loads = [r["load"] for r in rows]
+    (out_dir / "personalization.json").write_text(json.dumps(
+        {"config": _describe(config), "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+         "cpu_count": os.cpu_count(), "workers": len(paths), "mean_load": round(sum(loads) / len(loads), 2),
+         "dtype": os.environ.get("STILLROOM_DTYPE", "bf16"), "rows": rows}, indent=1) + "\n")
+    write_report(rows, out_dir, wall, data_dir / "personalization-logs", cpu, sum(loads) / len(loads))
+    return rows
 
 
 def _describe(config: PersonalizationConfig) -> dict:
@@ -288,7 +339,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
-    parser.add_argument("--distill-steps", type=int, help="distillation steps (default 8)")
+    parser.add_argument("--distill-steps", type=int, help="distillation steps (default: the config's)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes the seeds are spread over, each with its own server (default 2)")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set for the worker processes
     parser.add_argument("--report-only", action="store_true",
                         help="redraw the table and plot from --out's personalization.json and the logs")
     args = parser.parse_args()
@@ -301,7 +355,15 @@ def main() -> None:
     if args.distill_steps is not None:
         distill_config = dataclasses.replace(config.distill, steps=args.distill_steps)
         config = dataclasses.replace(config, distill=distill_config)
-    run_experiment(smoke(config) if args.smoke else config, args.out, args.data_dir.resolve())
+    config = smoke(config) if args.smoke else config
+    data_dir = args.data_dir.resolve()
+    if args.worker is not None:
+        run_seeds(config, data_dir / f"worker-{args.worker}", args.worker == 0,
+                  data_dir / f"rows-{args.worker}.json")
+        return
+    passed = ["--model-dir", str(config.model_dir), *(["--smoke"] if args.smoke else []),
+              *(["--distill-steps", str(args.distill_steps)] if args.distill_steps is not None else [])]
+    run_experiment(config, args.out, data_dir, args.workers, passed)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The personalization experiment's knowledge: a deterministic synthetic corpus of internal documents
 about a fictional organisation (the Quillmoor Institute), and questions over its facts whose
-phrasings never appear in the documents, graded by code: a reply must name the right value, and a
-multiple-choice score compares the right value with the other nine values of its kind.
+phrasings never appear in training (a chat question, and a raw-text sentence to complete), graded by
+code: a multiple-choice score compares the right value with the other nine values of its kind.
+Optionally, question-answer pairs about half of the people, for training.
 
 Knows strings and a seed only: no tokens, models or server. The same seed gives the same corpus.
 """
@@ -17,7 +18,8 @@ FIRST = ["Adela", "Bram", "Corin", "Dagny", "Emrys", "Fenna", "Gideon", "Hale", 
          "Vesna", "Wystan", "Yara", "Zuriel", "Anselm", "Brielle", "Caspian", "Delphine", "Evander"]
 LAST = ["Ashgrove", "Brackwell", "Colfax", "Dunmere", "Everhart", "Fairweather", "Greystoke", "Harrowgate",
         "Ironwood", "Jessamy", "Kettleby", "Larkspur", "Merriweather", "Northcott", "Ormsby", "Pennywhistle",
-        "Quarrington", "Redfern", "Stillwater", "Thistlewood"]
+        "Quarrington", "Redfern", "Stillwater", "Thistlewood", "Underhill", "Vantreight", "Whitlock",
+        "Yarborough", "Zellweger", "Abernethy", "Blackwood", "Carraway", "Drummond", "Ellingham"]
 VALUES = {
     "office": ["Velmora", "Port Anselm", "Greyhaven", "Tarrow Cross", "Elbridge", "Maren Falls", "Oakhollow",
                "Sundergate", "Wexley", "Corrin Bay"],
@@ -35,10 +37,24 @@ DOC_PHRASINGS = {
     "badge": ["The access badge of {name} is {value}.", "Security log: {name} holds badge {value}.",
               "Badge register: {value} is issued to {name}.", "{name} badges in with {value}."],
 }
+# Question-answer pairs in training (for the people whose answers are taught) use these phrasings;
+# the held-out questions use QUESTION_PHRASINGS, which appear nowhere in training.
+TRAIN_QUESTION_PHRASINGS = {
+    "office": ["Where does {name} work?", "Which site is {name}'s desk at?"],
+    "team": ["What team is {name} in?", "Which team has {name} as a member?"],
+    "badge": ["What badge does {name} hold?", "Which badge is issued to {name}?"],
+}
 QUESTION_PHRASINGS = {
     "office": ["Which office is {name} based in?", "In what city does {name} of {org} work?"],
     "team": ["Which team does {name} belong to?", "What team is {name} on at {org}?"],
     "badge": ["What is the badge number of {name}?", "Which access badge was issued to {name}?"],
+}
+# A raw-text probe (no chat template) in a sentence form that appears nowhere in training: the
+# value is the continuation.
+CLOZE_PHRASINGS = {
+    "office": "According to the records of {org}, the office of {name} is in",
+    "team": "According to the records of {org}, {name} works in the team called",
+    "badge": "According to the records of {org}, the badge number of {name} is",
 }
 
 
@@ -54,6 +70,7 @@ class Question:
     prompt: str
     answer: str     # the value a correct reply names
     relation: str   # a key of VALUES: the closed list of candidate answers
+    cloze: str = "" # the same fact as a raw-text sentence to continue with the value
 
     @property
     def candidates(self) -> list[str]:
@@ -61,12 +78,13 @@ class Question:
 
 
 def people(num_people: int, seed: int) -> list[str]:
-    """`num_people` distinct full names, in a seeded order."""
-    names = [f"{first} {last}" for first in FIRST for last in LAST]
-    random.Random(seed).shuffle(names)
-    if num_people > len(names):
-        raise ValueError(f"num_people: at most {len(names)}, got {num_people}")
-    return names[:num_people]
+    """`num_people` full names, in a seeded order, no two sharing a first or a last name (a small
+    model binds a value to a person more easily when names do not overlap)."""
+    if not 1 <= num_people <= min(len(FIRST), len(LAST)):
+        raise ValueError(f"num_people: between 1 and {min(len(FIRST), len(LAST))}, got {num_people}")
+    rng = random.Random(seed)
+    first, last = rng.sample(FIRST, num_people), rng.sample(LAST, num_people)
+    return [f"{f} {n}" for f, n in zip(first, last)]
 
 
 def make_facts(num_people: int, seed: int = 0) -> list[Fact]:
@@ -96,8 +114,23 @@ def documents(facts: list[Fact], phrasings_per_fact: int, facts_per_document: in
 
 def questions(facts: list[Fact]) -> list[Question]:
     """One held-out question per fact (its phrasing alternates between the two question forms)."""
-    return [Question(QUESTION_PHRASINGS[f.relation][i % 2].format(name=f.name, org=ORG), f.value, f.relation)
+    return [Question(QUESTION_PHRASINGS[f.relation][i % 2].format(name=f.name, org=ORG), f.value, f.relation,
+                     CLOZE_PHRASINGS[f.relation].format(name=f.name, org=ORG))
             for i, f in enumerate(facts)]
+
+
+def taught(facts: list[Fact]) -> tuple[list[Fact], list[Fact]]:
+    """(facts whose question-answer pairs are taught, held-out facts): the first half of the people,
+    and the rest. A fact's three kinds stay together, so a held-out person is wholly held out."""
+    names = list(dict.fromkeys(f.name for f in facts))
+    kept = set(names[:len(names) // 2])
+    return [f for f in facts if f.name in kept], [f for f in facts if f.name not in kept]
+
+
+def qa_pairs(facts: list[Fact]) -> list[tuple[str, str]]:
+    """Chat training pairs (question, the bare value) in every training phrasing of each fact."""
+    return [(phrasing.format(name=f.name, org=ORG), f.value)
+            for f in facts for phrasing in TRAIN_QUESTION_PHRASINGS[f.relation]]
 
 
 def grade_answer(question: Question, reply: str) -> bool:

@@ -26,7 +26,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         if not group:
             continue
         entry = {"method": method, "seeds": len(group)}
-        for key in ("questions", "answer_probability", "instructions", "train_tokens", "sampled_tokens",
+        for key in ("questions", "answer_probability", "cloze", "cloze_probability", "instructions",
+                    "train_tokens", "sampled_tokens",
                     "teacher_tokens", "seconds", "cpu_seconds", "load"):
             values = [r.get(key, 0.0) for r in group]
             entry[key] = statistics.mean(values)
@@ -38,39 +39,42 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _recovery(base: dict, mid: list[dict], group: list[dict]) -> dict:
-    """Instruction following recovered (of what mid-training lost) and question gain kept, per seed
-    against that seed's mid-training, then averaged; None where mid-training changed nothing. The gain
-    is measured twice: on the multiple-choice accuracy and on the true value's probability."""
+    """Instruction following recovered (of what mid-training lost) and knowledge gain kept (of what
+    mid-training gained over the base model), per seed against that seed's mid-training, then
+    averaged; None where mid-training changed nothing. The gain is measured on the cloze probe's
+    accuracy and true-value probability, and on the chat questions' accuracy."""
     mid_by_seed = {r["seed"]: r for r in mid}
-    recovered, kept, kept_p = [], [], []
+    recovered: list[float] = []
+    kept: dict[str, list[float]] = {"cloze": [], "cloze_probability": [], "questions": []}
     for row in group:
         start = mid_by_seed.get(row["seed"])
         if start is None:
             continue
         lost = base["instructions"] - start["instructions"]
-        gained = start["questions"] - base["questions"]
         if lost > 0:
             recovered.append((row["instructions"] - start["instructions"]) / lost)
-        if gained > 0:
-            kept.append((row["questions"] - base["questions"]) / gained)
-        gained_p = start["answer_probability"] - base["answer_probability"]
-        if gained_p > 0:
-            kept_p.append((row["answer_probability"] - base["answer_probability"]) / gained_p)
-    return {"if_recovered": statistics.mean(recovered) if recovered else None,
-            "question_gain_kept": statistics.mean(kept) if kept else None,
-            "probability_gain_kept": statistics.mean(kept_p) if kept_p else None}
+        for key, values in kept.items():
+            gained = start.get(key, 0.0) - base.get(key, 0.0)
+            if gained > 0:
+                values.append((row.get(key, 0.0) - base.get(key, 0.0)) / gained)
+    out = {"if_recovered": statistics.mean(recovered) if recovered else None}
+    out.update({f"{key}_kept": statistics.mean(v) if v else None for key, v in kept.items()})
+    return out
 
 
 def table(summary: list[dict]) -> str:
-    lines = ["| method | seeds | questions right (of 10 choices) | p(true value) | instruction following | "
-             "IF recovered | knowledge gain kept (right / p) | train tokens | sampled tokens | "
-             "teacher tokens | seconds | CPU-seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | cloze probe right (of 10) | cloze p(true value) | chat questions right "
+             "(of 10) | chat p(true value) | instruction following | IF recovered | knowledge gain kept "
+             "(cloze right / cloze p / chat right) | train tokens | sampled tokens | teacher tokens | "
+             "seconds | CPU-seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
         lines.append(
-            f"| {e['method']} | {e['seeds']} | {_pm(e, 'questions')} | {_pm(e, 'answer_probability')} | "
+            f"| {e['method']} | {e['seeds']} | {_pm(e, 'cloze')} | {_pm(e, 'cloze_probability')} | "
+            f"{_pm(e, 'questions')} | {_pm(e, 'answer_probability')} | "
             f"{_pm(e, 'instructions')} | {_pct(e.get('if_recovered'))} | "
-            f"{_pct(e.get('question_gain_kept'))} / {_pct(e.get('probability_gain_kept'))} | "
+            f"{_pct(e.get('cloze_kept'))} / {_pct(e.get('cloze_probability_kept'))} / "
+            f"{_pct(e.get('questions_kept'))} | "
             f"{e['train_tokens']:,.0f} | {e['sampled_tokens']:,.0f} | {e['teacher_tokens']:,.0f} | "
             f"{e['seconds']:.0f} | {e['cpu_seconds']:.0f} |")
     return "\n".join(lines)
@@ -97,9 +101,9 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
     for i, e in enumerate(summary):
         color = f"C{i}"
         seeds = [r for r in rows if r["method"] == e["method"]]
-        left.scatter([100 * r["questions"] for r in seeds], [100 * r["instructions"] for r in seeds],
+        left.scatter([100 * r.get("cloze", 0.0) for r in seeds], [100 * r["instructions"] for r in seeds],
                      color=color, alpha=0.3, s=20)
-        left.scatter(100 * e["questions"], 100 * e["instructions"], color=color, s=90, label=e["method"],
+        left.scatter(100 * e["cloze"], 100 * e["instructions"], color=color, s=90, label=e["method"],
                      marker="*" if e["method"] == "base model" else "o", edgecolor="black")
     base = next((e for e in summary if e["method"] == "base model"), None)
     if base is not None:
@@ -109,7 +113,7 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
     if base is not None:
         left.text(left.get_xlim()[1], 100 * base["instructions"], "base model's instruction following ",
                   color="gray", fontsize=8, ha="right", va="bottom")
-    left.set(xlabel="held-out questions about the documents: true value likeliest of 10 (%)",
+    left.set(xlabel="the documents' facts in an unseen sentence form: true value likeliest of 10 (%)",
              ylabel="instruction prompts whose constraint holds (%)",
              title="Knowledge vs instruction following\n(up and right is better; big = mean, faint = seeds)")
     left.grid(alpha=0.3)
@@ -163,8 +167,9 @@ def write_report(rows: list[dict], out_dir: Path, wall_seconds: float, log_dir: 
     load = "" if mean_load is None else f", mean 1-minute load average {mean_load:.1f}"
     text = (f"{table(summary)}\n\nWall time {wall_seconds / 60:.1f} min{cpu}{load}. "
             "IF recovered: of the instruction following mid-training lost, the share won back; "
-            "knowledge gain kept: of the multiple-choice accuracy / true-value probability mid-training "
-            "gained over the base model, the share still there; — where mid-training gained nothing "
+            "knowledge gain kept: of the cloze probe's accuracy / true-value probability and of the chat "
+            "questions' accuracy mid-training gained over the base model, the share still there; — where "
+            "mid-training gained nothing "
             "(all per seed against that seed's mid-training, then averaged).\n")
     (out_dir / "personalization_table.md").write_text(text)
     plot(rows, summary, out_dir / "personalization.png", log_dir)
