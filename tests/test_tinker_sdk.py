@@ -361,7 +361,8 @@ def test_unload_model_frees_a_run_that_its_checkpoint_resumes(server):
     with pytest.raises(tinker_sdk.RequestFailedError, match="before-unload"):
         trainer.forward([datum], "cross_entropy").result()
     resumed = client.create_training_client_from_state_with_optimizer(state).result()
-    assert resumed.forward([datum], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(before, abs=1e-6)
+    after = resumed.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    assert after == pytest.approx(before, abs=1e-6)
     unknown = httpx.post(url + "/unload_model", headers=key, json={"model_id": "no-such-run"})
     assert unknown.status_code == 404 and "no-such-run" in unknown.text
     client.close("success").result()
