@@ -340,8 +340,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
     parser.add_argument("--distill-steps", type=int, help="distillation steps (default: the config's)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="processes the seeds are spread over, each with its own server (default 2)")
+    parser.add_argument("--workers", type=int,
+                        help="processes the seeds are spread over, each with its own server "
+                             "(default: one per seed)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set for the worker processes
     parser.add_argument("--report-only", action="store_true",
                         help="redraw the table and plot from --out's personalization.json and the logs")
@@ -363,7 +364,7 @@ def main() -> None:
         return
     passed = ["--model-dir", str(config.model_dir), *(["--smoke"] if args.smoke else []),
               *(["--distill-steps", str(args.distill_steps)] if args.distill_steps is not None else [])]
-    run_experiment(config, args.out, data_dir, args.workers, passed)
+    run_experiment(config, args.out, data_dir, args.workers or len(config.seeds), passed)
 
 
 if __name__ == "__main__":
