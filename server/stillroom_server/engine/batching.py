@@ -12,8 +12,7 @@ A small request that arrives while a much larger batch has been decoding for a w
 express batch instead of riding the large one: the two take turns by time (each gets about half of
 the stream's time while both run), so the small request moves at nearly its idle speed and the
 large batch keeps at least half of its own. Requests arriving together (a burst, a rollout) still
-share one batch. Knows the engine's
-samplers, not the scheduler's policy or the wire.
+share one batch. Knows the engine's samplers, not the scheduler's policy or the wire.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ the adapters' stacked weights: a row pays for its own adapter's rank only. Layer
 (q/k/v, gate/up) share the gather and the A product. Stacks are built per set of adapters (all
 adapters seen lately while the batch uses most of them, so the set holds as requests come and go)
 and kept until an adapter is added or removed; a call with every row on one adapter (a request's
-prefill) uses that adapter's own weights and builds no stack. `__base__` rows get no update. Knows PEFT's LoRA
-`Linear` layers only; a host with other LoRA layer kinds (embeddings, DoRA) uses PEFT's path.
+prefill) uses that adapter's own weights and builds no stack. `__base__` rows get no update.
+Knows PEFT's LoRA `Linear` layers only; a host with other LoRA layer kinds (embeddings, DoRA) uses
+PEFT's path.
 """
 
 from __future__ import annotations

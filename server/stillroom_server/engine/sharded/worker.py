@@ -5,8 +5,7 @@ torchrun sets them), so the same code runs under a torchrun-style launch on seve
 Rank 0 connects to the server (STILLROOM_WORKER_ADDRESS, STILLROOM_WORKER_AUTHKEY), receives the
 server's settings and then each command (wire.py: JSON and safetensors, no pickles), broadcasts
 them to every rank (on gloo), and every rank runs the command on its `WorkerEngine`, in the same
-order; rank 0 sends back the result. Knows
-nothing of owners, request numbers or the wire.
+order; rank 0 sends back the result. Knows nothing of owners, request numbers or the wire.
 """
 
 from __future__ import annotations
