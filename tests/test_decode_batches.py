@@ -1,10 +1,13 @@
 """The decode loop's fast paths give the samples of the plain ones: a KV cache grown in place (with
 rows joining and leaving) samples what a concatenated one does, and rows of LoRA snapshots in
-uneven groups, beside base rows and with prompts of different lengths, see only their own adapter;
+uneven groups, beside base rows and with prompts of different lengths, see only their own adapter
+(and rows joining in any order are kept one block per adapter, read as a slice of the batch);
 a small request decoding in the express batch beside a large one samples what it would alone.
 Engine-level, real weights; no timing is asserted."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -125,6 +128,11 @@ def test_adapter_rows_in_uneven_groups_see_only_their_own_weights(engine):
             job(snapshots[1], [1, 30], 1, 6, seed=6),        # the third snapshot is absent: an empty group
             job(snapshots[0], [1, 44, 45, 46, 47, 48], 1, 6, seed=7)]   # joins the running batch
     done = decode(engine, {0: jobs[:3], 2: jobs[3:]})
+    assert_own_adapter_logprobs(engine, jobs, done)
+
+
+def assert_own_adapter_logprobs(engine, jobs: list[Job], done: dict[int, list]) -> None:
+    """Every sampled sequence's logprobs are those of its own adapter alone (PEFT's forward)."""
     host = engine._lora_hosts[TINY]
     assert host.model is not None
     for request in jobs:
@@ -138,3 +146,41 @@ def test_adapter_rows_in_uneven_groups_see_only_their_own_weights(engine):
                 host.model.set_adapter(opened.adapter)
                 reference = compute.sequence_logprobs(host.model, [tokens], engine.device)
             assert sequence.logprobs == pytest.approx(reference[0][0][len(prompt):].tolist(), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_rows_joining_in_any_order_are_grouped_by_adapter_and_read_as_one_slice(engine):
+    """Requests join a running batch in an order unlike the adapters'; the batch keeps one block
+    per adapter after the base rows, so the LoRA layers read the groups as a slice of the batch."""
+    for run, seed in (("slice-a", 2), ("slice-b", 3)):
+        engine.create_run(run, TINY, LoraSpec(rank=4), seed=seed)
+        train(engine, run, [1, *range(30 + seed, 60 + seed), 2], 2)
+    snapshots = [engine.open_sampler(model_path=engine.save_sampler_weights(run, "slice")[0])
+                 for run in ("slice-b", "slice-a")]   # adapter names sort the other way round
+    base = engine.open_sampler(base_model=TINY)
+    decode(engine, {0: [job(s, [1, 30], 1, 1, seed=0) for s in snapshots]})   # both seen lately
+    jobs = [job(snapshots[0], [1, 30, 31], 2, 12, seed=8),
+            job(base, [1, 33], 2, 12, seed=9),
+            job(snapshots[1], [1, 40, 41, 42], 2, 12, seed=10),
+            job(snapshots[0], [1, 50], 1, 12, seed=11),     # joins later: groups of 3 and 2, padded
+            job(snapshots[1], [1, 52, 53], 1, 12, seed=12)]  # ... then 3 and 3: a slice again
+    host = engine._lora_hosts[TINY]
+    plans = []   # (the rows' adapters, the plan their LoRA layers used), per forward
+    original = host.mixed.rows
+
+    @contextlib.contextmanager
+    def recording(names):
+        with original(names):
+            plans.append((list(names), host.mixed.plan))
+            yield
+
+    host.mixed.rows = recording
+    try:
+        done = decode(engine, {0: jobs[:3], 2: jobs[3:4], 3: jobs[4:]})
+    finally:
+        del host.mixed.rows
+    assert_own_adapter_logprobs(engine, jobs, done)
+    for names, _ in plans:   # base rows first, then one block per adapter in name order
+        assert names == sorted(names, key=lambda n: (n != "__base__", n))
+    assert any(plan.index_G is None and plan.start > 0 and len(plan.adapters) == 2
+               for names, plan in plans), "no step read base rows and two equal groups as a slice"

@@ -3,7 +3,9 @@
 PEFT's own `adapter_names=` loops over adapters in every layer and walks the module tree on every
 call (8 snapshots decoded at 0.15x the base). Here the rows are grouped by adapter once per batch
 composition, and each LoRA linear layer adds x[rows] @ A_g^T @ B_g^T with two batched matmuls over
-the adapters' stacked weights: a row pays for its own adapter's rank only. Layers reading one input
+the adapters' stacked weights: a row pays for its own adapter's rank only. When the rows already lie
+one block per adapter in the stacks' order (the sampler keeps a batch sorted by adapter name), the
+groups are a slice of the batch and nothing is gathered or scattered. Layers reading one input
 (q/k/v, gate/up) share the gather and the A product. Stacks are built per set of adapters (all
 adapters seen lately while the batch uses most of them, so the set holds as requests come and go)
 and kept until an adapter is added or removed; a call with every row on one adapter (a request's
@@ -34,13 +36,15 @@ class _Plan:
 
     adapters: tuple[str, ...]        # one group per adapter, in this order
     size: int                        # rows per group (the largest group; shorter ones padded)
-    index_G: torch.Tensor | None     # batch row of each group slot; None: the batch is the groups
+    index_G: torch.Tensor | None     # batch row of each group slot; None: the groups are a slice
     keep_G: torch.Tensor | None      # [G * size]: 0 at padding slots; None: no padding
+    start: int = 0                   # with index_G None: the groups are rows start.. of the batch
+    whole: bool = True               # with index_G None: the groups are the whole batch
 
     @property
     def single(self) -> bool:
         """Every row on one adapter (a request's prefill): its own weights serve, no stacks."""
-        return len(self.adapters) == 1 and self.index_G is None and self.keep_G is None
+        return len(self.adapters) == 1 and self.index_G is None and self.whole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +94,8 @@ class MixedAdapters:
         key = tuple(names)
         if self._last is None or self._last[0] != key:   # the composition changed since the last call
             self._seen.update(dict.fromkeys(sorted(set(key) - {BASE})))
-            self._last = (key, _make_plan(key, tuple(self._seen), next(self.model.parameters()).device))
+            self._last = (key, _make_plan(key, tuple(sorted(self._seen)),
+                                          next(self.model.parameters()).device))
         self.plan = plan = self._last[1]
         self._current = {} if plan.single else self._stacks_of(plan.adapters)
         try:
@@ -108,17 +113,17 @@ class MixedAdapters:
             self._stacks.popitem(last=False)
         return self._stacks[adapters]
 
-    def update(self, plan: _Plan, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
-        """This layer's LoRA update of every row on an adapter, in the plan's group layout
-        [G * size, ..., out]; None when no adapter of the batch adapts this layer. Siblings called
-        on the same x share its gather and the A product."""
+    def add_update(self, plan: _Plan, layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> None:
+        """Add this layer's LoRA update of every row on an adapter to `result` (its base output);
+        nothing when no adapter of the batch adapts the layer. Siblings called on the same x share
+        its gather and the A product."""
         siblings = self._siblings[id(layer)]
         key = id(siblings)
         if key not in self._current:
             self._current[key] = _stack(siblings, plan.adapters)
         stacks = self._current[key]
         if stacks is None:
-            return None
+            return
         a_G_in_R, bs = stacks
         pending = self._pending.get(key)
         if pending is None or pending[0] is not x:
@@ -129,10 +134,20 @@ class MixedAdapters:
         if not pending[2]:
             del self._pending[key]
         if (b_entry := bs.get(id(layer))) is None:
-            return None
+            return
         start, stop, b_G_r_out = b_entry
-        update = torch.bmm(low_G_N_R[..., start:stop], b_G_r_out)
-        return update.view((len(plan.adapters) * plan.size,) + x.shape[1:-1] + (b_G_r_out.shape[-1],))
+        low_G_N_r = low_G_N_R[..., start:stop]
+        groups = len(plan.adapters)
+        if plan.index_G is None and result.dtype == b_G_r_out.dtype:   # straight into the rows' slice
+            rows = result[plan.start:plan.start + groups * plan.size]
+            rows.view(groups, -1, rows.shape[-1]).baddbmm_(low_G_N_r, b_G_r_out)
+            return
+        update = torch.bmm(low_G_N_r, b_G_r_out).to(result.dtype)
+        update = update.view((groups * plan.size,) + x.shape[1:-1] + (b_G_r_out.shape[-1],))
+        if plan.index_G is None:
+            result[plan.start:plan.start + update.shape[0]].add_(update)
+        else:
+            result.index_add_(0, plan.index_G, update)
 
 
 def _group_siblings(layers: dict[str, LoraLinear]) -> dict[int, _Siblings]:
@@ -167,9 +182,10 @@ def _make_plan(names: tuple[str, ...], seen: tuple[str, ...], device: torch.devi
         rows = groups.get(name, [])
         index += rows + [rows[0] if rows else 0] * (size - len(rows))
         keep += [1.0] * len(rows) + [0.0] * (size - len(rows))
-    identity = index == list(range(len(names)))
-    return _Plan(adapters, size,
-                 None if identity else torch.tensor(index, device=device),
+    start = index[0] if index else 0
+    if all(keep) and index == list(range(start, start + len(index))):   # the groups are a slice
+        return _Plan(adapters, size, None, None, start, len(index) == len(names))
+    return _Plan(adapters, size, torch.tensor(index, device=device),
                  None if all(keep) else torch.tensor(keep, device=device))
 
 
@@ -208,7 +224,7 @@ def _low_rank(plan: _Plan, x: torch.Tensor, a_G_in_R: torch.Tensor) -> torch.Ten
         x = x.to(a_G_in_R.dtype)
     groups = len(plan.adapters)
     if plan.index_G is None:
-        x_G = x.reshape(groups, -1, x.shape[-1])
+        x_G = x[plan.start:plan.start + groups * plan.size].reshape(groups, -1, x.shape[-1])
     else:
         x_G = x.index_select(0, plan.index_G)
         if plan.keep_G is not None:
@@ -244,12 +260,8 @@ def _forward(mixed: MixedAdapters, layer: LoraLinear, x: torch.Tensor, *args, **
     result = layer.base_layer(x, *args, **kwargs)
     if plan.single:
         update = _own_update(layer, plan.adapters[0], x)
-    else:
-        update = mixed.update(plan, layer, x) if plan.adapters else None
-    if update is None:
-        return result
-    if update.dtype != result.dtype:
-        update = update.to(result.dtype)
-    if plan.index_G is None:
-        return result.add_(update)
-    return result.index_add_(0, plan.index_G, update)
+        if update is not None:
+            result.add_(update.to(result.dtype))
+    elif plan.adapters:
+        mixed.add_update(plan, layer, x, result)
+    return result

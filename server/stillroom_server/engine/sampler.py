@@ -178,7 +178,8 @@ class DecodeBatch:
     def prefill(cls, model: torch.nn.Module, rows: list[_Row], device: torch.device,
                 eos_ids: tuple[int, ...], tokenizer) -> DecodeBatch:
         """Run the new rows' prompts (each distinct prompt on each adapter once; the others copy
-        its KV cache) and choose their first tokens."""
+        its KV cache) and choose their first tokens. The batch keeps its rows grouped by adapter."""
+        rows = sorted(rows, key=_adapter_order)
         prompts: dict[tuple, int] = {}   # (adapter, prompt) -> its row in the prefill batch
         keys = [(row.adapter, tuple(row.prompt_T.tolist())) for row in rows]
         unique = []
@@ -255,6 +256,23 @@ class DecodeBatch:
         self.position_B = torch.cat([self.position_B, other.position_B])
         self.tokens_B = torch.cat([self.tokens_B, other.tokens_B])
         self.rows, self._settings = self.rows + other.rows, None
+        order = sorted(range(len(self.rows)), key=lambda b: _adapter_order(self.rows[b]))
+        if order != list(range(len(self.rows))):
+            self._reorder(order)
+
+    def _reorder(self, order: list[int]) -> None:
+        """Put the rows at batch positions `order` first to last (the cache with them)."""
+        index = torch.tensor(order, dtype=torch.long, device=self.tokens_B.device)
+        self.rows = [self.rows[b] for b in order]
+        self.mask_B_L, self.position_B, self.tokens_B = (self.mask_B_L[index], self.position_B[index],
+                                                         self.tokens_B[index])
+        self.cache.batch_select_indices(index)
+
+
+def _adapter_order(row: _Row) -> tuple[bool, str]:
+    """Rows sort into one block per adapter, base rows first: a mixed-adapter forward then reads
+    each adapter's rows as one slice of the batch (mixed_lora.py) instead of gathering them."""
+    return row.adapter != BASE_ADAPTER, row.adapter
 
 
 def _kv_layers(cache: DynamicCache) -> list[Any]:
