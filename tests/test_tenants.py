@@ -25,7 +25,7 @@ from stillroom_server.engine.types import (
     TrainDatum,
 )
 
-from conftest import TINY
+from conftest import SMALL, TINY
 from helpers import checkpoint_tensors, encode_line, sft_datum
 
 ADAM = dict(learning_rate=5e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
@@ -160,6 +160,29 @@ def test_snapshots_beyond_the_limit_are_unloaded_and_reload_from_their_files(eng
     for path in paths:  # the unloaded ones come back from their files, unchanged
         opened = engine.open_sampler(model_path=path)
         assert scored(engine, opened, prompt_tokens[:1], prompt_tokens[1:]) == before[path]
+
+
+@pytest.mark.slow
+def test_an_unloaded_snapshot_leaves_its_own_base_models_host(engine, monkeypatch):
+    """Snapshots of two base models share the limit: loading one of the second base's evicts the
+    first base's least recently used, from the first base's host, and both still sample."""
+    from stillroom_server.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_LOADED_ADAPTERS", 1)
+    paths = {}
+    for base, run in ((TINY, "tenants-two-a"), (SMALL, "tenants-two-b")):
+        engine.create_run(run, base, LoraSpec(rank=2), seed=3)
+        train_lora(engine, run, [1, 50, 51, 2], 1)
+        paths[base] = engine.save_sampler_weights(run, "two-bases")[0]
+    prompt_tokens = [1, 50, 51, 52]
+    before = {base: scored(engine, engine.open_sampler(model_path=path), prompt_tokens[:1], prompt_tokens[1:])
+              for base, path in paths.items()}   # the second one's load unloads the first
+    first = engine.open_sampler(model_path=paths[TINY])
+    assert first.adapter not in engine._adapters
+    assert first.adapter not in engine._lora_hosts[TINY].model.peft_config
+    for base, path in paths.items():   # each back from its files, unchanged, in turn
+        assert scored(engine, engine.open_sampler(model_path=path), prompt_tokens[:1],
+                      prompt_tokens[1:]) == before[base]
 
 
 # ------------------------------------------------------------------------------------ through a server

@@ -267,8 +267,8 @@ class Engine:
             self._adapters[opened.adapter] = opened
             idle = [name for name in self._adapters if not self._pins[name] and name != opened.adapter]
             for name in idle[:max(0, len(self._adapters) - MAX_LOADED_ADAPTERS)]:
-                self._adapters.pop(name)
-                self._remove_adapter(host, name)
+                evicted = self._adapters.pop(name)   # maybe a snapshot of another base model
+                self._remove_adapter(self._lora_host(evicted.base), name)
         self._adapters.move_to_end(opened.adapter)
         return host
 
