@@ -214,15 +214,24 @@ def test_bf16_autocast_stays_close_to_fp32(real_service, renderer, model_dir, tm
     assert sum(diffs) / len(diffs) < 0.1 and max(diffs) < 1.0, diffs
 
 
-def test_personalization_smoke(real_service, model_dir, tmp_path):
-    """Every stage of the personalization recipe for a few steps on a sliver of its data."""
-    from stillroom_cookbook.personalization import Experiment, PersonalizationConfig, smoke
+def test_personalization_smoke(model_dir, tmp_path):
+    """Every stage of the personalization recipe for a few steps on a sliver of its data, as a worker
+    of the recipe runs it: its own `stillroom serve`, and a second one for the merged-weights stage."""
+    import json
+
+    from stillroom_cookbook.personalization import PersonalizationConfig, run_seeds, smoke
 
     config = smoke(PersonalizationConfig(model_dir=model_dir))
-    stages = Experiment(real_service, config, tmp_path).run()
-    assert [s.method for s in stages] == ["base model", "mid-train", "distill (sampled estimate)",
-                                          "distill (exact reverse KL)", "SFT on teacher samples",
-                                          "mid-train + chat mix"]
-    assert all(0 <= s.scores.questions <= 1 and 0 <= s.scores.instructions <= 1 for s in stages)
-    assert all(0 < s.scores.answer_probability < 1 and s.scores.scored_tokens > 0 for s in stages)
-    assert all(s.train_tokens > 0 for s in stages[1:])
+    run_seeds(config, tmp_path / "worker", True, tmp_path / "rows.json")
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["base model", "mid-train", "mid-train + chat mix",
+                                           "distill (sampled estimate)", "distill (exact reverse KL)",
+                                           "SFT on teacher samples", "distill (exact reverse KL), merged"]
+    # the chat-mix mid-training is the start of the rest; it is also merged into a model folder on
+    # which one distillation trains a fresh LoRA (the merged model gives the adapter's logprobs)
+    assert (tmp_path / "merged" / "mid-train-chat-mix-0" / "config.json").is_file()
+    assert rows[2]["merged_logprob_gap_mean"] < 0.1
+    assert all(r["start"] == "mid-train + chat mix" for r in rows[3:])
+    assert all(0 <= r["questions"] <= 1 and 0 <= r["instructions"] <= 1 for r in rows)
+    assert all(0 < r["answer_probability"] < 1 for r in rows)
+    assert all(r["train_tokens"] > 0 for r in rows[1:])

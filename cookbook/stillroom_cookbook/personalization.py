@@ -3,13 +3,15 @@ mid-train the assistant on internal documents (it learns their facts and loses s
 following), then distill its own earlier self back in on instruction prompts.
 
     bash scripts/setup_real_model.sh
-    python -m stillroom_cookbook.personalization [--smoke] [--seeds 0 1 2] [--out docs]
+    python -m stillroom_cookbook.personalization [--smoke] [--seeds 0 1 2] [--out docs] [--merged-distill]
 
-Starts a server (STILLROOM_DTYPE=bf16 unless set), scores the base model once, and per seed:
-mid-trains a LoRA run on the documents; from that state, distills with Tinker's sampled-token
-estimate and with Stillroom's exact `teacher_reverse_kl`, and fine-tunes on the teacher's samples
-(SFT); beside them, mid-trains from the base with the teacher's chat replies mixed in. Writes
-personalization.json, personalization.md (the table) and personalization.png under --out.
+Starts a server per worker (STILLROOM_DTYPE=bf16 unless set), scores the base model once, and per
+seed: mid-trains a LoRA run on the documents alone (for contrast) and one with the teacher's chat
+replies mixed in (the post's mid-training); from the chat-mixed state, distills with Tinker's
+sampled-token estimate and with Stillroom's exact `teacher_reverse_kl`, and fine-tunes on the
+teacher's samples (SFT). With --merged-distill, also folds that state into the base's weights and
+distills into a fresh LoRA on them (on a second server). Writes personalization.json,
+personalization_table.md and personalization.png under --out.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import stillroom
@@ -55,6 +59,12 @@ class PersonalizationConfig:
     midtrain: SFTConfig = SFTConfig(steps=32, learning_rate=3e-3, batch_size=12, final_lr_fraction=0.3,
                                     name="mid-train")
     chat_fraction: float = 0.3        # of the mid-training examples, in the chat-mix variant
+    distill_start: str = "mid-train + chat mix"   # the mid-training that distillation and SFT start from
+                                      # (their runs resume its LoRA adapter)
+    plain_midtrain: bool = True       # also mid-train on the documents alone (a row for contrast)
+    merged_distill: bool = False      # also: fold the start's adapter into the base model's weights and
+                                      # distill (exact reverse KL) into a fresh LoRA on the merged model
+                                      # (off in the 3-seed run for its budget; the probes in the docs ran it)
     distill: DistillationConfig = DistillationConfig(steps=16, learning_rate=1e-3, max_tokens=32,
                                                      groups_per_batch=8, group_size=1)
     sft: SFTConfig = SFTConfig(steps=8, learning_rate=1e-3, batch_size=6, name="sft-teacher")
@@ -65,6 +75,11 @@ class PersonalizationConfig:
         if not (self.model_dir / "config.json").is_file():
             raise ValueError(f"model_dir: {self.model_dir} holds no config.json; run "
                              "bash scripts/setup_real_model.sh (stillroom models import) first")
+        if self.distill_start == "mid-train" and not self.plain_midtrain:
+            raise ValueError("distill_start: 'mid-train' needs plain_midtrain")
+        if self.distill_start not in ("mid-train", "mid-train + chat mix"):
+            raise ValueError(f"distill_start: 'mid-train' or 'mid-train + chat mix', "
+                             f"got {self.distill_start!r}")
         if not 0 <= self.chat_fraction < 1:
             raise ValueError(f"chat_fraction: in [0, 1), got {self.chat_fraction}")
 
@@ -76,7 +91,7 @@ def smoke(config: PersonalizationConfig) -> PersonalizationConfig:
         config, num_people=2, eval_topics=1, teacher_prompts=4, instruction_tokens=12,
         midtrain=dataclasses.replace(config.midtrain, **tiny), sft=dataclasses.replace(config.sft, **tiny),
         distill=dataclasses.replace(config.distill, steps=2, groups_per_batch=2, max_tokens=8),
-        seeds=config.seeds[:1])
+        seeds=config.seeds[:1], merged_distill=True)
 
 
 def cpu_seconds(server_pid: int | None) -> float:
@@ -101,15 +116,31 @@ class Stage:
     seconds: float = 0.0        # wall time, evaluation included
     cpu_seconds: float = 0.0    # the client's and the server's CPU time, evaluation included
     load: float = 0.0           # the machine's 1-minute load average when the stage ended
+    start: str | None = None    # the method whose weights this stage started from (its seed's row)
+    note: dict = dataclasses.field(default_factory=dict)   # stage-specific measurements
 
     def row(self) -> dict:
         return {"method": self.method, "seed": self.seed, "questions": self.scores.questions,
                 "answer_probability": self.scores.answer_probability, "cloze": self.scores.cloze,
                 "cloze_probability": self.scores.cloze_probability,
-                "instructions": self.scores.instructions, "train_tokens": self.train_tokens,
+                "instructions": self.scores.instructions,
+                "instruction_kinds": self.scores.instruction_kinds, "looping": self.scores.looping,
+                "instructions_sampled": self.scores.instructions_sampled,
+                "train_tokens": self.train_tokens,
                 "sampled_tokens": self.sampled_tokens, "teacher_tokens": self.teacher_tokens,
                 "seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
-                "load": round(self.load, 2), "examples": list(self.scores.examples)}
+                "load": round(self.load, 2), "start": self.start, **self.note,
+                "examples": list(self.scores.examples)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where the stages after a mid-training begin: its saved LoRA state (the adapter trains on) or,
+    with `merged` set, a model folder holding the adapter folded into the base (a fresh LoRA on top)."""
+    method: str                          # the mid-training's method name
+    state: str                           # its saved state (stillroom://...)
+    sampler: stillroom.SamplingClient    # its sampler weights
+    merged: str | None = None            # absolute path of the merged model folder
 
 
 class Experiment:
@@ -119,6 +150,7 @@ class Experiment:
                  server_pid: int | None = None):
         self.service, self.config, self.log_dir = service, config, log_dir
         self.server_pid = server_pid
+        self.merged_starts: list[tuple[int, Start]] = []   # (seed, merged model) once `run` merged it
         self.base_model = str(config.model_dir)
         self.teacher = service.create_sampling_client(base_model=self.base_model)
         self.renderer = ChatRenderer(self.teacher.get_tokenizer())
@@ -154,7 +186,11 @@ class Experiment:
         return [(p, self.renderer.decode(f.result().sequences[0].tokens))
                 for p, f in zip(self.train_prompts, futures)]
 
-    def midtrain(self, seed: int, chat: list[tuple[str, str]] | None = None) -> tuple[str, Stage]:
+    def release(self, trainer: stillroom.TrainingClient) -> None:
+        """Free a finished stage's run on the server (its checkpoints stay)."""
+        trainer.unload()
+
+    def midtrain(self, seed: int, chat: list[tuple[str, str]] | None = None) -> tuple[Start, Stage]:
         """Mid-train a fresh LoRA run on the documents (and chat replies); its saved state and scores."""
         c = self.config
         method = "mid-train + chat mix" if chat else "mid-train"
@@ -171,64 +207,125 @@ class Experiment:
                                                                   name=f"{slug}-s{seed}"), log)
         state = trainer.save_state(f"{slug}-{seed}").result().path
         sampler = trainer.save_weights_and_get_sampling_client(f"{slug}-{seed}")
-        stage = Stage(method, seed, self.score(sampler),
+        trainer.unload()
+        stage = Stage(method, seed, self.score(sampler), start="base model",
                       train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
                       sampled_tokens=sum(len(renderer.tokens(p, t)) for p, t in (chat or [])))
-        return state, self.timed(stage, start, cpu)
+        return Start(method, state, sampler), self.timed(stage, start, cpu)
 
-    def distill_from(self, state: str, seed: int, loss: str) -> Stage:
+    def merge(self, start: Start, stage: Stage) -> Start:
+        """`start` with its adapter folded into the base model's weights: a model folder the server
+        loads as a new base (by its absolute path). Its time goes to `stage` (the mid-training's row),
+        with the per-token logprob gap between the adapter and the merged model on a document."""
+        from stillroom.export import merge_lora_adapter
+
+        began, cpu = time.monotonic(), cpu_seconds(self.server_pid)
+        slug = start.method.replace(" + ", "-").replace(" ", "-")
+        out = (self.log_dir.parent / "merged" / f"{slug}-{stage.seed}").resolve()
+        with tempfile.TemporaryDirectory(dir=self.log_dir.parent) as staging:
+            folder = self.service.create_rest_client().download_checkpoint_archive(
+                start.sampler.model_path or "", staging, progress=False)
+            merge_lora_adapter(folder, out, self.config.model_dir)
+        merged = self.service.create_sampling_client(base_model=str(out))
+        tokens = types.ModelInput.from_ints(self.documents_renderer.tokens("", self.documents[0]))
+        adapter_lp, merged_lp = start.sampler.compute_logprobs(tokens), merged.compute_logprobs(tokens)
+        gaps = [abs(a - b) for a, b in zip(adapter_lp.result(), merged_lp.result())
+                if a is not None and b is not None]
+        stage.seconds += time.monotonic() - began
+        stage.cpu_seconds += cpu_seconds(self.server_pid) - cpu
+        stage.note.update(merge_seconds=round(time.monotonic() - began, 1),
+                         merged_logprob_gap_mean=round(sum(gaps) / len(gaps), 4),
+                         merged_logprob_gap_max=round(max(gaps), 4))
+        print(f"merged {start.method} (seed {stage.seed}) into {out}: {time.monotonic() - began:.0f} s, "
+              f"logprob gap to the adapter on a document {sum(gaps) / len(gaps):.4f} mean, "
+              f"{max(gaps):.4f} max", flush=True)
+        return dataclasses.replace(start, merged=str(out))
+
+    def student(self, start: Start, seed: int) -> stillroom.TrainingClient:
+        """A training run from `start`: a fresh LoRA on its merged weights, or its adapter resumed."""
+        if start.merged:
+            return self.service.create_lora_training_client(start.merged, rank=self.config.lora_rank,
+                                                            seed=seed)
+        return self.service.create_training_client_from_state(start.state)
+
+    def distill_from(self, start: Start, seed: int, loss: str) -> Stage:
         c = self.config
         exact = loss == "teacher_reverse_kl"
         method = "distill (exact reverse KL)" if exact else "distill (sampled estimate)"
-        trainer = self.service.create_training_client_from_state(state)
-        start, cpu = time.monotonic(), cpu_seconds(self.server_pid)
-        log = MetricsLog(self.log_dir / f"distill-{loss}-{seed}.jsonl")
-        config = dataclasses.replace(c.distill, loss=loss, seed=seed, name=f"distill-{loss}-s{seed}")
+        slug = f"{loss}-merged" if start.merged else loss
+        if start.merged:
+            method = f"{method}, merged"
+        trainer = self.student(start, seed)
+        began, cpu = time.monotonic(), cpu_seconds(self.server_pid)
+        log = MetricsLog(self.log_dir / f"distill-{slug}-{seed}.jsonl")
+        config = dataclasses.replace(c.distill, loss=loss, seed=seed, name=f"distill-{slug}-s{seed}")
         distill(trainer, self.teacher, self.renderer, self.train_prompts, config, log)
-        sampler = trainer.save_weights_and_get_sampling_client(f"{loss}-{seed}")
-        return self.timed(Stage(method, seed, self.score(sampler),
-                                train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
-                                sampled_tokens=sum(r.get("sampled_tokens", 0) for r in log.records),
-                                teacher_tokens=sum(r.get("teacher_tokens", 0) for r in log.records)),
-                          start, cpu)
+        sampler = trainer.save_weights_and_get_sampling_client(f"{slug}-{seed}")
+        stage = Stage(method, seed, self.score(sampler), start=start.method,
+                      train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
+                      sampled_tokens=sum(r.get("sampled_tokens", 0) for r in log.records),
+                      teacher_tokens=sum(r.get("teacher_tokens", 0) for r in log.records))
+        self.release(trainer)
+        return self.timed(stage, began, cpu)
 
-    def sft_from(self, state: str, seed: int, replies: list[tuple[str, str]]) -> Stage:
+    def sft_from(self, start: Start, seed: int, replies: list[tuple[str, str]]) -> Stage:
         c = self.config
-        trainer = self.service.create_training_client_from_state(state)
-        start, cpu = time.monotonic(), cpu_seconds(self.server_pid)
+        trainer = self.student(start, seed)
+        began, cpu = time.monotonic(), cpu_seconds(self.server_pid)
         log = MetricsLog(self.log_dir / f"sft-teacher-{seed}.jsonl")
         train_sft(trainer, self.renderer, replies,
                   dataclasses.replace(c.sft, seed=seed, name=f"sft-teacher-s{seed}"), log)
         sampler = trainer.save_weights_and_get_sampling_client(f"sft-{seed}")
-        stage = Stage("SFT on teacher samples", seed, self.score(sampler),
+        stage = Stage("SFT on teacher samples", seed, self.score(sampler), start=start.method,
                       train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
                       sampled_tokens=sum(len(self.renderer.completion_tokens(p, t)) for p, t in replies))
-        return self.timed(stage, start, cpu)
+        self.release(trainer)
+        return self.timed(stage, began, cpu)
 
     def run(self, on_seed=lambda stages: None, with_base: bool = True) -> list[Stage]:
-        """Every stage; `on_seed(stages so far)` after each seed (the results are written as they come)."""
+        """Every stage but the distillations on merged weights (their starts go to `merged_starts`, for
+        `run_merged` on another server); `on_seed(stages so far)` after each seed."""
+        c = self.config
         start, cpu = time.monotonic(), cpu_seconds(self.server_pid)
-        stages = []
+        stages: list[Stage] = []
         if with_base:
             self._report(stages, self.timed(Stage("base model", -1, self.score(self.teacher)), start, cpu))
-        for seed in self.config.seeds:
+        for seed in c.seeds:
             replies = self.teacher_replies(seed)
-            state, mid = self.midtrain(seed)
-            self._report(stages, mid)
-            self._report(stages, self.distill_from(state, seed, "sampled"))
-            self._report(stages, self.distill_from(state, seed, "teacher_reverse_kl"))
-            self._report(stages, self.sft_from(state, seed, replies))
-            self._report(stages, self.midtrain(seed, chat=replies)[1])
+            plain = None
+            if c.plain_midtrain:
+                plain, plain_stage = self.midtrain(seed)
+                self._report(stages, plain_stage)
+            mixed, mixed_stage = self.midtrain(seed, chat=replies)
+            origin, origin_stage = mixed, mixed_stage
+            if c.distill_start == "mid-train" and plain is not None:
+                origin, origin_stage = plain, plain_stage
+            if c.merged_distill:
+                self.merged_starts.append((seed, self.merge(origin, origin_stage)))
+            self._report(stages, mixed_stage)
+            self._report(stages, self.distill_from(origin, seed, "sampled"))
+            self._report(stages, self.distill_from(origin, seed, "teacher_reverse_kl"))
+            self._report(stages, self.sft_from(origin, seed, replies))
             on_seed(stages)
         return stages
 
+    def run_merged(self, starts: list[tuple[int, Start]], stages: list[Stage],
+                   on_seed=lambda stages: None) -> list[Stage]:
+        """The exact-reverse-KL distillation into a fresh LoRA on each merged model. Run on a server that
+        holds no LoRA snapshot of the original base: today's server evicts loaded snapshots across
+        base models wrongly (it removes one from the other base's host and fails)."""
+        for seed, start in starts:
+            self._report(stages, self.distill_from(start, seed, "teacher_reverse_kl"))
+            on_seed(stages)
+        return stages
 
     @staticmethod
     def _report(stages: list[Stage], stage: Stage) -> None:
         stages.append(stage)
         print(f"{stage.method} (seed {stage.seed}): cloze {stage.scores.cloze:.3f} "
               f"(p {stage.scores.cloze_probability:.3f}), chat questions {stage.scores.questions:.3f} "
-              f"(p {stage.scores.answer_probability:.3f}), instructions {stage.scores.instructions:.3f}, "
+              f"(p {stage.scores.answer_probability:.3f}), instructions {stage.scores.instructions:.3f} "
+              f"(sampled {stage.scores.instructions_sampled:.3f}, looping {stage.scores.looping:.3f}), "
               f"{stage.seconds:.0f} s, {stage.cpu_seconds:.0f} CPU-s, load {stage.load:.1f}", flush=True)
 
 
@@ -260,19 +357,34 @@ class DocumentOrChatRenderer:
 
 def run_seeds(config: PersonalizationConfig, data_dir: Path, with_base: bool, rows_path: Path) -> None:
     """One worker: a server of its own under `data_dir`, the base model's scores if `with_base`, and
-    each of `config.seeds`; after each seed, its rows, CPU-seconds and loads go to `rows_path`."""
+    each of `config.seeds`; after each seed, its rows, CPU-seconds and loads go to `rows_path`. The
+    distillations on merged weights (`merged_distill`) run after, on a second, fresh server."""
     os.environ.setdefault("STILLROOM_DTYPE", "bf16")
+    log_dir = data_dir.parent / "personalization-logs"
+    stages: list[Stage] = []
+    servers_cpu = [0.0]   # CPU-seconds of the servers that have stopped
+
+    def save(server: LocalServer) -> Callable[[list[Stage]], None]:
+        def write(stages: list[Stage]) -> None:
+            cpu = cpu_seconds(server.pid) + servers_cpu[0]
+            rows_path.write_text(json.dumps({"cpu_seconds": round(cpu, 1),
+                                             "rows": [s.row() for s in stages]}) + "\n")
+        return write
+
     server = LocalServer(data_dir)
-
-    def save(stages: list[Stage]) -> None:
-        rows_path.write_text(json.dumps({"cpu_seconds": round(cpu_seconds(server.pid), 1),
-                                         "rows": [s.row() for s in stages]}) + "\n")
-
     with server:
-        service = stillroom.ServiceClient(base_url=server.address)
-        Experiment(service, config, data_dir.parent / "personalization-logs", server.pid).run(
-            on_seed=save, with_base=with_base)
+        service = stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key)
+        experiment = Experiment(service, config, log_dir, server.pid)
+        stages = experiment.run(on_seed=save(server), with_base=with_base)
         service.close()
+        servers_cpu[0] += cpu_seconds(server.pid) - cpu_seconds(None)
+    if experiment.merged_starts:
+        second = LocalServer(data_dir / "merged-server")
+        with second:
+            service = stillroom.ServiceClient(base_url=second.address, api_key=second.local_api_key)
+            Experiment(service, config, log_dir, second.pid).run_merged(
+                experiment.merged_starts, stages, on_seed=save(second))
+            service.close()
 
 
 def run_experiment(config: PersonalizationConfig, out_dir: Path, data_dir: Path, workers: int = 1,
@@ -340,6 +452,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
     parser.add_argument("--distill-steps", type=int, help="distillation steps (default: the config's)")
+    parser.add_argument("--merged-distill", action="store_true",
+                        help="also distill into a fresh LoRA on the merged mid-trained weights")
     parser.add_argument("--workers", type=int,
                         help="processes the seeds are spread over, each with its own server "
                              "(default: one per seed)")
@@ -356,6 +470,8 @@ def main() -> None:
     if args.distill_steps is not None:
         distill_config = dataclasses.replace(config.distill, steps=args.distill_steps)
         config = dataclasses.replace(config, distill=distill_config)
+    if args.merged_distill:
+        config = dataclasses.replace(config, merged_distill=True)
     config = smoke(config) if args.smoke else config
     data_dir = args.data_dir.resolve()
     if args.worker is not None:
@@ -363,7 +479,8 @@ def main() -> None:
                   data_dir / f"rows-{args.worker}.json")
         return
     passed = ["--model-dir", str(config.model_dir), *(["--smoke"] if args.smoke else []),
-              *(["--distill-steps", str(args.distill_steps)] if args.distill_steps is not None else [])]
+              *(["--distill-steps", str(args.distill_steps)] if args.distill_steps is not None else []),
+              *(["--merged-distill"] if args.merged_distill else [])]
     run_experiment(config, args.out, data_dir, args.workers or len(config.seeds), passed)
 
 

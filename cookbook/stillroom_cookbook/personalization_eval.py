@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections import Counter
 from collections.abc import Sequence
 
 import stillroom
@@ -29,9 +31,26 @@ class Scores:
     cloze: float                # the same, the value continuing a raw-text sentence (no chat template)
     cloze_probability: float    # mean renormalised probability of the true value there
     instructions: float         # fraction of instruction prompts whose constraint holds
+    instruction_kinds: dict[str, float]   # the same per constraint kind
+    looping: float              # fraction of those replies that loop (a word 3-gram three times or more)
+    instructions_sampled: float  # the instruction score of replies sampled at temperature 1 (the
+                                 # distribution on-policy distillation trains), SAMPLED_REPLIES a prompt
     sampled_tokens: int         # tokens the evaluation generated (its compute)
     scored_tokens: int          # tokens the multiple-choice score ran through the model
     examples: tuple[str, ...]   # a few replies to instruction prompts, for the write-up
+
+
+SAMPLED_REPLIES = 2
+
+
+def sampled_replies(sampler: stillroom.SamplingClient, renderer: Renderer, prompts: Sequence[str],
+                    max_tokens: int, samples: int = SAMPLED_REPLIES) -> list[list[str]]:
+    """`samples` replies to each prompt at temperature 1, seeded (the same draws for the same weights)."""
+    futures = [sampler.sample(types.ModelInput.from_ints(renderer.prompt_tokens(p)), samples,
+                              types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=7919 + i,
+                                                   stop=renderer.stop_tokens))
+               for i, p in enumerate(prompts)]
+    return [[renderer.decode(s.tokens) for s in f.result().sequences] for f in futures]
 
 
 def greedy_replies(sampler: stillroom.SamplingClient, renderer: Renderer, prompts: Sequence[str],
@@ -88,15 +107,28 @@ def multiple_choice(questions: Sequence[Question], logprobs: list[list[float]]) 
     return right / len(questions), probability / len(questions)
 
 
+def loops(reply: str) -> bool:
+    """Whether a reply repeats itself: some sequence of three words occurs three times or more."""
+    words = re.findall(r"[a-z0-9']+", reply.lower())
+    return any(count >= 3 for count in Counter(zip(words, words[1:], words[2:])).values())
+
+
 def score(sampler: stillroom.SamplingClient, renderer: Renderer, questions: Sequence[Question],
           instructions: Sequence[Instruction], instruction_tokens: int, tokenizer,
           start_token: int) -> Scores:
-    replies, n_reply = greedy_replies(sampler, renderer, [i.prompt for i in instructions], instruction_tokens)
+    prompts = [i.prompt for i in instructions]
+    replies, n_reply = greedy_replies(sampler, renderer, prompts, instruction_tokens)
+    sampled = sampled_replies(sampler, renderer, prompts, instruction_tokens)
     logprobs, n_scored = choice_logprobs(sampler, renderer, questions)
     cloze, n_cloze = cloze_logprobs(sampler, tokenizer, questions, start_token)
     accuracy, probability = multiple_choice(questions, logprobs)
     cloze_accuracy, cloze_probability = multiple_choice(questions, cloze)
+    held = [(i.kind, follows(i, r)) for i, r in zip(instructions, replies)]
+    kinds = {kind: [ok for k, ok in held if k == kind] for kind, _ in held}
     return Scores(questions=accuracy, answer_probability=probability, cloze=cloze_accuracy,
-                  cloze_probability=cloze_probability,
-                  instructions=sum(follows(i, r) for i, r in zip(instructions, replies)) / len(instructions),
+                  cloze_probability=cloze_probability, instructions=sum(ok for _, ok in held) / len(held),
+                  instruction_kinds={kind: sum(oks) / len(oks) for kind, oks in kinds.items()},
+                  looping=sum(map(loops, replies)) / len(replies),
+                  instructions_sampled=sum(follows(i, r) for i, group in zip(instructions, sampled)
+                                           for r in group) / sum(map(len, sampled)),
                   sampled_tokens=n_reply, scored_tokens=n_scored + n_cloze, examples=tuple(replies[:3]))

@@ -13,27 +13,30 @@ from pathlib import Path
 
 from stillroom_cookbook.metrics import read_jsonl
 
-METHODS = ["base model", "mid-train", "distill (sampled estimate)", "distill (exact reverse KL)",
-           "SFT on teacher samples", "mid-train + chat mix"]
+METHODS = ["base model", "mid-train", "mid-train + chat mix", "distill (sampled estimate)",
+           "distill (exact reverse KL)", "distill (exact reverse KL), merged", "SFT on teacher samples"]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per method: means and spreads over seeds, compute, and the recovery against mid-training."""
+    """Per method: means and spreads over seeds, compute, and the recovery against the mid-training
+    it started from (a row's `start`; rows without one started from plain mid-training)."""
     by_method = {m: [r for r in rows if r["method"] == m] for m in METHODS}
-    base, mid = by_method["base model"], by_method["mid-train"]
+    base = by_method["base model"]
     out = []
     for method, group in by_method.items():
         if not group:
             continue
         entry = {"method": method, "seeds": len(group)}
         for key in ("questions", "answer_probability", "cloze", "cloze_probability", "instructions",
-                    "train_tokens", "sampled_tokens",
+                    "looping", "instructions_sampled", "train_tokens", "sampled_tokens",
                     "teacher_tokens", "seconds", "cpu_seconds", "load"):
             values = [r.get(key, 0.0) for r in group]
             entry[key] = statistics.mean(values)
             entry[key + "_sd"] = statistics.pstdev(values) if len(values) > 1 else 0.0
-        if base and mid and method not in ("base model", "mid-train"):
-            entry.update(_recovery(base[0], mid, group))
+        start = group[0].get("start") or "mid-train"
+        entry["start"] = start
+        if base and start != "base model" and method != "base model" and by_method.get(start):
+            entry.update(_recovery(base[0], by_method[start], group))
         out.append(entry)
     return out
 
@@ -45,6 +48,7 @@ def _recovery(base: dict, mid: list[dict], group: list[dict]) -> dict:
     accuracy and true-value probability, and on the chat questions' accuracy."""
     mid_by_seed = {r["seed"]: r for r in mid}
     recovered: list[float] = []
+    recovered_sampled: list[float] = []
     kept: dict[str, list[float]] = {"cloze": [], "cloze_probability": [], "questions": []}
     for row in group:
         start = mid_by_seed.get(row["seed"])
@@ -53,26 +57,34 @@ def _recovery(base: dict, mid: list[dict], group: list[dict]) -> dict:
         lost = base["instructions"] - start["instructions"]
         if lost > 0:
             recovered.append((row["instructions"] - start["instructions"]) / lost)
+        lost = base.get("instructions_sampled", 0.0) - start.get("instructions_sampled", 0.0)
+        if lost > 0:
+            recovered_sampled.append((row.get("instructions_sampled", 0.0)
+                                      - start.get("instructions_sampled", 0.0)) / lost)
         for key, values in kept.items():
             gained = start.get(key, 0.0) - base.get(key, 0.0)
             if gained > 0:
                 values.append((row.get(key, 0.0) - base.get(key, 0.0)) / gained)
-    out = {"if_recovered": statistics.mean(recovered) if recovered else None}
+    out = {"if_recovered": statistics.mean(recovered) if recovered else None,
+           "if_sampled_recovered": statistics.mean(recovered_sampled) if recovered_sampled else None}
     out.update({f"{key}_kept": statistics.mean(v) if v else None for key, v in kept.items()})
     return out
 
 
 def table(summary: list[dict]) -> str:
-    lines = ["| method | seeds | cloze probe right (of 10) | cloze p(true value) | chat questions right "
-             "(of 10) | chat p(true value) | instruction following | IF recovered | knowledge gain kept "
-             "(cloze right / cloze p / chat right) | train tokens | sampled tokens | teacher tokens | "
-             "seconds | CPU-seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | starts from | seeds | cloze probe right (of 10) | cloze p(true value) | "
+             "chat questions right (of 10) | chat p(true value) | instruction following (greedy) | "
+             "replies that loop | IF sampled (T=1) | IF recovered (greedy / sampled) | "
+             "knowledge gain kept (cloze right / cloze p / chat right) | "
+             "train tokens | sampled tokens | teacher tokens | seconds | CPU-seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
+        start = "—" if e["method"] == "base model" else e["start"]
         lines.append(
-            f"| {e['method']} | {e['seeds']} | {_pm(e, 'cloze')} | {_pm(e, 'cloze_probability')} | "
+            f"| {e['method']} | {start} | {e['seeds']} | {_pm(e, 'cloze')} | {_pm(e, 'cloze_probability')} | "
             f"{_pm(e, 'questions')} | {_pm(e, 'answer_probability')} | "
-            f"{_pm(e, 'instructions')} | {_pct(e.get('if_recovered'))} | "
+            f"{_pm(e, 'instructions')} | {_pm(e, 'looping')} | {_pm(e, 'instructions_sampled')} | "
+            f"{_pct(e.get('if_recovered'))} / {_pct(e.get('if_sampled_recovered'))} | "
             f"{_pct(e.get('cloze_kept'))} / {_pct(e.get('cloze_probability_kept'))} / "
             f"{_pct(e.get('questions_kept'))} | "
             f"{e['train_tokens']:,.0f} | {e['sampled_tokens']:,.0f} | {e['teacher_tokens']:,.0f} | "
@@ -129,8 +141,9 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
     right.invert_yaxis()
     right.legend(fontsize=8)
     seeds = len({r["seed"] for r in rows if r["seed"] >= 0})
-    fig.suptitle("SmolLM2-135M-Instruct mid-trained on internal documents (LoRA), then brought back toward "
-                 f"its own earlier self: which method keeps the facts and the assistant? "
+    fig.suptitle("SmolLM2-135M-Instruct mid-trained on internal documents (LoRA; + chat mix: with chat "
+                 "replies mixed in), then a fresh LoRA on the merged chat-mix model brought back toward\n"
+                 "the original model: which method keeps the facts and the assistant? "
                  f"({seeds} seed{'s' if seeds != 1 else ''})",
                  fontsize=11)
     fig.tight_layout()
@@ -144,7 +157,8 @@ def _plot_teacher_kl(ax, rows: list[dict], log_dir: Path | None) -> None:
     """Per distillation loss and seed: the student's KL to the teacher on its own samples, by step."""
     seeds = sorted({r["seed"] for r in rows if r["seed"] >= 0})
     for loss, label in [("sampled", "distill (sampled estimate)"),
-                        ("teacher_reverse_kl", "distill (exact reverse KL)")]:
+                        ("teacher_reverse_kl", "distill (exact reverse KL)"),
+                        ("teacher_reverse_kl-merged", "distill (exact reverse KL), merged")]:
         color = f"C{METHODS.index(label)}"
         for seed in seeds:
             path = log_dir / f"distill-{loss}-{seed}.jsonl" if log_dir else None
@@ -166,10 +180,12 @@ def write_report(rows: list[dict], out_dir: Path, wall_seconds: float, log_dir: 
     cpu = "" if cpu_seconds is None else f", {cpu_seconds / 60:.1f} CPU-minutes (client + server)"
     load = "" if mean_load is None else f", mean 1-minute load average {mean_load:.1f}"
     text = (f"{table(summary)}\n\nWall time {wall_seconds / 60:.1f} min{cpu}{load}. "
-            "IF recovered: of the instruction following mid-training lost, the share won back; "
-            "knowledge gain kept: of the cloze probe's accuracy / true-value probability and of the chat "
-            "questions' accuracy mid-training gained over the base model, the share still there; — where "
-            "mid-training gained nothing "
-            "(all per seed against that seed's mid-training, then averaged).\n")
+            "IF recovered: of the instruction following the row's starting mid-training lost against the "
+            "base model, the share won back; knowledge gain kept: of the cloze probe's accuracy / "
+            "true-value probability and of the chat questions' accuracy that mid-training gained over the "
+            "base model, the share still there; — where it lost or gained nothing (all per seed against "
+            "that seed's starting mid-training, then averaged). Replies that loop: a word 3-gram three "
+            "times or more in a greedy instruction reply. IF sampled: the same prompts, two replies each "
+            "at temperature 1.\n")
     (out_dir / "personalization_table.md").write_text(text)
     plot(rows, summary, out_dir / "personalization.png", log_dir)
