@@ -121,15 +121,17 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
     if base is not None:
         left.axhline(100 * base["instructions"], color="gray", linestyle=":", linewidth=1)
     left.axvline(10, color="gray", linestyle="--", linewidth=1)
-    left.text(10.3, left.get_ylim()[0], " chance", color="gray", fontsize=8, va="bottom")
+    top = max([100 * r["instructions"] for r in rows] + [0.0])
+    left.set_ylim(0, top * 1.55 + 5)   # room above the points for the legend
+    left.text(10.3, 0, " chance", color="gray", fontsize=8, va="bottom")
     if base is not None:
-        left.text(left.get_xlim()[1], 100 * base["instructions"], "base model's instruction following ",
-                  color="gray", fontsize=8, ha="right", va="bottom")
+        left.text(100 * base["cloze"] + 1.5, 100 * base["instructions"], "base model's instruction following",
+                  color="gray", fontsize=8, ha="left", va="bottom")
     left.set(xlabel="the documents' facts in an unseen sentence form: true value likeliest of 10 (%)",
              ylabel="instruction prompts whose constraint holds (%)",
              title="Knowledge vs instruction following\n(up and right is better; big = mean, faint = seeds)")
     left.grid(alpha=0.3)
-    left.legend(fontsize=8, loc="best")
+    left.legend(fontsize=8, loc="upper right", ncol=2)
     names = [e["method"] for e in summary]
     train = [e["train_tokens"] / 1000 for e in summary]
     sampled = [e["sampled_tokens"] / 1000 for e in summary]
@@ -141,9 +143,11 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
     right.invert_yaxis()
     right.legend(fontsize=8)
     seeds = len({r["seed"] for r in rows if r["seed"] >= 0})
-    fig.suptitle("SmolLM2-135M-Instruct mid-trained on internal documents (LoRA; + chat mix: with chat "
-                 "replies mixed in), then a fresh LoRA on the merged chat-mix model brought back toward\n"
-                 "the original model: which method keeps the facts and the assistant? "
+    merged = any(e["method"].endswith(", merged") for e in summary)
+    fig.suptitle("SmolLM2-135M-Instruct mid-trained on internal documents with LoRA (+ chat mix: with chat "
+                 "replies mixed in), then the chat-mix run trained on toward the original model"
+                 + (" (merged: a fresh LoRA on its merged weights)" if merged else "")
+                 + ":\nwhich method keeps the facts and the assistant? "
                  f"({seeds} seed{'s' if seeds != 1 else ''})",
                  fontsize=11)
     fig.tight_layout()
