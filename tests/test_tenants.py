@@ -185,6 +185,32 @@ def test_an_unloaded_snapshot_leaves_its_own_base_models_host(engine, monkeypatc
                       prompt_tokens[1:]) == before[base]
 
 
+@pytest.mark.slow
+def test_the_last_adapter_gone_a_new_runs_snapshot_still_samples(tmp_path):
+    """A run closed and its loaded snapshot deleted leave the host with no adapter; a new run's
+    snapshot, sampled before the run ever trains, works (PEFT kept the deleted one active)."""
+    engine = Engine(tmp_path)
+    engine.create_run("last-a", TINY, LoraSpec(rank=2), seed=0)
+    train_lora(engine, "last-a", [1, 40, 41, 2], 1)
+    uri = engine.save_sampler_weights("last-a", "only")[0]
+    scored(engine, engine.open_sampler(model_path=uri), [1, 40], [41])
+    engine.close_run("last-a")
+    engine.delete_checkpoint(uri)
+    engine.create_run("last-b", TINY, LoraSpec(rank=2), seed=1)
+    snapshot = engine.open_sampler(model_path=engine.save_sampler_weights("last-b", "first")[0])
+    base = engine.open_sampler(base_model=TINY)
+    jobs = [sample_job(snapshot, [1, 40], 2, 3, seed=1), sample_job(base, [1, 41], 1, 3, seed=2)]
+    done = {}
+    stream = batching.DecodeStream(engine)
+    stream.add(jobs)
+    while stream.busy():
+        for job, result, error in stream.step():
+            assert error is None, error
+            done[id(job)] = result
+    assert len(done) == 2
+    train_lora(engine, "last-b", [1, 40, 41, 2], 1)   # and the run trains after it
+
+
 # ------------------------------------------------------------------------------------ through a server
 
 @pytest.mark.slow

@@ -68,6 +68,7 @@ class LoraHost:
             else:
                 self.model.add_adapter(name, config)
         self.model.to(self.base.module.device)
+        self._keep_active_adapter_live()
         assert self.mixed is not None
         self.mixed.refresh()
 
@@ -94,8 +95,23 @@ class LoraHost:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was active which is now deleted")
             self.peft.delete_adapter(name)
+        self._keep_active_adapter_live()
         assert self.mixed is not None
         self.mixed.refresh()
+
+    def _keep_active_adapter_live(self) -> None:
+        """PEFT leaves a deleted adapter active when it was the last one, and every forward of the
+        host looks the active adapter's config up: point it at a live adapter, leaving which
+        parameters train as they were (each use activates its own adapter anyway)."""
+        peft = self.peft
+        active = peft.active_adapter
+        if not peft.peft_config or all(a in peft.peft_config for a in ([active] if isinstance(active, str)
+                                                                          else active)):
+            return
+        trainable = [(p, p.requires_grad) for p in peft.parameters()]
+        peft.set_adapter(next(iter(peft.peft_config)))
+        for param, flag in trainable:
+            param.requires_grad_(flag)
 
     def activate(self, name: str) -> torch.nn.Module:
         self.peft.set_adapter(name)
