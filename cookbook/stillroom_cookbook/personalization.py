@@ -311,9 +311,9 @@ class Experiment:
 
     def run_merged(self, starts: list[tuple[int, Start]], stages: list[Stage],
                    on_seed=lambda stages: None) -> list[Stage]:
-        """The exact-reverse-KL distillation into a fresh LoRA on each merged model. Run on a server that
-        holds no LoRA snapshot of the original base: today's server evicts loaded snapshots across
-        base models wrongly (it removes one from the other base's host and fails)."""
+        """The exact-reverse-KL distillation into a fresh LoRA on each merged model, on a second server.
+        That was a workaround for the server's eviction of snapshots across base models, which failed
+        then and is fixed since (engine.py), so one server would now do."""
         for seed, start in starts:
             self._report(stages, self.distill_from(start, seed, "teacher_reverse_kl"))
             on_seed(stages)

@@ -104,9 +104,8 @@ class LoraHost:
         host looks the active adapter's config up: point it at a live adapter, leaving which
         parameters train as they were (each use activates its own adapter anyway)."""
         peft = self.peft
-        active = peft.active_adapter
-        if not peft.peft_config or all(a in peft.peft_config for a in ([active] if isinstance(active, str)
-                                                                          else active)):
+        active = [peft.active_adapter] if isinstance(peft.active_adapter, str) else peft.active_adapter
+        if not peft.peft_config or set(active) <= peft.peft_config.keys():
             return
         trainable = [(p, p.requires_grad) for p in peft.parameters()]
         peft.set_adapter(next(iter(peft.peft_config)))
