@@ -12,7 +12,7 @@ Knows the SDK and a renderer; it needs no reward and no answer key.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import stillroom
@@ -28,12 +28,17 @@ from stillroom_cookbook.rollouts import Rollout, completion_datum, importance_da
 class DistillationConfig(OnPolicyConfig):
     kl_coef: float = 1.0
     loss: Literal["sampled", "teacher_reverse_kl"] = "sampled"
+    temperature: float = 1.0        # the student's sampling temperature; the exact loss only (it picks
+                                    # the positions there, while the sampled estimate needs T=1 draws)
     name: str = "distill"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss not in ("sampled", "teacher_reverse_kl"):
             raise ValueError(f"DistillationConfig.loss: 'sampled' or 'teacher_reverse_kl', got {self.loss!r}")
+        if self.temperature <= 0 or (self.loss == "sampled" and self.temperature != 1.0):
+            raise ValueError(f"DistillationConfig.temperature: > 0, and 1.0 with the sampled estimate (its "
+                             f"advantage is the student's own logprob of a draw), got {self.temperature}")
 
 
 def reverse_kl_advantages(student_logprobs_T: Sequence[float], teacher_logprobs_T: Sequence[float],
@@ -61,11 +66,18 @@ def teacher_step(trainer: stillroom.TrainingClient, teacher: stillroom.SamplingC
 
 def distill(trainer: stillroom.TrainingClient, teacher: stillroom.SamplingClient, renderer: Renderer,
             prompts: Sequence[str], config: DistillationConfig, log: MetricsLog,
-            evaluator: Evaluator | None = None, progress: bool = True) -> MetricsLog:
-    """The student samples at temperature 1 (the sampled estimate assumes its own distribution)."""
-    for s in on_policy_steps(trainer, renderer, prompts, lambda p: p, config, log, evaluator, progress):
+            evaluator: Evaluator | None = None, progress: bool = True,
+            before_optim: Callable[[int], None] | None = None) -> MetricsLog:
+    """The student samples at `config.temperature` (1 unless the exact loss asks otherwise: the
+    sampled estimate assumes its own distribution). `before_optim(step)`, if given, runs after the
+    step's distillation forward_backward and before its optim_step: more forward_backward calls
+    there add their gradients to the same update (e.g. replayed data)."""
+    for s in on_policy_steps(trainer, renderer, prompts, lambda p: p, config, log, evaluator, progress,
+                             config.temperature):
         rollouts = s.rollouts
         forward, kl = teacher_step(trainer, teacher, rollouts, config)
+        if before_optim is not None:
+            before_optim(s.step)
         trainer.optim_step(types.AdamParams(learning_rate=s.lr))
         loss = forward.result().metrics["loss:sum"]
         tokens = sum(len(r.tokens) for r in rollouts)

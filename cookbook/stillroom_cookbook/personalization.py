@@ -39,6 +39,7 @@ from stillroom_cookbook.metrics import MetricsLog
 from stillroom_cookbook.personalization_eval import Scores, score
 from stillroom_cookbook.personalization_report import METHODS, write_report
 from stillroom_cookbook.renderers import ChatRenderer
+from stillroom_cookbook.schedules import cycle_batches
 from stillroom_cookbook.supervised import SFTConfig, train_sft
 
 MODEL_NAME = "smollm2-135m-instruct"
@@ -66,7 +67,12 @@ class PersonalizationConfig:
                                       # distill (exact reverse KL) into a fresh LoRA on the merged model
                                       # (off in the 3-seed run for its budget; the probes in the docs ran it)
     distill: DistillationConfig = DistillationConfig(steps=16, learning_rate=1e-3, max_tokens=32,
-                                                     groups_per_batch=8, group_size=1)
+                                                     groups_per_batch=8, group_size=1,
+                                                     loss="teacher_reverse_kl")
+    replay_documents: int = 0         # mid-training documents replayed (cross-entropy) in each distillation
+                                      # step, their gradient added to the same update: replay, not the post's
+    replay_weight: float = 1.0        # the replayed documents' per-token weight in that update
+    pure_distill_row: bool = True     # with replay: also distill (exact reverse KL) without it, for contrast
     sft: SFTConfig = SFTConfig(steps=8, learning_rate=1e-3, batch_size=6, name="sft-teacher")
     instruction_tokens: int = 40
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -82,6 +88,9 @@ class PersonalizationConfig:
                              f"got {self.distill_start!r}")
         if not 0 <= self.chat_fraction < 1:
             raise ValueError(f"chat_fraction: in [0, 1), got {self.chat_fraction}")
+        if self.replay_documents < 0 or self.replay_weight <= 0:
+            raise ValueError(f"replay_documents: >= 0 and replay_weight: > 0, got {self.replay_documents} "
+                             f"and {self.replay_weight}")
 
 
 def smoke(config: PersonalizationConfig) -> PersonalizationConfig:
@@ -248,25 +257,62 @@ class Experiment:
                                                             seed=seed)
         return self.service.create_training_client_from_state(start.state)
 
-    def distill_from(self, start: Start, seed: int, loss: str) -> Stage:
+    def distill_from(self, start: Start, seed: int, loss: str, config: DistillationConfig | None = None,
+                     replay: int | None = None, method: str | None = None) -> Stage:
+        """On-policy distillation from `start` with `loss` (the config's settings unless `config` is
+        given), replaying `replay` mid-training documents a step (the config's `replay_documents`)."""
         c = self.config
         exact = loss == "teacher_reverse_kl"
-        method = "distill (exact reverse KL)" if exact else "distill (sampled estimate)"
-        slug = f"{loss}-merged" if start.merged else loss
+        replay = c.replay_documents if replay is None else replay
+        method = method or ("distill (exact reverse KL)" if exact else "distill (sampled estimate)")
+        slug = f"{loss}-replay" if replay else loss
+        method = f"{method} + replay" if replay else method
+        slug = f"{slug}-merged" if start.merged else slug
         if start.merged:
             method = f"{method}, merged"
         trainer = self.student(start, seed)
         began, cpu = time.monotonic(), cpu_seconds(self.server_pid)
         log = MetricsLog(self.log_dir / f"distill-{slug}-{seed}.jsonl")
-        config = dataclasses.replace(c.distill, loss=loss, seed=seed, name=f"distill-{slug}-s{seed}")
-        distill(trainer, self.teacher, self.renderer, self.train_prompts, config, log)
+        # the sampled estimate's advantage is the student's own logprob of a draw: temperature 1 there
+        config = config or c.distill
+        config = dataclasses.replace(config, loss=loss, seed=seed, name=f"distill-{slug}-s{seed}",
+                                     temperature=config.temperature if exact else 1.0)
+        replayed: list = []
+        hook = self.replayer(trainer, seed, replay, replayed) if replay else None
+        distill(trainer, self.teacher, self.renderer, self.train_prompts, config, log, before_optim=hook)
         sampler = trainer.save_weights_and_get_sampling_client(f"{slug}-{seed}")
+        replay_tokens = sum(n for n, _, _ in replayed)
         stage = Stage(method, seed, self.score(sampler), start=start.method,
-                      train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
+                      train_tokens=sum(r.get("train_tokens", 0) for r in log.records) + replay_tokens,
                       sampled_tokens=sum(r.get("sampled_tokens", 0) for r in log.records),
                       teacher_tokens=sum(r.get("teacher_tokens", 0) for r in log.records))
+        if replayed:
+            losses = [f.result().metrics["loss:sum"] / w for _, w, f in replayed]
+            stage.note.update(replay_documents=replay, replay_weight=c.replay_weight,
+                              replay_loss_first=round(losses[0], 4), replay_loss_last=round(losses[-1], 4))
         self.release(trainer)
         return self.timed(stage, began, cpu)
+
+    def replayer(self, trainer: stillroom.TrainingClient, seed: int, count: int,
+                 sent: list) -> Callable[[int], None]:
+        """A `distill` hook that sends `count` mid-training documents (cross-entropy, weight
+        `replay_weight` a token) into the step's update; appends (tokens, weight sum, future) to `sent`."""
+        batches = cycle_batches(self.documents, count, seed)
+        weight = self.config.replay_weight
+
+        def replay(step: int) -> None:
+            data = []
+            for doc in next(batches):
+                prompt = self.documents_renderer.prompt_tokens("")
+                tokens = [*prompt, *self.documents_renderer.completion_tokens("", doc)]
+                n_prompt = len(prompt) - 1
+                data.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+                    "target_tokens": tokens[1:],
+                    "weights": [0.0] * n_prompt + [weight] * (len(tokens) - 1 - n_prompt)}))
+            sent.append((sum(d.model_input.length for d in data),
+                         weight * sum(len(d.loss_fn_inputs["target_tokens"].data) for d in data),
+                         trainer.forward_backward(data, "cross_entropy")))
+        return replay
 
     def sft_from(self, start: Start, seed: int, replies: list[tuple[str, str]]) -> Stage:
         c = self.config
@@ -305,6 +351,8 @@ class Experiment:
             self._report(stages, mixed_stage)
             self._report(stages, self.distill_from(origin, seed, "sampled"))
             self._report(stages, self.distill_from(origin, seed, "teacher_reverse_kl"))
+            if c.replay_documents and c.pure_distill_row:
+                self._report(stages, self.distill_from(origin, seed, "teacher_reverse_kl", replay=0))
             self._report(stages, self.sft_from(origin, seed, replies))
             on_seed(stages)
         return stages
@@ -315,7 +363,7 @@ class Experiment:
         That was a workaround for the server's eviction of snapshots across base models, which failed
         then and is fixed since (engine.py), so one server would now do."""
         for seed, start in starts:
-            self._report(stages, self.distill_from(start, seed, "teacher_reverse_kl"))
+            self._report(stages, self.distill_from(start, seed, "teacher_reverse_kl", replay=0))
             on_seed(stages)
         return stages
 

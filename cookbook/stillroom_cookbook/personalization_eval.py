@@ -40,7 +40,7 @@ class Scores:
     examples: tuple[str, ...]   # a few replies to instruction prompts, for the write-up
 
 
-SAMPLED_REPLIES = 2
+SAMPLED_REPLIES = 1
 
 
 def sampled_replies(sampler: stillroom.SamplingClient, renderer: Renderer, prompts: Sequence[str],

@@ -12,9 +12,17 @@ import statistics
 from pathlib import Path
 
 from stillroom_cookbook.metrics import read_jsonl
+from stillroom_cookbook.personalization_eval import SAMPLED_REPLIES
 
 METHODS = ["base model", "mid-train", "mid-train + chat mix", "distill (sampled estimate)",
-           "distill (exact reverse KL)", "distill (exact reverse KL), merged", "SFT on teacher samples"]
+           "distill (exact reverse KL)", "distill (sampled estimate) + replay",
+           "distill (exact reverse KL) + replay", "distill (exact reverse KL), merged",
+           "SFT on teacher samples"]
+# each distillation row's metrics log: distill-{slug}-{seed}.jsonl
+DISTILL_LOGS = {"distill (sampled estimate)": "sampled", "distill (exact reverse KL)": "teacher_reverse_kl",
+                "distill (sampled estimate) + replay": "sampled-replay",
+                "distill (exact reverse KL) + replay": "teacher_reverse_kl-replay",
+                "distill (exact reverse KL), merged": "teacher_reverse_kl-merged"}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -110,8 +118,8 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.8),
                                               gridspec_kw={"width_ratios": [1.3, 1, 1]})
     _plot_teacher_kl(middle, rows, log_dir)
-    for i, e in enumerate(summary):
-        color = f"C{i}"
+    for e in summary:
+        color = f"C{METHODS.index(e['method'])}"
         seeds = [r for r in rows if r["method"] == e["method"]]
         left.scatter([100 * r.get("cloze", 0.0) for r in seeds], [100 * r["instructions"] for r in seeds],
                      color=color, alpha=0.3, s=20)
@@ -160,9 +168,7 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
 def _plot_teacher_kl(ax, rows: list[dict], log_dir: Path | None) -> None:
     """Per distillation loss and seed: the student's KL to the teacher on its own samples, by step."""
     seeds = sorted({r["seed"] for r in rows if r["seed"] >= 0})
-    for loss, label in [("sampled", "distill (sampled estimate)"),
-                        ("teacher_reverse_kl", "distill (exact reverse KL)"),
-                        ("teacher_reverse_kl-merged", "distill (exact reverse KL), merged")]:
+    for label, loss in DISTILL_LOGS.items():
         color = f"C{METHODS.index(label)}"
         for seed in seeds:
             path = log_dir / f"distill-{loss}-{seed}.jsonl" if log_dir else None
@@ -189,7 +195,9 @@ def write_report(rows: list[dict], out_dir: Path, wall_seconds: float, log_dir: 
             "true-value probability and of the chat questions' accuracy that mid-training gained over the "
             "base model, the share still there; — where it lost or gained nothing (all per seed against "
             "that seed's starting mid-training, then averaged). Replies that loop: a word 3-gram three "
-            "times or more in a greedy instruction reply. IF sampled: the same prompts, two replies each "
-            "at temperature 1.\n")
+            "times or more in a greedy instruction reply. IF sampled: the same prompts, "
+            f"{SAMPLED_REPLIES} repl{'y' if SAMPLED_REPLIES == 1 else 'ies'} each at temperature 1. "
+            "+ replay: each distillation step also trains on a few mid-training documents "
+            "(cross-entropy, in the same update), which the post's recipe does not.\n")
     (out_dir / "personalization_table.md").write_text(text)
     plot(rows, summary, out_dir / "personalization.png", log_dir)
