@@ -12,7 +12,7 @@ import contextlib
 import pytest
 import torch
 
-from stillroom_server.engine import batching, compute, kv_cache
+from stillroom_server.engine import batching, compute, kv_cache, segment_kernel
 from stillroom_server.engine.engine import Engine, LoraSpec
 from stillroom_server.engine.scheduler import Job
 from stillroom_server.engine.types import (
@@ -129,6 +129,41 @@ def test_adapter_rows_in_uneven_groups_see_only_their_own_weights(engine):
             job(snapshots[0], [1, 44, 45, 46, 47, 48], 1, 6, seed=7)]   # joins the running batch
     done = decode(engine, {0: jobs[:3], 2: jobs[3:]})
     assert_own_adapter_logprobs(engine, jobs, done)
+
+
+def test_adapter_rows_through_the_segmented_kernel_see_only_their_own_weights(engine, monkeypatch):
+    """With one torch thread, decode steps of rows in uneven groups (one block per adapter) go
+    through the segmented kernel, and every logprob is still its own adapter's alone."""
+    if not segment_kernel.available():
+        pytest.skip("no C compiler built the segmented kernel")
+    engine.create_run("kernel-a", TINY, LoraSpec(rank=4), seed=4)
+    engine.create_run("kernel-b", TINY, LoraSpec(rank=3), seed=5)
+    train(engine, "kernel-a", [1, *range(35, 65), 2], 2)
+    train(engine, "kernel-b", [1, *range(65, 35, -1), 2], 2)
+    snapshots = [engine.open_sampler(model_path=engine.save_sampler_weights(run, "kernel")[0])
+                 for run in ("kernel-a", "kernel-b")]
+    base = engine.open_sampler(base_model=TINY)
+    calls = []
+    original = segment_kernel.matmul
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(segment_kernel, "matmul", counted)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        jobs = [job(snapshots[0], [1, 30, 31], 3, 14, seed=21),
+                job(base, [1, 33, 34], 2, 8, seed=22),
+                job(snapshots[1], [1, 40], 2, 10, seed=23),
+                job(snapshots[1], [1, 50, 51, 52], 1, 6, seed=24)]   # joins: groups of 3 and 3
+        done = decode(engine, {0: jobs[:3], 2: jobs[3:]})
+    finally:
+        torch.set_num_threads(threads)
+    assert_own_adapter_logprobs(engine, jobs, done)
+    assert any(len(set(e - b for b, e in zip(s.begin, s.end))) > 1 for s in calls), \
+        "no decode step sent uneven groups through the kernel"
 
 
 def assert_own_adapter_logprobs(engine, jobs: list[Job], done: dict[int, list]) -> None:

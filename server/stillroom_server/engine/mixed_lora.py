@@ -25,9 +25,14 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
+from stillroom_server.engine import segment_kernel
+from stillroom_server.engine.segment_kernel import Segments
+
 BASE = "__base__"
 KEPT_SETS = 2   # sets of adapters whose stacks stay built: the adapters seen lately, and one other
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))   # layers called on one input
+KERNEL_ROWS = 8   # the segmented kernel serves decode steps with at most this many rows per adapter;
+                  # beyond, torch's batched matmul is faster (it reuses each weight over more rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +45,8 @@ class _Plan:
     keep_G: torch.Tensor | None      # [G * size]: 0 at padding slots; None: no padding
     start: int = 0                   # with index_G None: the groups are rows start.. of the batch
     whole: bool = True               # with index_G None: the groups are the whole batch
+    rows: int = 0                    # rows in the batch
+    segments: Segments | None = None   # each group's rows, where they lie one block per adapter
 
     @property
     def single(self) -> bool:
@@ -125,9 +132,11 @@ class MixedAdapters:
         if stacks is None:
             return
         a_G_in_R, bs = stacks
+        segmented = _segmented(plan, x, a_G_in_R, result)
         pending = self._pending.get(key)
         if pending is None or pending[0] is not x:
-            pending = [x, _low_rank(plan, x, a_G_in_R), len(siblings.layers)]
+            low = _segment_low_rank(plan, x, a_G_in_R) if segmented else _low_rank(plan, x, a_G_in_R)
+            pending = [x, low, len(siblings.layers)]
             self._pending[key] = pending
         pending[2] -= 1
         low_G_N_R = pending[1]
@@ -136,6 +145,11 @@ class MixedAdapters:
         if (b_entry := bs.get(id(layer))) is None:
             return
         start, stop, b_G_r_out = b_entry
+        if segmented:   # low [rows, R]: each segment's B product added to its rows of result in place
+            assert plan.segments is not None
+            segment_kernel.matmul(low_G_N_R[:, start:stop], b_G_r_out, plan.segments,
+                                  result.view(plan.rows, -1), accumulate=True)
+            return
         # bmm then add: a fused baddbmm_ gained nothing measurable and changed the float order
         update = torch.bmm(low_G_N_R[..., start:stop], b_G_r_out).to(result.dtype)
         update = update.view((len(plan.adapters) * plan.size,) + x.shape[1:-1] + (b_G_r_out.shape[-1],))
@@ -178,10 +192,43 @@ def _make_plan(names: tuple[str, ...], seen: tuple[str, ...], device: torch.devi
         index += rows + [rows[0] if rows else 0] * (size - len(rows))
         keep += [1.0] * len(rows) + [0.0] * (size - len(rows))
     start = index[0] if index else 0
+    segments = _segments_of(groups, adapters)
     if all(keep) and index == list(range(start, start + len(index))):   # the groups are a slice
-        return _Plan(adapters, size, None, None, start, len(index) == len(names))
+        return _Plan(adapters, size, None, None, start, len(index) == len(names), len(names), segments)
     return _Plan(adapters, size, torch.tensor(index, device=device),
-                 None if all(keep) else torch.tensor(keep, device=device))
+                 None if all(keep) else torch.tensor(keep, device=device), rows=len(names), segments=segments)
+
+
+def _segments_of(groups: dict[str, list[int]], adapters: tuple[str, ...]) -> Segments | None:
+    """Each group's rows as one range (groups of any size), or None where a group's rows are not
+    contiguous."""
+    ranges = []
+    for g, name in enumerate(adapters):
+        rows = groups.get(name)
+        if rows:
+            if rows != list(range(rows[0], rows[0] + len(rows))):
+                return None
+            ranges.append((rows[0], rows[0] + len(rows), g))
+    return Segments(*(tuple(column) for column in zip(*ranges))) if ranges else None
+
+
+def _segmented(plan: _Plan, x: torch.Tensor, a_G_in_R: torch.Tensor, result: torch.Tensor) -> bool:
+    """Whether this layer's update goes through the segmented kernel: a decode step (one position
+    per row) of fp32 rows lying one block per adapter, a few rows each, on CPU with one torch thread
+    (the kernel is single-threaded), where the kernel built."""
+    return (plan.segments is not None and plan.segments.longest <= KERNEL_ROWS
+            and x.numel() == plan.rows * x.shape[-1] and x.device.type == "cpu"
+            and x.dtype == a_G_in_R.dtype == result.dtype == torch.float32 and result.is_contiguous()
+            and torch.get_num_threads() == 1 and segment_kernel.available())
+
+
+def _segment_low_rank(plan: _Plan, x: torch.Tensor, a_G_in_R: torch.Tensor) -> torch.Tensor:
+    """x @ A of each segment's adapter, [rows, R] (rows outside every segment left unset)."""
+    assert plan.segments is not None
+    rows_K = x.reshape(plan.rows, x.shape[-1])
+    low = rows_K.new_empty(plan.rows, a_G_in_R.shape[-1])
+    segment_kernel.matmul(rows_K, a_G_in_R, plan.segments, low, accumulate=False)
+    return low
 
 
 def _stack(siblings: _Siblings, adapters: tuple[str, ...]) -> tuple | None:
