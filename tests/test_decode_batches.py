@@ -12,7 +12,7 @@ import contextlib
 import pytest
 import torch
 
-from stillroom_server.engine import batching, compute, kv_cache, segment_kernel
+from stillroom_server.engine import batching, compute, kv_cache, sampler, segment_kernel
 from stillroom_server.engine.engine import Engine, LoraSpec
 from stillroom_server.engine.scheduler import Job
 from stillroom_server.engine.types import (
@@ -219,3 +219,11 @@ def test_rows_joining_in_any_order_are_grouped_by_adapter_and_read_as_one_slice(
         assert names == sorted(names, key=lambda n: (n != "__base__", n))
     assert any(plan.index_G is None and plan.start > 0 and len(plan.adapters) == 2
                for names, plan in plans), "no step read base rows and two equal groups as a slice"
+
+
+def test_two_sorted_batches_merge_in_runs_of_one_batch_each():
+    runs = sampler._merge_runs(["a", "b", "b", "d"], ["b", "c", "c", "e"])
+    assert runs == [(0, 0, 3), (1, 0, 3), (0, 3, 4), (1, 3, 4)]   # ties: the running batch's rows first
+    mine, theirs = torch.tensor([0, 1, 2, 3]), torch.tensor([10, 11, 12, 13])
+    assert sampler._interleave(mine, theirs, runs).tolist() == [0, 1, 2, 10, 11, 12, 3, 13]
+    assert sampler._merge_runs([], ["x"]) == [(1, 0, 1)]

@@ -247,26 +247,44 @@ class DecodeBatch:
                     layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
     def merge(self, other: DecodeBatch) -> None:
-        """Add `other`'s rows; the shorter cache is left-padded (masked out)."""
+        """Add `other`'s rows where they sort among this batch's (one block per adapter), copying every
+        tensor once; the shorter cache is left-padded (masked out)."""
         width = max(self.mask_B_L.shape[1], other.mask_B_L.shape[1])
+        runs = _merge_runs([_adapter_order(r) for r in self.rows], [_adapter_order(r) for r in other.rows])
         for mine, theirs in zip(_kv_layers(self.cache), _kv_layers(other.cache)):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
-        self.mask_B_L = torch.cat([_pad_left(self.mask_B_L, width), _pad_left(other.mask_B_L, width)])
-        self.position_B = torch.cat([self.position_B, other.position_B])
-        self.tokens_B = torch.cat([self.tokens_B, other.tokens_B])
-        self.rows, self._settings = self.rows + other.rows, None
-        order = sorted(range(len(self.rows)), key=lambda b: _adapter_order(self.rows[b]))
-        if order != list(range(len(self.rows))):
-            self._reorder(order)
+            mine.keys = _interleave(_pad_left(mine.keys, width), _pad_left(theirs.keys, width), runs)
+            mine.values = _interleave(_pad_left(mine.values, width), _pad_left(theirs.values, width), runs)
+        self.mask_B_L = _interleave(_pad_left(self.mask_B_L, width), _pad_left(other.mask_B_L, width), runs)
+        self.position_B = _interleave(self.position_B, other.position_B, runs)
+        self.tokens_B = _interleave(self.tokens_B, other.tokens_B, runs)
+        self.rows = [row for source, start, stop in runs
+                     for row in (self.rows, other.rows)[source][start:stop]]
+        self._settings = None
 
-    def _reorder(self, order: list[int]) -> None:
-        """Put the rows at batch positions `order` first to last (the cache with them)."""
-        index = torch.tensor(order, dtype=torch.long, device=self.tokens_B.device)
-        self.rows = [self.rows[b] for b in order]
-        self.mask_B_L, self.position_B, self.tokens_B = (self.mask_B_L[index], self.position_B[index],
-                                                         self.tokens_B[index])
-        self.cache.batch_select_indices(index)
+
+def _merge_runs(mine: list, theirs: list) -> list[tuple[int, int, int]]:
+    """How two sorted lists of keys merge (ties: `mine` first), as runs (0 for mine or 1 for theirs,
+    start, stop) of consecutive items of one list."""
+    runs: list[tuple[int, int, int]] = []
+    i = j = 0
+    while i < len(mine) or j < len(theirs):
+        if j == len(theirs) or (i < len(mine) and mine[i] <= theirs[j]):
+            source, start = 0, i
+            while i < len(mine) and (j == len(theirs) or mine[i] <= theirs[j]):
+                i += 1
+            runs.append((source, start, i))
+        else:
+            start = j
+            while j < len(theirs) and (i == len(mine) or theirs[j] < mine[i]):
+                j += 1
+            runs.append((1, start, j))
+    return runs
+
+
+def _interleave(mine: torch.Tensor, theirs: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
+    """The rows (dim 0) of `mine` and `theirs` in the order of `runs`, in one copy."""
+    sources = (mine, theirs)
+    return torch.cat([sources[source][start:stop] for source, start, stop in runs])
 
 
 def _adapter_order(row: _Row) -> tuple[bool, str]:
