@@ -77,7 +77,8 @@ class MixedAdapters:
         self._stacks: collections.OrderedDict[tuple[str, ...], dict[int, tuple | None]] = \
             collections.OrderedDict()
         self._current: dict[int, tuple | None] = {}          # this call's set of adapters
-        self._pending: dict[int, list] = {}   # siblings -> [x, x @ A's, calls still to come]
+        # siblings -> [x, x @ A's, calls still to come, whether through the segmented kernel]
+        self._pending: dict[int, list] = {}
         self.fast = True
         self.refresh()
 
@@ -134,14 +135,14 @@ class MixedAdapters:
         if stacks is None:
             return
         a_G_in_R, bs = stacks
-        segmented = _segmented(plan, x, a_G_in_R, result)
         pending = self._pending.get(key)
-        if pending is None or pending[0] is not x:
+        if pending is None or pending[0] is not x:   # the first sibling on this x: the A product
+            segmented = _segmented(plan, x, a_G_in_R, result)
             low = _segment_low_rank(plan, x, a_G_in_R) if segmented else _low_rank(plan, x, a_G_in_R)
-            pending = [x, low, len(siblings.layers)]
+            pending = [x, low, len(siblings.layers), segmented]
             self._pending[key] = pending
+        _, low_G_N_R, _, segmented = pending
         pending[2] -= 1
-        low_G_N_R = pending[1]
         if not pending[2]:
             del self._pending[key]
         if (b_entry := bs.get(id(layer))) is None:
