@@ -131,6 +131,7 @@ def test_adapter_rows_in_uneven_groups_see_only_their_own_weights(engine):
     assert_own_adapter_logprobs(engine, jobs, done)
 
 
+@pytest.mark.slow
 def test_adapter_rows_through_the_segmented_kernel_see_only_their_own_weights(engine, monkeypatch):
     """With one torch thread, decode steps of rows in uneven groups (one block per adapter) go
     through the segmented kernel, and every logprob is still its own adapter's alone."""
