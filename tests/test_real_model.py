@@ -225,13 +225,20 @@ def test_personalization_smoke(model_dir, tmp_path):
     run_seeds(config, tmp_path / "worker", True, tmp_path / "rows.json")
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["base model", "mid-train", "mid-train + chat mix",
-                                           "distill (sampled estimate)", "distill (exact reverse KL)",
+                                           "distill (sampled estimate) + replay",
+                                           "distill (exact reverse KL) + replay",
+                                           "distill (exact reverse KL)",
                                            "SFT on teacher samples", "distill (exact reverse KL), merged"]
-    # the chat-mix mid-training is the start of the rest; it is also merged into a model folder on
-    # which one distillation trains a fresh LoRA (the merged model gives the adapter's logprobs)
-    assert (tmp_path / "merged" / "mid-train-chat-mix-0" / "config.json").is_file()
-    assert rows[2]["merged_logprob_gap_mean"] < 0.1
-    assert all(r["start"] == "mid-train + chat mix" for r in rows[3:])
+    # the distillations replay mid-training documents (but the one without replay, for contrast)
+    assert all(r["replay_documents"] > 0 and r["replay_loss_last"] > 0 for r in rows[3:5])
+    assert "replay_documents" not in rows[5]
+    # the start of the rest (the config's mid-training) is also merged into a model folder on which one
+    # distillation trains a fresh LoRA (the merged model gives the adapter's logprobs)
+    origin = next(r for r in rows if r["method"] == config.distill_start)
+    slug = config.distill_start.replace(" + ", "-").replace(" ", "-")
+    assert (tmp_path / "merged" / f"{slug}-0" / "config.json").is_file()
+    assert origin["merged_logprob_gap_mean"] < 0.1
+    assert all(r["start"] == config.distill_start for r in rows[3:])
     assert all(0 <= r["questions"] <= 1 and 0 <= r["instructions"] <= 1 for r in rows)
     assert all(0 < r["answer_probability"] < 1 for r in rows)
     assert all(r["train_tokens"] > 0 for r in rows[1:])

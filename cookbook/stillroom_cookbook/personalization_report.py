@@ -51,31 +51,26 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def _recovery(base: dict, mid: list[dict], group: list[dict]) -> dict:
     """Instruction following recovered (of what mid-training lost) and knowledge gain kept (of what
-    mid-training gained over the base model), per seed against that seed's mid-training, then
-    averaged; None where mid-training changed nothing. The gain is measured on the cloze probe's
-    accuracy and true-value probability, and on the chat questions' accuracy."""
+    mid-training gained over the base model), pooled over the seeds: the summed change of each seed
+    against its own mid-training, over the summed loss (gain); None where the mid-training lost
+    (gained) nothing in sum. Pooled, not a mean of per-seed ratios: a seed whose mid-training lost
+    one prompt would make its ratio pure noise. The gain is measured on the cloze probe's accuracy
+    and true-value probability, and on the chat questions' accuracy."""
     mid_by_seed = {r["seed"]: r for r in mid}
-    recovered: list[float] = []
-    recovered_sampled: list[float] = []
-    kept: dict[str, list[float]] = {"cloze": [], "cloze_probability": [], "questions": []}
-    for row in group:
-        start = mid_by_seed.get(row["seed"])
-        if start is None:
-            continue
-        lost = base["instructions"] - start["instructions"]
-        if lost > 0:
-            recovered.append((row["instructions"] - start["instructions"]) / lost)
-        lost = base.get("instructions_sampled", 0.0) - start.get("instructions_sampled", 0.0)
-        if lost > 0:
-            recovered_sampled.append((row.get("instructions_sampled", 0.0)
-                                      - start.get("instructions_sampled", 0.0)) / lost)
-        for key, values in kept.items():
-            gained = start.get(key, 0.0) - base.get(key, 0.0)
-            if gained > 0:
-                values.append((row.get(key, 0.0) - base.get(key, 0.0)) / gained)
-    out = {"if_recovered": statistics.mean(recovered) if recovered else None,
-           "if_sampled_recovered": statistics.mean(recovered_sampled) if recovered_sampled else None}
-    out.update({f"{key}_kept": statistics.mean(v) if v else None for key, v in kept.items()})
+    pairs = [(row, mid_by_seed[row["seed"]]) for row in group if row["seed"] in mid_by_seed]
+
+    def share(key: str, lost: bool) -> float | None:
+        sign = 1.0 if lost else -1.0   # recovered: (row - start) / (base - start); kept: (row - base) / ...
+        moved = sum(sign * (base.get(key, 0.0) - start.get(key, 0.0)) for _, start in pairs)
+        if moved <= 0:
+            return None
+        if lost:
+            return sum(row.get(key, 0.0) - start.get(key, 0.0) for row, start in pairs) / moved
+        return sum(row.get(key, 0.0) - base.get(key, 0.0) for row, _ in pairs) / moved
+
+    out = {"if_recovered": share("instructions", True),
+           "if_sampled_recovered": share("instructions_sampled", True)}
+    out.update({f"{key}_kept": share(key, False) for key in ("cloze", "cloze_probability", "questions")})
     return out
 
 
@@ -193,8 +188,9 @@ def write_report(rows: list[dict], out_dir: Path, wall_seconds: float, log_dir: 
             "IF recovered: of the instruction following the row's starting mid-training lost against the "
             "base model, the share won back; knowledge gain kept: of the cloze probe's accuracy / "
             "true-value probability and of the chat questions' accuracy that mid-training gained over the "
-            "base model, the share still there; — where it lost or gained nothing (all per seed against "
-            "that seed's starting mid-training, then averaged). Replies that loop: a word 3-gram three "
+            "base model, the share still there; — where it lost or gained nothing (each seed against "
+            "that seed's starting mid-training, pooled: summed changes over summed losses or gains). "
+            "Replies that loop: a word 3-gram three "
             "times or more in a greedy instruction reply. IF sampled: the same prompts, "
             f"{SAMPLED_REPLIES} repl{'y' if SAMPLED_REPLIES == 1 else 'ies'} each at temperature 1. "
             "+ replay: each distillation step also trains on a few mid-training documents "
