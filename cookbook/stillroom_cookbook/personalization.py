@@ -4,14 +4,17 @@ following), then distill its own earlier self back in on instruction prompts.
 
     bash scripts/setup_real_model.sh
     python -m stillroom_cookbook.personalization [--smoke] [--seeds 0 1 2] [--out docs] [--merged-distill]
+        [--pure-distill]
 
-Starts a server per worker (STILLROOM_DTYPE=bf16 unless set), scores the base model once, and per
-seed: mid-trains a LoRA run on the documents alone (for contrast) and one with the teacher's chat
-replies mixed in (the post's mid-training); from the chat-mixed state, distills with Tinker's
-sampled-token estimate and with Stillroom's exact `teacher_reverse_kl`, and fine-tunes on the
-teacher's samples (SFT). With --merged-distill, also folds that state into the base's weights and
-distills into a fresh LoRA on them (on a second server). Writes personalization.json,
-personalization_table.md and personalization.png under --out.
+Starts a server per worker (STILLROOM_DTYPE=bf16 and one torch thread unless set), scores the base
+model once, and per seed: mid-trains a LoRA run on the documents alone (for contrast) and one with
+the teacher's chat replies mixed in (the post's mid-training); from the chat-mixed state, distills
+with Tinker's sampled-token estimate and with Stillroom's exact `teacher_reverse_kl`, each step also
+replaying a few mid-training documents (`replay_documents`; not the post's recipe), and fine-tunes
+on the teacher's samples (SFT). With --pure-distill, also distills (exact loss) without the replay;
+with --merged-distill, also folds the start into the base's weights and distills into a fresh LoRA
+on them (on a second server). Writes personalization.json, personalization_table.md and
+personalization.png under --out.
 """
 
 from __future__ import annotations
@@ -509,6 +512,8 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, help="distillation steps (default: the config's)")
     parser.add_argument("--merged-distill", action="store_true",
                         help="also distill into a fresh LoRA on the merged mid-trained weights")
+    parser.add_argument("--pure-distill", action="store_true",
+                        help="also distill (exact reverse KL) without the replayed documents, for contrast")
     parser.add_argument("--workers", type=int,
                         help="processes the seeds are spread over, each with its own server "
                              "(default: one per seed)")
@@ -527,6 +532,8 @@ def main() -> None:
         config = dataclasses.replace(config, distill=distill_config)
     if args.merged_distill:
         config = dataclasses.replace(config, merged_distill=True)
+    if args.pure_distill:
+        config = dataclasses.replace(config, pure_distill_row=True)
     config = smoke(config) if args.smoke else config
     data_dir = args.data_dir.resolve()
     if args.worker is not None:
@@ -535,7 +542,8 @@ def main() -> None:
         return
     passed = ["--model-dir", str(config.model_dir), *(["--smoke"] if args.smoke else []),
               *(["--distill-steps", str(args.distill_steps)] if args.distill_steps is not None else []),
-              *(["--merged-distill"] if args.merged_distill else [])]
+              *(["--merged-distill"] if args.merged_distill else []),
+              *(["--pure-distill"] if args.pure_distill else [])]
     run_experiment(config, args.out, data_dir, args.workers or len(config.seeds), passed)
 
 
