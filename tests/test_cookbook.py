@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from typing import Literal
 
 import pytest
 
@@ -301,9 +302,12 @@ def test_comparison_writes_a_table_and_plots(service, tmp_path):
 def test_distillation_config_refuses_a_temperature_its_loss_cannot_use():
     """The sampled estimate's advantage is the student's own logprob of a temperature-1 draw; the
     exact loss only picks positions, so it may sample colder."""
-    sizes = dict(steps=1, learning_rate=1e-3, max_tokens=8)
-    assert DistillationConfig(**sizes, loss="teacher_reverse_kl", temperature=0.7).temperature == 0.7
+    def config(loss: Literal["sampled", "teacher_reverse_kl"], temperature: float) -> DistillationConfig:
+        return DistillationConfig(steps=1, learning_rate=1e-3, max_tokens=8, loss=loss,
+                                  temperature=temperature)
+
+    assert config("teacher_reverse_kl", 0.7).temperature == 0.7
     with pytest.raises(ValueError, match="DistillationConfig.temperature"):
-        DistillationConfig(**sizes, loss="sampled", temperature=0.7)
+        config("sampled", 0.7)
     with pytest.raises(ValueError, match="DistillationConfig.temperature"):
-        DistillationConfig(**sizes, loss="teacher_reverse_kl", temperature=0.0)
+        config("teacher_reverse_kl", 0.0)
