@@ -1,7 +1,8 @@
 """The decode loop's fast paths give the samples of the plain ones: a KV cache grown in place (with
 rows joining and leaving) samples what a concatenated one does, and rows of LoRA snapshots in
 uneven groups, beside base rows and with prompts of different lengths, see only their own adapter
-(and rows joining in any order are kept one block per adapter, read as a slice of the batch);
+(and rows joining in any order are kept one block per adapter, read as a slice of the batch, or
+with one torch thread through the segmented C kernel);
 a small request decoding in the express batch beside a large one samples what it would alone.
 Engine-level, real weights; no timing is asserted."""
 
