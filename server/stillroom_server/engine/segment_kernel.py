@@ -44,6 +44,11 @@ class Segments:
     def longest(self) -> int:
         return max((e - b for b, e in zip(self.begin, self.end)), default=0)
 
+    @functools.cached_property
+    def bounds(self) -> tuple[int, int]:
+        """(rows the segments reach, stack entries they use): what `matmul` checks on every call."""
+        return max(self.end, default=0), max(self.group, default=-1) + 1
+
 
 def available() -> bool:
     return _library() is not None
@@ -56,10 +61,10 @@ def matmul(x: torch.Tensor, stack: torch.Tensor, segments: Segments, out: torch.
     library = _library()
     assert library is not None, "segment_kernel.matmul called where available() is False"
     groups, k, m = stack.shape
+    rows, used = segments.bounds
     if not (x.dtype == stack.dtype == out.dtype == torch.float32 and stack.is_contiguous()
             and x.stride(-1) == 1 and out.stride(-1) == 1 and x.shape[-1] == k and out.shape[-1] == m
-            and x.shape[0] == out.shape[0] >= max(segments.end, default=0)
-            and max(segments.group, default=0) < groups):
+            and x.shape[0] == out.shape[0] >= rows and used <= groups):
         raise ValueError(f"segment_kernel.matmul: x {tuple(x.shape)} {x.dtype}, stack {tuple(stack.shape)} "
                          f"{stack.dtype}, out {tuple(out.shape)} {out.dtype} do not fit")
     begin, end, group = segments._arrays
