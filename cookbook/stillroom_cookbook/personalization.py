@@ -42,6 +42,7 @@ from stillroom_cookbook.metrics import MetricsLog
 from stillroom_cookbook.personalization_eval import Scores, score
 from stillroom_cookbook.personalization_report import METHODS, write_report
 from stillroom_cookbook.renderers import ChatRenderer
+from stillroom_cookbook.rollouts import completion_datum
 from stillroom_cookbook.schedules import cycle_batches
 from stillroom_cookbook.supervised import SFTConfig, train_sft
 
@@ -310,16 +311,11 @@ class Experiment:
         weight = self.config.replay_weight
 
         def replay(step: int) -> None:
-            data = []
-            for doc in next(batches):
-                prompt = self.documents_renderer.prompt_tokens("")
-                tokens = [*prompt, *self.documents_renderer.completion_tokens("", doc)]
-                n_prompt = len(prompt) - 1
-                data.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
-                    "target_tokens": tokens[1:],
-                    "weights": [0.0] * n_prompt + [weight] * (len(tokens) - 1 - n_prompt)}))
+            render = self.documents_renderer
+            data = [completion_datum(render.prompt_tokens(""), render.completion_tokens("", doc), weight)
+                    for doc in next(batches)]
             sent.append((sum(d.model_input.length for d in data),
-                         weight * sum(len(d.loss_fn_inputs["target_tokens"].data) for d in data),
+                         sum(sum(d.loss_fn_inputs["weights"].data) for d in data),
                          trainer.forward_backward(data, "cross_entropy")))
         return replay
 

@@ -61,12 +61,13 @@ def importance_datum(rollout: Rollout, advantages_T: Sequence[float]) -> types.D
                         "advantages": [0.0] * n_prompt + list(advantages_T)})
 
 
-def completion_datum(prompt_tokens: Sequence[int], completion_tokens: Sequence[int]) -> types.Datum:
-    """Next-token targets over prompt + completion, `weights` 1 on the completion and 0 on the
-    prompt: what `cross_entropy` (SFT) and `teacher_reverse_kl` read."""
+def completion_datum(prompt_tokens: Sequence[int], completion_tokens: Sequence[int],
+                     weight: float = 1.0) -> types.Datum:
+    """Next-token targets over prompt + completion, `weights` `weight` on the completion and 0 on
+    the prompt: what `cross_entropy` (SFT) and `teacher_reverse_kl` read."""
     tokens = [*prompt_tokens, *completion_tokens]
     n_prompt = len(prompt_tokens) - 1
     return types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={"target_tokens": tokens[1:],
-                        "weights": [0.0] * n_prompt + [1.0] * len(completion_tokens)})
+                        "weights": [0.0] * n_prompt + [weight] * len(completion_tokens)})
