@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from stillroom import types
+from stillroom_server.engine import compute
 
 from conftest import TINY
 from helpers import encode_line, load_local_model
@@ -85,6 +86,36 @@ def test_prompt_logprobs_match_compute_logprobs_and_a_local_forward(sampler, tok
         assert len(row) == k
         assert [i for i, _ in row] == ids[position].tolist()
         assert max(abs(v - e) for (_, v), e in zip(row, values[position].tolist())) < 1e-5
+
+
+def test_scoring_only_the_last_tokens_of_many_sequences_at_once_matches_a_local_forward(
+        sampler, tokenizer, reference):
+    """Requests in flight together share one forward whose output head runs only where some request
+    scores; each still gets its own last tokens' logprobs, NaN (None) before them."""
+    lines = ["a short one", "a somewhat longer line to score at the end", "middle length here", "x y"]
+    sequences = [encode_line(tokenizer, line) for line in lines]
+    last = [2, None, 5, 1]
+    futures = [sampler.compute_logprobs(types.ModelInput.from_ints(tokens), prompt_logprobs_last_n=n)
+               for tokens, n in zip(sequences, last)]
+    for tokens, n, future in zip(sequences, last, futures):
+        scored = future.result()
+        with torch.no_grad():
+            local_T_V = torch.log_softmax(reference(input_ids=torch.tensor([tokens])).logits.float(), -1)[0]
+        local = local_T_V[:-1].gather(-1, torch.tensor(tokens[1:])[:, None]).squeeze(-1).tolist()
+        first = 1 if n is None else len(tokens) - n
+        assert scored[:first] == [None] * first
+        assert max(abs(a - b) for a, b in zip(scored[first:], local[first - 1:])) < 1e-5
+
+    # the same batch through the engine's forward directly: the head over positions 2.. only
+    rows = [torch.tensor(tokens) for tokens in sequences]
+    full = compute.sequence_logprobs(reference, rows, torch.device("cpu"), topk=3)
+    tail_lengths = [2, 7, 5, 1]
+    tails = compute.sequence_logprobs(reference, rows, torch.device("cpu"), topk=3, last_n=list(tail_lengths))
+    for (logprobs_T, ids_T_K, _), (tail_T, tail_ids_T_K, tail_values_T_K), n in zip(full, tails, tail_lengths):
+        assert ids_T_K is not None and tail_ids_T_K is not None and tail_values_T_K is not None
+        assert torch.isnan(tail_T[:-n]).all() and torch.isnan(tail_values_T_K[:-n]).all()
+        assert torch.allclose(tail_T[-n:], logprobs_T[-n:], atol=1e-6)
+        assert torch.equal(tail_ids_T_K[-n:], ids_T_K[-n:])
 
 
 @pytest.mark.parametrize("prompt_len,max_tokens", [(CONTEXT - 3, 50), (CONTEXT - 1, 50), (CONTEXT - 6, None)])

@@ -2,7 +2,10 @@
 
 Sequences of different lengths are right-padded into one batch: with causal attention, padding
 after a sequence cannot change its logits, so no attention mask is needed. Shared by training,
-`compute_logprobs` and prompt logprobs so the three agree exactly.
+`compute_logprobs` and prompt logprobs so the three agree. Where only each sequence's last tokens
+are scored, the output head runs only over the span of positions some sequence scores
+(`logits_to_keep`, which Hugging Face causal LMs take), since the head and the full-vocabulary
+softmax cost a third of a small model's forward.
 """
 
 from __future__ import annotations
@@ -26,29 +29,42 @@ def lengths_mask(lengths: list[int], device: torch.device) -> torch.Tensor:
     return (positions_T[None, :] < lengths_B[:, None]).float()
 
 
-def logits_for(model: torch.nn.Module, tokens_B_T: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=tokens_B_T, use_cache=False).logits.float()
+def logits_for(model: torch.nn.Module, tokens_B_T: torch.Tensor,
+               keep_K: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 logits [B, T, V], or [B, K, V] at the positions `keep_K` only."""
+    if keep_K is None:
+        return model(input_ids=tokens_B_T, use_cache=False).logits.float()
+    return model(input_ids=tokens_B_T, use_cache=False, logits_to_keep=keep_K).logits.float()
 
 
 @torch.no_grad()
 def sequence_logprobs(model: torch.nn.Module, sequences: list[torch.Tensor], device: torch.device,
-                      topk: int = 0) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+                      topk: int = 0, last_n: list[int | None] | None = None,
+                      ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     """For each sequence: logprob of every token given those before it (entry 0 NaN), and
-    optionally the top-k tokens and logprobs at each position (row 0 padding)."""
+    optionally the top-k tokens and logprobs at each position (row 0 padding). Where `last_n[i]` is
+    given, only sequence i's last that many tokens are scored; earlier entries are NaN (top-k: id 0)."""
     tokens_B_T = pad_right([s.to(device) for s in sequences])
-    logprobs_B_T_V = torch.log_softmax(logits_for(model, tokens_B_T), dim=-1)
+    lengths = [seq.shape[0] for seq in sequences]
+    # the first token each sequence scores; its logits come from the position before it
+    firsts = [1 if keep is None else n - keep for n, keep in zip(lengths, last_n or [None] * len(lengths))]
+    lo, hi = min(firsts) - 1, max(lengths) - 1
+    keep_K = None if lo == 0 else torch.arange(lo, hi, device=device)
+    logprobs_B_K_V = torch.log_softmax(logits_for(model, tokens_B_T, keep_K), dim=-1)
+    if keep_K is None:
+        lo = 0
     results = []
-    for row, seq in enumerate(sequences):
-        n = seq.shape[0]
-        scores_T_V = logprobs_B_T_V[row, : n - 1]
+    for row, (n, first) in enumerate(zip(lengths, firsts)):
+        scores_T_V = logprobs_B_K_V[row, first - 1 - lo: n - 1 - lo]
         logprobs_T = torch.full((n,), float("nan"))
-        logprobs_T[1:] = scores_T_V.gather(-1, tokens_B_T[row, 1:n, None]).squeeze(-1).cpu()
+        logprobs_T[first:] = scores_T_V.gather(-1, tokens_B_T[row, first:n, None]).squeeze(-1).cpu()
         topk_ids = topk_values = None
         if topk > 0:
-            values, ids = scores_T_V.topk(min(topk, scores_T_V.shape[-1]), dim=-1)
-            topk_ids = (torch.cat([torch.zeros_like(ids[:1]), ids]).cpu() if n > 1
-                        else torch.zeros(1, topk, dtype=torch.long))
-            topk_values = (torch.cat([torch.full_like(values[:1], float("nan")), values]).cpu()
-                           if n > 1 else torch.full((1, topk), float("nan")))
+            k = min(topk, scores_T_V.shape[-1])
+            topk_ids = torch.zeros(n, k, dtype=torch.long)
+            topk_values = torch.full((n, k), float("nan"))
+            if n > first:
+                values, ids = scores_T_V.topk(k, dim=-1)
+                topk_ids[first:], topk_values[first:] = ids.cpu(), values.cpu()
         results.append((logprobs_T, topk_ids, topk_values))
     return results

@@ -355,9 +355,9 @@ class Engine:
         """Fill `result`'s prompt logprobs (and top-k) as `work` asks."""
         with self.precision():
             logprobs_T, ids, values = compute.sequence_logprobs(
-                self._module_for(opened), [work.prompt_T], self.device, work.topk_prompt_logprobs)[0]
-        k, last_n = work.topk_prompt_logprobs, work.prompt_logprobs_last_n
-        logprobs_T, values = _keep_last(logprobs_T, last_n), _keep_last(values, last_n)
+                self._module_for(opened), [work.prompt_T], self.device, work.topk_prompt_logprobs,
+                [work.prompt_logprobs_last_n])[0]
+        k = work.topk_prompt_logprobs
         result.prompt_logprobs_T = logprobs_T if work.include_prompt_logprobs else None
         if k:
             assert ids is not None and values is not None
@@ -366,9 +366,9 @@ class Engine:
     def compute_logprobs(self, opened: Sampler, works: list[LogprobsWork]) -> list[LogprobsResult]:
         module = self._module_for(opened)
         with self.precision():
-            scored = compute.sequence_logprobs(module, [w.tokens_T for w in works], self.device)
-        return [LogprobsResult(_keep_last(logprobs_T, w.last_n))  # pyright: ignore[reportArgumentType]
-                for w, (logprobs_T, _, _) in zip(works, scored, strict=True)]
+            scored = compute.sequence_logprobs(module, [w.tokens_T for w in works], self.device,
+                                               last_n=[w.last_n for w in works])
+        return [LogprobsResult(logprobs_T) for logprobs_T, _, _ in scored]
 
     # ---------------------------------------------------------------- training state and checkpoint files
 
@@ -589,14 +589,6 @@ def _check_last_n(last_n: int, tokens_T: torch.Tensor, field: str) -> None:
         raise InvalidInput(f"{field}: must be between 1 and len(prompt) - 1 = {tokens_T.shape[0] - 1}, "
                            f"got {last_n}")
 
-
-def _keep_last(values_T: torch.Tensor | None, last_n: int | None) -> torch.Tensor | None:
-    """`values_T` with every row before the last `last_n` set to NaN (not scored)."""
-    if last_n is None or values_T is None:
-        return values_T
-    out = values_T.clone()
-    out[: values_T.shape[0] - last_n] = float("nan")
-    return out
 
 
 def _lora_meta(run: TrainingRun) -> dict | None:
