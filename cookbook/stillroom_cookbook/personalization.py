@@ -13,7 +13,7 @@ with Tinker's sampled-token estimate and with Stillroom's exact `teacher_reverse
 replaying a few mid-training documents (`replay_documents`; not the post's recipe), and fine-tunes
 on the teacher's samples (SFT). With --pure-distill, also distills (exact loss) without the replay;
 with --merged-distill, also folds the start into the base's weights and distills into a fresh LoRA
-on them (on a second server). Writes personalization.json, personalization_table.md and
+on them. Writes personalization.json, personalization_table.md and
 personalization.png under --out.
 """
 
@@ -169,7 +169,6 @@ class Experiment:
                  server_pid: int | None = None):
         self.service, self.config, self.log_dir = service, config, log_dir
         self.server_pid = server_pid
-        self.merged_starts: list[tuple[int, Start]] = []   # (seed, merged model) once `run` merged it
         self.base_model = str(config.model_dir)
         self.teacher = service.create_sampling_client(base_model=self.base_model)
         self.renderer = ChatRenderer(self.teacher.get_tokenizer())
@@ -334,8 +333,7 @@ class Experiment:
         return self.timed(stage, began, cpu)
 
     def run(self, on_seed=lambda stages: None, with_base: bool = True) -> list[Stage]:
-        """Every stage but the distillations on merged weights (their starts go to `merged_starts`, for
-        `run_merged` on another server); `on_seed(stages so far)` after each seed."""
+        """Every stage of every seed; `on_seed(stages so far)` after each seed."""
         c = self.config
         start, cpu = time.monotonic(), cpu_seconds(self.server_pid)
         stages: list[Stage] = []
@@ -351,24 +349,15 @@ class Experiment:
             origin, origin_stage = mixed, mixed_stage
             if c.distill_start == "mid-train" and plain is not None:
                 origin, origin_stage = plain, plain_stage
-            if c.merged_distill:
-                self.merged_starts.append((seed, self.merge(origin, origin_stage)))
+            merged = self.merge(origin, origin_stage) if c.merged_distill else None
             self._report(stages, mixed_stage)
             self._report(stages, self.distill_from(origin, seed, "sampled"))
             self._report(stages, self.distill_from(origin, seed, "teacher_reverse_kl"))
             if c.replay_documents and c.pure_distill_row:
                 self._report(stages, self.distill_from(origin, seed, "teacher_reverse_kl", replay=0))
             self._report(stages, self.sft_from(origin, seed, replies))
-            on_seed(stages)
-        return stages
-
-    def run_merged(self, starts: list[tuple[int, Start]], stages: list[Stage],
-                   on_seed=lambda stages: None) -> list[Stage]:
-        """The exact-reverse-KL distillation into a fresh LoRA on each merged model, on a second server.
-        That was a workaround for the server's eviction of snapshots across base models, which failed
-        then and is fixed since (engine.py), so one server would now do."""
-        for seed, start in starts:
-            self._report(stages, self.distill_from(start, seed, "teacher_reverse_kl", replay=0))
+            if merged is not None:
+                self._report(stages, self.distill_from(merged, seed, "teacher_reverse_kl", replay=0))
             on_seed(stages)
         return stages
 
@@ -410,35 +399,19 @@ class DocumentOrChatRenderer:
 
 def run_seeds(config: PersonalizationConfig, data_dir: Path, with_base: bool, rows_path: Path) -> None:
     """One worker: a server of its own under `data_dir`, the base model's scores if `with_base`, and
-    each of `config.seeds`; after each seed, its rows, CPU-seconds and loads go to `rows_path`. The
-    distillations on merged weights (`merged_distill`) run after, on a second, fresh server."""
+    each of `config.seeds`; after each seed, its rows and CPU-seconds go to `rows_path`."""
     os.environ.setdefault("STILLROOM_DTYPE", "bf16")
     os.environ.setdefault("STILLROOM_THREADS", "1")   # one torch thread a server: a worker a core
-    log_dir = data_dir.parent / "personalization-logs"
-    stages: list[Stage] = []
-    servers_cpu = [0.0]   # CPU-seconds of the servers that have stopped
-
-    def save(server: LocalServer) -> Callable[[list[Stage]], None]:
-        def write(stages: list[Stage]) -> None:
-            cpu = cpu_seconds(server.pid) + servers_cpu[0]
-            rows_path.write_text(json.dumps({"cpu_seconds": round(cpu, 1),
-                                             "rows": [s.row() for s in stages]}) + "\n")
-        return write
-
     server = LocalServer(data_dir)
     with server:
+        def save(stages: list[Stage]) -> None:
+            rows_path.write_text(json.dumps({"cpu_seconds": round(cpu_seconds(server.pid), 1),
+                                             "rows": [s.row() for s in stages]}) + "\n")
+
         service = stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key)
-        experiment = Experiment(service, config, log_dir, server.pid)
-        stages = experiment.run(on_seed=save(server), with_base=with_base)
+        Experiment(service, config, data_dir.parent / "personalization-logs", server.pid).run(
+            on_seed=save, with_base=with_base)
         service.close()
-        servers_cpu[0] += cpu_seconds(server.pid) - cpu_seconds(None)
-    if experiment.merged_starts:
-        second = LocalServer(data_dir / "merged-server")
-        with second:
-            service = stillroom.ServiceClient(base_url=second.address, api_key=second.local_api_key)
-            Experiment(service, config, log_dir, second.pid).run_merged(
-                experiment.merged_starts, stages, on_seed=save(second))
-            service.close()
 
 
 def run_experiment(config: PersonalizationConfig, out_dir: Path, data_dir: Path, workers: int = 1,
