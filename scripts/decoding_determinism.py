@@ -6,7 +6,7 @@ of 7; counts the replies that differ. Also samples the 48 teacher replies twice 
 and times each piece of the evaluation (CPU-seconds of the server). Needs the imported model
 (bash scripts/setup_real_model.sh).
 
-    python scripts/decoding_determinism.py --dtype bf16     # or fp32
+    python scripts/decoding_determinism.py --dtype bf16     # or bf16-train, fp32
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--dtype", choices=["bf16", "bf16-train", "fp32"], default="bf16")
     parser.add_argument("--model-dir", type=Path,
                         default=Path(".stillroom/imported/smollm2-135m-instruct"))
     args = parser.parse_args()

@@ -23,9 +23,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="SQLAlchemy URL (default: SQLite in the data dir; STILLROOM_DATABASE_URL), e.g. "
              "postgresql+psycopg://user:password@host/db")
     add("--device", choices=["cpu", "cuda"], help="where models live (default cpu; STILLROOM_DEVICE)")
-    add("--dtype", choices=["auto", "fp32", "bf16"],
+    add("--dtype", choices=["auto", "fp32", "bf16", "bf16-train"],
         help="auto (default): bf16 on cuda, fp32 on cpu; bf16 on cpu keeps fp32 weights and computes "
-             "under bf16 autocast (STILLROOM_DTYPE)")
+             "under bf16 autocast; bf16-train on cpu autocasts only training passes and samples and "
+             "scores in fp32, so decoding does not depend on the batch (STILLROOM_DTYPE)")
     add("--max-num-samples", type=int, help="most samples one request may ask for (default 128)")
     add("--model", action="append", default=[], metavar="NAME=DIR",
         help="serve a local Hugging Face model directory under NAME (repeatable)")

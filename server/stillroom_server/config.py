@@ -21,8 +21,9 @@ class ServerConfig(BaseModel):
     port: int = Field(default=50051, ge=0, le=65535)
     database_url: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
-    # auto: bf16 weights on cuda, fp32 on cpu; bf16 on cpu: fp32 weights with bf16 autocast
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: bf16 weights on cuda, fp32 on cpu; bf16 on cpu: fp32 weights with bf16 autocast;
+    # bf16-train on cpu: bf16 autocast in training passes only, sampling and logprobs in fp32
+    dtype: Literal["auto", "fp32", "bf16", "bf16-train"] = "auto"
     max_num_samples: int = Field(default=128, ge=1)
     max_live_runs_per_owner: int = Field(default=32, ge=1)
     max_tokens_per_request: int = Field(default=4_000_000, ge=1)

@@ -74,8 +74,11 @@ class Engine:
                  local_models: dict[str, Path] | None = None, dtype: str = "auto",
                  run_memory_bytes: int | None = None) -> None:
         self.device = torch.device(device)
-        # weights: bf16 on cuda unless fp32 is asked; on cpu fp32, computed under bf16 autocast if asked
+        # weights: bf16 on cuda unless fp32 is asked; on cpu fp32, computed under bf16 autocast if asked:
+        # everywhere (bf16) or in training passes only (bf16-train: bf16 logits round differently with
+        # the batch's make-up, so bf16 decoding depends on which requests share a batch; fp32 does not)
         bf16_weights = self.device.type == "cuda" and dtype != "fp32"
+        self.autocast_bf16_training = self.device.type == "cpu" and dtype in ("bf16", "bf16-train")
         self.autocast_bf16 = self.device.type == "cpu" and dtype == "bf16"
         weights_dtype = torch.bfloat16 if bf16_weights else torch.float32
         self.models = ModelHost(data_dir, self.device, weights_dtype, local_models)
@@ -190,18 +193,20 @@ class Engine:
     def forward_backward(self, run_id: str, work: ForwardBackwardWork) -> ForwardBackwardResult:
         run = self._resident(run_id)
         if not get_loss(work.loss_fn).needs_teacher:
-            with self.precision():
+            with self.precision(training=True):
                 return run.forward_backward(work, None)
         opened = self._open_teacher(run, work.loss_fn_config_strings)
         self.pin(opened)  # other work runs between micro-batches: the teacher must stay loaded
         try:
-            with self.precision():
+            with self.precision(training=True):
                 return run.forward_backward(work, lambda: self._module_for(opened))
         finally:
             self.unpin(opened)
 
-    def precision(self) -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16)
+    def precision(self, training: bool = False) -> torch.autocast:
+        """The autocast of a training pass (`training`) or of sampling and scoring."""
+        enabled = self.autocast_bf16_training if training else self.autocast_bf16
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
     def _open_teacher(self, run: TrainingRun, strings: dict[str, str]) -> Sampler:
         """The sampler named by loss_fn_config.teacher, after checking it shares the tokenizer."""
