@@ -111,7 +111,8 @@ def test_scoring_only_the_last_tokens_of_many_sequences_at_once_matches_a_local_
     full = compute.sequence_logprobs(reference, rows, torch.device("cpu"), topk=3)
     tail_lengths = [2, 7, 5, 1]
     tails = compute.sequence_logprobs(reference, rows, torch.device("cpu"), topk=3, last_n=list(tail_lengths))
-    for (logprobs_T, ids_T_K, _), (tail_T, tail_ids_T_K, tail_values_T_K), n in zip(full, tails, tail_lengths):
+    for (logprobs_T, ids_T_K, _), (tail_T, tail_ids_T_K, tail_values_T_K), n in zip(
+            full, tails, tail_lengths):
         assert ids_T_K is not None and tail_ids_T_K is not None and tail_values_T_K is not None
         assert torch.isnan(tail_T[:-n]).all() and torch.isnan(tail_values_T_K[:-n]).all()
         assert torch.allclose(tail_T[-n:], logprobs_T[-n:], atol=1e-6)
