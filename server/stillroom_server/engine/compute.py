@@ -51,8 +51,6 @@ def sequence_logprobs(model: torch.nn.Module, sequences: list[torch.Tensor], dev
     lo, hi = min(firsts) - 1, max(lengths) - 1
     keep_K = None if lo == 0 else torch.arange(lo, hi, device=device)
     logprobs_B_K_V = torch.log_softmax(logits_for(model, tokens_B_T, keep_K), dim=-1)
-    if keep_K is None:
-        lo = 0
     results = []
     for row, (n, first) in enumerate(zip(lengths, firsts)):
         scores_T_V = logprobs_B_K_V[row, first - 1 - lo: n - 1 - lo]

@@ -79,7 +79,7 @@ class Engine:
         # the batch's make-up, so bf16 decoding depends on which requests share a batch; fp32 does not)
         bf16_weights = self.device.type == "cuda" and dtype != "fp32"
         self.autocast_bf16_training = self.device.type == "cpu" and dtype in ("bf16", "bf16-train")
-        self.autocast_bf16 = self.device.type == "cpu" and dtype == "bf16"
+        self.autocast_bf16_inference = self.device.type == "cpu" and dtype == "bf16"
         weights_dtype = torch.bfloat16 if bf16_weights else torch.float32
         self.models = ModelHost(data_dir, self.device, weights_dtype, local_models)
         self.files = checkpoints.CheckpointFiles(data_dir)
@@ -205,7 +205,7 @@ class Engine:
 
     def precision(self, training: bool = False) -> torch.autocast:
         """The autocast of a training pass (`training`) or of sampling and scoring."""
-        enabled = self.autocast_bf16_training if training else self.autocast_bf16
+        enabled = self.autocast_bf16_training if training else self.autocast_bf16_inference
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
     def _open_teacher(self, run: TrainingRun, strings: dict[str, str]) -> Sampler:
