@@ -227,11 +227,13 @@ def test_personalization_smoke(model_dir, tmp_path):
     assert [r["method"] for r in rows] == ["base model", "mid-train", "mid-train + chat mix",
                                            "distill (sampled estimate) + replay",
                                            "distill (exact reverse KL) + replay",
-                                           "distill (exact reverse KL)",
+                                           "distill (exact reverse KL)", "replay only (control)",
                                            "SFT on teacher samples", "distill (exact reverse KL), merged"]
     # the distillations replay mid-training documents (but the one without replay, for contrast)
     assert all(r["replay_documents"] > 0 and r["replay_loss_last"] > 0 for r in rows[3:5])
     assert "replay_documents" not in rows[5]
+    # the sampled estimate runs its own number of steps; the replay control the exact loss's
+    assert [r["steps"] for r in rows[3:7]] == [config.sampled_steps, *[config.distill.steps] * 3]
     # the start of the rest (the config's mid-training) is also merged into a model folder on which one
     # distillation trains a fresh LoRA (the merged model gives the adapter's logprobs)
     origin = next(r for r in rows if r["method"] == config.distill_start)
@@ -240,5 +242,6 @@ def test_personalization_smoke(model_dir, tmp_path):
     assert origin["merged_logprob_gap_mean"] < 0.1
     assert all(r["start"] == config.distill_start for r in rows[3:])
     assert all(0 <= r["questions"] <= 1 and 0 <= r["instructions"] <= 1 for r in rows)
+    assert all(0 <= r["instructions_sampled"] <= 1 for r in rows)
     assert all(0 < r["answer_probability"] < 1 for r in rows)
     assert all(r["train_tokens"] > 0 for r in rows[1:])

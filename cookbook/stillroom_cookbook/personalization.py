@@ -3,18 +3,23 @@ mid-train the assistant on internal documents (it learns their facts and loses s
 following), then distill its own earlier self back in on instruction prompts.
 
     bash scripts/setup_real_model.sh
-    python -m stillroom_cookbook.personalization [--smoke] [--seeds 0 1 2] [--out docs] [--merged-distill]
-        [--pure-distill]
+    python -m stillroom_cookbook.personalization [--smoke] [--seeds 0 1 2] [--out docs]
+        [--plain-midtrain] [--replay-control] [--pure-distill] [--merged-distill]
+        [--chat-questions] [--sampled-eval]
 
-Starts a server per worker (STILLROOM_DTYPE=bf16 and one torch thread unless set), scores the base
-model once, and per seed: mid-trains a LoRA run on the documents alone (for contrast) and one with
-the teacher's chat replies mixed in (the post's mid-training); from the chat-mixed state, distills
-with Tinker's sampled-token estimate and with Stillroom's exact `teacher_reverse_kl`, each step also
-replaying a few mid-training documents (`replay_documents`; not the post's recipe), and fine-tunes
-on the teacher's samples (SFT). With --pure-distill, also distills (exact loss) without the replay;
-with --merged-distill, also folds the start into the base's weights and distills into a fresh LoRA
-on them. Writes personalization.json, personalization_table.md and
-personalization.png under --out.
+Starts a server per worker (STILLROOM_DTYPE=bf16-train and one torch thread unless set: training in
+bf16, sampling and scoring in fp32, so that a greedy reply does not depend on its batch), scores the
+base model once, and per seed: mid-trains a LoRA run on the documents with the teacher's chat
+replies mixed in (the post's mid-training); from that state, distills with Tinker's sampled-token
+estimate and with Stillroom's exact `teacher_reverse_kl`, each step also replaying a few
+mid-training documents (`replay_documents`; not the post's recipe), and fine-tunes on the teacher's
+samples (SFT). Optional rows: --plain-midtrain, a mid-training on the documents alone;
+--replay-control, the replay's documents alone for the exact loss's steps (no distillation);
+--pure-distill, the exact loss without the replay; --merged-distill, the start folded into the
+base's weights and distilled into a fresh LoRA on them. Optional scores (each about as dear as the
+greedy instruction replies): --chat-questions, the facts as a multiple-choice chat reply;
+--sampled-eval, the instruction score at temperature 1. Writes personalization.json,
+personalization_table.md and personalization.png under --out.
 """
 
 from __future__ import annotations
@@ -68,20 +73,27 @@ class PersonalizationConfig:
     chat_fraction: float = 0.3        # of the mid-training examples, in the chat-mix variant
     distill_start: str = "mid-train + chat mix"   # the mid-training that distillation and SFT start from
                                       # (their runs resume its LoRA adapter)
-    plain_midtrain: bool = True       # also mid-train on the documents alone (a row for contrast)
+    plain_midtrain: bool = False      # also mid-train on the documents alone (a row for contrast)
     merged_distill: bool = False      # also: fold the start's adapter into the base model's weights and
                                       # distill (exact reverse KL) into a fresh LoRA on the merged model
                                       # (off in the 3-seed run for its budget; the probes in the docs ran it)
     # the exact loss's student samples at temperature 0.7, so that its training positions include the
     # near-greedy paths the greedy evaluation takes (the sampled estimate samples at 1, as it must)
-    distill: DistillationConfig = DistillationConfig(steps=16, learning_rate=1e-3, max_tokens=40,
+    distill: DistillationConfig = DistillationConfig(steps=32, learning_rate=1e-3, max_tokens=40,
                                                      groups_per_batch=8, group_size=1,
                                                      loss="teacher_reverse_kl", temperature=0.7)
+    sampled_steps: int | None = 16    # the sampled estimate's steps (None: distill.steps): half the exact
+                                      # loss's, for the budget (its KL stalls by step 16 in every round)
     replay_documents: int = 4         # mid-training documents replayed (cross-entropy) in each distillation
                                       # step, their gradient added to the same update: replay, not the post's
     replay_weight: float = 1.0        # the replayed documents' per-token weight in that update
     pure_distill_row: bool = False    # with replay: also distill (exact reverse KL) without it, for contrast
                                       # (off in the 3-seed run for its budget)
+    replay_control: bool = False      # also: the replayed documents alone, the exact loss's steps and
+                                      # learning rate, no distillation (what replay re-trains by itself)
+    chat_questions: bool = False      # also score the facts as a multiple-choice chat reply (at chance
+                                      # in every round so far; the cloze probe is the knowledge score)
+    sampled_eval: bool = False        # also score instruction following at temperature 1
     sft: SFTConfig = SFTConfig(steps=8, learning_rate=1e-3, batch_size=6, name="sft-teacher")
     instruction_tokens: int = 40
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -97,6 +109,10 @@ class PersonalizationConfig:
                              f"got {self.distill_start!r}")
         if not 0 <= self.chat_fraction < 1:
             raise ValueError(f"chat_fraction: in [0, 1), got {self.chat_fraction}")
+        if self.replay_control and not self.replay_documents:
+            raise ValueError("replay_control: needs replay_documents > 0")
+        if self.sampled_steps is not None and self.sampled_steps < 0:
+            raise ValueError(f"sampled_steps: >= 0 or None, got {self.sampled_steps}")
         if self.replay_documents < 0 or self.replay_weight <= 0:
             raise ValueError(f"replay_documents: >= 0 and replay_weight: > 0, got {self.replay_documents} "
                              f"and {self.replay_weight}")
@@ -109,8 +125,9 @@ def smoke(config: PersonalizationConfig) -> PersonalizationConfig:
         config, num_people=2, eval_topics=1, teacher_prompts=4, instruction_tokens=12,
         midtrain=dataclasses.replace(config.midtrain, **tiny), sft=dataclasses.replace(config.sft, **tiny),
         distill=dataclasses.replace(config.distill, steps=2, groups_per_batch=2, max_tokens=8),
-        seeds=config.seeds[:1], merged_distill=True, replay_documents=2, pure_distill_row=True,
-        teacher_reply_tokens=8)
+        sampled_steps=1, seeds=config.seeds[:1], merged_distill=True, replay_documents=2,
+        pure_distill_row=True, replay_control=True, plain_midtrain=True, chat_questions=True,
+        sampled_eval=True, teacher_reply_tokens=8)
 
 
 def cpu_seconds(server_pid: int | None) -> float:
@@ -132,6 +149,7 @@ class Stage:
     train_tokens: int = 0       # tokens through forward_backward
     sampled_tokens: int = 0     # tokens generated for training (not evaluation)
     teacher_tokens: int = 0     # tokens the teacher scored
+    steps: int = 0              # optimizer steps beyond its start
     seconds: float = 0.0        # wall time, evaluation included
     cpu_seconds: float = 0.0    # the client's and the server's CPU time, evaluation included
     load: float = 0.0           # the machine's 1-minute load average when the stage ended
@@ -145,7 +163,7 @@ class Stage:
                 "instructions": self.scores.instructions,
                 "instruction_kinds": self.scores.instruction_kinds, "looping": self.scores.looping,
                 "instructions_sampled": self.scores.instructions_sampled,
-                "train_tokens": self.train_tokens,
+                "steps": self.steps, "train_tokens": self.train_tokens,
                 "sampled_tokens": self.sampled_tokens, "teacher_tokens": self.teacher_tokens,
                 "seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
                 "load": round(self.load, 2), "start": self.start, **self.note,
@@ -186,7 +204,8 @@ class Experiment:
     def score(self, sampler: stillroom.SamplingClient) -> Scores:
         c = self.config
         return score(sampler, self.renderer, self.questions, self.eval_instructions, c.instruction_tokens,
-                     self.renderer.tokenizer, self.documents_renderer.end_of_text)
+                     self.renderer.tokenizer, self.documents_renderer.end_of_text,
+                     chat_questions=c.chat_questions, sampled=c.sampled_eval)
 
     def timed(self, stage: Stage, start: float, cpu_start: float) -> Stage:
         """`stage` with its wall time, CPU time and the load average filled in."""
@@ -226,7 +245,7 @@ class Experiment:
         state = trainer.save_state(f"{slug}-{seed}").result().path
         sampler = trainer.save_weights_and_get_sampling_client(f"{slug}-{seed}")
         trainer.unload()
-        stage = Stage(method, seed, self.score(sampler), start="base model",
+        stage = Stage(method, seed, self.score(sampler), start="base model", steps=c.midtrain.steps,
                       train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
                       sampled_tokens=sum(len(renderer.tokens(p, t)) for p, t in (chat or [])))
         return Start(method, state, sampler), self.timed(stage, start, cpu)
@@ -284,14 +303,15 @@ class Experiment:
         log = MetricsLog(self.log_dir / f"distill-{slug}-{seed}.jsonl")
         # the sampled estimate's advantage is the student's own logprob of a draw: temperature 1 there
         config = config or c.distill
+        steps = config.steps if exact or c.sampled_steps is None else c.sampled_steps
         config = dataclasses.replace(config, loss=loss, seed=seed, name=f"distill-{slug}-s{seed}",
-                                     temperature=config.temperature if exact else 1.0)
+                                     temperature=config.temperature if exact else 1.0, steps=steps)
         replayed: list = []
         hook = self.replayer(trainer, seed, replay, replayed) if replay else None
         distill(trainer, self.teacher, self.renderer, self.train_prompts, config, log, before_optim=hook)
         sampler = trainer.save_weights_and_get_sampling_client(f"{slug}-{seed}")
         replay_tokens = sum(n for n, _, _ in replayed)
-        stage = Stage(method, seed, self.score(sampler), start=start.method,
+        stage = Stage(method, seed, self.score(sampler), start=start.method, steps=steps,
                       train_tokens=sum(r.get("train_tokens", 0) for r in log.records) + replay_tokens,
                       sampled_tokens=sum(r.get("sampled_tokens", 0) for r in log.records),
                       teacher_tokens=sum(r.get("teacher_tokens", 0) for r in log.records))
@@ -318,6 +338,25 @@ class Experiment:
                          trainer.forward_backward(data, "cross_entropy")))
         return replay
 
+    def replay_only(self, start: Start, seed: int) -> Stage:
+        """The control for replay: from `start`, the documents the exact loss's run replays (the same
+        batches, in the same order) with its steps and learning rate, and no distillation loss. Adam
+        scales an update by its own gradient, so these steps are larger than replay's share of a
+        distillation step: an upper bound on what replay re-trains by itself."""
+        c = self.config
+        trainer = self.student(start, seed)
+        began, cpu = time.monotonic(), cpu_seconds(self.server_pid)
+        log = MetricsLog(self.log_dir / f"replay-only-{seed}.jsonl")
+        sft = SFTConfig(steps=c.distill.steps, learning_rate=c.distill.learning_rate,
+                        batch_size=c.replay_documents, final_lr_fraction=c.distill.final_lr_fraction,
+                        seed=seed, name=f"replay-only-s{seed}")
+        train_sft(trainer, self.documents_renderer, [("", doc) for doc in self.documents], sft, log)
+        sampler = trainer.save_weights_and_get_sampling_client(f"replay-only-{seed}")
+        stage = Stage("replay only (control)", seed, self.score(sampler), start=start.method, steps=sft.steps,
+                      train_tokens=sum(r.get("train_tokens", 0) for r in log.records))
+        self.release(trainer)
+        return self.timed(stage, began, cpu)
+
     def sft_from(self, start: Start, seed: int, replies: list[tuple[str, str]]) -> Stage:
         c = self.config
         trainer = self.student(start, seed)
@@ -327,6 +366,7 @@ class Experiment:
                   dataclasses.replace(c.sft, seed=seed, name=f"sft-teacher-s{seed}"), log)
         sampler = trainer.save_weights_and_get_sampling_client(f"sft-{seed}")
         stage = Stage("SFT on teacher samples", seed, self.score(sampler), start=start.method,
+                      steps=c.sft.steps,
                       train_tokens=sum(r.get("train_tokens", 0) for r in log.records),
                       sampled_tokens=sum(len(self.renderer.completion_tokens(p, t)) for p, t in replies))
         self.release(trainer)
@@ -355,6 +395,8 @@ class Experiment:
             self._report(stages, self.distill_from(origin, seed, "teacher_reverse_kl"))
             if c.replay_documents and c.pure_distill_row:
                 self._report(stages, self.distill_from(origin, seed, "teacher_reverse_kl", replay=0))
+            if c.replay_control:
+                self._report(stages, self.replay_only(origin, seed))
             self._report(stages, self.sft_from(origin, seed, replies))
             if merged is not None:
                 self._report(stages, self.distill_from(merged, seed, "teacher_reverse_kl", replay=0))
@@ -364,10 +406,13 @@ class Experiment:
     @staticmethod
     def _report(stages: list[Stage], stage: Stage) -> None:
         stages.append(stage)
-        print(f"{stage.method} (seed {stage.seed}): cloze {stage.scores.cloze:.3f} "
-              f"(p {stage.scores.cloze_probability:.3f}), chat questions {stage.scores.questions:.3f} "
-              f"(p {stage.scores.answer_probability:.3f}), instructions {stage.scores.instructions:.3f} "
-              f"(sampled {stage.scores.instructions_sampled:.3f}, looping {stage.scores.looping:.3f}), "
+        s = stage.scores
+        chat = ("" if s.questions is None
+                else f", chat questions {s.questions:.3f} (p {s.answer_probability:.3f})")
+        drawn = "" if s.instructions_sampled is None else f"sampled {s.instructions_sampled:.3f}, "
+        print(f"{stage.method} (seed {stage.seed}, {stage.steps} steps): cloze {s.cloze:.3f} "
+              f"(p {s.cloze_probability:.3f}){chat}, instructions {s.instructions:.3f} "
+              f"({drawn}looping {s.looping:.3f}), "
               f"{stage.seconds:.0f} s, {stage.cpu_seconds:.0f} CPU-s, load {stage.load:.1f}", flush=True)
 
 
@@ -400,7 +445,7 @@ class DocumentOrChatRenderer:
 def run_seeds(config: PersonalizationConfig, data_dir: Path, with_base: bool, rows_path: Path) -> None:
     """One worker: a server of its own under `data_dir`, the base model's scores if `with_base`, and
     each of `config.seeds`; after each seed, its rows and CPU-seconds go to `rows_path`."""
-    os.environ.setdefault("STILLROOM_DTYPE", "bf16")
+    os.environ.setdefault("STILLROOM_DTYPE", "bf16-train")
     os.environ.setdefault("STILLROOM_THREADS", "1")   # one torch thread a server: a worker a core
     server = LocalServer(data_dir)
     with server:
@@ -459,7 +504,7 @@ def _save(config: PersonalizationConfig, out_dir: Path, data_dir: Path, paths: l
     (out_dir / "personalization.json").write_text(json.dumps(
         {"config": _describe(config), "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
          "cpu_count": os.cpu_count(), "workers": len(paths), "mean_load": round(sum(loads) / len(loads), 2),
-         "dtype": os.environ.get("STILLROOM_DTYPE", "bf16"), "rows": rows}, indent=1) + "\n")
+         "dtype": os.environ.get("STILLROOM_DTYPE", "bf16-train"), "rows": rows}, indent=1) + "\n")
     write_report(rows, out_dir, wall, data_dir / "personalization-logs", cpu, sum(loads) / len(loads))
     return rows
 
@@ -470,6 +515,19 @@ def _describe(config: PersonalizationConfig) -> dict:
     return described
 
 
+# the optional rows and scores: flag -> (config field, help)
+OPTIONS = {
+    "--plain-midtrain": ("plain_midtrain", "also mid-train on the documents alone, for contrast"),
+    "--replay-control": ("replay_control", "also train the start on the replayed documents alone (no "
+                                           "distillation), the exact loss's steps"),
+    "--pure-distill": ("pure_distill_row", "also distill (exact reverse KL) without the replayed documents"),
+    "--merged-distill": ("merged_distill",
+                         "also distill into a fresh LoRA on the merged mid-trained weights"),
+    "--chat-questions": ("chat_questions", "also score the facts as a multiple-choice chat reply"),
+    "--sampled-eval": ("sampled_eval", "also score instruction following at temperature 1"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     default_dir = Path(os.environ.get("STILLROOM_MODELS_CACHE", ".stillroom/imported")) / MODEL_NAME
@@ -478,11 +536,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
-    parser.add_argument("--distill-steps", type=int, help="distillation steps (default: the config's)")
-    parser.add_argument("--merged-distill", action="store_true",
-                        help="also distill into a fresh LoRA on the merged mid-trained weights")
-    parser.add_argument("--pure-distill", action="store_true",
-                        help="also distill (exact reverse KL) without the replayed documents, for contrast")
+    parser.add_argument("--distill-steps", type=int, help="the exact loss's distillation steps (default: the "
+                                                          "config's)")
+    parser.add_argument("--sampled-steps", type=int,
+                        help="the sampled estimate's steps (default: the config's)")
+    for flag, (_, text) in OPTIONS.items():
+        parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("--workers", type=int,
                         help="processes the seeds are spread over, each with its own server "
                              "(default: one per seed)")
@@ -499,20 +558,19 @@ def main() -> None:
     if args.distill_steps is not None:
         distill_config = dataclasses.replace(config.distill, steps=args.distill_steps)
         config = dataclasses.replace(config, distill=distill_config)
-    if args.merged_distill:
-        config = dataclasses.replace(config, merged_distill=True)
-    if args.pure_distill:
-        config = dataclasses.replace(config, pure_distill_row=True)
+    if args.sampled_steps is not None:
+        config = dataclasses.replace(config, sampled_steps=args.sampled_steps)
+    chosen = [flag for flag in OPTIONS if getattr(args, flag[2:].replace("-", "_"))]
+    config = dataclasses.replace(config, **{OPTIONS[flag][0]: True for flag in chosen})
     config = smoke(config) if args.smoke else config
     data_dir = args.data_dir.resolve()
     if args.worker is not None:
         run_seeds(config, data_dir / f"worker-{args.worker}", args.worker == 0,
                   data_dir / f"rows-{args.worker}.json")
         return
-    passed = ["--model-dir", str(config.model_dir), *(["--smoke"] if args.smoke else []),
+    passed = ["--model-dir", str(config.model_dir), *(["--smoke"] if args.smoke else []), *chosen,
               *(["--distill-steps", str(args.distill_steps)] if args.distill_steps is not None else []),
-              *(["--merged-distill"] if args.merged_distill else []),
-              *(["--pure-distill"] if args.pure_distill else [])]
+              *(["--sampled-steps", str(args.sampled_steps)] if args.sampled_steps is not None else [])]
     run_experiment(config, args.out, data_dir, args.workers or len(config.seeds), passed)
 
 

@@ -26,15 +26,17 @@ from stillroom_cookbook.renderers import Renderer
 
 @dataclasses.dataclass(frozen=True)
 class Scores:
-    questions: float            # fraction of held-out questions whose true value is the likeliest
-    answer_probability: float   # mean probability of the true value, renormalised over its ten
+    questions: float | None     # fraction of held-out questions whose true value is the likeliest as
+                                # the chat reply (None: not measured)
+    answer_probability: float | None   # mean probability of the true value there, renormalised over its ten
     cloze: float                # the same, the value continuing a raw-text sentence (no chat template)
     cloze_probability: float    # mean renormalised probability of the true value there
     instructions: float         # fraction of instruction prompts whose constraint holds
     instruction_kinds: dict[str, float]   # the same per constraint kind
     looping: float              # fraction of those replies that loop (a word 3-gram three times or more)
-    instructions_sampled: float  # the instruction score of replies sampled at temperature 1 (the
+    instructions_sampled: float | None  # the instruction score of replies sampled at temperature 1 (the
                                  # distribution on-policy distillation trains), SAMPLED_REPLIES a prompt
+                                 # (None: not measured)
     sampled_tokens: int         # tokens the evaluation generated (its compute)
     scored_tokens: int          # tokens the multiple-choice score ran through the model
     examples: tuple[str, ...]   # a few replies to instruction prompts, for the write-up
@@ -115,13 +117,18 @@ def loops(reply: str) -> bool:
 
 def score(sampler: stillroom.SamplingClient, renderer: Renderer, questions: Sequence[Question],
           instructions: Sequence[Instruction], instruction_tokens: int, tokenizer,
-          start_token: int) -> Scores:
+          start_token: int, chat_questions: bool = True, sampled: bool = True) -> Scores:
+    """Every score of `sampler`'s weights; the chat questions only with `chat_questions`, the
+    temperature-1 instruction replies only with `sampled` (each as dear as the greedy replies)."""
     prompts = [i.prompt for i in instructions]
     replies, n_reply = greedy_replies(sampler, renderer, prompts, instruction_tokens)
-    sampled = sampled_replies(sampler, renderer, prompts, instruction_tokens)
-    logprobs, n_scored = choice_logprobs(sampler, renderer, questions)
+    drawn = sampled_replies(sampler, renderer, prompts, instruction_tokens) if sampled else None
+    accuracy = probability = None
+    n_scored = 0
+    if chat_questions:
+        logprobs, n_scored = choice_logprobs(sampler, renderer, questions)
+        accuracy, probability = multiple_choice(questions, logprobs)
     cloze, n_cloze = cloze_logprobs(sampler, tokenizer, questions, start_token)
-    accuracy, probability = multiple_choice(questions, logprobs)
     cloze_accuracy, cloze_probability = multiple_choice(questions, cloze)
     held = [(i.kind, follows(i, r)) for i, r in zip(instructions, replies)]
     kinds = {kind: [ok for k, ok in held if k == kind] for kind, _ in held}
@@ -129,6 +136,7 @@ def score(sampler: stillroom.SamplingClient, renderer: Renderer, questions: Sequ
                   cloze_probability=cloze_probability, instructions=sum(ok for _, ok in held) / len(held),
                   instruction_kinds={kind: sum(oks) / len(oks) for kind, oks in kinds.items()},
                   looping=sum(map(loops, replies)) / len(replies),
-                  instructions_sampled=sum(follows(i, r) for i, group in zip(instructions, sampled)
-                                           for r in group) / sum(map(len, sampled)),
+                  instructions_sampled=None if drawn is None else (
+                      sum(follows(i, r) for i, group in zip(instructions, drawn) for r in group)
+                      / sum(map(len, drawn))),
                   sampled_tokens=n_reply, scored_tokens=n_scored + n_cloze, examples=tuple(replies[:3]))

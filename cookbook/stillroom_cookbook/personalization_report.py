@@ -9,6 +9,7 @@ compute in tokens.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 from stillroom_cookbook.metrics import read_jsonl
@@ -17,7 +18,7 @@ from stillroom_cookbook.personalization_eval import SAMPLED_REPLIES
 METHODS = ["base model", "mid-train", "mid-train + chat mix", "distill (sampled estimate)",
            "distill (exact reverse KL)", "distill (sampled estimate) + replay",
            "distill (exact reverse KL) + replay", "distill (exact reverse KL), merged",
-           "SFT on teacher samples"]
+           "replay only (control)", "SFT on teacher samples"]
 # each distillation row's metrics log: distill-{slug}-{seed}.jsonl
 DISTILL_LOGS = {"distill (sampled estimate)": "sampled", "distill (exact reverse KL)": "teacher_reverse_kl",
                 "distill (sampled estimate) + replay": "sampled-replay",
@@ -36,9 +37,12 @@ def summarize(rows: list[dict]) -> list[dict]:
             continue
         entry = {"method": method, "seeds": len(group)}
         for key in ("questions", "answer_probability", "cloze", "cloze_probability", "instructions",
-                    "looping", "instructions_sampled", "train_tokens", "sampled_tokens",
+                    "looping", "instructions_sampled", "steps", "train_tokens", "sampled_tokens",
                     "teacher_tokens", "seconds", "cpu_seconds", "load"):
-            values = [r.get(key, 0.0) for r in group]
+            if any(r.get(key) is None for r in group):   # a score this run did not measure
+                entry[key] = entry[key + "_sd"] = None
+                continue
+            values = [float(r[key]) for r in group]
             entry[key] = statistics.mean(values)
             entry[key + "_sd"] = statistics.pstdev(values) if len(values) > 1 else 0.0
         start = group[0].get("start") or "mid-train"
@@ -53,13 +57,16 @@ def _recovery(base: dict, mid: list[dict], group: list[dict]) -> dict:
     """Instruction following recovered (of what mid-training lost) and knowledge gain kept (of what
     mid-training gained over the base model), pooled over the seeds: the summed change of each seed
     against its own mid-training, over the summed loss (gain); None where the mid-training lost
-    (gained) nothing in sum. Pooled, not a mean of per-seed ratios: a seed whose mid-training lost
-    one prompt would make its ratio pure noise. The gain is measured on the cloze probe's accuracy
-    and true-value probability, and on the chat questions' accuracy."""
+    (gained) nothing in sum, or where a score was not measured. Pooled, not a mean of per-seed
+    ratios: a seed whose mid-training lost one prompt would make its ratio pure noise. The gain is
+    measured on the cloze probe's accuracy and true-value probability, and on the chat questions'
+    accuracy."""
     mid_by_seed = {r["seed"]: r for r in mid}
     pairs = [(row, mid_by_seed[row["seed"]]) for row in group if row["seed"] in mid_by_seed]
 
     def share(key: str, lost: bool) -> float | None:
+        if any(r.get(key) is None for pair in pairs for r in pair) or base.get(key) is None:
+            return None
         sign = 1.0 if lost else -1.0   # recovered: (row - start) / (base - start); kept: (row - base) / ...
         moved = sum(sign * (base.get(key, 0.0) - start.get(key, 0.0)) for _, start in pairs)
         if moved <= 0:
@@ -74,28 +81,44 @@ def _recovery(base: dict, mid: list[dict], group: list[dict]) -> dict:
     return out
 
 
+# the table's columns: (header, cell), in order; a column whose cells are all "—" (a score the run did
+# not measure) is left out
+COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
+    ("method", lambda e: e["method"]),
+    ("starts from", lambda e: "—" if e["method"] == "base model" else e["start"]),
+    ("seeds", lambda e: str(e["seeds"])),
+    ("steps", lambda e: "—" if e["method"] == "base model" or e["steps"] is None else f"{e['steps']:.0f}"),
+    ("cloze probe right (of 10)", lambda e: _pm(e, "cloze")),
+    ("cloze p(true value)", lambda e: _pm(e, "cloze_probability")),
+    ("chat questions right (of 10)", lambda e: _pm(e, "questions")),
+    ("chat p(true value)", lambda e: _pm(e, "answer_probability")),
+    ("instruction following (greedy)", lambda e: _pm(e, "instructions")),
+    ("replies that loop", lambda e: _pm(e, "looping")),
+    ("IF sampled (T=1)", lambda e: _pm(e, "instructions_sampled")),
+    ("IF recovered", lambda e: _pct(e.get("if_recovered"))),
+    ("IF sampled recovered", lambda e: _pct(e.get("if_sampled_recovered"))),
+    ("cloze gain kept (right / p)",
+     lambda e: f"{_pct(e.get('cloze_kept'))} / {_pct(e.get('cloze_probability_kept'))}"),
+    ("chat gain kept", lambda e: _pct(e.get("questions_kept"))),
+    ("train tokens", lambda e: f"{e['train_tokens']:,.0f}"),
+    ("sampled tokens", lambda e: f"{e['sampled_tokens']:,.0f}"),
+    ("teacher tokens", lambda e: f"{e['teacher_tokens']:,.0f}"),
+    ("seconds", lambda e: f"{e['seconds']:.0f}"),
+    ("CPU-seconds", lambda e: f"{e['cpu_seconds']:.0f}"),
+]
+
+
 def table(summary: list[dict]) -> str:
-    lines = ["| method | starts from | seeds | cloze probe right (of 10) | cloze p(true value) | "
-             "chat questions right (of 10) | chat p(true value) | instruction following (greedy) | "
-             "replies that loop | IF sampled (T=1) | IF recovered (greedy / sampled) | "
-             "knowledge gain kept (cloze right / cloze p / chat right) | "
-             "train tokens | sampled tokens | teacher tokens | seconds | CPU-seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for e in summary:
-        start = "—" if e["method"] == "base model" else e["start"]
-        lines.append(
-            f"| {e['method']} | {start} | {e['seeds']} | {_pm(e, 'cloze')} | {_pm(e, 'cloze_probability')} | "
-            f"{_pm(e, 'questions')} | {_pm(e, 'answer_probability')} | "
-            f"{_pm(e, 'instructions')} | {_pm(e, 'looping')} | {_pm(e, 'instructions_sampled')} | "
-            f"{_pct(e.get('if_recovered'))} / {_pct(e.get('if_sampled_recovered'))} | "
-            f"{_pct(e.get('cloze_kept'))} / {_pct(e.get('cloze_probability_kept'))} / "
-            f"{_pct(e.get('questions_kept'))} | "
-            f"{e['train_tokens']:,.0f} | {e['sampled_tokens']:,.0f} | {e['teacher_tokens']:,.0f} | "
-            f"{e['seconds']:.0f} | {e['cpu_seconds']:.0f} |")
+    cells = [[cell(e) for e in summary] for _, cell in COLUMNS]
+    kept = [i for i, column in enumerate(cells) if any(c.strip("—/ ") for c in column)]
+    lines = ["| " + " | ".join(COLUMNS[i][0] for i in kept) + " |", "|" + "---|" * len(kept)]
+    lines += ["| " + " | ".join(cells[i][row] for i in kept) + " |" for row in range(len(summary))]
     return "\n".join(lines)
 
 
 def _pm(entry: dict, key: str) -> str:
+    if entry[key] is None:
+        return "—"
     sd = entry[key + "_sd"]
     return f"{100 * entry[key]:.1f}%" + (f" ± {100 * sd:.1f}" if entry["seeds"] > 1 else "")
 
@@ -184,16 +207,17 @@ def write_report(rows: list[dict], out_dir: Path, wall_seconds: float, log_dir: 
     summary = summarize(rows)
     cpu = "" if cpu_seconds is None else f", {cpu_seconds / 60:.1f} CPU-minutes (client + server)"
     load = "" if mean_load is None else f", mean 1-minute load average {mean_load:.1f}"
+    replies = "reply" if SAMPLED_REPLIES == 1 else "replies"
     text = (f"{table(summary)}\n\nWall time {wall_seconds / 60:.1f} min{cpu}{load}. "
             "IF recovered: of the instruction following the row's starting mid-training lost against the "
-            "base model, the share won back; knowledge gain kept: of the cloze probe's accuracy / "
-            "true-value probability and of the chat questions' accuracy that mid-training gained over the "
-            "base model, the share still there; — where it lost or gained nothing (each seed against "
-            "that seed's starting mid-training, pooled: summed changes over summed losses or gains). "
-            "Replies that loop: a word 3-gram three "
-            "times or more in a greedy instruction reply. IF sampled: the same prompts, "
-            f"{SAMPLED_REPLIES} repl{'y' if SAMPLED_REPLIES == 1 else 'ies'} each at temperature 1. "
-            "+ replay: each distillation step also trains on a few mid-training documents "
+            "base model, the share won back; gain kept: of the accuracy (and true-value probability) that "
+            "mid-training gained over the base model, the share still there; — where it lost or gained "
+            "nothing (each seed against that seed's starting mid-training, pooled: summed changes over "
+            "summed losses or gains). Replies that loop: a word 3-gram three "
+            "times or more in a greedy instruction reply."
+            + (f" IF sampled: the same prompts, {SAMPLED_REPLIES} {replies} each at temperature 1."
+               if any(e["instructions_sampled"] is not None for e in summary) else "")
+            + " + replay: each distillation step also trains on a few mid-training documents "
             "(cross-entropy, in the same update), which the post's recipe does not.\n")
     (out_dir / "personalization_table.md").write_text(text)
     plot(rows, summary, out_dir / "personalization.png", log_dir)
