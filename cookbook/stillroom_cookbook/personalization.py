@@ -4,7 +4,7 @@ following), then distill its own earlier self back in on instruction prompts.
 
     bash scripts/setup_real_model.sh
     python -m stillroom_cookbook.personalization [--smoke] [--seeds 0 1 2] [--out docs]
-        [--plain-midtrain] [--replay-control] [--pure-distill] [--merged-distill]
+        [--plain-midtrain] [--no-replay-control] [--pure-distill] [--merged-distill]
         [--chat-questions] [--sampled-eval]
 
 Starts a server per worker (STILLROOM_DTYPE=bf16-train and one torch thread unless set: training in
@@ -13,10 +13,11 @@ base model once, and per seed: mid-trains a LoRA run on the documents with the t
 replies mixed in (the post's mid-training); from that state, distills with Tinker's sampled-token
 estimate and with Stillroom's exact `teacher_reverse_kl`, each step also replaying a few
 mid-training documents (`replay_documents`; not the post's recipe), and fine-tunes on the teacher's
-samples (SFT). Optional rows: --plain-midtrain, a mid-training on the documents alone;
---replay-control, the replay's documents alone for the exact loss's steps (no distillation);
---pure-distill, the exact loss without the replay; --merged-distill, the start folded into the
-base's weights and distilled into a fresh LoRA on them. Optional scores (each about as dear as the
+samples (SFT); and, as a control, trains the same state on the replayed documents alone for the
+exact loss's steps (no distillation; --no-replay-control leaves it out). Optional rows:
+--plain-midtrain, a mid-training on the documents alone; --pure-distill, the exact loss without
+the replay; --merged-distill, the start folded into the base's weights and distilled into a fresh
+LoRA on them. Optional scores (each about as dear as the
 greedy instruction replies): --chat-questions, the facts as a multiple-choice chat reply;
 --sampled-eval, the instruction score at temperature 1. Writes personalization.json,
 personalization_table.md and personalization.png under --out.
@@ -89,8 +90,9 @@ class PersonalizationConfig:
     replay_weight: float = 1.0        # the replayed documents' per-token weight in that update
     pure_distill_row: bool = False    # with replay: also distill (exact reverse KL) without it, for contrast
                                       # (off in the 3-seed run for its budget)
-    replay_control: bool = False      # also: the replayed documents alone, the exact loss's steps and
-                                      # learning rate, no distillation (what replay re-trains by itself)
+    replay_control: bool = True       # also: the replayed documents alone, the exact loss's steps and
+                                      # learning rate, no distillation (what replay re-trains by itself;
+                                      # with replay_documents > 0)
     chat_questions: bool = False      # also score the facts as a multiple-choice chat reply (at chance
                                       # in every round so far; the cloze probe is the knowledge score)
     sampled_eval: bool = False        # also score instruction following at temperature 1
@@ -109,8 +111,6 @@ class PersonalizationConfig:
                              f"got {self.distill_start!r}")
         if not 0 <= self.chat_fraction < 1:
             raise ValueError(f"chat_fraction: in [0, 1), got {self.chat_fraction}")
-        if self.replay_control and not self.replay_documents:
-            raise ValueError("replay_control: needs replay_documents > 0")
         if self.sampled_steps is not None and self.sampled_steps < 0:
             raise ValueError(f"sampled_steps: >= 0 or None, got {self.sampled_steps}")
         if self.replay_documents < 0 or self.replay_weight <= 0:
@@ -395,7 +395,7 @@ class Experiment:
             self._report(stages, self.distill_from(origin, seed, "teacher_reverse_kl"))
             if c.replay_documents and c.pure_distill_row:
                 self._report(stages, self.distill_from(origin, seed, "teacher_reverse_kl", replay=0))
-            if c.replay_control:
+            if c.replay_control and c.replay_documents:
                 self._report(stages, self.replay_only(origin, seed))
             self._report(stages, self.sft_from(origin, seed, replies))
             if merged is not None:
@@ -519,7 +519,7 @@ def _describe(config: PersonalizationConfig) -> dict:
 OPTIONS = {
     "--plain-midtrain": ("plain_midtrain", "also mid-train on the documents alone, for contrast"),
     "--replay-control": ("replay_control", "also train the start on the replayed documents alone (no "
-                                           "distillation), the exact loss's steps"),
+                                           "distillation), the exact loss's steps (default: on)"),
     "--pure-distill": ("pure_distill_row", "also distill (exact reverse KL) without the replayed documents"),
     "--merged-distill": ("merged_distill",
                          "also distill into a fresh LoRA on the merged mid-trained weights"),
@@ -540,8 +540,8 @@ def main() -> None:
                                                           "config's)")
     parser.add_argument("--sampled-steps", type=int,
                         help="the sampled estimate's steps (default: the config's)")
-    for flag, (_, text) in OPTIONS.items():
-        parser.add_argument(flag, action="store_true", help=text)
+    for flag, (_, text) in OPTIONS.items():   # --x / --no-x; unset: the config's default
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
     parser.add_argument("--workers", type=int,
                         help="processes the seeds are spread over, each with its own server "
                              "(default: one per seed)")
@@ -560,15 +560,17 @@ def main() -> None:
         config = dataclasses.replace(config, distill=distill_config)
     if args.sampled_steps is not None:
         config = dataclasses.replace(config, sampled_steps=args.sampled_steps)
-    chosen = [flag for flag in OPTIONS if getattr(args, flag[2:].replace("-", "_"))]
-    config = dataclasses.replace(config, **{OPTIONS[flag][0]: True for flag in chosen})
+    chosen = {flag: value for flag in OPTIONS
+              if (value := getattr(args, flag[2:].replace("-", "_"))) is not None}
+    config = dataclasses.replace(config, **{OPTIONS[flag][0]: value for flag, value in chosen.items()})
     config = smoke(config) if args.smoke else config
     data_dir = args.data_dir.resolve()
     if args.worker is not None:
         run_seeds(config, data_dir / f"worker-{args.worker}", args.worker == 0,
                   data_dir / f"rows-{args.worker}.json")
         return
-    passed = ["--model-dir", str(config.model_dir), *(["--smoke"] if args.smoke else []), *chosen,
+    passed = ["--model-dir", str(config.model_dir), *(["--smoke"] if args.smoke else []),
+              *(flag if value else "--no-" + flag[2:] for flag, value in chosen.items()),
               *(["--distill-steps", str(args.distill_steps)] if args.distill_steps is not None else []),
               *(["--sampled-steps", str(args.sampled_steps)] if args.sampled_steps is not None else [])]
     run_experiment(config, args.out, data_dir, args.workers or len(config.seeds), passed)
