@@ -31,6 +31,7 @@ import json
 import os
 import random
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -442,11 +443,18 @@ class DocumentOrChatRenderer:
         return self.chat.decode(completion_tokens)
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit in this process, so that `finally` blocks and context managers
+    (a LocalServer's stop) run before it exits."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def run_seeds(config: PersonalizationConfig, data_dir: Path, with_base: bool, rows_path: Path) -> None:
     """One worker: a server of its own under `data_dir`, the base model's scores if `with_base`, and
     each of `config.seeds`; after each seed, its rows and CPU-seconds go to `rows_path`."""
     os.environ.setdefault("STILLROOM_DTYPE", "bf16-train")
     os.environ.setdefault("STILLROOM_THREADS", "1")   # one torch thread a server: a worker a core
+    stop_on_sigterm()   # so that a terminated worker still stops its server
     server = LocalServer(data_dir)
     with server:
         def save(stages: list[Stage]) -> None:
@@ -475,15 +483,23 @@ def run_experiment(config: PersonalizationConfig, out_dir: Path, data_dir: Path,
                                    *(argv or [])])
                  for i, seeds in enumerate(groups)]
     seen: dict[Path, float] = {}
-    while True:
-        done = all(p.poll() is not None for p in processes)
-        changed = [p for p in paths if p.exists() and p.stat().st_mtime != seen.get(p)]
-        if changed or done:
-            seen.update({p: p.stat().st_mtime for p in changed})
-            rows = _save(config, out_dir, data_dir, paths, time.monotonic() - start)
-        if done:
-            break
-        time.sleep(2)
+    stop_on_sigterm()
+    try:
+        while True:
+            done = all(p.poll() is not None for p in processes)
+            changed = [p for p in paths if p.exists() and p.stat().st_mtime != seen.get(p)]
+            if changed or done:
+                seen.update({p: p.stat().st_mtime for p in changed})
+                rows = _save(config, out_dir, data_dir, paths, time.monotonic() - start)
+            if done:
+                break
+            time.sleep(2)
+    finally:   # stopped early (an error, Ctrl-C, SIGTERM): the workers stop their servers and exit
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            process.wait()
     failed = [i for i, p in enumerate(processes) if p.returncode != 0]
     if failed:
         raise RuntimeError(f"personalization workers {failed} failed; see the output above")

@@ -124,7 +124,7 @@ def _pm(entry: dict, key: str) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.0f}%"
+    return "—" if value is None else f"{round(100 * value) + 0:.0f}%"   # + 0: no "-0%"
 
 
 def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None = None) -> Path:
@@ -153,8 +153,8 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
     if base is not None:
         left.text(100 * base["cloze"] + 1.5, 100 * base["instructions"], "base model's instruction following",
                   color="gray", fontsize=8, ha="left", va="bottom")
-    left.set(xlabel="the documents' facts in an unseen sentence form: true value likeliest of 10 (%)",
-             ylabel="instruction prompts whose constraint holds (%)",
+    left.set(xlabel="facts known in an unseen sentence form: true value likeliest of 10 (%)",
+             ylabel="instruction prompts followed (%)",
              title="Knowledge vs instruction following\n(up and right is better; big = mean, faint = seeds)")
     left.grid(alpha=0.3)
     left.legend(fontsize=8, loc="upper right", ncol=2)
@@ -170,11 +170,12 @@ def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None
     right.legend(fontsize=8)
     seeds = len({r["seed"] for r in rows if r["seed"] >= 0})
     merged = any(e["method"].endswith(", merged") for e in summary)
-    fig.suptitle("SmolLM2-135M-Instruct mid-trained on internal documents with LoRA (+ chat mix: with chat "
-                 "replies mixed in), then the chat-mix run trained on toward the original model"
+    fig.suptitle("SmolLM2-135M-Instruct mid-trained with LoRA on internal documents (+ chat mix: with chat "
+                 "replies mixed in), then trained on from the chat-mix run:\n"
+                 "distilled toward the original model"
                  + (" (merged: a fresh LoRA on its merged weights)" if merged else "")
-                 + ":\nwhich method keeps the facts and the assistant? "
-                 f"({seeds} seed{'s' if seeds != 1 else ''})",
+                 + ", fine-tuned on its replies, or (control) on the documents alone. "
+                 f"Which keeps the facts and the assistant? ({seeds} seed{'s' if seeds != 1 else ''})",
                  fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
