@@ -245,3 +245,40 @@ def test_personalization_smoke(model_dir, tmp_path):
     assert all(0 <= r["instructions_sampled"] <= 1 for r in rows)
     assert all(0 < r["answer_probability"] < 1 for r in rows)
     assert all(r["train_tokens"] > 0 for r in rows[1:])
+
+
+def test_a_terminated_personalization_run_stops_its_workers_and_their_servers(model_dir, tmp_path):
+    """SIGTERM to the recipe's parent process: it stops its workers, each worker stops its server,
+    and nothing of the run is left running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    parent = subprocess.Popen([sys.executable, "-m", "stillroom_cookbook.personalization", "--smoke",
+                               "--model-dir", str(model_dir), "--data-dir", str(data),
+                               "--out", str(tmp_path / "out")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (data / "worker-0" / "local_api_key").exists():   # the worker's server is up
+        assert parent.poll() is None and time.monotonic() < deadline, "the worker's server never started"
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+
+    def left_running() -> list[str]:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().decode(errors="replace").replace("\0", " ")
+                if str(data) in text:
+                    found.append(f"{cmdline.parent.name}: {text}")
+            except OSError:   # it ended while we looked
+                pass
+        return found
+
+    deadline = time.monotonic() + 30
+    while left_running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left_running()

@@ -34,11 +34,14 @@ class LocalServer:
              str(self.data_dir), "--device", self.device, "--ready-file", str(ready)],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ})
         deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the server did not start; see {self.log_file}")
-            time.sleep(0.1)
+        try:
+            while not ready.exists():
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start; see {self.log_file}")
+                time.sleep(0.1)
+        except BaseException:   # not started, or interrupted while waiting (Ctrl-C, SIGTERM): no orphan
+            self.stop()
+            raise
         self.address = ready.read_text().splitlines()[0]
         key_file = self.data_dir / "local_api_key"  # made by the server at its first start
         self.local_api_key = key_file.read_text().strip() if key_file.exists() else None
