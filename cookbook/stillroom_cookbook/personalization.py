@@ -17,10 +17,10 @@ samples (SFT); and, as a control, trains the same state on the replayed document
 exact loss's steps (no distillation; --no-replay-control leaves it out). Optional rows:
 --plain-midtrain, a mid-training on the documents alone; --pure-distill, the exact loss without
 the replay; --merged-distill, the start folded into the base's weights and distilled into a fresh
-LoRA on them. Optional scores (each about as dear as the
-greedy instruction replies): --chat-questions, the facts as a multiple-choice chat reply;
---sampled-eval, the instruction score at temperature 1. Writes personalization.json,
-personalization_table.md and personalization.png under --out.
+LoRA on them. Optional scores (each about as dear as the greedy instruction replies):
+--chat-questions, the facts as a multiple-choice chat reply; --sampled-eval, the instruction score
+at temperature 1. Writes personalization.json, personalization_table.md and personalization.png
+under --out; stopping it (Ctrl-C, SIGTERM) stops its workers and their servers.
 """
 
 from __future__ import annotations
