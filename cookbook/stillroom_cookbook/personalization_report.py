@@ -124,7 +124,7 @@ def _pm(entry: dict, key: str) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{round(100 * value) + 0:.0f}%"   # + 0: no "-0%"
+    return "—" if value is None else f"{round(100 * value)}%"   # an int: no "-0%"
 
 
 def plot(rows: list[dict], summary: list[dict], path: Path, log_dir: Path | None = None) -> Path:
