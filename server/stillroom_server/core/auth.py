@@ -39,7 +39,8 @@ class Authenticator:
             return LOCAL_OWNER
         owner = keys.owner_of(self.store, secret.strip()) if secret else None
         if owner is None:
-            where = (f"; the server's local key is in {self.data_dir / LOCAL_KEY_FILE}"
+            # the file's name only: where the data dir is is not for unauthenticated callers
+            where = (f"; the server's local key is in {LOCAL_KEY_FILE} in its data dir"
                      if self.data_dir is not None else "")
             raise Unauthenticated(
                 "missing, unknown or revoked API key: pass api_key= to ServiceClient or set "

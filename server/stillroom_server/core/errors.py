@@ -14,8 +14,9 @@ from stillroom_server.store import SequenceConflict
 
 logger = logging.getLogger("stillroom.core")
 
-__all__ = ["AlreadyExists", "FailedPrecondition", "InvalidInput", "NotFound", "ResourceExhausted",
-           "SequenceConflict", "StoredFailure", "Unauthenticated", "code_for", "CLIENT_CODES"]
+__all__ = ["AlreadyExists", "FailedPrecondition", "InvalidInput", "NotFound", "RequestConflict",
+           "ResourceExhausted", "SequenceConflict", "StoredFailure", "Unauthenticated", "code_for",
+           "CLIENT_CODES"]
 
 
 class Unauthenticated(Exception):
@@ -32,6 +33,11 @@ class ResourceExhausted(Exception):
         self.retry_after_seconds = retry_after_seconds
 
 
+class RequestConflict(Exception):
+    """A numbered request whose number an earlier, different request already took: not a retry
+    (a retry repeats the body), so it is refused and nothing runs."""
+
+
 class StoredFailure(Exception):
     """A request that failed with `code` and `message`, relayed as the outcome of another."""
 
@@ -45,6 +51,7 @@ _CODES: list[tuple[type[BaseException], str]] = [
     (SequenceConflict, "INVALID_ARGUMENT"),
     (NotFound, "NOT_FOUND"),
     (AlreadyExists, "ALREADY_EXISTS"),
+    (RequestConflict, "ALREADY_EXISTS"),
     (FailedPrecondition, "FAILED_PRECONDITION"),
     (Unauthenticated, "UNAUTHENTICATED"),
     (ResourceExhausted, "RESOURCE_EXHAUSTED"),

@@ -10,6 +10,7 @@ wire format: results are stored by core/results.py, errors carry core/errors.py'
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import uuid
@@ -25,12 +26,13 @@ from stillroom_server.core.errors import (
     FailedPrecondition,
     InvalidInput,
     NotFound,
+    RequestConflict,
     ResourceExhausted,
     SequenceConflict,
     StoredFailure,
 )
 from stillroom_server.core.futures import MAX_POLL_SECONDS, FutureHub, new_request_id, result_of
-from stillroom_server.core.sessions import ClientSessions
+from stillroom_server.core.sessions import LAPSED, ClientSession, ClientSessions
 from stillroom_server.engine import checkpoints
 from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, known_losses
 from stillroom_server.engine.scheduler import Job, Scheduler
@@ -84,6 +86,13 @@ class SaveOptions:
     user_metadata: dict[str, str] = field(default_factory=dict)
 
 
+def request_digest(kind: str, body: bytes) -> str:
+    """What tells a retry of a numbered request from another request reusing its number: a hash
+    of its kind and its body as the transport canonicalized it (deterministic protobuf bytes, or
+    JSON with sorted keys)."""
+    return hashlib.sha256(kind.encode() + b"\0" + body).hexdigest()
+
+
 def sample_sequence_ids(request_id: str, num_samples: int) -> list[str]:
     """The names of a sample request's sequences (SampledSequence.sequence_id): unique per server."""
     return [f"{request_id}:{i}" for i in range(num_samples)]
@@ -98,19 +107,20 @@ def relay(record: FutureRecord) -> pb.FutureResult:
 
 class Service:
     def __init__(self, engine: Engine, scheduler: Scheduler, store: Store, hub: FutureHub,
-                 limits: validate.Limits | None = None) -> None:
+                 limits: validate.Limits | None = None, session_timeout: float = 0.0) -> None:
         self.engine = engine
         self.scheduler = scheduler
         self.store = store
         self.hub = hub
         self.limits = limits or validate.Limits()
-        self.sessions = ClientSessions()
+        self.sessions = ClientSessions(session_timeout)  # lapse after this long without a heartbeat
         self.run_owners: dict[str, str] = {}  # runs live in this process, by owner
         self.run_bytes: dict[str, int] = {}   # their weights and AdamW moments, as measured at creation
         self._stated_budget = engine.run_memory_bytes  # the training-run memory stated at start
         self._samplers: dict[str, _OpenSampler] = {}
         self._turns: dict[str, asyncio.Event] = {}  # set when a run accepts its next request
-        self._held: dict[tuple[str, int], str] = {}  # numbered requests waiting for their turn
+        # numbered requests waiting for their turn: (run, seq) -> (request id, digest)
+        self._held: dict[tuple[str, int], tuple[str, str]] = {}
 
     async def on_worker(self, fn: Callable[[], Any], kind: str, lane: str = "admin") -> Any:
         """Run `fn` on the engine's worker thread after the work queued in `lane`; await its result."""
@@ -163,7 +173,7 @@ class Service:
         run = await self._create_on_worker(
             owner, run_id, lambda: self.engine.create_run(run_id, base_model, lora, seed))
         if session is not None:
-            session.run_ids.append(run_id)
+            await self._join_session(session, run_id)
         config = {"lora": vars(lora) if lora else None, "seed": seed}
         self.store.create_run(run_id, owner, base_model, run.is_lora, run.lora_rank, config, metadata,
                               run.num_trainable_params())
@@ -182,20 +192,32 @@ class Service:
         run = await self._create_on_worker(
             owner, run_id, lambda: self.engine.create_run_from_state(run_id, parsed.uri, with_optimizer))
         if session is not None:
-            session.run_ids.append(run_id)
+            await self._join_session(session, run_id)
         config = {"lora": meta["lora"], "seed": None, "from_state": parsed.uri,
                   "with_optimizer": with_optimizer}
         self.store.create_run(run_id, owner, meta["base_model"], run.is_lora, run.lora_rank, config,
                               metadata, run.num_trainable_params())
         return self.run_info(owner, run_id)
 
+    async def _join_session(self, session: ClientSession, run_id: str) -> None:
+        """Count a new run as its client session's (a call naming the session is a sign of life,
+        like a heartbeat). A session that ended while the run was being made takes it out again."""
+        if session.finished is not None:
+            await self._release(run_id)
+            raise FailedPrecondition(f"session_id: {session.why}; make a new ServiceClient")
+        session.run_ids.append(run_id)
+        session.touch()
+
     def _reserve_run(self, owner: str, run_id: str | None) -> str:
         """A new run id for `owner`, counted against their live runs before any work starts."""
         live = sum(1 for o in self.run_owners.values() if o == owner)
         if live >= self.limits.max_live_runs_per_owner:
+            lapse = (f"; a session with no heartbeat for {self.sessions.timeout:g} s ends by itself"
+                     if self.sessions.timeout > 0 else "")
             raise ResourceExhausted(f"training runs: {live} live runs is the limit of "
                                     f"{self.limits.max_live_runs_per_owner} per owner (finish a "
-                                    "session or restart to release runs)")
+                                    "session, unload a run or end a session with `stillroom sessions "
+                                    f"end` to release runs{lapse})")
         held, budget = self.live_bytes(owner), self.live_bytes_budget()
         if budget is not None and held >= budget:
             raise self._over_budget(held, 0, budget)
@@ -294,41 +316,55 @@ class Service:
 
     def _sequenced(self, owner: str, run_id: str, seq: int, kind: str,
                    prepare: Callable[[], Callable[[], Any]],
-                   encode: Callable[[Any], pb.FutureResult], refusal_takes_number: bool) -> str:
+                   encode: Callable[[Any], pb.FutureResult], refusal_takes_number: bool,
+                   digest: str = "") -> str:
         """Accept request `seq` of a run: dedupe repeats, validate, record, queue in order.
 
         A request that fails validation changes nothing. By default it is refused outright and its
         number stays free (Stillroom's SDK numbers a call only once it is accepted). With
         `refusal_takes_number` (Tinker's SDK counts every call it makes) the number is used up by
-        a request that fails at once with the same error, so the client's next number follows."""
+        a request that fails at once with the same error, so the client's next number follows.
+        `digest` (the transport's hash of the kind and body) tells a retry, answered by the first
+        request's future, from a different request reusing the number, refused as a conflict."""
         self.own_run(owner, run_id)
         validate.seq(seq)
         earlier = self.store.find_sequenced(run_id, seq)
         if earlier is not None:  # a retry: the first request's future answers it
-            return earlier
+            return self._retry_of(run_id, seq, earlier, digest)
         try:
             work = prepare()
         except CLIENT_ERRORS as error:
             if not refusal_takes_number:
                 raise
-            request_id = self._accept(owner, kind, run_id, seq)
+            request_id = self._accept(owner, kind, run_id, seq, digest)
             self.hub.complete(request_id, None, error)
             return request_id
-        request_id = self._accept(owner, kind, run_id, seq)
+        request_id = self._accept(owner, kind, run_id, seq, digest)
         self.scheduler.submit(Job(
             kind=kind, run=work, lane=run_id,
             done=lambda result, error: self.hub.complete(request_id, result, error, encode)))
         return request_id
 
-    def _accept(self, owner: str, kind: str, run_id: str, seq: int) -> str:
-        request_id, _ = self.store.accept_sequenced(new_request_id(), owner, kind, run_id, seq)
+    @staticmethod
+    def _retry_of(run_id: str, seq: int, earlier: tuple[str, str | None], digest: str) -> str:
+        """The earlier request's id, if this one repeats it (or either side has no digest)."""
+        request_id, earlier_digest = earlier
+        if digest and earlier_digest and digest != earlier_digest:
+            raise RequestConflict(f"seq: request {seq} of run {run_id} was already taken by a different "
+                                  "request; a retry must repeat its body, and a new request needs "
+                                  "the next number")
+        return request_id
+
+    def _accept(self, owner: str, kind: str, run_id: str, seq: int, digest: str = "") -> str:
+        request_id, _ = self.store.accept_sequenced(new_request_id(), owner, kind, run_id, seq,
+                                                    digest or None)
         if (turn := self._turns.pop(run_id, None)) is not None:
             turn.set()
         self.hub.watch(request_id, owner, kind)
         return request_id
 
     def in_turn(self, owner: str, run_id: str, seq: int, kind: str, submit: Callable[[], str],
-                hold_seconds: float) -> str:
+                hold_seconds: float, digest: str = "") -> str:
         """Submit numbered request `seq` with `submit()` now if the run is ready for it; else answer
         at once with a request id and hold the request until `seq - 1` has been accepted (a client
         that sends one call's parts concurrently may deliver them out of order, and may wait for
@@ -339,7 +375,7 @@ class Service:
         if seq <= row.last_seq + 1:
             return submit()
         if (run_id, seq) in self._held:  # the client's retry of a request still held
-            return self._held[(run_id, seq)]
+            return self._retry_of(run_id, seq, self._held[(run_id, seq)], digest)
 
         async def when_its_turn() -> FutureRecord:
             try:
@@ -353,7 +389,7 @@ class Service:
                 self._held.pop((run_id, seq), None)
 
         request_id = self.submit_async(owner, kind, when_its_turn, relay)
-        self._held[(run_id, seq)] = request_id
+        self._held[(run_id, seq)] = (request_id, digest)
         return request_id
 
     async def _wait_for_turn(self, run_id: str, seq: int, timeout: float) -> None:
@@ -370,8 +406,9 @@ class Service:
                 return
 
     def forward_backward(self, owner: str, run_id: str, seq: int, work: ForwardBackwardWork,
-                         refusal_takes_number: bool = False) -> str:
+                         refusal_takes_number: bool = False, digest: str = "") -> str:
         def prepare():
+            self._refuse_if_session_ended(run_id)
             validate.token_count(work, self.limits)
             teacher = work.loss_fn_config_strings.get("teacher", "")
             if checkpoints.is_path(teacher):
@@ -382,37 +419,40 @@ class Service:
 
         kind = "forward" if work.forward_only else "forward_backward"
         return self._sequenced(owner, run_id, seq, kind, prepare, results.forward_backward,
-                               refusal_takes_number)
+                               refusal_takes_number, digest)
 
     def optim_step(self, owner: str, run_id: str, seq: int, adam: AdamConfig,
-                   refusal_takes_number: bool = False) -> str:
+                   refusal_takes_number: bool = False, digest: str = "") -> str:
         def prepare():
+            self._refuse_if_session_ended(run_id)
             validate.adam(adam)
             self.engine.get_run(run_id)
             return lambda: self.engine.optim_step(run_id, OptimWork(adam))
 
         return self._sequenced(owner, run_id, seq, "optim_step", prepare, results.optim_step,
-                               refusal_takes_number)
+                               refusal_takes_number, digest)
 
     def save_state(self, owner: str, run_id: str, seq: int, name: str = "",
-                   options: SaveOptions = SaveOptions(), refusal_takes_number: bool = False) -> str:
+                   options: SaveOptions = SaveOptions(), refusal_takes_number: bool = False,
+                   digest: str = "") -> str:
         return self._save(owner, run_id, seq, "weights", "state", name, options,
-                          self.engine.save_state, refusal_takes_number)
+                          self.engine.save_state, refusal_takes_number, digest)
 
     def save_sampler_weights(self, owner: str, run_id: str, seq: int, name: str = "",
                              options: SaveOptions = SaveOptions(),
-                             refusal_takes_number: bool = False) -> str:
+                             refusal_takes_number: bool = False, digest: str = "") -> str:
         return self._save(owner, run_id, seq, "sampler_weights", "auto", name, options,
-                          self.engine.save_sampler_weights, refusal_takes_number)
+                          self.engine.save_sampler_weights, refusal_takes_number, digest)
 
     def _save(self, owner: str, run_id: str, seq: int, kind: str, prefix: str, name: str,
               options: SaveOptions, write: Callable[[str, str], tuple[str, int]],
-              refusal_takes_number: bool) -> str:
+              refusal_takes_number: bool, digest: str) -> str:
         """A numbered request that writes checkpoint `kind` with `write(run_id, name)` and records
         its row; a taken name is refused before anything is written, unless `overwrite`."""
         name = name or f"{prefix}-{seq:06d}-{uuid.uuid4().hex[:6]}"
 
         def prepare():
+            self._refuse_if_session_ended(run_id)
             path = checkpoints.CheckpointPath(run_id, kind, checkpoints.check_name(name))
             ttl = validate.ttl_seconds(options.ttl_seconds)
             metadata = validate.user_metadata(options.user_metadata)
@@ -435,11 +475,12 @@ class Service:
             return save
 
         return self._sequenced(owner, run_id, seq, f"save_{kind}", prepare, results.saved,
-                               refusal_takes_number)
+                               refusal_takes_number, digest)
 
     def load_state(self, owner: str, run_id: str, seq: int, path: str, with_optimizer: bool,
-                   refusal_takes_number: bool = False) -> str:
+                   refusal_takes_number: bool = False, digest: str = "") -> str:
         def prepare():
+            self._refuse_if_session_ended(run_id)
             parsed, _ = self.owned_checkpoint(path, owner)
             self.engine.validate_load_state(run_id, parsed.uri)
 
@@ -450,7 +491,7 @@ class Service:
             return load
 
         return self._sequenced(owner, run_id, seq, "load_state", prepare, results.saved,
-                               refusal_takes_number)
+                               refusal_takes_number, digest)
 
     # ---------------------------------------------------------------- sampling
 
@@ -471,11 +512,17 @@ class Service:
                            base_model=opened.base.name,
                            model_path=path.uri if model_path else "",
                            max_context_length=opened.max_context, vocab_size=opened.vocab_size)
+        if client_session:  # still live after the load (a call naming it is a sign of life)
+            self.sessions.get(owner, client_session).touch()
         self._samplers[info.sampling_session_id] = _OpenSampler(owner, opened, info, client_session)
         return info
 
     def _sampler(self, owner: str, session_id: str) -> Sampler:
         entry = self._samplers.get(session_id)
+        ended = self.sessions.ended_with(session_id) if entry is None else None
+        if ended is not None and ended.owner == owner:
+            raise FailedPrecondition(f"sampling_session_id: sampler {session_id} was closed: "
+                                     f"{ended.why}; make a new ServiceClient and sampling client")
         if entry is None or entry.owner != owner:
             raise NotFound(f"sampling_session_id: session '{session_id[:80]}' does not exist "
                            "(sessions do not survive a server restart; make a new sampling client)")
@@ -535,14 +582,62 @@ class Service:
 
     async def finish_client_session(self, owner: str, session_id: str, reason: str) -> None:
         """End a client session: its sampling sessions close and its training runs leave memory
-        (their saved checkpoints stay; `create_training_client_from_state` resumes one)."""
-        session = self.sessions.finish(owner, session_id, reason)
-        for sampler_id in [k for k, v in self._samplers.items() if v.client_session == session.id]:
+        (their saved checkpoints stay; `create_training_client_from_state` resumes one). Finishing
+        an ended session changes nothing."""
+        await self._end_session(self.sessions.get(owner, session_id, live=False), reason)
+
+    async def end_client_session(self, owner: str, session_id: str) -> ClientSession:
+        """End a session for its owner (`stillroom sessions end`), as its client's finish would."""
+        session = self.sessions.get(owner, session_id, live=False)
+        await self._end_session(session, "ended by its owner")
+        return session
+
+    def list_client_sessions(self, owner: str) -> list[ClientSession]:
+        """The owner's client sessions, live and ended (as many ended ones as are remembered)."""
+        return self.sessions.list(owner)
+
+    async def sweep_lapsed_sessions(self) -> int:
+        """End every live session with no heartbeat for the session timeout; return how many."""
+        lapsed = self.sessions.lapsed()
+        for session in lapsed:
+            released = await self._end_session(session, LAPSED)
+            logger.warning("session %s of owner '%s' lapsed: no heartbeat for %g s; %d training runs "
+                           "left memory (their checkpoints stay)", session.id, session.owner,
+                           self.sessions.timeout, released)
+        return len(lapsed)
+
+    async def _end_session(self, session: ClientSession, reason: str) -> int:
+        """Mark the session ended (at once, so calls made meanwhile are refused), close its samplers
+        and take its runs out of memory; return how many runs left memory."""
+        first = session.finished is None
+        self.sessions.finish(session.owner, session.id, reason)
+        samplers = self.session_samplers(session.id)
+        for sampler_id in samplers:
             del self._samplers[sampler_id]
+        if first:
+            self.sessions.remember(session, session.run_ids + samplers)
+        released = 0
         for run_id in session.run_ids:
-            await self._release(run_id)
-        logger.info("session %s finished (%s): released %d runs", session.id, reason,
-                    len(session.run_ids))
+            released += await self._release(run_id)
+        if first and reason != LAPSED:
+            logger.info("session %s finished (%s): released %d runs", session.id, reason, released)
+        return released
+
+    def live_runs_of(self, session: ClientSession) -> int:
+        return sum(1 for run_id in session.run_ids if run_id in self.run_owners)
+
+    def _refuse_if_session_ended(self, run_id: str) -> None:
+        """A run that left memory when its client session ended is refused naming how it ended
+        (a lapse, a finish) and its last saved state."""
+        session = None if run_id in self.run_owners else self.sessions.ended_with(run_id)
+        if session is None:
+            return  # live, or gone for another reason, which the engine's refusal names
+        saved = self.engine.files.latest(run_id, "weights")
+        resume = (f"its last saved state is {saved.uri}: continue from it with "
+                  "create_training_client_from_state_with_optimizer" if saved else
+                  "it saved no training state (save_state) to continue from")
+        raise FailedPrecondition(f"training_run_id: run {run_id} is not in memory: {session.why}; "
+                                 f"{resume}")
 
     async def close_run(self, owner: str, run_id: str) -> RunInfo:
         """Take one run out of memory once its queued requests are done (Tinker's unload_model).

@@ -17,6 +17,17 @@ MAX_LIST_LIMIT = 1000
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_CHARS = 4096
+# Bounds every wire holds a request to before any of it reaches torch, the store or a log line.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_OFFSET = 2**31 - 1              # a list's offset (the store counts rows in int64; no list is longer)
+MAX_TAGS = 64                       # a client session's tags
+MAX_TAG_CHARS = 256
+MAX_ID_CHARS = 256                  # ids of sessions, runs, samplers and requests
+MAX_NAME_CHARS = 512                # base model names, checkpoint paths
+MAX_STOP_SEQUENCES = 64             # stop strings or stop token ids of one sampling request
+MAX_STOP_CHARS = 1024
+MAX_TENSOR_DIMS = 2                 # loss inputs are [T] (or [T, K])
+MAX_DECODED_ELEMENTS = 2**26        # values decoded from one request's tensors (256 MB as float32)
 
 
 @dataclass(frozen=True)
@@ -51,8 +62,8 @@ def lora_rank(rank: int) -> int:
 
 
 def seq(value: int) -> int:
-    if value < 1:
-        raise InvalidInput(f"seq: request numbers start at 1, got {value}")
+    if not 1 <= value <= INT64_MAX:
+        raise InvalidInput(f"seq: request numbers start at 1 and fit in int64, got {_short(value)}")
     return value
 
 
@@ -76,10 +87,41 @@ def ttl_seconds(value: int | None, field: str = "ttl_seconds") -> int | None:
 
 def list_window(limit: int, offset: int) -> tuple[int, int]:
     limit = limit or DEFAULT_LIST_LIMIT
-    if not 1 <= limit <= MAX_LIST_LIMIT or offset < 0:
-        raise InvalidInput(f"limit: must be between 1 and {MAX_LIST_LIMIT} and offset >= 0, "
-                           f"got limit {limit}, offset {offset}")
+    if not 1 <= limit <= MAX_LIST_LIMIT or not 0 <= offset <= MAX_OFFSET:
+        raise InvalidInput(f"limit: must be between 1 and {MAX_LIST_LIMIT} and offset between 0 and "
+                           f"{MAX_OFFSET}, got limit {limit}, offset {_short(offset)}")
     return limit, offset
+
+
+def tags(values: list[str]) -> list[str]:
+    if len(values) > MAX_TAGS:
+        raise InvalidInput(f"tags: at most {MAX_TAGS} tags, got {len(values)}")
+    for value in values:
+        if len(value) > MAX_TAG_CHARS:
+            raise InvalidInput(f"tags: each tag at most {MAX_TAG_CHARS} characters, got {len(value)}")
+    return list(values)
+
+
+def text(value: str, field: str, limit: int = MAX_ID_CHARS) -> str:
+    """A name or id from a request, bounded before anything looks it up or logs it."""
+    if len(value) > limit:
+        raise InvalidInput(f"{field}: at most {limit} characters, got {len(value)}")
+    return value
+
+
+def int64(value: int, field: str) -> int:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidInput(f"{field}: must fit in int64 [{INT64_MIN}, {INT64_MAX}], got {_short(value)}")
+    return value
+
+
+def _short(value: object) -> str:
+    """A value as a reply may quote it: at most 40 characters (an integer of 10^30 digits is not
+    worth echoing, and Python refuses to print one past 4,300)."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def user_metadata(metadata: dict | None, field: str = "user_metadata") -> dict[str, str]:

@@ -10,6 +10,8 @@ and loaded in PEFT's own format, which is also the export format.
 
 from __future__ import annotations
 
+import math
+import secrets
 import warnings
 from pathlib import Path
 
@@ -44,6 +46,22 @@ def lora_config(base: BaseModel, rank: int, train_mlp: bool, train_attn: bool,
                       base_model_name_or_path=str(base.directory))
 
 
+def draw_adapter(model: torch.nn.Module, name: str, seed: int | None) -> None:
+    """Draw adapter `name`'s A matrices as PEFT's default init does (Kaiming uniform; B stays zero)
+    from a generator of the adapter's own, seeded by `seed` (any int64; None: a random seed), so
+    that a client's seed never reaches torch's process-wide generator, which every owner shares."""
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed % 2**64)
+    with torch.no_grad():
+        for module in model.modules():
+            lora_a = getattr(module, "lora_A", None)
+            if isinstance(lora_a, torch.nn.ModuleDict) and name in lora_a:
+                weight = lora_a[name].weight
+                assert isinstance(weight, torch.Tensor)
+                drawn = torch.empty(weight.shape, dtype=weight.dtype)  # the generator's device: CPU
+                torch.nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
+                weight.copy_(drawn)
+
+
 class LoraHost:
     """One PEFT model per base model, holding every LoRA adapter trained or sampled on it."""
 
@@ -58,15 +76,14 @@ class LoraHost:
         return self.model
 
     def add_adapter(self, name: str, config: LoraConfig, seed: int | None) -> None:
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # PEFT's own draws leave the global state as it was
             if self.model is None:
                 self.model = get_peft_model(self.base.shared_copy(), config, adapter_name=name)
                 self.model.eval()  # no dropout; and PEFT's mixed-adapter batches need eval mode
                 self.mixed = MixedAdapters(self.model)
             else:
                 self.model.add_adapter(name, config)
+        draw_adapter(self.model, name, seed)
         self.model.to(self.base.module.device)
         self._keep_active_adapter_live()
         assert self.mixed is not None

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from stillroom._proto import stillroom_pb2 as pb
+from stillroom_server.core import validate
 from stillroom_server.engine.errors import InvalidInput
 from stillroom_server.engine.types import (
     AdamConfig,
@@ -30,6 +31,8 @@ def tensor_from_pb(message: pb.Tensor, field: str, dtype: int | None = None) -> 
         raise InvalidInput(f"{field}: dtype must be {pb.DType.Name(dtype).lower()}, "
                            f"got {pb.DType.Name(message.dtype).lower()}")
     shape = list(message.shape)
+    if not 1 <= len(shape) <= validate.MAX_TENSOR_DIMS:
+        raise InvalidInput(f"{field}: shape {shape[:8]} must have 1 to {validate.MAX_TENSOR_DIMS} dimensions")
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{field}: negative dimension in shape {shape}")
     itemsize = _NUMPY[message.dtype].itemsize

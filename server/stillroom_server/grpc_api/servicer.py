@@ -12,7 +12,8 @@ from stillroom_server import __version__
 from stillroom_server.core.auth import Authenticator
 from stillroom_server.core.errors import FailedPrecondition, InvalidInput, code_for
 from stillroom_server.core.futures import FutureHub
-from stillroom_server.core.service import RunInfo, SamplerInfo, SaveOptions, Service
+from stillroom_server.core.service import RunInfo, SamplerInfo, SaveOptions, Service, request_digest
+from stillroom_server.core.sessions import ClientSession
 from stillroom_server.engine.engine import LoraSpec
 from stillroom_server.grpc_api import convert
 from stillroom_server.grpc_api.status import retry_after_ms, rpc, rpc_stream
@@ -66,8 +67,10 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         return pb.FutureRef(request_id=self._forward_backward(owner, request))
 
     def _forward_backward(self, owner: str, request: pb.ForwardBackwardRequest) -> str:
+        self.service.own_run(owner, request.training_run_id)  # the owner before the tensors are decoded
         work = convert.forward_backward_from_pb(request)
-        return self.service.forward_backward(owner, request.training_run_id, request.seq, work)
+        return self.service.forward_backward(owner, request.training_run_id, request.seq, work,
+                                             digest=digest("forward_backward", request))
 
     @rpc
     async def OptimStep(self, request, context, owner):
@@ -75,22 +78,26 @@ class StillroomServicer(pb_grpc.StillroomServicer):
 
     def _optim_step(self, owner: str, request: pb.OptimStepRequest) -> str:
         return self.service.optim_step(owner, request.training_run_id, request.seq,
-                                       convert.adam_from_pb(request.adam_params))
+                                       convert.adam_from_pb(request.adam_params),
+                                       digest=digest("optim_step", request))
 
     @rpc
     async def SaveWeightsForSampler(self, request, context, owner):
         return pb.FutureRef(request_id=self.service.save_sampler_weights(
-            owner, request.training_run_id, request.seq, request.name, save_options(request)))
+            owner, request.training_run_id, request.seq, request.name, save_options(request),
+            digest=digest("save_sampler_weights", request)))
 
     @rpc
     async def SaveState(self, request, context, owner):
         return pb.FutureRef(request_id=self.service.save_state(
-            owner, request.training_run_id, request.seq, request.name, save_options(request)))
+            owner, request.training_run_id, request.seq, request.name, save_options(request),
+            digest=digest("save_state", request)))
 
     @rpc
     async def LoadState(self, request, context, owner):
         return pb.FutureRef(request_id=self.service.load_state(
-            owner, request.training_run_id, request.seq, request.path, request.with_optimizer))
+            owner, request.training_run_id, request.seq, request.path, request.with_optimizer,
+            digest=digest("load_state", request)))
 
     @rpc
     async def CreateTrainingRunFromState(self, request, context, owner):
@@ -193,6 +200,36 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         return pb.CheckpointArchiveUrl(url=self.archives.base_url + url_path,
                                        http_port=self.archives.port, url_path=url_path,
                                        expires_at=iso(expires_at), size_bytes=row.size_bytes)
+
+    # ---------------------------------------------------------------- client sessions (Tinker's)
+
+    @rpc
+    async def ListClientSessions(self, request, context, owner):
+        sessions = self.service.list_client_sessions(owner)
+        return pb.ListClientSessionsResponse(
+            sessions=[self._session_to_pb(s) for s in sessions],
+            session_timeout_seconds=self.service.sessions.timeout)
+
+    @rpc
+    async def EndClientSession(self, request, context, owner):
+        session = await self.service.end_client_session(owner, request.session_id)
+        return self._session_to_pb(session)
+
+    def _session_to_pb(self, session: ClientSession) -> pb.ClientSessionInfo:
+        def at(seconds: float | None) -> str:
+            return iso(datetime.fromtimestamp(seconds, timezone.utc)) if seconds is not None else ""
+
+        return pb.ClientSessionInfo(
+            session_id=session.id, state=session.state, end_reason=session.finished or "",
+            created_at=at(session.created_at), last_heartbeat_at=at(session.last_heartbeat_at),
+            ended_at=at(session.ended_at), training_run_ids=session.run_ids,
+            live_runs=self.service.live_runs_of(session),
+            sampler_ids=self.service.session_samplers(session.id), tags=session.tags,
+            user_metadata=session.user_metadata)
+
+
+def digest(kind: str, request) -> str:
+    return request_digest(kind, request.SerializeToString(deterministic=True))
 
 
 def save_options(request: pb.SaveWeightsRequest) -> SaveOptions:

@@ -12,6 +12,7 @@ import collections
 import functools
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,9 +23,15 @@ from starlette.routing import Route
 
 from stillroom_server import __version__
 from stillroom_server.core.auth import Authenticator
-from stillroom_server.core.errors import CLIENT_CODES, InvalidInput, ResourceExhausted, code_for
+from stillroom_server.core.errors import (
+    CLIENT_CODES,
+    InvalidInput,
+    RequestConflict,
+    ResourceExhausted,
+    code_for,
+)
 from stillroom_server.core.futures import result_of
-from stillroom_server.core.service import SaveOptions, Service, relay, sample_sequence_ids
+from stillroom_server.core.service import SaveOptions, Service, relay, request_digest, sample_sequence_ids
 from stillroom_server.http_api import schemas, views, wire
 from stillroom_server.http_api.archives import Archives
 
@@ -33,6 +40,9 @@ PROTO = "application/x-protobuf"
 HOLD_OUT_OF_ORDER_SECONDS = 30.0  # how long a numbered request waits for the one before it
 MAX_POLL_SECONDS = 30.0           # the SDK's own poll timeout is 45 s
 MAX_CHAINED = 4096                # unnamed sampler saves remembered for retries
+MAX_JSON_BYTES = 32 << 20         # a JSON body (the largest is a prompt of ~1M tokens)
+MAX_PROTO_BYTES = 256 << 20       # a protobuf body (the SDK sends forward_backward in ~5 MB parts)
+MAX_JSON_DEPTH = 32               # the deepest body the SDK sends is 5 levels
 STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "ALREADY_EXISTS": 400,
           "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
           "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "INTERNAL": 500}
@@ -58,12 +68,14 @@ NOT_OFFERED = {
 def error_response(error: BaseException) -> Response:
     code, message = code_for(error)
     headers = {}
+    status = STATUS.get(code, 500)
+    if isinstance(error, RequestConflict):  # Tinker's conflict status; retrying cannot help
+        status, headers["x-should-retry"] = 409, "false"
     if isinstance(error, ResourceExhausted):
         headers["x-should-retry"] = "true" if error.retryable else "false"
         if error.retry_after_seconds:
             headers["retry-after-ms"] = str(int(error.retry_after_seconds * 1000))
-    return JSONResponse({"error": message, "code": code}, status_code=STATUS.get(code, 500),
-                        headers=headers)
+    return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
 
 
 def not_offered(what: str) -> Callable[[Request], Awaitable[Response]]:
@@ -93,15 +105,13 @@ class TinkerApi:
 
     @staticmethod
     async def json_body(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw) if raw else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise InvalidInput(f"body: not valid JSON ({error})") from None
+        return parse_json(await read_body(request, MAX_JSON_BYTES))
 
-    def numbered(self, owner: str, run_id: str, seq: int, kind: str, submit) -> str:
-        """Submit a run's numbered request in its turn (held, answered at once, if it came early)."""
-        return self.service.in_turn(owner, run_id, seq, kind, submit, HOLD_OUT_OF_ORDER_SECONDS)
+    def numbered(self, owner: str, run_id: str, seq: int, kind: str, submit, digest: str) -> str:
+        """Submit a run's numbered request in its turn (held, answered at once, if it came early);
+        `digest` tells a retry (the same body) from a different request reusing its number."""
+        return self.service.in_turn(owner, run_id, seq, kind, submit, HOLD_OUT_OF_ORDER_SECONDS,
+                                    digest=digest)
 
     @staticmethod
     def future(request_id: str, **extra: Any) -> JSONResponse:
@@ -187,40 +197,51 @@ class TinkerApi:
                                f"({PROTO})")
         if request.headers.get("content-encoding", "identity") not in ("identity", ""):
             raise InvalidInput("content-encoding: this server does not ask for compressed bodies")
-        message, work = wire.forward_backward_from_proto(await request.body())
+        message = wire.parse_forward_backward(await read_body(request, MAX_PROTO_BYTES))
+        self.service.own_run(owner, message.model_id)  # the owner before the tensors are decoded
+        work = wire.forward_backward_work(message)
+        digest = digest_of("forward_backward", message.SerializeToString(deterministic=True))
         request_id = self.numbered(owner, message.model_id, message.seq_id, "forward_backward",
                                    lambda: self.service.forward_backward(
                                        owner, message.model_id, message.seq_id, work,
-                                       refusal_takes_number=True))
+                                       refusal_takes_number=True, digest=digest), digest)
         return self.future(request_id, model_id=message.model_id)
 
     async def optim_step(self, request: Request, owner: str) -> Response:
-        body = schemas.parse(schemas.OptimStep, await self.json_body(request))
+        raw = await self.json_body(request)
+        body = schemas.parse(schemas.OptimStep, raw)
+        digest = digest_of("optim_step", raw)
         if body.adam_params is None:
             raise InvalidInput("adam_params: this server runs AdamW (optimizer_params for other "
                                "optimizers are not offered)")
         adam = views.adam(body.adam_params)
         request_id = self.numbered(owner, body.model_id, body.seq_id, "optim_step",
                                    lambda: self.service.optim_step(owner, body.model_id, body.seq_id,
-                                                                   adam, refusal_takes_number=True))
+                                                                   adam, refusal_takes_number=True,
+                                                                   digest=digest), digest)
         return self.future(request_id, model_id=body.model_id)
 
     async def save_weights(self, request: Request, owner: str) -> Response:
-        body = schemas.parse(schemas.SaveWeights, await self.json_body(request))
+        raw = await self.json_body(request)
+        body = schemas.parse(schemas.SaveWeights, raw)
+        digest = digest_of("save_weights", raw)
         options = SaveOptions(body.ttl_seconds, body.overwrite, body.user_metadata or {})
         request_id = self.numbered(owner, body.model_id, body.seq_id, "save_weights",
                                    lambda: self.service.save_state(owner, body.model_id, body.seq_id,
                                                                    body.path or "", options,
-                                                                   refusal_takes_number=True))
+                                                                   refusal_takes_number=True,
+                                                                   digest=digest), digest)
         return self.future(request_id, model_id=body.model_id)
 
     async def save_weights_for_sampler(self, request: Request, owner: str) -> Response:
-        body = schemas.parse(schemas.SaveWeightsForSampler, await self.json_body(request))
+        raw = await self.json_body(request)
+        body = schemas.parse(schemas.SaveWeightsForSampler, raw)
+        digest = digest_of("save_weights_for_sampler", raw)
         options = SaveOptions(body.ttl_seconds, False, body.user_metadata or {})
         request_id = self.numbered(owner, body.model_id, body.seq_id, "save_sampler_weights",
                                    lambda: self.service.save_sampler_weights(
                                        owner, body.model_id, body.seq_id, body.path or "", options,
-                                       refusal_takes_number=True))
+                                       refusal_takes_number=True, digest=digest), digest)
         if body.path:
             return self.future(request_id, model_id=body.model_id)
         # Unnamed (save_weights_and_get_sampling_client): the answer is a sampler on the snapshot.
@@ -240,7 +261,8 @@ class TinkerApi:
                                                client_session=session_id)
 
     async def load_weights(self, request: Request, owner: str) -> Response:
-        body = schemas.parse(schemas.LoadWeights, await self.json_body(request))
+        raw = await self.json_body(request)
+        body = schemas.parse(schemas.LoadWeights, raw)
         if body.weights_access_token:
             raise InvalidInput("weights_access_token: checkpoints of other accounts are not "
                                "offered; every owner reads only their own")
@@ -258,10 +280,12 @@ class TinkerApi:
             return self.future(request_id, model_id=run_id)
         if body.model_id is None or body.seq_id is None:
             raise InvalidInput("model_id: give model_id and seq_id, or session_id and model_seq_id")
+        digest = digest_of("load_weights", raw)
         request_id = self.numbered(owner, body.model_id, body.seq_id, "load_state",
                                    lambda: self.service.load_state(owner, body.model_id, body.seq_id,
                                                                    body.path, body.optimizer,
-                                                                   refusal_takes_number=True))
+                                                                   refusal_takes_number=True,
+                                                                   digest=digest), digest)
         return self.future(request_id, model_id=body.model_id)
 
     # ---------------------------------------------------------------- sampling
@@ -279,13 +303,12 @@ class TinkerApi:
         return JSONResponse(views.sampler(info))
 
     async def asample(self, request: Request, owner: str) -> Response:
-        body = await self.json_body(request)
-        if not isinstance(body, dict):
-            raise InvalidInput("body: must be a JSON object")
-        session_id = body.get("sampling_session_id")
-        if not isinstance(session_id, str):
+        body = schemas.parse(schemas.Sample, await self.json_body(request))
+        session_id = body.sampling_session_id
+        if session_id is None:
             raise InvalidInput("sampling_session_id: make a sampling session first "
                                "(create_sampling_session) and name it here")
+        self.service.sampler_info(owner, session_id)  # the owner before the prompt is decoded
         work = wire.sample_from_json(body)
         request_id = self.service.sample(owner, session_id, work)
         return self.future(request_id, sample_sequence_ids=sample_sequence_ids(request_id, work.num_samples))
@@ -348,6 +371,69 @@ class TinkerApi:
         return JSONResponse({"training_run_ids": session.run_ids,
                              "sampler_ids": self.service.session_samplers(session.id),
                              "user_metadata": session.user_metadata or None})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused once it passes `limit` bytes (before the rest is read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise InvalidInput(f"body: {int(declared)} bytes is over this route's limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InvalidInput(f"body: over this route's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidInput(f"body: {name} is not a number JSON allows (values must be finite)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidInput(f"body: {text[:40]} is outside the range of a 64-bit float")
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """A JSON body as Python values: finite numbers only (no NaN, Infinity or 1e400), integers of
+    at most 4,300 digits (Python's own bound), nesting at most MAX_JSON_DEPTH deep."""
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise InvalidInput(f"body: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidInput(f"body: not valid JSON ({error})") from None
+    except ValueError as error:  # an integer past Python's digit limit
+        raise InvalidInput(f"body: not valid JSON ({str(error)[:80]})") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise InvalidInput(f"body: nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects (iteratively: a body cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                break
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def digest_of(kind: str, body: Any) -> str:
+    """A numbered request's digest (core.service.request_digest) from its protobuf bytes, serialized
+    deterministically, or its JSON values with sorted keys."""
+    data = body if isinstance(body, bytes) else json.dumps(body, sort_keys=True).encode()
+    return request_digest(kind, data)
 
 
 def endpoint(api: TinkerApi, handler: Callable[[Request, str], Awaitable[Response]]):

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 
 from stillroom._proto import stillroom_pb2 as pb
+from stillroom_server.core import validate
 from stillroom_server.core.errors import InvalidInput
 from stillroom_server.engine.types import ForwardBackwardWork, SampleWork, SamplingConfig, TrainDatum
+from stillroom_server.http_api import schemas
 from stillroom_server.http_api._proto import tinker_wire_pb2 as tw
 
 _PROTO_DTYPES = {tw.DTYPE_FLOAT32: np.dtype("<f4"), tw.DTYPE_INT64: np.dtype("<i8"),
@@ -23,35 +25,65 @@ INT_INPUTS = ("target_tokens",)
 
 
 # ---------------------------------------------------------------- tensors in
+#
+# Every tensor is checked by its invariants with numpy before torch sees it: a shape that its bytes
+# fill, a sparse CSR tensor whose row pointers start at 0, never fall and end at its value count,
+# and whose column indices lie inside its shape. The dense tensor is built by numpy; no torch
+# constructor ever sees a sparse encoding.
 
 
-def _widen(array: np.ndarray, proto_dtype: int) -> torch.Tensor:
-    if proto_dtype == tw.DTYPE_BFLOAT16:  # bf16 bits are the top half of a float32
-        array = (array.astype(np.uint32) << 16).view(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("=")))
+class Budget:
+    """How many values one request may still decode (a sparse encoding is a few bytes for a shape
+    of any size, so the shape, not the body, is what is counted)."""
+
+    def __init__(self, elements: int = validate.MAX_DECODED_ELEMENTS) -> None:
+        self.left = elements
+
+    def take(self, count: int, field: str) -> None:
+        if count > self.left:
+            raise InvalidInput(f"{field}: the request's tensors hold over {validate.MAX_DECODED_ELEMENTS} "
+                               "values in all (split the call into several)")
+        self.left -= count
 
 
-def _check_shape(shape: list[int], count: int, field: str) -> None:
+def _widen(array: np.ndarray, proto_dtype: int) -> np.ndarray:
+    """Little-endian wire values as native float32 / int64 (bf16 bits are a float32's top half)."""
+    if proto_dtype == tw.DTYPE_BFLOAT16:
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32 if array.dtype.kind == "f" else np.int64)
+
+
+def _check_shape(shape: list[int], field: str, rows: int | None, budget: Budget) -> int:
+    """The shape's element count, once it is a sane shape: at most MAX_TENSOR_DIMS dimensions, none
+    negative, the first `rows` where the caller knows it, and within the request's budget."""
+    if not 1 <= len(shape) <= validate.MAX_TENSOR_DIMS:
+        raise InvalidInput(f"{field}: shape {shape[:8]} must have 1 to {validate.MAX_TENSOR_DIMS} dimensions")
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{field}: negative dimension in shape {shape}")
-    if math.prod(shape) != count:
-        raise InvalidInput(f"{field}: {count} values do not fill shape {shape}")
+    if rows is not None and shape[0] != rows:
+        raise InvalidInput(f"{field}: shape {shape} does not match model_input length {rows}")
+    count = math.prod(shape)
+    budget.take(count, field)
+    return count
 
 
-def tensor_from_proto(message: tw.Tensor, field: str) -> torch.Tensor:
+def tensor_from_proto(message: tw.Tensor, field: str, rows: int | None = None,
+                      budget: Budget | None = None) -> torch.Tensor:
+    """A wire tensor as a dense float32 or int64 torch tensor; `rows`, where given, is the length
+    its first dimension must have."""
     if message.dtype not in _PROTO_DTYPES:
         raise InvalidInput(f"{field}: unknown dtype {message.dtype}")
     dtype = _PROTO_DTYPES[message.dtype]
     shape = list(message.shape)
+    count = _check_shape(shape, field, rows, budget or Budget())
     if message.WhichOneof("encoding") == "sparse_csr":
-        csr = message.sparse_csr
-        values = _frombuffer(csr.values, dtype, field)
-        crow = _frombuffer(csr.crow_indices, np.dtype("<i8"), field + ".crow_indices")
-        col = _frombuffer(csr.col_indices, np.dtype("<i8"), field + ".col_indices")
-        return _dense_from_csr(_widen(values, message.dtype), crow, col, shape, field)
-    values = _frombuffer(message.dense, dtype, field)
-    _check_shape(shape, values.size, field)
-    return _widen(values, message.dtype).reshape(shape)
+        dense = _dense_from_csr(message.sparse_csr, dtype, shape, field)
+    else:
+        values = _frombuffer(message.dense, dtype, field)
+        if values.size != count:
+            raise InvalidInput(f"{field}: {values.size} values do not fill shape {shape}")
+        dense = values.reshape(shape)
+    return torch.from_numpy(np.ascontiguousarray(_widen(dense, message.dtype)))
 
 
 def _frombuffer(data: bytes, dtype: np.dtype, field: str) -> np.ndarray:
@@ -60,122 +92,129 @@ def _frombuffer(data: bytes, dtype: np.dtype, field: str) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype)
 
 
-def _dense_from_csr(values: torch.Tensor, crow: np.ndarray, col: np.ndarray, shape: list[int],
-                    field: str) -> torch.Tensor:
-    if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
-        raise InvalidInput(f"{field}: sparse CSR indices do not match shape {shape}")
-    try:
-        sparse = torch.sparse_csr_tensor(torch.from_numpy(crow.copy()), torch.from_numpy(col.copy()),
-                                         values, size=shape)
-        return sparse.to_dense()
-    except RuntimeError as error:
-        raise InvalidInput(f"{field}: invalid sparse CSR tensor ({error})") from None
+def _dense_from_csr(csr: tw.SparseCsr, dtype: np.dtype, shape: list[int], field: str) -> np.ndarray:
+    """The dense array of a CSR encoding, after checking every invariant torch's constructor
+    assumes (an unchecked one crashed the process) and the SDK's own decoder checks."""
+    values = _frombuffer(csr.values, dtype, field + ".values")
+    crow = _frombuffer(csr.crow_indices, np.dtype("<i8"), field + ".crow_indices")
+    col = _frombuffer(csr.col_indices, np.dtype("<i8"), field + ".col_indices")
+    if len(shape) != 2:
+        raise InvalidInput(f"{field}: a sparse CSR tensor is 2-D, got shape {shape}")
+    rows, cols = shape
+    if len(crow) != rows + 1:
+        raise InvalidInput(f"{field}.crow_indices: {len(crow)} entries, shape {shape} needs {rows + 1}")
+    if len(col) != len(values):
+        raise InvalidInput(f"{field}.col_indices: {len(col)} entries for {len(values)} values")
+    if crow[0] != 0 or crow[-1] != len(values) or bool(np.any(np.diff(crow) < 0)):
+        raise InvalidInput(f"{field}.crow_indices: must start at 0, never decrease and end at the "
+                           f"number of values ({len(values)})")
+    if len(col) and (int(col.min()) < 0 or int(col.max()) >= cols):
+        raise InvalidInput(f"{field}.col_indices: must lie in [0, {cols}) for shape {shape}")
+    row_of_value = np.repeat(np.arange(rows), np.diff(crow))
+    if bool(np.any((row_of_value[1:] == row_of_value[:-1]) & (np.diff(col) <= 0))):
+        raise InvalidInput(f"{field}.col_indices: must increase strictly within each row")
+    dense = np.zeros(shape, dtype=dtype)
+    dense[row_of_value, col] = values
+    return dense
 
 
 def _loss_input(tensor: torch.Tensor, key: str, field: str) -> torch.Tensor:
     if key in INT_INPUTS:
         if tensor.is_floating_point():
             raise InvalidInput(f"{field}: dtype must be int64, got float")
-        return tensor.long()
+        return tensor
     return tensor.float()
 
 
-def tokens_from_chunks(chunks, field: str) -> torch.Tensor:
+def tokens_from_chunks(chunks, field: str, budget: Budget) -> torch.Tensor:
     parts = []
     for i, chunk in enumerate(chunks):
         kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
             raise InvalidInput(f"{field}[{i}]: only encoded_text chunks are supported "
                                f"(this server hosts text models), got {kind}")
-        parts.append(_widen(_frombuffer(chunk.encoded_text.tokens, np.dtype("<i4"),
-                                        f"{field}[{i}].tokens"), tw.DTYPE_INT32).long())
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        tokens = _frombuffer(chunk.encoded_text.tokens, np.dtype("<i4"), f"{field}[{i}].tokens")
+        budget.take(tokens.size, f"{field}[{i}].tokens")
+        parts.append(tokens.astype(np.int64))
+    return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
 
 
-def tokens_from_json(model_input: dict, field: str) -> torch.Tensor:
+def tokens_from_json(model_input: schemas.ModelInput, field: str) -> torch.Tensor:
+    """A validated JSON ModelInput's tokens (each a JSON integer that fits int64; the engine holds
+    them to the vocabulary)."""
     parts = []
-    for i, chunk in enumerate(model_input.get("chunks") or []):
-        if chunk.get("type", "encoded_text") != "encoded_text":
+    for i, chunk in enumerate(model_input.chunks):
+        if chunk.type != "encoded_text":
             raise InvalidInput(f"{field}.chunks[{i}]: only encoded_text chunks are supported "
-                               f"(this server hosts text models), got {chunk.get('type')}")
-        try:
-            parts.append(torch.tensor([int(t) for t in chunk.get("tokens") or []], dtype=torch.long))
-        except (TypeError, ValueError):
-            raise InvalidInput(f"{field}.chunks[{i}].tokens: must be a list of integers") from None
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+                               f"(this server hosts text models), got {chunk.type[:40]!r}")
+        parts.extend(chunk.tokens)
+    return torch.tensor(parts, dtype=torch.long)
 
 
 # ---------------------------------------------------------------- requests
 
 
-def forward_backward_from_proto(body: bytes) -> tuple[tw.ForwardBackwardRequest, ForwardBackwardWork]:
+def parse_forward_backward(body: bytes) -> tw.ForwardBackwardRequest:
+    """The message, not yet its tensors: the caller checks the run's owner before decoding them."""
     request = tw.ForwardBackwardRequest()
     try:
         request.ParseFromString(body)
     except Exception:  # noqa: BLE001 - protobuf raises DecodeError or others on garbage
         raise InvalidInput("body: not a valid ForwardBackwardRequest protobuf message") from None
+    validate.text(request.model_id, "model_id")
+    return request
+
+
+def forward_backward_work(request: tw.ForwardBackwardRequest) -> ForwardBackwardWork:
+    budget = Budget()
     data = []
     for i, datum in enumerate(request.data):
-        tokens_T = tokens_from_chunks(datum.model_input, f"data[{i}].model_input")
-        inputs = {key: _loss_input(tensor_from_proto(t, f"data[{i}].loss_fn_inputs.{key}"), key,
-                                   f"data[{i}].loss_fn_inputs.{key}")
-                  for key, t in datum.loss_fn_inputs.items()}
+        tokens_T = tokens_from_chunks(datum.model_input, f"data[{i}].model_input", budget)
+        inputs = {}
+        for key, t in datum.loss_fn_inputs.items():
+            field = f"data[{i}].loss_fn_inputs.{validate.text(key, 'loss_fn_inputs key', 64)}"
+            inputs[key] = _loss_input(tensor_from_proto(t, field, len(tokens_T), budget), key, field)
         data.append(TrainDatum(tokens_T, inputs))
-    numbers = dict(request.loss_fn_config)
+    numbers: dict[str, float] = {}
     strings: dict[str, str] = {}
-    for key, value in request.loss_fn_config_v2.items():
-        if value.WhichOneof("value") == "text":
-            strings[key] = value.text
-        else:
-            numbers[key] = value.number
-    work = ForwardBackwardWork(data=data, loss_fn=request.loss_fn, loss_fn_config=numbers,
-                               forward_only=request.forward_only, loss_fn_config_strings=strings)
-    return request, work
+    for key, value in [*request.loss_fn_config.items(),
+                       *((k, v.text if v.WhichOneof("value") == "text" else v.number)
+                         for k, v in request.loss_fn_config_v2.items())]:
+        field = f"loss_fn_config.{validate.text(key, 'loss_fn_config key', 64)}"
+        if isinstance(value, str):
+            strings[key] = validate.text(value, field, validate.MAX_NAME_CHARS)
+        else:  # the loss's resolve_config holds numbers to its range
+            numbers[key] = value
+    return ForwardBackwardWork(data=data, loss_fn=validate.text(request.loss_fn, "loss_fn", 64),
+                               loss_fn_config=numbers, forward_only=request.forward_only,
+                               loss_fn_config_strings=strings)
 
 
-def sample_from_json(body: dict) -> SampleWork:
-    """An `asample` body; the SDK's compute_logprobs is one of these too (one token, prompt
-    logprobs), and runs as what it asks for."""
-    prompt_T = tokens_from_json(body.get("prompt") or {}, "prompt")
-    params = body.get("sampling_params") or {}
-    stop = params.get("stop")
+def sample_from_json(body: schemas.Sample) -> SampleWork:
+    """A validated `asample` body as engine work."""
+    params = body.sampling_params
     stop_texts: tuple[str, ...] = ()
     stop_tokens: tuple[int, ...] = ()
-    if isinstance(stop, str):
-        stop_texts = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stop_texts = tuple(stop)
-    elif isinstance(stop, list) and all(isinstance(s, int) for s in stop):
-        stop_tokens = tuple(stop)
-    elif stop is not None:
-        raise InvalidInput("sampling_params.stop: must be a string, a list of strings or a list of "
-                           "token ids")
+    if isinstance(params.stop, str):
+        stop_texts = (params.stop,)
+    elif params.stop and isinstance(params.stop[0], str):
+        stop_texts = tuple(str(s) for s in params.stop)
+    elif params.stop:
+        stop_tokens = tuple(int(s) for s in params.stop)
     config = SamplingConfig(
-        max_tokens=_number(params, "max_tokens", int, -1),
-        temperature=_number(params, "temperature", float, 1.0),
-        top_k=_number(params, "top_k", int, -1), top_p=_number(params, "top_p", float, 1.0),
-        seed=_number(params, "seed", int, None), stop_tokens=stop_tokens, stop_texts=stop_texts)
-    work = SampleWork(prompt_T=prompt_T, num_samples=_number(body, "num_samples", int, 1), params=config,
-                      include_prompt_logprobs=bool(body.get("prompt_logprobs")),
-                      topk_prompt_logprobs=_number(body, "topk_prompt_logprobs", int, 0))
-    work.topk_sample_logprobs = _number(body, "topk_sample_logprobs", int, 0)
-    work.prompt_logprobs_last_n = _number(body, "prompt_logprobs_last_n", int, None)
+        max_tokens=-1 if params.max_tokens is None else params.max_tokens,
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+        stop_tokens=stop_tokens, stop_texts=stop_texts)
     # record_stability_info is accepted and records nothing: Stillroom's stable_reinforce weighs
     # tokens by the sampler's logprobs the datum carries back (tinker-cookbook's RL default sets it)
     for name in ("target_prompt_logprobs", "prompt_alt_tokens_k"):
-        if body.get(name):
+        if getattr(body, name):
             raise InvalidInput(f"{name}: not offered by this server")
-    return work
-
-
-def _number(values: dict, key: str, kind: type, default):
-    value = values.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            kind is int and value != int(value)):
-        raise InvalidInput(f"{key}: must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    return kind(value)
+    return SampleWork(prompt_T=tokens_from_json(body.prompt, "prompt"), num_samples=body.num_samples,
+                      params=config, include_prompt_logprobs=bool(body.prompt_logprobs),
+                      topk_prompt_logprobs=body.topk_prompt_logprobs,
+                      topk_sample_logprobs=body.topk_sample_logprobs,
+                      prompt_logprobs_last_n=body.prompt_logprobs_last_n)
 
 
 # ---------------------------------------------------------------- results out

@@ -73,6 +73,8 @@ class FutureRow(Base):
     kind: Mapped[str] = mapped_column(String(32))
     run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # a numbered request's kind and body hashed by its transport: a retry repeats it
+    digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[str] = mapped_column(String(16))        # "pending" | "done" | "failed"
     result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(32), nullable=True)

@@ -77,10 +77,10 @@ class Store:
         """Bring the schema to the newest migration (alembic `upgrade head`)."""
         import logging
 
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # before the import, which logs its plugins
         from alembic import command
         from alembic.config import Config
 
-        logging.getLogger("alembic").setLevel(logging.WARNING)
         config = Config()
         config.set_main_option("script_location", str(migrations_dir()))
         with self.engine.begin() as connection:
@@ -119,8 +119,8 @@ class Store:
     # ---------------------------------------------------------------- futures
 
     def accept_sequenced(self, future_id: str, owner: str, kind: str, run_id: str,
-                         seq: int) -> tuple[str, bool]:
-        """Record request `seq` of `run_id` as a pending future.
+                         seq: int, digest: str | None = None) -> tuple[str, bool]:
+        """Record request `seq` of `run_id` (whose kind and body hash to `digest`) as a pending future.
 
         Returns (future id, True) for the next number in the run, or the earlier future's id and
         False for a number seen before. Any other number raises SequenceConflict.
@@ -140,13 +140,17 @@ class Store:
                                        f"got {seq}")
             run.last_seq = seq
             run.updated_at = utcnow()
-            session.add(self._new_future(future_id, owner, kind, run_id, seq))
+            future = self._new_future(future_id, owner, kind, run_id, seq)
+            future.digest = digest
+            session.add(future)
         return future_id, True
 
-    def find_sequenced(self, run_id: str, seq: int) -> str | None:
+    def find_sequenced(self, run_id: str, seq: int) -> tuple[str, str | None] | None:
+        """Request `seq` of `run_id`, as its future's id and digest (None if never accepted)."""
         with self.session() as session:
-            return session.scalar(select(FutureRow.id).where(FutureRow.run_id == run_id,
-                                                             FutureRow.seq == seq))
+            row = session.execute(select(FutureRow.id, FutureRow.digest).where(
+                FutureRow.run_id == run_id, FutureRow.seq == seq)).first()
+            return None if row is None else (row[0], row[1])
 
     def create_future(self, future_id: str, owner: str, kind: str) -> None:
         self.create_futures([(future_id, owner, kind)])

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from stillroom_server.engine.lora import LoraHost
+from stillroom_server.engine.lora import LoraHost, draw_adapter
 from stillroom_server.engine.models import BaseModel
 from stillroom_server.engine.sharded.split import SplitBatch
 from stillroom_server.engine.training import FullRun, TrainingRun
@@ -149,14 +149,13 @@ class ShardedLoraHost(LoraHost):
     (split.py), so every rank applies the same update."""
 
     def add_adapter(self, name: str, config: LoraConfig, seed: int | None) -> None:
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # PEFT's own draws leave the global state as it was
             if self.model is None:
                 self.model = get_peft_model(self.base.module, config, adapter_name=name)
                 self.model.eval()
             else:
                 self.model.add_adapter(name, config)
+        draw_adapter(self.model, name, seed)  # the same adapter as LoraHost's for the same seed
 
     def run_rows(self, names: list[str], **inputs):
         if len(set(names)) > 1:
