@@ -366,3 +366,25 @@ def test_unload_model_frees_a_run_that_its_checkpoint_resumes(server):
     unknown = httpx.post(url + "/unload_model", headers=key, json={"model_id": "no-such-run"})
     assert unknown.status_code == 404 and "no-such-run" in unknown.text
     client.close("success").result()
+
+
+def test_a_long_poll_that_ends_without_a_result_is_retried_quietly(server, monkeypatch, caplog):
+    """A poll that ends pending answers 408 try_again with x-should-retry false, which tinker 0.38
+    polls again at once without logging; a 200 try_again logged a WARNING on every poll."""
+    import logging
+
+    from stillroom_server.http_api import app as http_app
+
+    monkeypatch.setattr(http_app, "MAX_POLL_SECONDS", 0.05)
+    client = tinker_sdk.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
+    sampler = client.create_sampling_client(base_model=BASE)
+    params = tinker_sdk.types.SamplingParams(max_tokens=200, temperature=1.0, seed=1)
+    with caplog.at_level(logging.INFO):
+        result = sampler.sample(tinker_sdk.types.ModelInput.from_ints([1, 40]), num_samples=8,
+                                sampling_params=params).result()
+    assert len(result.sequences) == 8
+    polls = [r for r in caplog.records if "try_again" in r.getMessage()]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("tinker")], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not polls
+    client.close("success").result()

@@ -120,6 +120,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         return pb.FutureRef(request_id=self._sample(owner, request))
 
     def _sample(self, owner: str, request: pb.SampleRequest) -> str:
+        self.service.sampler_info(owner, request.sampling_session_id)  # the owner before the prompt
         return self.service.sample(owner, request.sampling_session_id, convert.sample_from_pb(request))
 
     @rpc

@@ -318,8 +318,10 @@ class TinkerApi:
     async def retrieve_future(self, request: Request, owner: str) -> Response:
         body = schemas.parse(schemas.RetrieveFuture, await self.json_body(request))
         record = await self.service.wait(owner, body.request_id, MAX_POLL_SECONDS)
-        if record.status == "pending":
-            return JSONResponse({"type": "try_again", "request_id": record.id, "queue_state": "active"})
+        if record.status == "pending":  # 408 + no-retry: the SDK polls again at once, quietly (a
+            # 200 try_again is logged as a warning on every poll by tinker 0.38)
+            return JSONResponse({"type": "try_again", "request_id": record.id, "queue_state": "active"},
+                                status_code=408, headers={"x-should-retry": "false"})
         if record.status == "failed":
             category = "user" if record.error_code in CLIENT_CODES else "server"
             return JSONResponse({"error": record.error_message or record.error_code,
