@@ -46,7 +46,8 @@ def main() -> None:
                                  eval_every=args.eval_every, methods=tuple(args.methods),
                                  learning_rates=tuple(rates))
     command = "python scripts/compare_distillation.py " + shlex.join(sys.argv[1:])
-    with LocalServer(args.data_dir) as server:
+    # as the demo: one thread, batch-invariant sampling, so a rerun gives the same table
+    with LocalServer(args.data_dir, threads=1, batch_invariant=True) as server:
         with stillroom.ServiceClient(base_url=server.address) as service:
             table = run_comparison(service, config, args.data_dir / "cookbook" / "comparison",
                                    args.data_dir / "cookbook", args.docs_dir, command.strip())

@@ -131,13 +131,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path(".stillroom"))
     parser.add_argument("--retrain-teacher", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (default 1)")
+    parser.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                        help="let a request's samples depend on what shares its batch (faster decoding; "
+                             "the table then varies from run to run)")
     args = parser.parse_args()
     config, out_dir = DemoConfig(), args.data_dir / "cookbook" / "distillation_demo"
     if args.retrain_teacher:
         (args.data_dir / "cookbook" / "teacher.json").unlink(missing_ok=True)
     start = time.monotonic()
-    with LocalServer(args.data_dir) as server:
-        print(f"server on {server.address} (log: {server.log_file})")
+    # one thread and batch-invariant sampling: the same table on every run on one machine (README)
+    with LocalServer(args.data_dir, threads=args.threads, batch_invariant=args.batch_invariant) as server:
+        print(f"server on {server.address} (log: {server.log_file}; {args.threads} torch thread"
+              f"{'s' if args.threads > 1 else ''}, batch-invariant sampling "
+              f"{'on' if args.batch_invariant else 'off'})")
         with stillroom.ServiceClient(base_url=server.address) as service:
             results = run_demo(service, config, out_dir, args.data_dir / "cookbook")
     print_table(results, config.eval_problems)

@@ -17,9 +17,13 @@ from pathlib import Path
 
 
 class LocalServer:
-    def __init__(self, data_dir: Path, device: str = "cpu", log_file: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, device: str = "cpu", log_file: Path | None = None,
+                 threads: int | None = None, batch_invariant: bool = False) -> None:
+        """`threads` and `batch_invariant` are the server's --threads and --batch-invariant (unset: its
+        defaults, or STILLROOM_THREADS / STILLROOM_BATCH_INVARIANT)."""
         self.data_dir = Path(data_dir)
         self.device = device
+        self.threads, self.batch_invariant = threads, batch_invariant
         self.log_file = log_file or self.data_dir / "server.log"
         self.address: str | None = None
         self.local_api_key: str | None = None
@@ -31,7 +35,9 @@ class LocalServer:
         self._log = open(self.log_file, "a")
         self._process = subprocess.Popen(
             [sys.executable, "-m", "stillroom.cli", "serve", "--port", "0", "--data-dir",
-             str(self.data_dir), "--device", self.device, "--ready-file", str(ready)],
+             str(self.data_dir), "--device", self.device, "--ready-file", str(ready),
+             *(["--threads", str(self.threads)] if self.threads else []),
+             *(["--batch-invariant"] if self.batch_invariant else [])],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ})
         deadline = time.monotonic() + timeout
         try:

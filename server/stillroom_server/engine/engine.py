@@ -8,6 +8,7 @@ The engine knows nothing of gRPC, SQL, owners or request numbering.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import math
@@ -22,6 +23,7 @@ import torch
 from peft import LoraConfig
 
 from stillroom_server.engine import batching, checkpoints, compute, resources, sampler, state
+from stillroom_server.engine.batch_invariant import BatchInvariant
 from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
 from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
 from stillroom_server.engine.losses import LOSSES, get_loss
@@ -72,8 +74,10 @@ class Sampler:
 class Engine:
     def __init__(self, data_dir: Path, device: str = "cpu", max_num_samples: int = 128,
                  local_models: dict[str, Path] | None = None, dtype: str = "auto",
-                 run_memory_bytes: int | None = None) -> None:
+                 run_memory_bytes: int | None = None, batch_invariant: bool = False) -> None:
         self.device = torch.device(device)
+        # sampling and scoring compute each row as it would alone (batch_invariant.py; fp32 on the CPU)
+        self.batch_invariant = batch_invariant
         # weights: bf16 on cuda unless fp32 is asked; on cpu fp32, computed under bf16 autocast if asked:
         # everywhere (bf16) or in training passes only (bf16-train: bf16 logits round differently with
         # the batch's make-up, so bf16 decoding depends on which requests share a batch; fp32 does not)
@@ -203,10 +207,17 @@ class Engine:
         finally:
             self.unpin(opened)
 
-    def precision(self, training: bool = False) -> torch.autocast:
-        """The autocast of a training pass (`training`) or of sampling and scoring."""
+    def precision(self, training: bool = False) -> contextlib.AbstractContextManager:
+        """The autocast of a training pass (`training`) or of sampling and scoring, and for the
+        latter the batch-invariant mode where the server runs in it."""
         enabled = self.autocast_bf16_training if training else self.autocast_bf16_inference
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+        if training or not self.batch_invariant:
+            return autocast
+        stack = contextlib.ExitStack()
+        stack.enter_context(autocast)
+        stack.enter_context(BatchInvariant())
+        return stack
 
     def _open_teacher(self, run: TrainingRun, strings: dict[str, str]) -> Sampler:
         """The sampler named by loss_fn_config.teacher, after checking it shares the tokenizer."""

@@ -27,7 +27,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
-from stillroom_server.engine import segment_kernel
+from stillroom_server.engine import batch_invariant, segment_kernel
 from stillroom_server.engine.segment_kernel import Segments
 
 BASE = "__base__"
@@ -307,6 +307,23 @@ def _forward(mixed: MixedAdapters, layer: LoraLinear, x: torch.Tensor, *args, **
         update = _own_update(layer, plan.adapters[0], x)
         if update is not None:
             result.add_(update.to(result.dtype))
+    elif plan.adapters and batch_invariant.active():
+        _add_own_updates(plan, layer, x, result)
     elif plan.adapters:
         mixed.add_update(plan, layer, x, result)
     return result
+
+
+def _add_own_updates(plan: _Plan, layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> None:
+    """Each adapter's rows get the update a single-adapter call gives them (`_own_update`), whatever
+    adapters share the batch: the batch-invariant mode's path (the stacks pad ranks and group sizes)."""
+    for g, name in enumerate(plan.adapters):
+        if plan.index_G is None:
+            rows = torch.arange(plan.start + g * plan.size, plan.start + (g + 1) * plan.size,
+                                device=x.device)
+        else:
+            rows = plan.index_G[g * plan.size:(g + 1) * plan.size]
+            if plan.keep_G is not None:
+                rows = rows[plan.keep_G[g * plan.size:(g + 1) * plan.size] > 0]
+        if rows.numel() and (update := _own_update(layer, name, x.index_select(0, rows))) is not None:
+            result.index_add_(0, rows, update.to(result.dtype))

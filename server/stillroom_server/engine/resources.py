@@ -1,49 +1,38 @@
 """What the machine gives the engine: CPU threads for torch, and the memory it may fill.
 
-`choose_threads` times a training-sized matmul with one thread and with every core and keeps the
-faster (on a busy machine torch's default of every core was several times slower than one
-thread). `memory_budget` reads the machine's memory; it knows nothing of what uses it.
+`choose_threads` sets torch's thread count by a fixed rule: one thread on a machine of up to
+SMALL_MACHINE cores, every core above. It used to time a matmul on one thread and on every core and
+keep the faster, but that choice followed the machine's load at the moment (a busy start of the
+2-core VM chose 1, a quiet one 2), and the thread count changes the float order of matmuls, so a
+restart could change every result. `memory_budget` reads the machine's memory; it knows nothing of
+what uses it.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import torch
 
 MEMORY_FRACTION = 0.5   # of the memory available at start, for training runs kept in memory
-
-
-def _matmul_seconds(threads: int, repeats: int = 3) -> float:
-    """Best time of a [1024, 256] x [256, 512] matmul (a small model's layer on a micro-batch)."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 256), torch.randn(256, 512)
-    _ = a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _ = a @ b
-        best = min(best, time.perf_counter() - start)
-    return best
+# Up to this many cores, one thread: on the 2-core VM, shared with other jobs, every core was often
+# several times slower than one thread (the reason the server used to measure both).
+SMALL_MACHINE = 4
 
 
 def choose_threads(requested: int | None) -> tuple[int, str]:
-    """Set torch's thread count: `requested`, else the faster of 1 and every core. Returns the
-    count and how it was chosen (for the start-up log line)."""
+    """Set torch's thread count: `requested`, else 1 up to SMALL_MACHINE cores, else every core (the
+    same on every start of one machine, whatever its load). Returns the count and how it was chosen
+    (for the start-up log line)."""
     if requested is not None:
         torch.set_num_threads(requested)
         return requested, "as configured"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cores == 1 or torch.cuda.is_available():
-        torch.set_num_threads(cores)
-        return cores, "every core"
-    one, every = _matmul_seconds(1), _matmul_seconds(cores)
-    chosen = 1 if one <= every else cores
+    chosen = cores if cores > SMALL_MACHINE or torch.cuda.is_available() else 1
     torch.set_num_threads(chosen)
-    return chosen, (f"measured: a matmul took {one * 1000:.1f} ms on 1 thread, "
-                    f"{every * 1000:.1f} ms on {cores}")
+    return chosen, (f"{cores} cores: " + ("every core" if chosen == cores and cores > 1 else "one thread")
+                    + f" by default (up to {SMALL_MACHINE} cores one; --threads sets it)")
 
 
 def memory_budget() -> tuple[int, int]:

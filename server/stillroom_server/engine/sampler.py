@@ -78,24 +78,29 @@ class _Settings:
     greedy_B: torch.Tensor | None         # None: no row at temperature 0
     top_k_B: torch.Tensor | None          # None: no row truncates by rank
     top_p_B: torch.Tensor | None          # None: no row truncates by mass
+    truncates_B: torch.Tensor | None      # the rows that truncate (None: none or all of them)
 
     @classmethod
     def of(cls, rows: list[_Row], vocab: int, device: torch.device) -> _Settings:
         temperatures = [r.params.temperature for r in rows]
         temperature_B = torch.tensor(temperatures, device=device)
         top_ks = [r.params.top_k if r.params.top_k > 0 else vocab for r in rows]
+        truncates = [k < vocab or r.params.top_p < 1.0 for k, r in zip(top_ks, rows)]
         return cls(None if all(t == 1.0 for t in temperatures) else temperature_B.clamp(min=1e-6),
                    temperature_B == 0 if 0 in temperatures else None,
                    None if all(k >= vocab for k in top_ks) else torch.tensor(top_ks, device=device),
                    None if all(r.params.top_p >= 1.0 for r in rows)
-                   else torch.tensor([r.params.top_p for r in rows], device=device))
+                   else torch.tensor([r.params.top_p for r in rows], device=device),
+                   None if all(truncates) or not any(truncates) else torch.tensor(truncates, device=device))
 
 
 def choose_tokens(logits_B_V: torch.Tensor, rows: list[_Row],
                   settings: _Settings | None = None) -> torch.Tensor:
     """One token per row under that row's temperature, top_k and top_p (greedy at temperature 0).
     Only a batch where some row truncates sorts the vocabulary (a quarter of a decode step at a
-    49k vocabulary); otherwise each row's uniform draw is read off its CDF in vocabulary order."""
+    49k vocabulary), and only those rows read their uniform draw off the sorted CDF; the others read
+    theirs off their CDF in vocabulary order, as they do in a batch where no row truncates (a seeded
+    row samples the same tokens whatever shares its batch)."""
     device, vocab = logits_B_V.device, logits_B_V.shape[-1]
     if settings is None:
         settings = _Settings.of(rows, vocab, device)
@@ -113,14 +118,24 @@ def choose_tokens(logits_B_V: torch.Tensor, rows: list[_Row],
     if settings.top_p_B is not None:
         mass_before_B_V = probs_B_V.cumsum(-1) - probs_B_V
         probs_B_V = probs_B_V.masked_fill(mass_before_B_V >= settings.top_p_B[:, None], 0.0)
-    cdf_B_V = probs_B_V.cumsum(-1)
     uniform_B = torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(device)
-    picked_B = torch.searchsorted(cdf_B_V, (uniform_B * cdf_B_V[:, -1])[:, None]).squeeze(-1)
-    picked_B = picked_B.clamp(max=vocab - 1)
-    sampled_B = picked_B if order_B_V is None else order_B_V.gather(-1, picked_B[:, None]).squeeze(-1)
+    sampled_B = _draw(probs_B_V, uniform_B)
+    if order_B_V is not None:
+        sampled_B = order_B_V.gather(-1, sampled_B[:, None]).squeeze(-1)
+    if settings.truncates_B is not None:   # the rows that do not truncate: vocabulary order
+        whole_B = _draw(torch.softmax(logits_B_V if settings.temperature_B is None else
+                                      logits_B_V / settings.temperature_B[:, None], dim=-1), uniform_B)
+        sampled_B = torch.where(settings.truncates_B, sampled_B, whole_B)
     if settings.greedy_B is None:
         return sampled_B
     return torch.where(settings.greedy_B, logits_B_V.argmax(-1), sampled_B)
+
+
+def _draw(probs_B_V: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
+    """Each row's index where its uniform draw falls on its CDF."""
+    cdf_B_V = probs_B_V.cumsum(-1)
+    picked_B = torch.searchsorted(cdf_B_V, (uniform_B * cdf_B_V[:, -1])[:, None]).squeeze(-1)
+    return picked_B.clamp(max=probs_B_V.shape[-1] - 1)
 
 
 def _record_topk(rows: list[_Row], logprobs_B_V: torch.Tensor) -> None:
