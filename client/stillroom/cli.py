@@ -133,6 +133,17 @@ def add_management_commands(commands) -> None:
                      "in the SDK)")
     ttl.set_defaults(handler=_checkpoints_ttl)
 
+    sessions = commands.add_parser("sessions", help="client sessions (the tinker SDK makes one per "
+                                   "ServiceClient)").add_subparsers(dest="action", required=True)
+    listing = sessions.add_parser("list", parents=[common], help="list your client sessions, live and ended")
+    listing.add_argument("--live", action="store_true", help="only the live ones")
+    listing.set_defaults(handler=_sessions_list)
+    end = sessions.add_parser("end", parents=[common], help="end sessions as their finish would: their "
+                              "training runs leave memory, their checkpoints stay")
+    end.add_argument("ids", nargs="+", metavar="id", help="session id (sess-...)")
+    end.set_defaults(handler=_sessions_end)
+
+
 
 def _ttl_seconds(text: str) -> int | None:
     if text.lower() == "never":
@@ -172,6 +183,38 @@ def _checkpoints_list(rest, args) -> None:
         print(f"{c.path}  {c.checkpoint_type:<8} {_size(c.size_bytes):>9}  "
               f"{c.time:%Y-%m-%d %H:%M:%S}{expires}")
     print(f"({len(response.checkpoints)} checkpoints)")
+
+
+def _ago(moment) -> str:
+    if moment is None:
+        return "-"
+    from datetime import datetime, timezone
+
+    seconds = max(0.0, (datetime.now(timezone.utc) - moment).total_seconds())
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+
+
+def _sessions_list(rest, args) -> None:
+    response = rest.list_client_sessions().result()
+    shown = [s for s in response.sessions if s.state == "live" or not args.live]
+    print(f"{'SESSION':<18} {'STATE':<9} {'CREATED':<20} {'LAST HEARTBEAT':<15} {'RUNS':<12} ENDED")
+    for s in shown:
+        created = s.created_at.strftime("%Y-%m-%d %H:%M:%S") if s.created_at else ""
+        runs = f"{s.live_runs} live / {len(s.training_run_ids)}"
+        ended = "" if s.state == "live" else f"{s.end_reason} {_ago(s.ended_at)}"
+        print(f"{s.session_id:<18} {s.state:<9} {created:<20} {_ago(s.last_heartbeat_at):<15} {runs:<12} "
+              f"{ended}".rstrip())
+    timeout = response.session_timeout_seconds
+    lapse = (f"a session with no heartbeat for {timeout:g} s lapses" if timeout > 0 else
+             "sessions never lapse (--session-timeout 0)")
+    print(f"({len(shown)} of {len(response.sessions)} sessions; {lapse})")
+
+
+def _sessions_end(rest, args) -> None:
+    for session_id in args.ids:
+        session = rest.end_client_session(session_id).result()
+        print(f"{session.session_id}: {session.state} ({session.end_reason}); its "
+              f"{len(session.training_run_ids)} training runs are out of memory, their checkpoints stay")
 
 
 def _checkpoints_download(rest, args) -> None:

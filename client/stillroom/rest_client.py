@@ -52,6 +52,15 @@ def training_run_from_pb(info: pb.TrainingRunInfo) -> types.TrainingRun:
         user_metadata=dict(info.user_metadata))
 
 
+def client_session_from_pb(info: pb.ClientSessionInfo) -> types.ClientSession:
+    return types.ClientSession(
+        session_id=info.session_id, state=info.state,  # pyright: ignore[reportArgumentType]
+        end_reason=info.end_reason or None, created_at=_time(info.created_at),
+        last_heartbeat_at=_time(info.last_heartbeat_at), ended_at=_time(info.ended_at),
+        training_run_ids=list(info.training_run_ids), live_runs=info.live_runs,
+        sampler_ids=list(info.sampler_ids), tags=list(info.tags), user_metadata=dict(info.user_metadata))
+
+
 def _path_of(training_run_id: str, checkpoint_id: str | None) -> str:
     """Tinker's (run, "weights/<name>") pair, or a whole path given alone, as a server path."""
     if checkpoint_id is None:
@@ -229,6 +238,34 @@ class RestClient:
     async def set_checkpoint_ttl_from_tinker_path_async(self, tinker_path: str,
                                                         ttl_seconds: int | None) -> types.Checkpoint:
         return await self._run_async(self._set_ttl(tinker_path, ttl_seconds))
+
+    # ---------------------------------------------------------------- client sessions
+
+    async def _list_client_sessions(self) -> types.ClientSessionsResponse:
+        reply = await self._connection.call("ListClientSessions", pb.ListClientSessionsRequest())
+        return types.ClientSessionsResponse(sessions=[client_session_from_pb(s) for s in reply.sessions],
+                                            session_timeout_seconds=reply.session_timeout_seconds)
+
+    def list_client_sessions(self) -> APIFuture[types.ClientSessionsResponse]:
+        """Your Tinker client sessions on the server, live and ended, oldest first (Stillroom's own
+        SDK makes none), with the server's session timeout."""
+        return self._run(self._list_client_sessions())
+
+    async def list_client_sessions_async(self) -> types.ClientSessionsResponse:
+        return await self._run_async(self._list_client_sessions())
+
+    async def _end_client_session(self, session_id: str) -> types.ClientSession:
+        reply = await self._connection.call("EndClientSession",
+                                            pb.EndClientSessionRequest(session_id=session_id))
+        return client_session_from_pb(reply)
+
+    def end_client_session(self, session_id: str) -> APIFuture[types.ClientSession]:
+        """End a client session as its client's finish would: its training runs leave memory (their
+        checkpoints stay) and its client's next call says it was ended."""
+        return self._run(self._end_client_session(session_id))
+
+    async def end_client_session_async(self, session_id: str) -> types.ClientSession:
+        return await self._run_async(self._end_client_session(session_id))
 
     # ---------------------------------------------------------------- downloads
 

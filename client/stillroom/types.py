@@ -484,6 +484,26 @@ class CheckpointArchiveUrlResponse(StrictModel):
     size_bytes: int = 0
 
 
+class ClientSession(StrictModel):
+    """A Tinker client session on the server (Stillroom's own; Tinker's RestClient shows ids only)."""
+    session_id: str
+    state: Literal["live", "finished", "lapsed"]
+    end_reason: str | None = None       # the finish reason, "lapsed", or "ended by its owner"
+    created_at: datetime | None = None
+    last_heartbeat_at: datetime | None = None
+    ended_at: datetime | None = None
+    training_run_ids: list[str] = Field(default_factory=list)
+    live_runs: int = 0                  # runs still in memory, counting against the owner's limits
+    sampler_ids: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    user_metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class ClientSessionsResponse(StrictModel):
+    sessions: list[ClientSession]
+    session_timeout_seconds: float = 0.0  # no heartbeat for this long ends a session; 0: never
+
+
 # ---------------------------------------------------------------- request shapes, as Tinker names them
 
 OptimParams = AdamParams | DimuonParams

@@ -37,6 +37,7 @@ from stillroom_server.store import Store, keys
 
 logger = logging.getLogger("stillroom.server")
 MAX_MESSAGE_BYTES = 1 << 30
+HEARTBEAT_SECONDS = 10  # how often the Tinker SDK (0.38) sends a session heartbeat
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Stillroom"].full_name
 
 
@@ -73,22 +74,21 @@ class StillroomServer:
         threads, how = resources.choose_threads(config.threads)
         self.engine = make_engine(config.data_dir, config.workers, config.device, config.max_num_samples,
                                   config.local_models, config.dtype, config.threads, config.log_level,
-                                  config.worker_listen, config.batch_invariant)
+                                  config.worker_listen)
         self.scheduler = Scheduler(batch_runners(self.engine))
         total, available = resources.memory_budget()
         runs = (f"training runs keep up to {self.engine.run_memory_bytes / 2**30:.1f} GiB in memory (idle "
                 "runs beyond it wait on disk)" if self.engine.run_memory_bytes > 0 else
                 f"training runs live in the {config.workers} worker processes, sharded (no bytes budget)")
         logger.info("memory: %.1f GiB total, %.1f GiB available at start; %s, at most %d LoRA snapshots "
-                    "stay loaded, at most %d sample/logprob requests queue; torch threads: %d (%s); "
-                    "batch-invariant sampling and scoring: %s",
+                    "stay loaded, at most %d sample/logprob requests queue; torch threads: %d (%s)",
                     total / 2**30, available / 2**30, runs, MAX_LOADED_ADAPTERS,
-                    self.scheduler.max_outstanding, threads, how,
-                    "on" if config.batch_invariant else "off (--batch-invariant)")
+                    self.scheduler.max_outstanding, threads, how)
         self.hub = FutureHub(self.store, asyncio.get_running_loop())
         self.local_api_key = self._ensure_a_key() if config.auth == "keys" else None
         self.service = Service(self.engine, self.scheduler, self.store, self.hub,
-                               Limits(config.max_live_runs_per_owner, config.max_tokens_per_request))
+                               Limits(config.max_live_runs_per_owner, config.max_tokens_per_request),
+                               session_timeout=config.session_timeout)
         auth = Authenticator(self.store, require_keys=config.auth == "keys", data_dir=config.data_dir)
         self.archives = Archives(self.engine.files)
         await self._start_http(TinkerApi(self.service, auth, self.archives))
@@ -111,6 +111,7 @@ class StillroomServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_checkpoints())
+        self._lapser = asyncio.get_running_loop().create_task(self._sweep_sessions())
         logger.info("Stillroom serving on %s (gRPC) and %s (the Tinker HTTP API and downloads) "
                     "(device %s, data %s, database %s)", self.address, self.http_url, config.device,
                     config.data_dir, config.resolved_database_url.split("@")[-1])
@@ -169,6 +170,24 @@ class StillroomServer:
             except Exception:  # noqa: BLE001 - the sweep must outlive one failure
                 logger.exception("checkpoint sweep failed")
 
+    async def _sweep_sessions(self) -> None:
+        """End client sessions with no heartbeat for `session_timeout` seconds, checking a tenth
+        as often (at most every 10 s), so a session lapses within 10% of the timeout after it."""
+        timeout = self.config.session_timeout
+        if timeout <= 0:
+            logger.info("client sessions never lapse (--session-timeout 0)")
+            return
+        if timeout < 3 * HEARTBEAT_SECONDS:
+            logger.warning("--session-timeout %g s: the Tinker SDK sends a heartbeat every %d s, so a "
+                           "timeout under %d s can end sessions whose client is alive", timeout,
+                           HEARTBEAT_SECONDS, 3 * HEARTBEAT_SECONDS)
+        while True:
+            await asyncio.sleep(min(10.0, max(0.1, timeout / 10)))
+            try:
+                await self.service.sweep_lapsed_sessions()
+            except Exception:  # noqa: BLE001 - the sweep must outlive one failure
+                logger.exception("session sweep failed")
+
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():
             return
@@ -182,6 +201,7 @@ class StillroomServer:
         logger.info("shutting down: refusing new calls, finishing queued work")
         await self.health.enter_graceful_shutdown()
         self._sweeper.cancel()
+        self._lapser.cancel()
         self.http.should_exit = True
         await self.server.stop(grace)
         await self._http_task

@@ -28,9 +28,6 @@ class ServerConfig(BaseModel):
     max_live_runs_per_owner: int = Field(default=32, ge=1)
     max_tokens_per_request: int = Field(default=4_000_000, ge=1)
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads; None: measured at start
-    # sampling and scoring compute each row as it would alone, whatever shares its batch (CPU fp32;
-    # engine/batch_invariant.py): bitwise the same tokens and logprobs, at a cost in speed
-    batch_invariant: bool = False
     # worker processes a training run is sharded over (FSDP2); 1: every model in the server process
     workers: int = Field(default=1, ge=1)
     # HOST:PORT where a worker group launched elsewhere (torchrun) connects; None: start them here
@@ -40,6 +37,9 @@ class ServerConfig(BaseModel):
     # The Tinker HTTP API and checkpoint downloads; None: the gRPC port + 1 (any free one if 0).
     http_port: int | None = Field(default=None, ge=0, le=65535)
     checkpoint_sweep_seconds: float = Field(default=60.0, gt=0)  # how often expired checkpoints are deleted
+    # A client session with no heartbeat for this long lapses: it ends as a finish would (its runs
+    # leave memory, their checkpoints stay). 0: sessions never lapse. The Tinker SDK beats every 10 s.
+    session_timeout: float = Field(default=300.0, ge=0)
     # "keys": every call but health needs an API key; "off": one local owner, loopback hosts only.
     auth: Literal["keys", "off"] = "keys"
 
@@ -53,13 +53,6 @@ class ServerConfig(BaseModel):
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not path.is_file():
                 raise ValueError(f"tls: {path} is not a file")
-        return self
-
-    @model_validator(mode="after")
-    def _batch_invariant_on_cpu_fp32(self) -> ServerConfig:
-        if self.batch_invariant and (self.device != "cpu" or self.dtype == "bf16" or self.workers > 1):
-            raise ValueError("batch_invariant: for sampling and scoring in fp32 on the CPU in the server "
-                             "process only (device cpu, dtype auto, fp32 or bf16-train, one worker)")
         return self
 
     @model_validator(mode="after")

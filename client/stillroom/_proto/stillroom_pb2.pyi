@@ -646,3 +646,54 @@ class CheckpointArchiveUrl(_message.Message):
     expires_at: str
     size_bytes: int
     def __init__(self, url: _Optional[str] = ..., http_port: _Optional[int] = ..., url_path: _Optional[str] = ..., expires_at: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class ListClientSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListClientSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "session_timeout_seconds")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[ClientSessionInfo]
+    session_timeout_seconds: float
+    def __init__(self, sessions: _Optional[_Iterable[_Union[ClientSessionInfo, _Mapping]]] = ..., session_timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class EndClientSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ClientSessionInfo(_message.Message):
+    __slots__ = ("session_id", "state", "end_reason", "created_at", "last_heartbeat_at", "ended_at", "training_run_ids", "live_runs", "sampler_ids", "tags", "user_metadata")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    END_REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_RUN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_RUNS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_IDS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    state: str
+    end_reason: str
+    created_at: str
+    last_heartbeat_at: str
+    ended_at: str
+    training_run_ids: _containers.RepeatedScalarFieldContainer[str]
+    live_runs: int
+    sampler_ids: _containers.RepeatedScalarFieldContainer[str]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    user_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., created_at: _Optional[str] = ..., last_heartbeat_at: _Optional[str] = ..., ended_at: _Optional[str] = ..., training_run_ids: _Optional[_Iterable[str]] = ..., live_runs: _Optional[int] = ..., sampler_ids: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...

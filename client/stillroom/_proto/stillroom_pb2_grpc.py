@@ -140,6 +140,16 @@ class StillroomStub:
                 request_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
                 response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointArchiveUrl.FromString,
                 _registered_method=True)
+        self.ListClientSessions = channel.unary_unary(
+                '/stillroom.v1.Stillroom/ListClientSessions',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.ListClientSessionsRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.ListClientSessionsResponse.FromString,
+                _registered_method=True)
+        self.EndClientSession = channel.unary_unary(
+                '/stillroom.v1.Stillroom/EndClientSession',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.EndClientSessionRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.ClientSessionInfo.FromString,
+                _registered_method=True)
 
 
 class StillroomServicer:
@@ -277,6 +287,23 @@ class StillroomServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListClientSessions(self, request, context):
+        """Client sessions: the Tinker SDK makes one per ServiceClient over the HTTP API (Stillroom's own
+        SDK makes none; its runs end with CloseTrainingRun or a restart). A session ends when its client
+        finishes it, when it lapses (no heartbeat for the server's --session-timeout), or here; its
+        training runs then leave memory and their checkpoints stay. The caller's sessions, live and ended:
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndClientSession(self, request, context):
+        """End one of the caller's sessions as its finish would (ending an ended one changes nothing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StillroomServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -384,6 +411,16 @@ def add_StillroomServicer_to_server(servicer, server):
                     servicer.GetCheckpointArchiveUrl,
                     request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.FromString,
                     response_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointArchiveUrl.SerializeToString,
+            ),
+            'ListClientSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClientSessions,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.ListClientSessionsRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.ListClientSessionsResponse.SerializeToString,
+            ),
+            'EndClientSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndClientSession,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.EndClientSessionRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.ClientSessionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -953,6 +990,60 @@ class Stillroom:
             '/stillroom.v1.Stillroom/GetCheckpointArchiveUrl',
             stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
             stillroom_dot_v1_dot_stillroom__pb2.CheckpointArchiveUrl.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClientSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/ListClientSessions',
+            stillroom_dot_v1_dot_stillroom__pb2.ListClientSessionsRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.ListClientSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndClientSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/EndClientSession',
+            stillroom_dot_v1_dot_stillroom__pb2.EndClientSessionRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.ClientSessionInfo.FromString,
             options,
             channel_credentials,
             insecure,
