@@ -74,16 +74,18 @@ class StillroomServer:
         threads, how = resources.choose_threads(config.threads)
         self.engine = make_engine(config.data_dir, config.workers, config.device, config.max_num_samples,
                                   config.local_models, config.dtype, config.threads, config.log_level,
-                                  config.worker_listen)
+                                  config.worker_listen, config.batch_invariant)
         self.scheduler = Scheduler(batch_runners(self.engine))
         total, available = resources.memory_budget()
         runs = (f"training runs keep up to {self.engine.run_memory_bytes / 2**30:.1f} GiB in memory (idle "
                 "runs beyond it wait on disk)" if self.engine.run_memory_bytes > 0 else
                 f"training runs live in the {config.workers} worker processes, sharded (no bytes budget)")
         logger.info("memory: %.1f GiB total, %.1f GiB available at start; %s, at most %d LoRA snapshots "
-                    "stay loaded, at most %d sample/logprob requests queue; torch threads: %d (%s)",
+                    "stay loaded, at most %d sample/logprob requests queue; torch threads: %d (%s); "
+                    "batch-invariant sampling and scoring: %s",
                     total / 2**30, available / 2**30, runs, MAX_LOADED_ADAPTERS,
-                    self.scheduler.max_outstanding, threads, how)
+                    self.scheduler.max_outstanding, threads, how,
+                    "on" if config.batch_invariant else "off (--batch-invariant)")
         self.hub = FutureHub(self.store, asyncio.get_running_loop())
         self.local_api_key = self._ensure_a_key() if config.auth == "keys" else None
         self.service = Service(self.engine, self.scheduler, self.store, self.hub,

@@ -42,6 +42,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int,
         help="torch CPU threads (default: measured at start, 1 or all cores, whichever runs a matmul "
              "faster; STILLROOM_THREADS)")
+    add("--batch-invariant", action="store_true", default=None,
+        help="sample and score each request as it would alone, whatever else shares its batch: bitwise "
+             "the same tokens and logprobs (CPU, fp32; slower decoding, see the README; "
+             "STILLROOM_BATCH_INVARIANT=1)")
     add("--workers", type=int,
         help="worker processes to shard training runs over with torch.distributed FSDP2 (gloo on cpu, "
              "NCCL on cuda); 1 (default): every model in the server process (STILLROOM_WORKERS)")
@@ -75,6 +79,7 @@ def run_serve(args: argparse.Namespace) -> None:
         log_level=args.log_level, auth=args.auth, max_live_runs_per_owner=args.max_live_runs_per_owner,
         max_tokens_per_request=args.max_tokens_per_request, tls_cert=args.tls_cert,
         tls_key=args.tls_key, http_port=args.http_port, threads=args.threads,
+        batch_invariant=args.batch_invariant,
         workers=args.workers, worker_listen=args.worker_listen, session_timeout=args.session_timeout)
     config.local_models = local_models
     logging.basicConfig(level=config.log_level.upper(),

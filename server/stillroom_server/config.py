@@ -28,6 +28,9 @@ class ServerConfig(BaseModel):
     max_live_runs_per_owner: int = Field(default=32, ge=1)
     max_tokens_per_request: int = Field(default=4_000_000, ge=1)
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads; None: measured at start
+    # sampling and scoring compute each row as it would alone, whatever shares its batch (CPU fp32;
+    # engine/batch_invariant.py): bitwise the same tokens and logprobs, at a cost in speed
+    batch_invariant: bool = False
     # worker processes a training run is sharded over (FSDP2); 1: every model in the server process
     workers: int = Field(default=1, ge=1)
     # HOST:PORT where a worker group launched elsewhere (torchrun) connects; None: start them here
@@ -53,6 +56,13 @@ class ServerConfig(BaseModel):
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not path.is_file():
                 raise ValueError(f"tls: {path} is not a file")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_invariant_on_cpu_fp32(self) -> ServerConfig:
+        if self.batch_invariant and (self.device != "cpu" or self.dtype == "bf16" or self.workers > 1):
+            raise ValueError("batch_invariant: for sampling and scoring in fp32 on the CPU in the server "
+                             "process only (device cpu, dtype auto, fp32 or bf16-train, one worker)")
         return self
 
     @model_validator(mode="after")
