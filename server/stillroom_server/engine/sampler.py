@@ -12,6 +12,7 @@ decoded with the model's tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from typing import Any
 
@@ -22,6 +23,17 @@ from stillroom_server.engine.kv_cache import GrowingCache
 from stillroom_server.engine.types import SampledSequence, SampleWork, SamplingConfig, new_sequence_id
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+def _cache_argument() -> str:
+    """The KV cache's keyword in a model's forward: `cache` where transformers has renamed it (its
+    `past_key_values` warns there and goes in 5.40), `past_key_values` in the 5.x releases before."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+CACHE_ARGUMENT = _cache_argument()
 
 
 @dataclasses.dataclass
@@ -212,7 +224,7 @@ class DecodeBatch:
         position_U_T = (mask_U_T.cumsum(-1) - 1).clamp(min=0)
         cache = GrowingCache()
         logits_U_V = _forward(model, unique, input_ids=input_U_T, attention_mask=mask_U_T,
-                              position_ids=position_U_T, past_key_values=cache)
+                              position_ids=position_U_T, **{CACHE_ARGUMENT: cache})
         index_B = torch.tensor([prompts[key] for key in keys], device=device)
         if len(unique) != len(rows):
             cache.batch_select_indices(index_B)
@@ -226,7 +238,7 @@ class DecodeBatch:
         self.position_B = self.position_B + 1
         logits_B_V = _forward(model, self.rows, input_ids=self.tokens_B[:, None],
                               attention_mask=self.mask_B_L, position_ids=self.position_B[:, None],
-                              past_key_values=self.cache)
+                              **{CACHE_ARGUMENT: self.cache})
         self._choose(logits_B_V, eos_ids, tokenizer)
 
     def _choose(self, logits_B_V: torch.Tensor, eos_ids: tuple[int, ...], tokenizer) -> None:
