@@ -4,6 +4,7 @@ were lost answers with an error that says so instead of training fresh weights."
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -22,17 +23,35 @@ pytestmark = pytest.mark.slow
 KILLS = 3
 
 
+def beating_clients() -> set[int]:
+    """The tinker clients (their holders) in this process whose session heartbeat still runs."""
+    from tinker.lib.internal_client_holder import InternalClientHolder
+
+    return {id(h) for h in gc.get_objects() if isinstance(h, InternalClientHolder)
+            and h._session_heartbeat_task is not None and not h._session_heartbeat_task.done()}
+
+
+@pytest.fixture(autouse=True)
+def no_heartbeat_outlives_its_server():
+    """Every server here is killed by the end of the test: a client still beating then would log
+    "Session heartbeat failed ... Tinker is down" two minutes later, in some other test."""
+    before = beating_clients()
+    yield
+    time.sleep(0.5)   # a dropped client's heartbeat is cancelled on its own loop
+    assert not beating_clients() - before, "a tinker client outlived its killed server"
+
+
 def train_over_http(server: ServerProcess, cycle: int, saved: dict, stop: threading.Event,
                     runs: list) -> None:
     """Train and checkpoint through the official SDK until the server dies under it."""
     T = tinker.types
     client = tinker.ServiceClient(base_url=server.http_url, api_key=server.key)
-    trainer = client.create_lora_training_client(TINY, rank=4, seed=cycle).result(timeout=60)
-    runs.append(trainer.model_id)
     datum = T.Datum(model_input=T.ModelInput.from_ints([1, 40, 41, 42, 43]),
                     loss_fn_inputs={"target_tokens": [40, 41, 42, 43, 2], "weights": [1.0] * 5})
     step = 0
     try:
+        trainer = client.create_lora_training_client(TINY, rank=4, seed=cycle).result(timeout=60)
+        runs.append(trainer.model_id)
         while not stop.is_set():
             futures = [trainer.forward_backward([datum], "cross_entropy"),
                        trainer.optim_step(T.AdamParams(learning_rate=1e-3)),
@@ -46,6 +65,17 @@ def train_over_http(server: ServerProcess, cycle: int, saved: dict, stop: thread
             step += 1
     except Exception:  # noqa: BLE001 - the server was killed under us: any SDK error or a timeout
         return
+    finally:
+        drop(client)
+
+
+def drop(client) -> None:
+    """Stop a client whose server was killed: its heartbeat thread, which would otherwise log "Session
+    heartbeat failed ... Tinker is down" two minutes later, in whatever test runs then. Not `close()`,
+    whose finish request retries against the dead server for five minutes (tinker 0.38)."""
+    holder = client._session_holder
+    if holder is not None:
+        holder.close()
 
 
 def check_recovered(server: ServerProcess, saved: dict, runs: list) -> None:
