@@ -97,6 +97,22 @@ def test_download_urls_need_a_valid_token(service, trained_lora, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["for-download"]  # no staging left behind
 
 
+def test_a_download_into_a_taken_folder_is_refused_before_it_starts(service, server, trained_lora, tmp_path,
+                                                                    monkeypatch):
+    from stillroom import rest_client
+
+    def fetch(*args, **kwargs):
+        raise AssertionError("downloaded before refusing")
+
+    monkeypatch.setattr(rest_client, "_fetch", fetch)
+    (tmp_path / "for-download").mkdir()
+    with pytest.raises(FileExistsError, match="for-download already exists"):
+        service.create_rest_client().download_checkpoint_archive(trained_lora.model_path, tmp_path)
+    url = ["--base-url", server.address, "--api-key", server.local_api_key]
+    with pytest.raises(SystemExit, match="for-download already exists; remove it or download elsewhere"):
+        cli(["checkpoints", "download", trained_lora.model_path, str(tmp_path), *url])
+
+
 def _tar(tmp_path, build) -> Path:
     path = tmp_path / "evil.tar"
     with tarfile.open(path, "w") as archive:

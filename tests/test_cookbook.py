@@ -186,13 +186,17 @@ def test_sft_lowers_the_loss_and_logs_evaluations(service, renderer, evaluator, 
     assert len(read_jsonl(tmp_path / "sft.jsonl")) == len(log.records)
 
 
-def test_sft_stops_at_the_first_evaluation_that_reaches_the_target(service, renderer, evaluator):
+def test_sft_stops_at_the_first_evaluation_that_reaches_the_target(service, renderer, evaluator, capsys):
     trainer = service.create_full_training_client(TINY, seed=0)
     examples = [(p.prompt, p.completion) for p in TASK.problems(16, seed=0)]
-    config = SFTConfig(steps=6, learning_rate=3e-3, batch_size=4, eval_every=2, stop_at_accuracy=0.0)
-    log = train_sft(trainer, renderer, examples, config, MetricsLog(None), evaluator, progress=False)
+    config = SFTConfig(steps=6, learning_rate=3e-3, batch_size=4, eval_every=2, stop_at_accuracy=0.0,
+                       name="sft")
+    log = train_sft(trainer, renderer, examples, config, MetricsLog(None), evaluator)
     assert [r["step"] for r in log.records if "eval/accuracy" in r] == [0, 2]
     assert len([r for r in log.records if "loss" in r]) == 2
+    # the progress bar ends on the step it stopped after and says why it stopped short of 6
+    final = capsys.readouterr().err.split("\r")[-1]
+    assert "sft: 0% right after step 2, target 0% reached, stopped" in final and "2/6" in final, final
 
 
 def test_evaluation_grades_greedy_completions(service, renderer):

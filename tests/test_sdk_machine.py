@@ -56,6 +56,8 @@ def test_the_sdk_alone_has_no_torch_and_server_commands_say_what_they_need(sdk_v
         result = run([sdk_venv / "stillroom", *command])
         assert result.returncode != 0
         assert "needs stillroom[server]" in result.stderr and "Traceback" not in result.stderr, result.stderr
+        clone = sdk_venv.parents[1] / "stillroom"   # pip installed from it: the index has no stillroom
+        assert f"pip install '{clone}[server]'" in result.stderr, result.stderr
     version = run([sdk_venv / "stillroom", "--version"])
     assert version.returncode == 0 and version.stdout.startswith("stillroom ")
 

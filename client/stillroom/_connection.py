@@ -13,6 +13,7 @@ import concurrent.futures
 import logging
 import random
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -66,6 +67,34 @@ def retry_after_ms(error: grpc.aio.AioRpcError) -> float | None:
         if key == "retry-after-ms":
             return float(value)
     return None
+
+
+def is_http1(error: grpc.aio.AioRpcError) -> bool:
+    """The address answered HTTP/1.1: a web server, such as a Stillroom server's HTTP port."""
+    details = error.details() or ""
+    return "http1.x server" in details or "Failed parsing HTTP/2" in details
+
+
+def unreachable_reason(error: grpc.aio.AioRpcError) -> str | None:
+    """Why no connection was made (nothing listens, no such host), if that is what failed."""
+    details = error.details() or ""
+    if "failed to connect" not in details.lower() and "DNS resolution failed" not in details:
+        return None
+    return details.rsplit(": ", 1)[-1]   # "Connection refused", "Domain name not found", ...
+
+
+def http1_message(target: str) -> str:
+    host, _, port = target.rpartition(":")
+    grpc_port = f" ({host}:{int(port) - 1}?)" if port.isdigit() else ""
+    return (f"{target} answers HTTP/1.1, not gRPC: it looks like a Stillroom server's HTTP port (for the "
+            "official tinker SDK and downloads). Stillroom's SDK and `stillroom` commands take its gRPC "
+            f"port, by default the HTTP port - 1{grpc_port}; `stillroom serve` prints both at start")
+
+
+def no_server_message(target: str, reason: str) -> str:
+    return (f"no Stillroom server answers at {target} ({reason}). Is one running? `stillroom serve` starts "
+            "one and prints its gRPC address: give that as base_url= or STILLROOM_BASE_URL (--base-url "
+            "for `stillroom` commands)")
 
 
 class Connection:
@@ -141,6 +170,7 @@ class Connection:
         backoff while the server is UNAVAILABLE (unless `retry` is False); typed errors otherwise."""
         delay = 0.1
         attempt = 0
+        started = time.monotonic()
         while True:
             try:
                 return await once()
@@ -150,15 +180,25 @@ class Connection:
                     await asyncio.sleep(max(wait_ms, 50.0) / 1000 * (0.5 + random.random()))
                     continue
                 attempt += 1
-                if error.code() == grpc.StatusCode.UNAVAILABLE and not retry:
+                unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
+                unreachable = unreachable_reason(error) if unavailable else None
+                if unavailable and is_http1(error):   # waiting will not change what answers there
+                    raise errors.APIConnectionError(f"{method}: {http1_message(self.target)}") from None
+                if unavailable and not retry:
                     raise errors.APIConnectionError(
+                        f"{method}: {no_server_message(self.target, unreachable)}; not retried"
+                        if unreachable else
                         f"{method}: server unavailable ({error.details()}); not retried, because "
                         "the server may have acted on it: check with the RestClient, then call again"
                     ) from None
-                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt > self.max_retries:
+                if unreachable and attempt > self.max_retries:
+                    raise errors.APIConnectionError(
+                        f"{method}: {no_server_message(self.target, unreachable)} (tried for "
+                        f"{time.monotonic() - started:.1f} s)") from None
+                if not unavailable or attempt > self.max_retries:
                     raise errors.from_rpc_error(error) from None
-                logger.warning("%s: server unavailable (%s); retrying in %.1fs", method,
-                               error.details(), delay)
+                logger.warning("%s: server unavailable at %s (%s); retrying in %.1fs", method, self.target,
+                               unreachable or error.details(), delay)
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
 

@@ -1,5 +1,5 @@
-"""The `stillroom` command. `serve`, `keys` and `models` need the server extra (pip install
-'stillroom[server]') and say so, rather than failing on an import, where it is missing; `runs` and
+"""The `stillroom` command. `serve`, `keys` and `models` need the server extra (from a clone:
+pip install '/path/to/clone[server]') and say how to add it, rather than failing on an import; `runs` and
 `checkpoints` use the SDK against a running server (--base-url or STILLROOM_BASE_URL; the key from
 --api-key, STILLROOM_API_KEY, or the local key a server keeps in its data dir)."""
 
@@ -15,6 +15,7 @@ SERVER_COMMANDS = ("serve", "keys", "models")
 # What the server extra brings that the SDK alone does not have (import names).
 SERVER_MODULES = ("torch", "transformers", "safetensors", "peft", "sqlalchemy", "alembic")
 LOCAL_KEY_FILE = "local_api_key"  # the server writes its first key here, in its data dir
+CLI_RETRIES = 2   # a command answers within a second when no server is there (the SDK's default: ~8 s)
 
 
 def missing_server_modules() -> list[str]:
@@ -31,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     args, unknown = parser.parse_known_args(argv)  # without the server extra, its flags are unknown
     if args.command in SERVER_COMMANDS:
         if missing:
-            sys.exit(f"stillroom {args.command} needs stillroom[server] (missing: {', '.join(missing)}): "
-                     "pip install 'stillroom[server]' (install torch first; see the README)")
+            sys.exit(f"stillroom {args.command} needs stillroom[server] (missing: {', '.join(missing)}), "
+                     f"which is not on the package index: {server_install_hint()}")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command in SERVER_COMMANDS:
@@ -42,9 +43,35 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         with stillroom.ServiceClient(base_url=args.base_url, api_key=find_api_key(args)) as service:
+            service._connection.max_retries = CLI_RETRIES
             args.handler(service.create_rest_client(), args)
     except (stillroom.StillroomError, ValueError, FileExistsError) as error:
         sys.exit(f"stillroom {args.command}: {error}")
+
+
+def server_install_hint() -> str:
+    """How to add the server extra here: from the clone (or wheel) this SDK was installed from,
+    which pip records in direct_url.json (stillroom is not on the package index)."""
+    source = _installed_from() or "/path/to/your/stillroom-clone"
+    return (f"pip install torch==2.13.0 && pip install '{source}[server]' (torch first, the CPU build or "
+            "the CUDA one you want; or, in the clone, `bash scripts/setup.sh` makes a .venv with everything)")
+
+
+def _installed_from() -> str | None:
+    """The local folder or wheel file pip installed stillroom from, if it is still there; else the
+    clone this module runs from (an editable install)."""
+    import json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    for distribution in metadata.distributions(name="stillroom"):
+        record = distribution.read_text("direct_url.json")
+        url = json.loads(record).get("url", "") if record else ""
+        path = unquote(urlparse(url).path) if url.startswith("file://") else ""
+        if path and Path(path).exists():
+            return path
+    clone = Path(__file__).resolve().parents[2]
+    return str(clone) if (clone / "pyproject.toml").exists() and (clone / "server").is_dir() else None
 
 
 def _version() -> str:
@@ -163,15 +190,22 @@ def _size(n_bytes: int | None) -> str:
     return f"{size:.1f} GB"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    """Columns as wide as their widest cell (run ids made over HTTP are `<session>:train:<n>`)."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + "  " + row[-1])
+
+
 def _runs_list(rest, args) -> None:
     response = rest.list_training_runs(limit=args.limit, offset=args.offset).result()
-    print(f"{'RUN':<22} {'BASE MODEL':<24} {'KIND':<9} {'CREATED':<20} LAST CHECKPOINT")
+    rows = []
     for run in response.training_runs:
         kind = f"lora r{run.lora_rank}" if run.is_lora else "full"
         last = run.last_checkpoint or run.last_sampler_checkpoint
         created = run.created_at.strftime("%Y-%m-%d %H:%M:%S") if run.created_at else ""
-        print(f"{run.training_run_id:<22} {run.base_model:<24} {kind:<9} {created:<20} "
-              f"{last.path if last else '-'}")
+        rows.append([run.training_run_id, run.base_model, kind, created, last.path if last else "-"])
+    _table(["RUN", "BASE MODEL", "KIND", "CREATED", "LAST CHECKPOINT"], rows)
     shown = len(response.training_runs)
     print(f"({shown} of {response.cursor.total_count} runs from offset {args.offset})")
 

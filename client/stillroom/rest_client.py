@@ -293,8 +293,11 @@ class RestClient:
         adapter_model.safetensors); a full one is a Hugging Face model folder. Either holds
         stillroom_checkpoint.json, which names the base model.
         """
-        url = self.get_checkpoint_archive_url(path).result()
         dest = Path(dest_dir)
+        target = dest / path.rstrip("/").rsplit("/", 1)[-1]   # the archive's one folder: the name
+        if target.exists():   # refused before anything is downloaded
+            raise FileExistsError(f"{target} already exists; remove it or download elsewhere")
+        url = self.get_checkpoint_archive_url(path).result()
         dest.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".stillroom-download-", dir=dest) as staging:
             archive = Path(staging) / "archive.tar"

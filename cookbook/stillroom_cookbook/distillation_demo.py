@@ -145,7 +145,7 @@ def main() -> None:
         print(f"server on {server.address} (log: {server.log_file}; {args.threads} torch thread"
               f"{'s' if args.threads > 1 else ''}, batch-invariant sampling "
               f"{'on' if args.batch_invariant else 'off'})")
-        with stillroom.ServiceClient(base_url=server.address) as service:
+        with stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key) as service:
             results = run_demo(service, config, out_dir, args.data_dir / "cookbook")
     print_table(results, config.eval_problems)
     print(f"\nmetrics and plot in {out_dir}/ ({time.monotonic() - start:.0f} s in all)")

@@ -2,7 +2,8 @@
 
 It runs the `stillroom serve` command (the server extra must be installed) on a free port and
 waits for it to say it is ready; it never imports the server's code. It reads the local API key
-the server made in its data dir and, unless STILLROOM_API_KEY is set, sets it for this process.
+the server made in its data dir (`local_api_key`) and sets STILLROOM_API_KEY to it for this process:
+a key exported for another server (README's "Using it") is not one this server knows.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class LocalServer:
         self.address = ready.read_text().splitlines()[0]
         key_file = self.data_dir / "local_api_key"  # made by the server at its first start
         self.local_api_key = key_file.read_text().strip() if key_file.exists() else None
-        if self.local_api_key and not os.environ.get("STILLROOM_API_KEY"):
-            os.environ["STILLROOM_API_KEY"] = self.local_api_key  # for SDK clients in this process
+        if self.local_api_key:  # for SDK clients in this process, over a key exported for another server
+            os.environ["STILLROOM_API_KEY"] = self.local_api_key
         return self.address
 
     @property

@@ -43,7 +43,7 @@ def main() -> None:
 
     with LocalServer(args.data_dir) as server:
         print(f"server on {server.address} (log: {server.log_file})")
-        service = stillroom.ServiceClient(base_url=server.address)
+        service = stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key)
         trainer = service.create_full_training_client(args.model, seed=0)
         tokenizer = trainer.get_tokenizer()
         tokens = [tokenizer.bos_token_id, *tokenizer.encode(LINE), tokenizer.eos_token_id]

@@ -51,8 +51,8 @@ def train_sft(trainer: stillroom.TrainingClient, renderer: Renderer,
     batches = cycle_batches(examples, config.batch_size, config.seed)
     maybe_eval(trainer, evaluator, config, 0, log, force=True)
     pending = None
-    bar = tqdm(range(config.steps), desc=config.name, unit="step", disable=not progress)
-    for step in bar:
+    bar = tqdm(total=config.steps, desc=config.name, unit="step", disable=not progress)
+    for step in range(config.steps):
         data = [sft_datum(renderer, prompt, completion) for prompt, completion in next(batches)]
         lr = linear_lr(config.learning_rate, step, config.steps, config.warmup_steps,
                        config.final_lr_fraction)
@@ -63,11 +63,15 @@ def train_sft(trainer: stillroom.TrainingClient, renderer: Renderer,
         pending = (step, forward, lr, sum(sum(d.loss_fn_inputs["weights"].data) for d in data),
                    sum(d.model_input.length for d in data))
         metrics = maybe_eval(trainer, evaluator, config, step + 1, log, force=step + 1 == config.steps)
+        bar.update(1)
         accuracy = metrics.get("eval/accuracy", -1.0)
         if config.stop_at_accuracy is not None and accuracy >= config.stop_at_accuracy:
+            bar.set_description(f"{config.name}: {accuracy:.0%} right after step {step + 1}, target "
+                                f"{config.stop_at_accuracy:.0%} reached, stopped")
             break
     if pending is not None:
         _log_step(log, bar, *pending)
+    bar.close()
     return log
 
 

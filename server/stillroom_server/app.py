@@ -64,6 +64,13 @@ class StillroomServer:
 
     async def _start(self) -> None:
         config = self.config
+        # Both ports first: one in use fails at once, named, before anything is loaded or written.
+        http_socket = self._bind_http()
+        try:
+            self.server = self._bind_grpc()
+        except PortError:
+            http_socket.close()
+            raise
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.resolved_database_url)
         self.store.upgrade()
@@ -93,33 +100,45 @@ class StillroomServer:
                                session_timeout=config.session_timeout)
         auth = Authenticator(self.store, require_keys=config.auth == "keys", data_dir=config.data_dir)
         self.archives = Archives(self.engine.files)
-        await self._start_http(TinkerApi(self.service, auth, self.archives))
+        await self._start_http(TinkerApi(self.service, auth, self.archives), http_socket)
         self.servicer = StillroomServicer(self.service, auth, self.archives)
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ])
         pb_grpc.add_StillroomServicer_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()  # pyright: ignore[reportAttributeAccessIssue]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if config.tls_cert is not None and config.tls_key is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
-            self.port = self.server.add_secure_port(f"{config.host}:{config.port}", credentials)
-        else:
-            self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_checkpoints())
         self._lapser = asyncio.get_running_loop().create_task(self._sweep_sessions())
-        logger.info("Stillroom serving on %s (gRPC) and %s (the Tinker HTTP API and downloads) "
-                    "(device %s, data %s, database %s)", self.address, self.http_url, config.device,
-                    config.data_dir, config.resolved_database_url.split("@")[-1])
+        logger.info("Stillroom serving on %s (gRPC: for Stillroom's SDK and `stillroom` commands, "
+                    "STILLROOM_BASE_URL) and %s (HTTP: for the official tinker SDK, TINKER_BASE_URL, "
+                    "and checkpoint downloads) (device %s, data %s, database %s)", self.address,
+                    self.http_url, config.device, config.data_dir,
+                    config.resolved_database_url.split("@")[-1])
 
-    async def _start_http(self, api: TinkerApi) -> None:
-        """Bind the HTTP port (0: any free one) and serve the ASGI app with uvicorn on this loop."""
+    def _bind_grpc(self) -> grpc.aio.Server:
+        """A gRPC server bound to the gRPC port (0: any free one); services are added before start."""
+        config = self.config
+        server = grpc.aio.server(options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ])
+        address = f"{config.host}:{config.port}"
+        try:
+            if config.tls_cert is not None and config.tls_key is not None:
+                credentials = grpc.ssl_server_credentials(
+                    [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+                self.port = server.add_secure_port(address, credentials)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:   # grpc says only "Failed to bind"; a port in use is the usual cause
+            raise PortError(port_message("gRPC", config.host, config.port, "in use, or not an address "
+                                         "of this machine")) from None
+        return server
+
+    def _bind_http(self) -> socket.socket:
+        """A socket bound to the HTTP port (0: any free one), for uvicorn to listen on."""
         config = self.config
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -127,7 +146,17 @@ class StillroomServer:
         # Accepted connections inherit this: without it a response written as headers then body
         # waits for the client's delayed ACK, 40 ms a call (measured: 44 ms -> 1 ms per call).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((config.host, config.resolved_http_port))
+        try:
+            sock.bind((config.host, config.resolved_http_port))
+        except OSError as error:
+            sock.close()
+            raise PortError(port_message("HTTP", config.host, config.resolved_http_port,
+                                         (error.strerror or str(error)).lower())) from None
+        return sock
+
+    async def _start_http(self, api: TinkerApi, sock: socket.socket) -> None:
+        """Serve the ASGI app with uvicorn on this loop, on the bound HTTP socket."""
+        config = self.config
         self.http_port = sock.getsockname()[1]
         tls = config.tls_cert is not None
         self.http = uvicorn.Server(uvicorn.Config(
@@ -219,9 +248,24 @@ class StillroomServer:
         self.stop()
 
 
+class PortError(RuntimeError):
+    """A port the server was told to use could not be bound."""
+
+
+def port_message(wire: str, host: str, port: int, reason: str) -> str:
+    what = ("the gRPC port, for Stillroom's SDK and `stillroom` commands: --port or STILLROOM_PORT"
+            if wire == "gRPC" else "the HTTP port, for the tinker SDK and downloads: --http-port or "
+            "STILLROOM_HTTP_PORT, default --port + 1")
+    return (f"cannot listen on {host}:{port} ({what}): {reason}. Is another Stillroom server running? "
+            "Stop it, or give free ports with --port and --http-port (0: any free one)")
+
+
 def serve(config: ServerConfig, ready_file: str | None = None) -> None:
     """Run a server in the foreground until SIGTERM or SIGINT."""
-    server = StillroomServer(config).start()
+    try:
+        server = StillroomServer(config).start()
+    except PortError as error:
+        raise SystemExit(f"stillroom serve: {error}") from None
     if ready_file:
         with open(ready_file + ".tmp", "w") as handle:  # line 1: gRPC host:port, line 2: HTTP URL
             handle.write(f"{server.address}\n{server.http_url}\n")

@@ -106,6 +106,14 @@ def run_keys(args: argparse.Namespace) -> None:
     from stillroom_server.store import Store, keys
 
     config = ServerConfig.from_sources(data_dir=args.data_dir, database_url=args.database_url)
+    where = config.resolved_database_url.split("@")[-1]   # no password
+    if not config.database_url and not (config.data_dir / "stillroom.db").exists():
+        if args.action != "create":   # a store to read: never make an empty one and list nothing from it
+            raise SystemExit(f"stillroom keys {args.action}: no server store in {config.data_dir} (no "
+                             "stillroom.db: has a server run with this data dir?); pass the server's "
+                             "--data-dir (or STILLROOM_DATA_DIR) or --database-url")
+        print(f"stillroom keys create: making a new store in {config.data_dir} (start the server with "
+              f"--data-dir {config.data_dir} to use this key)")
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.resolved_database_url)
     store.upgrade()
@@ -114,9 +122,11 @@ def run_keys(args: argparse.Namespace) -> None:
             info, secret = keys.create_key(store, args.owner or args.name, args.name)
             print(f"{info.id} for owner '{info.owner}' ({info.name}). The key, shown only now:\n{secret}")
         elif args.action == "list":
-            for info in keys.list_keys(store):
+            listed = keys.list_keys(store)
+            for info in listed:
                 state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "live"
                 print(f"{info.id}  {info.prefix}...  owner={info.owner}  name={info.name}  {state}")
+            print(f"({len(listed)} key{'' if len(listed) == 1 else 's'} in {where})")
         else:
             info = keys.revoke_key(store, args.key)
             if info is None:
