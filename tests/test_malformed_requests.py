@@ -77,7 +77,8 @@ CASES = [
     ("FB huge token", "ForwardBackward", lambda c: fb(c, [datum((5, 2**62, 6))]), BAD, f"token id {2**62}"),
     ("FB target 1000", "ForwardBackward", lambda c: fb(c, [datum(targets=[6, 7, 1000])]), BAD, "target_tokens: token id 1000"),
     ("FB missing targets", "ForwardBackward", lambda c: fb(c, [datum(extra={"target_tokens": None})]), BAD, "missing ['target_tokens']"),
-    ("FB missing weights", "ForwardBackward", lambda c: fb(c, [datum(extra={"weights": None})]), BAD, "missing ['weights']"),
+    # (cross_entropy's weights may be left out, as Tinker allows: tests/test_cookbook_surface.py)
+    ("FB missing RL inputs", "ForwardBackward", lambda c: fb(c, [datum(extra={"weights": None})], loss_fn="importance_sampling"), BAD, "missing ['advantages', 'logprobs']"),
     ("FB short weights", "ForwardBackward", lambda c: fb(c, [datum(weights=[1.0, 1.0])]), BAD, "weights: shape [2] does not match"),
     ("FB short targets", "ForwardBackward", lambda c: fb(c, [datum(targets=[6, 7])]), BAD, "target_tokens: shape [2]"),
     ("FB NaN weight", "ForwardBackward", lambda c: fb(c, [datum(weights=[1.0, math.nan, 1.0])]), BAD, "weights: values must be finite"),

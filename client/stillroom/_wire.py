@@ -145,8 +145,10 @@ def sample_from_pb(result: pb.SampleResult) -> types.SampleResponse:
     if result.HasField("topk_prompt_logprobs"):
         topk = _topk_rows(result.topk_prompt_logprobs)
         topk[0] = None  # row 0 is padding: the first token has no logprob
+    targets = (tensor_from_pb(result.target_prompt_logprobs)
+               if result.HasField("target_prompt_logprobs") else None)
     return types.SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs,
-                                topk_prompt_logprobs=topk)
+                                topk_prompt_logprobs=topk, target_prompt_logprobs=targets)
 
 
 def logprobs_from_pb(result: pb.ComputeLogprobsResult) -> list[float | None]:

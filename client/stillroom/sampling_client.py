@@ -34,9 +34,8 @@ class SamplingClient:
                        topk_prompt_logprobs: int, topk_sample_logprobs: int,
                        target_prompt_logprobs: Any, prompt_alt_tokens_k: int,
                        prompt_logprobs_last_n: int | None):
-        if target_prompt_logprobs is not None or prompt_alt_tokens_k:
-            raise ValueError("sample: target_prompt_logprobs and prompt_alt_tokens_k are not offered "
-                             "by Stillroom")
+        if prompt_alt_tokens_k:
+            raise ValueError("sample: prompt_alt_tokens_k is not offered by Stillroom")
         request = pb.SampleRequest(
             sampling_session_id=self.sampling_session_id, prompt=_wire.model_input_to_pb(prompt),
             num_samples=num_samples, sampling_params=_wire.sampling_params_to_pb(sampling_params),
@@ -44,6 +43,8 @@ class SamplingClient:
             topk_prompt_logprobs=topk_prompt_logprobs, topk_sample_logprobs=topk_sample_logprobs)
         if prompt_logprobs_last_n is not None:
             request.prompt_logprobs_last_n = prompt_logprobs_last_n
+        if target_prompt_logprobs is not None:  # ids [len(prompt) - 1, K]; unlisted sparse cells: -1
+            request.target_prompt_logprobs.CopyFrom(_wire.tensor_to_pb(target_prompt_logprobs.dense(-1)))
         return pb.SubmitItem(sample=request)
 
     @staticmethod
@@ -58,7 +59,9 @@ class SamplingClient:
         """`num_samples` continuations of `prompt`. Each sequence has a `sequence_id`; with
         `topk_sample_logprobs` k > 0, its `topk_logprobs` lists the k likeliest (token, logprob)
         at each sampled position; `prompt_logprobs_last_n` scores only the prompt's last n tokens
-        (for prompt logprobs and top-k prompt logprobs; earlier entries are None)."""
+        (for prompt logprobs and top-k prompt logprobs; earlier entries are None);
+        `target_prompt_logprobs`, int64 token ids [len(prompt) - 1, K] (-1: none; sparse CSR lists
+        only the cells asked for), gets their logprobs back in the same shape (0.0 where -1)."""
         item = self._sample_item(prompt, num_samples, sampling_params, include_prompt_logprobs,
                                    topk_prompt_logprobs, topk_sample_logprobs,
                                    target_prompt_logprobs, prompt_alt_tokens_k, prompt_logprobs_last_n)

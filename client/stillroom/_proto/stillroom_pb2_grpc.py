@@ -140,6 +140,16 @@ class StillroomStub:
                 request_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
                 response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointArchiveUrl.FromString,
                 _registered_method=True)
+        self.PublishCheckpoint = channel.unary_unary(
+                '/stillroom.v1.Stillroom/PublishCheckpoint',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.FromString,
+                _registered_method=True)
+        self.UnpublishCheckpoint = channel.unary_unary(
+                '/stillroom.v1.Stillroom/UnpublishCheckpoint',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.FromString,
+                _registered_method=True)
         self.ListClientSessions = channel.unary_unary(
                 '/stillroom.v1.Stillroom/ListClientSessions',
                 request_serializer=stillroom_dot_v1_dot_stillroom__pb2.ListClientSessionsRequest.SerializeToString,
@@ -287,6 +297,21 @@ class StillroomServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishCheckpoint(self, request, context):
+        """Publish the caller's checkpoint to every owner of the server (they may sample it, distill from
+        it and load it; only its owner deletes it, sets its TTL or unpublishes it), or make it private
+        again, at once. Publishing a published checkpoint (or unpublishing a private one) is ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpublishCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListClientSessions(self, request, context):
         """Client sessions: the Tinker SDK makes one per ServiceClient over the HTTP API (Stillroom's own
         SDK makes none; its runs end with CloseTrainingRun or a restart). A session ends when its client
@@ -411,6 +436,16 @@ def add_StillroomServicer_to_server(servicer, server):
                     servicer.GetCheckpointArchiveUrl,
                     request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.FromString,
                     response_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointArchiveUrl.SerializeToString,
+            ),
+            'PublishCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishCheckpoint,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.SerializeToString,
+            ),
+            'UnpublishCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpublishCheckpoint,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.SerializeToString,
             ),
             'ListClientSessions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListClientSessions,
@@ -990,6 +1025,60 @@ class Stillroom:
             '/stillroom.v1.Stillroom/GetCheckpointArchiveUrl',
             stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
             stillroom_dot_v1_dot_stillroom__pb2.CheckpointArchiveUrl.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/PublishCheckpoint',
+            stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpublishCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/UnpublishCheckpoint',
+            stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.FromString,
             options,
             channel_credentials,
             insecure,

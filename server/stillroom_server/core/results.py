@@ -59,6 +59,8 @@ def sample(result: SampleResult) -> pb.FutureResult:
     if result.topk_ids_T_K is not None and result.topk_logprobs_T_K is not None:
         message.topk_prompt_logprobs.token_ids.CopyFrom(tensor_to_pb(result.topk_ids_T_K))
         message.topk_prompt_logprobs.logprobs.CopyFrom(tensor_to_pb(result.topk_logprobs_T_K))
+    if result.target_logprobs_T_K is not None:
+        message.target_prompt_logprobs.CopyFrom(tensor_to_pb(result.target_logprobs_T_K))
     return pb.FutureResult(sample=message)
 
 

@@ -28,6 +28,7 @@ MAX_STOP_SEQUENCES = 64             # stop strings or stop token ids of one samp
 MAX_STOP_CHARS = 1024
 MAX_TENSOR_DIMS = 2                 # loss inputs are [T] (or [T, K])
 MAX_DECODED_ELEMENTS = 2**26        # values decoded from one request's tensors (256 MB as float32)
+MAX_JSON_TENSOR_VALUES = 1 << 22    # values of one tensor sent as JSON
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,8 @@ class DecodeStream:
         result = SampleResult([])
         if work.include_prompt_logprobs or work.topk_prompt_logprobs:
             self.engine.prompt_logprobs(opened, work, result)
+        if work.target_prompt_ids_T_K is not None:
+            self.engine.target_prompt_logprobs(opened, work, result)
         return result
 
     def _finish(self, rows: list[sampler._Row]) -> list[Outcome]:

@@ -14,9 +14,10 @@ import torch
 
 
 def pad_right(sequences: list[torch.Tensor], value: float = 0) -> torch.Tensor:
-    """Stack 1-D tensors of different lengths into [B, max_T], filling the tail with `value`."""
+    """Stack tensors [T, ...] of different lengths T (and the same trailing shape) into
+    [B, max_T, ...], filling the tail with `value`."""
     longest = max(seq.shape[0] for seq in sequences)
-    out = sequences[0].new_full((len(sequences), longest), value)
+    out = sequences[0].new_full((len(sequences), longest, *sequences[0].shape[1:]), value)
     for row, seq in enumerate(sequences):
         out[row, : seq.shape[0]] = seq
     return out
@@ -35,6 +36,17 @@ def logits_for(model: torch.nn.Module, tokens_B_T: torch.Tensor,
     if keep_K is None:
         return model(input_ids=tokens_B_T, use_cache=False).logits.float()
     return model(input_ids=tokens_B_T, use_cache=False, logits_to_keep=keep_K).logits.float()
+
+
+@torch.no_grad()
+def target_logprobs(model: torch.nn.Module, tokens_T: torch.Tensor, ids_T_K: torch.Tensor,
+                    device: torch.device) -> torch.Tensor:
+    """float32 [T - 1, K]: the logprob of token `ids_T_K[i, j]` at position i + 1 given the tokens
+    before it (Tinker's target_prompt_logprobs); 0.0 where the id is -1 (nothing asked)."""
+    logprobs_T_V = torch.log_softmax(logits_for(model, tokens_T[None, :-1].to(device))[0], dim=-1)
+    ids = ids_T_K.to(device)
+    scored_T_K = logprobs_T_V.gather(-1, ids.clamp(min=0))
+    return torch.where(ids >= 0, scored_T_K, torch.zeros_like(scored_T_K)).cpu()
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ from stillroom_server.engine.types import (
 logger = logging.getLogger("stillroom.engine")
 MAX_LOADED_FULL_SNAPSHOTS = 4
 MAX_LOADED_ADAPTERS = 16   # LoRA snapshots kept loaded; the least recently used unpinned go first
+MAX_TARGETS = 1024         # token ids scored at one prompt position (target_prompt_logprobs)
 
 
 @dataclass(frozen=True)
@@ -379,6 +380,13 @@ class Engine:
             assert ids is not None and values is not None
             result.topk_ids_T_K, result.topk_logprobs_T_K = ids[:, :k], values[:, :k]
 
+    def target_prompt_logprobs(self, opened: Sampler, work: SampleWork, result: SampleResult) -> None:
+        """Fill `result`'s logprobs of the token ids `work.target_prompt_ids_T_K` names."""
+        assert work.target_prompt_ids_T_K is not None
+        with self.precision():
+            result.target_logprobs_T_K = compute.target_logprobs(
+                self._module_for(opened), work.prompt_T, work.target_prompt_ids_T_K, self.device)
+
     def compute_logprobs(self, opened: Sampler, works: list[LogprobsWork]) -> list[LogprobsResult]:
         module = self._module_for(opened)
         with self.precision():
@@ -481,6 +489,7 @@ class Engine:
             raise InvalidInput("data: at least one datum is needed")
         required = {"target_tokens", *spec.inputs}
         allowed = required | set(spec.optional_inputs)
+        first_k: tuple[int, ...] = ()
         for i, datum in enumerate(work.data):
             field = f"data[{i}]"
             self._check_tokens(datum.tokens_T, f"{field}.model_input", run.base)
@@ -492,11 +501,20 @@ class Engine:
                 raise InvalidInput(f"{field}.loss_fn_inputs: unexpected {extra} for loss "
                                    f"'{work.loss_fn}' (expected {sorted(allowed)})")
             length = datum.tokens_T.shape[0]
+            shape = _inputs_shape(spec, datum.inputs["target_tokens"], f"{field}.loss_fn_inputs", length)
+            first_k = shape[1:] if i == 0 else first_k
+            if shape[1:] != first_k:
+                raise InvalidInput(f"{field}.loss_fn_inputs.target_tokens: {shape[1:]} targets per position, "
+                                   f"data[0] has {first_k}: every datum of a call has the same K")
             for key, tensor in sorted(datum.inputs.items()):
-                if tuple(tensor.shape) != (length,):
+                if tuple(tensor.shape) != shape:
                     raise InvalidInput(f"{field}.loss_fn_inputs.{key}: shape {list(tensor.shape)} does "
-                                       f"not match model_input length {length}")
-                if key == "target_tokens":
+                                       f"not match model_input length {length}"
+                                       + (f" and K {shape[1]}" if len(shape) == 2 else ""))
+                if key == "target_tokens" and tensor.dim() == 2:
+                    self._check_tokens(tensor.flatten(), f"{field}.loss_fn_inputs.target_tokens", run.base,
+                                       limit=tensor.numel())
+                elif key == "target_tokens":
                     self._check_tokens(tensor, f"{field}.loss_fn_inputs.target_tokens", run.base)
                 elif tensor.is_floating_point():
                     if not torch.isfinite(tensor).all():
@@ -549,6 +567,8 @@ class Engine:
         if not 0 <= work.topk_sample_logprobs <= 100:
             raise InvalidInput(f"topk_sample_logprobs: must be between 0 and 100, "
                                f"got {work.topk_sample_logprobs}")
+        if work.target_prompt_ids_T_K is not None:
+            self._check_targets(work.target_prompt_ids_T_K, work.prompt_T, opened.vocab_size)
         if work.prompt_logprobs_last_n is not None:
             if not (work.include_prompt_logprobs or work.topk_prompt_logprobs):
                 raise InvalidInput("prompt_logprobs_last_n: needs include_prompt_logprobs or "
@@ -561,13 +581,27 @@ class Engine:
             _check_last_n(work.last_n, work.tokens_T, "prompt_logprobs_last_n")
 
     @staticmethod
-    def _check_tokens(tokens_T: torch.Tensor, field: str, base: BaseModel, allow_full: bool = True) -> None:
+    def _check_targets(ids_T_K: torch.Tensor, prompt_T: torch.Tensor, vocab_size: int) -> None:
+        field = "target_prompt_logprobs"
+        want = [prompt_T.shape[0] - 1, ids_T_K.shape[-1] if ids_T_K.dim() == 2 else 0]
+        if ids_T_K.dtype != torch.long or list(ids_T_K.shape) != want or not 1 <= want[1] <= MAX_TARGETS:
+            raise InvalidInput(f"{field}: must be int64 of shape [len(prompt) - 1, K] with 1 <= K <= "
+                               f"{MAX_TARGETS}, got {str(ids_T_K.dtype).removeprefix('torch.')} "
+                               f"{list(ids_T_K.shape)} for a prompt of {prompt_T.shape[0]} tokens")
+        if ids_T_K.numel() and (int(ids_T_K.min()) < -1 or int(ids_T_K.max()) >= vocab_size):
+            raise InvalidInput(f"{field}: ids must be -1 (nothing) or in the vocabulary [0, {vocab_size})")
+
+    @staticmethod
+    def _check_tokens(tokens_T: torch.Tensor, field: str, base: BaseModel, allow_full: bool = True,
+                      limit: int | None = None) -> None:
+        """Token ids: int64, 1-D, 1 to `limit` of them (the context), each in the vocabulary."""
         if tokens_T.dtype != torch.long or tokens_T.dim() != 1:
             raise InvalidInput(f"{field}: tokens must be a 1-D int64 tensor")
         length = tokens_T.shape[0]
         if length == 0:
             raise InvalidInput(f"{field}: must hold at least one token")
-        limit = base.max_context if allow_full else base.max_context - 1
+        if limit is None:
+            limit = base.max_context if allow_full else base.max_context - 1
         if length > limit:
             raise InvalidInput(f"{field}: {length} tokens is over the model's limit of {limit} "
                                f"(context length {base.max_context})")
@@ -575,6 +609,20 @@ class Engine:
         if low < 0 or high >= base.vocab_size:
             bad = low if low < 0 else high
             raise InvalidInput(f"{field}: token id {bad} is outside the vocabulary [0, {base.vocab_size})")
+
+
+def _inputs_shape(spec, targets: torch.Tensor, field: str, length: int) -> tuple[int, ...]:
+    """The shape every loss input of a datum must have: [T], or [T, K] where a loss that takes
+    soft targets gets K of them at each position."""
+    if targets.dim() != 2:
+        return (length,)
+    if not spec.soft_targets:
+        raise InvalidInput(f"{field}.target_tokens: shape {list(targets.shape)}: loss '{spec.name}' takes "
+                           "one target per position ([T]); [T, K] targets are cross_entropy's")
+    if not 1 <= targets.shape[1] <= MAX_TARGETS:
+        raise InvalidInput(f"{field}.target_tokens: K must be between 1 and {MAX_TARGETS}, "
+                           f"got shape {list(targets.shape)}")
+    return (length, targets.shape[1])
 
 
 class _AdapterView:

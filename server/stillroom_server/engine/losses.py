@@ -26,6 +26,7 @@ class LossSpec:
     fn: LossFn
     needs_teacher: bool = False         # gets full student and teacher distributions in `inputs`
     optional_inputs: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> fill value
+    soft_targets: bool = False          # takes [T, K] targets and inputs (K tokens at each position)
 
     @property
     def all_inputs(self) -> tuple[str, ...]:
@@ -74,7 +75,10 @@ def _ratio_metrics(ratio_B_T: torch.Tensor, mask_B_T: torch.Tensor, inputs: dict
 
 
 def cross_entropy(logp_B_T, mask_B_T, inputs, config):
-    loss = -(logp_B_T * inputs["weights"] * mask_B_T).sum()
+    """Also with K targets per position (`logp_B_T` and the weights [B, T, K]): soft targets, the
+    weighted sum over each position's K tokens (top-k distillation)."""
+    mask = mask_B_T if logp_B_T.dim() == 2 else mask_B_T[..., None]
+    loss = -(logp_B_T * inputs["weights"] * mask).sum()
     return loss, {}
 
 
@@ -159,7 +163,9 @@ _RL_INPUTS = ("logprobs", "advantages")
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec
     for spec in (
-        LossSpec("cross_entropy", ("weights",), {}, cross_entropy),
+        # weights may be left out, as Tinker allows: every target counts once
+        LossSpec("cross_entropy", (), {}, cross_entropy, optional_inputs={"weights": 1.0},
+                 soft_targets=True),
         LossSpec("importance_sampling", _RL_INPUTS, {}, importance_sampling),
         LossSpec("ppo", _RL_INPUTS, dict(_CLIP), ppo),
         LossSpec("cispo", _RL_INPUTS, dict(_CLIP), cispo),

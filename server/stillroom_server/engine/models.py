@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 from stillroom_server.engine.errors import InvalidInput, NotFound
 
 logger = logging.getLogger("stillroom.engine")
+PEFT_NAME = re.compile(r"(?P<base>.+):peft:(?P<context>[0-9]{1,9})")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
                    "added_tokens.json", "generation_config.json")
@@ -75,7 +77,21 @@ class ModelHost:
     def known_models(self) -> list[str]:
         return [*presets.PRESETS, *self.local_models]
 
+    def canonical(self, name: str) -> str:
+        """The model a name means. Tinker's cookbook writes `NAME:peft:<context>` (NAME served for
+        LoRA with that context): that is NAME, if its context is at least as long."""
+        match = PEFT_NAME.fullmatch(name)
+        if match is None:
+            return name
+        base, context = match["base"], int(match["context"])
+        limit = self.describe(base)["max_context"]
+        if context > limit:
+            raise InvalidInput(f"base_model: {name} asks for a context of {context} tokens; {base} "
+                               f"has {limit}")
+        return base
+
     def resolve(self, name: str) -> Path:
+        name = self.canonical(name)
         if presets.is_preset(name):
             return presets.ensure_preset(name, self.models_dir)
         if name in self.local_models:
@@ -88,6 +104,7 @@ class ModelHost:
 
     def describe(self, name: str) -> dict:
         """Context length and vocabulary size, read from config.json without loading weights."""
+        name = self.canonical(name)
         if presets.is_preset(name):
             spec = presets.PRESETS[name]
             return {"max_context": spec.max_context,
@@ -98,6 +115,7 @@ class ModelHost:
                 "vocab_size": int(config["vocab_size"])}
 
     def get(self, name: str) -> BaseModel:
+        name = self.canonical(name)
         with self._lock:
             if name not in self._loaded:
                 self._loaded[name] = self._load(name)

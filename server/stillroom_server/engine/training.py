@@ -143,7 +143,7 @@ class TrainingRun(abc.ABC):
                 batch_grads = self._gradients(loss)
                 grads = batch_grads if grads is None else [_add(a, b) for a, b in zip(grads, batch_grads)]
             outputs.extend({"logprobs": row} for row in logprobs)
-            parts.append(({"loss:sum": float(loss.detach()), **metrics}, sum(r.numel() for r in logprobs)))
+            parts.append(({"loss:sum": float(loss.detach()), **metrics}, sum(r.shape[0] for r in logprobs)))
             padded = (end - start) * max(d.tokens_T.shape[0] for d in batch)
             self._seconds_per_token = (time.perf_counter() - began) / padded
             start = end
@@ -173,7 +173,9 @@ class TrainingRun(abc.ABC):
         mask_B_T = compute.lengths_mask(lengths, self.device)
         with torch.set_grad_enabled(not forward_only):
             logprobs_B_T_V = torch.log_softmax(compute.logits_for(model, tokens_B_T), dim=-1)
-            logp_B_T = logprobs_B_T_V.gather(-1, targets_B_T[..., None]).squeeze(-1)
+            # [B, T], or [B, T, K] where each position has K targets (cross_entropy's soft targets)
+            logp_B_T = (logprobs_B_T_V.gather(-1, targets_B_T[..., None]).squeeze(-1)
+                        if targets_B_T.dim() == 2 else logprobs_B_T_V.gather(-1, targets_B_T))
             if loss_spec.needs_teacher:
                 inputs["student_logprobs"] = logprobs_B_T_V
             loss, metrics = loss_spec.fn(logp_B_T, mask_B_T, inputs, config)

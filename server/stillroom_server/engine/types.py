@@ -72,6 +72,8 @@ class SampleWork:
     topk_sample_logprobs: int = 0        # top-k logprobs at every sampled position
     sequence_ids: tuple[str, ...] = ()   # one name per sample (the service's); empty: made here
     prompt_logprobs_last_n: int | None = None  # score only the prompt's last n tokens
+    # int64 [T - 1, K]: row i names tokens to score at prompt position i + 1 (-1: none)
+    target_prompt_ids_T_K: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -116,6 +118,7 @@ class SampleResult:
     prompt_logprobs_T: torch.Tensor | None = None   # float32 [T], entry 0 NaN
     topk_ids_T_K: torch.Tensor | None = None       # int64 [T, k], row 0 padding
     topk_logprobs_T_K: torch.Tensor | None = None  # float32 [T, k]
+    target_logprobs_T_K: torch.Tensor | None = None  # float32 [T - 1, K]: 0.0 where the id was -1
 
 
 @dataclasses.dataclass

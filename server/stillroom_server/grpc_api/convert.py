@@ -97,7 +97,10 @@ def sample_from_pb(request: pb.SampleRequest) -> SampleWork:
                       topk_prompt_logprobs=request.topk_prompt_logprobs,
                       topk_sample_logprobs=request.topk_sample_logprobs,
                       prompt_logprobs_last_n=(request.prompt_logprobs_last_n
-                                              if request.HasField("prompt_logprobs_last_n") else None))
+                                              if request.HasField("prompt_logprobs_last_n") else None),
+                      target_prompt_ids_T_K=(tensor_from_pb(request.target_prompt_logprobs,
+                                                            "target_prompt_logprobs", pb.INT64)
+                                             if request.HasField("target_prompt_logprobs") else None))
 
 
 def logprobs_from_pb(request: pb.ComputeLogprobsRequest) -> LogprobsWork:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from stillroom import types
 from stillroom_server.core import validate
 from stillroom_server.core.errors import InvalidInput
+from stillroom_server.engine import exports
 
 Int64 = Annotated[int, Field(ge=validate.INT64_MIN, le=validate.INT64_MAX)]
 Seq = Annotated[int, Field(ge=0, le=validate.INT64_MAX)]     # numbers a client counts (0: the first)
@@ -112,6 +113,16 @@ class SaveWeightsForSampler(_Body):
     user_metadata: dict[str, str] | None = None
 
 
+class SaveWeightsExternal(_Body):
+    model_id: Id
+    seq_id: Int64
+    path: Name
+    ttl_seconds: Int64 | None = None
+    age_encryption_recipients: Annotated[
+        list[Annotated[str, StringConstraints(max_length=exports.MAX_RECIPIENT_CHARS)]],
+        Field(max_length=exports.MAX_RECIPIENTS)] | None = None
+
+
 class LoadWeights(_Body):
     path: Name
     optimizer: bool = False
@@ -121,7 +132,7 @@ class LoadWeights(_Body):
     model_seq_id: Seq | None = None
     base_model: Name | None = None
     user_metadata: dict[str, Any] | None = None
-    weights_access_token: str | None = None
+    weights_access_token: Name | None = None
 
 
 class CreateSamplingSession(_Body):
@@ -168,6 +179,19 @@ class SamplingParams(_Body):
            | Annotated[list[Int64], Field(max_length=validate.MAX_STOP_SEQUENCES)] | None) = None
 
 
+Indices = Annotated[list[Int64], Field(max_length=validate.MAX_JSON_TENSOR_VALUES)]
+
+
+class TensorData(_Body):
+    """Tinker's TensorData as JSON: values, a dtype name, a shape, and CSR indices if sparse."""
+
+    data: Annotated[list[Int64 | float], Field(max_length=validate.MAX_JSON_TENSOR_VALUES)]
+    dtype: Literal["int64", "float32"]
+    shape: Annotated[list[Count], Field(max_length=validate.MAX_TENSOR_DIMS)] | None = None
+    sparse_crow_indices: Indices | None = None
+    sparse_col_indices: Indices | None = None
+
+
 class Sample(_Body):
     """An `asample` body; the SDK's compute_logprobs is one of these too (one token, prompt
     logprobs). Fields the server does not offer are declared so that asking for them is refused
@@ -182,5 +206,5 @@ class Sample(_Body):
     topk_sample_logprobs: Count = 0
     prompt_logprobs_last_n: Count | None = None
     record_stability_info: bool | None = None
-    target_prompt_logprobs: dict[str, Any] | None = None
+    target_prompt_logprobs: TensorData | None = None
     prompt_alt_tokens_k: Count = 0

@@ -77,7 +77,11 @@ def tensor_from_proto(message: tw.Tensor, field: str, rows: int | None = None,
     shape = list(message.shape)
     count = _check_shape(shape, field, rows, budget or Budget())
     if message.WhichOneof("encoding") == "sparse_csr":
-        dense = _dense_from_csr(message.sparse_csr, dtype, shape, field)
+        csr = message.sparse_csr
+        dense = _dense_from_csr(_frombuffer(csr.values, dtype, field + ".values"),
+                                _frombuffer(csr.crow_indices, np.dtype("<i8"), field + ".crow_indices"),
+                                _frombuffer(csr.col_indices, np.dtype("<i8"), field + ".col_indices"),
+                                shape, field)
     else:
         values = _frombuffer(message.dense, dtype, field)
         if values.size != count:
@@ -92,12 +96,11 @@ def _frombuffer(data: bytes, dtype: np.dtype, field: str) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype)
 
 
-def _dense_from_csr(csr: tw.SparseCsr, dtype: np.dtype, shape: list[int], field: str) -> np.ndarray:
-    """The dense array of a CSR encoding, after checking every invariant torch's constructor
-    assumes (an unchecked one crashed the process) and the SDK's own decoder checks."""
-    values = _frombuffer(csr.values, dtype, field + ".values")
-    crow = _frombuffer(csr.crow_indices, np.dtype("<i8"), field + ".crow_indices")
-    col = _frombuffer(csr.col_indices, np.dtype("<i8"), field + ".col_indices")
+def _dense_from_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int], field: str,
+                    fill: int = 0) -> np.ndarray:
+    """The dense array of a CSR encoding (`fill` where no value is listed), after checking every
+    invariant torch's constructor assumes (an unchecked one crashed the process) and the SDK's own
+    decoder checks."""
     if len(shape) != 2:
         raise InvalidInput(f"{field}: a sparse CSR tensor is 2-D, got shape {shape}")
     rows, cols = shape
@@ -113,9 +116,26 @@ def _dense_from_csr(csr: tw.SparseCsr, dtype: np.dtype, shape: list[int], field:
     row_of_value = np.repeat(np.arange(rows), np.diff(crow))
     if bool(np.any((row_of_value[1:] == row_of_value[:-1]) & (np.diff(col) <= 0))):
         raise InvalidInput(f"{field}.col_indices: must increase strictly within each row")
-    dense = np.zeros(shape, dtype=dtype)
+    dense = np.full(shape, fill, dtype=values.dtype)
     dense[row_of_value, col] = values
     return dense
+
+
+def ids_from_json(tensor: schemas.TensorData, field: str, rows: int) -> torch.Tensor:
+    """A JSON TensorData of token ids (int64, [rows, K], dense or sparse CSR) as a tensor; a sparse
+    encoding lists the cells that ask for something, the rest are -1 (nothing)."""
+    if tensor.dtype != "int64" or any(isinstance(v, float) for v in tensor.data):
+        raise InvalidInput(f"{field}: dtype must be int64 (token ids), got {tensor.dtype}")
+    shape = list(tensor.shape) if tensor.shape is not None else [len(tensor.data)]
+    count = _check_shape(shape, field, rows, Budget())
+    values = np.asarray(tensor.data, dtype=np.int64)
+    if tensor.sparse_crow_indices is None:
+        if values.size != count:
+            raise InvalidInput(f"{field}: {values.size} values do not fill shape {shape}")
+        return torch.from_numpy(values.reshape(shape))
+    col = np.asarray(tensor.sparse_col_indices or [], dtype=np.int64)
+    crow = np.asarray(tensor.sparse_crow_indices, dtype=np.int64)
+    return torch.from_numpy(_dense_from_csr(values, crow, col, shape, field, fill=-1))
 
 
 def _loss_input(tensor: torch.Tensor, key: str, field: str) -> torch.Tensor:
@@ -207,14 +227,17 @@ def sample_from_json(body: schemas.Sample) -> SampleWork:
         stop_tokens=stop_tokens, stop_texts=stop_texts)
     # record_stability_info is accepted and records nothing: Stillroom's stable_reinforce weighs
     # tokens by the sampler's logprobs the datum carries back (tinker-cookbook's RL default sets it)
-    for name in ("target_prompt_logprobs", "prompt_alt_tokens_k"):
-        if getattr(body, name):
-            raise InvalidInput(f"{name}: not offered by this server")
-    return SampleWork(prompt_T=tokens_from_json(body.prompt, "prompt"), num_samples=body.num_samples,
+    if body.prompt_alt_tokens_k:
+        raise InvalidInput("prompt_alt_tokens_k: not offered by this server")
+    prompt_T = tokens_from_json(body.prompt, "prompt")
+    targets = body.target_prompt_logprobs
+    return SampleWork(prompt_T=prompt_T, num_samples=body.num_samples,
                       params=config, include_prompt_logprobs=bool(body.prompt_logprobs),
                       topk_prompt_logprobs=body.topk_prompt_logprobs,
                       topk_sample_logprobs=body.topk_sample_logprobs,
-                      prompt_logprobs_last_n=body.prompt_logprobs_last_n)
+                      prompt_logprobs_last_n=body.prompt_logprobs_last_n,
+                      target_prompt_ids_T_K=(None if targets is None else ids_from_json(
+                          targets, "target_prompt_logprobs", max(len(prompt_T) - 1, 0))))
 
 
 # ---------------------------------------------------------------- results out
@@ -272,6 +295,10 @@ def sample_to_proto(result: pb.SampleResult) -> bytes:
     if result.HasField("topk_prompt_logprobs"):
         message.topk_prompt_logprobs.CopyFrom(_topk(_numpy(result.topk_prompt_logprobs.token_ids),
                                                     _numpy(result.topk_prompt_logprobs.logprobs)))
+    if result.HasField("target_prompt_logprobs"):
+        targets = _numpy(result.target_prompt_logprobs)
+        message.target_prompt_logprobs.CopyFrom(tw.Tensor(
+            dense=targets.astype("<f4").tobytes(), dtype=tw.DTYPE_FLOAT32, shape=list(targets.shape)))
     return message.SerializeToString()
 
 

@@ -51,7 +51,7 @@ class SplitBatch(TrainingRun):
                 grads = _add(grads, self._gradients(loss * 0 if idle else loss))
             if not idle:
                 outputs.extend(logprobs)
-                tokens = sum(r.numel() for r in logprobs)
+                tokens = sum(r.shape[0] for r in logprobs)
                 parts.append(({"loss:sum": float(loss.detach()), **metrics}, tokens))
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, (mine, outputs, parts))
