@@ -55,3 +55,14 @@ def postgres_url():
         connection.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     return url
+
+
+# Lines a test asks to show at the end of the run, whatever pytest's -q/-s (the wire fuzzer's counts).
+SUMMARY_LINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SUMMARY_LINES:
+        terminalreporter.section("stillroom")
+        for line in SUMMARY_LINES:
+            terminalreporter.write_line(line)
