@@ -112,13 +112,15 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     b_ar = torch.arange(B, device=query.device)[:, None, None, None]
     h_ar = torch.arange(Hk, device=query.device)[None, :, None, None]
     out = query.new_empty(B, Hk, rep, Q, D)
-    step = max(1, ATTENTION_ELEMENTS // max(1, B * H * P * D))
+    step = max(1, ATTENTION_ELEMENTS // max(1, B * H * max(P, L) * D))
     for q0 in range(0, Q, step):
         q1 = min(Q, q0 + step)
+        # each score is a tree over head_dim wherever it lies: made in the cache's layout [B, Hk, rep, q, L],
+        # then moved to the canonical one
+        natural = tree_sum(q[:, :, :, q0:q1, None, :] * key[:, :, None, None], -1) * scale
         idx = index[:, :, q0:q1].expand(B, Hk, q1 - q0, P)
-        keys = key[b_ar, h_ar, idx]                                  # [B, Hk, q, P, D]
-        values = value[b_ar, h_ar, idx]
-        scores = tree_sum(q[:, :, :, q0:q1, None, :] * keys[:, :, None], -1) * scale   # [B, Hk, rep, q, P]
+        scores = natural.gather(-1, idx[:, :, None].expand(B, Hk, rep, q1 - q0, P))   # [B, Hk, rep, q, P]
+        values = value[b_ar, h_ar, idx]                              # [B, Hk, q, P, D]
         if bias_P is not None:
             scores = scores + bias_P[:, :, None, q0:q1]
         seen = visible[:, :, None, q0:q1]
