@@ -33,7 +33,8 @@ from stillroom_server.core.errors import (
 )
 from stillroom_server.core.futures import MAX_POLL_SECONDS, FutureHub, new_request_id, result_of
 from stillroom_server.core.sessions import LAPSED, ClientSession, ClientSessions
-from stillroom_server.engine import checkpoints
+from stillroom_server.core.telemetry import Telemetry, TraceLabel
+from stillroom_server.engine import checkpoints, exports
 from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, known_losses
 from stillroom_server.engine.scheduler import Job, Scheduler
 from stillroom_server.engine.types import AdamConfig, ForwardBackwardWork, LogprobsWork, OptimWork, SampleWork
@@ -77,6 +78,7 @@ class _OpenSampler:
     sampler: Sampler
     info: SamplerInfo
     client_session: str | None = None
+    borrowed: bool = False  # on another owner's published checkpoint: checked again on every call
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class Service:
         self._turns: dict[str, asyncio.Event] = {}  # set when a run accepts its next request
         # numbered requests waiting for their turn: (run, seq) -> (request id, digest)
         self._held: dict[tuple[str, int], tuple[str, str]] = {}
+        self.telemetry = Telemetry(engine, scheduler, live_runs=lambda: len(self.run_owners))
 
     async def on_worker(self, fn: Callable[[], Any], kind: str, lane: str = "admin") -> Any:
         """Run `fn` on the engine's worker thread after the work queued in `lane`; await its result."""
@@ -183,7 +186,7 @@ class Service:
                                     user_metadata: dict | None = None,
                                     run_id: str | None = None,
                                     client_session: str | None = None) -> RunInfo:
-        parsed, _ = self.owned_checkpoint(path, owner)
+        parsed, _ = self.readable_checkpoint(path, owner)
         meta = self.engine.state_meta(parsed.uri)
         self.engine.models.resolve(meta["base_model"])
         metadata = validate.user_metadata(user_metadata)
@@ -342,6 +345,7 @@ class Service:
         request_id = self._accept(owner, kind, run_id, seq, digest)
         self.scheduler.submit(Job(
             kind=kind, run=work, lane=run_id,
+            trace=TraceLabel(request_id, self.run_client_session(owner, run_id)),
             done=lambda result, error: self.hub.complete(request_id, result, error, encode)))
         return request_id
 
@@ -412,7 +416,7 @@ class Service:
             validate.token_count(work, self.limits)
             teacher = work.loss_fn_config_strings.get("teacher", "")
             if checkpoints.is_path(teacher):
-                path, _ = self.owned_checkpoint(teacher, owner, "loss_fn_config.teacher")
+                path, _ = self.readable_checkpoint(teacher, owner, "loss_fn_config.teacher")
                 work.loss_fn_config_strings["teacher"] = path.uri
             self.engine.validate_forward_backward(run_id, work)
             return lambda: self.engine.forward_backward(run_id, work)
@@ -444,9 +448,41 @@ class Service:
         return self._save(owner, run_id, seq, "sampler_weights", "auto", name, options,
                           self.engine.save_sampler_weights, refusal_takes_number, digest)
 
+    def save_external_weights(self, owner: str, run_id: str, seq: int, name: str,
+                              options: SaveOptions = SaveOptions(),
+                              age_recipients: list[str] | None = None,
+                              refusal_takes_number: bool = False, digest: str = "") -> str:
+        """Export the run's weights as Hugging Face / PEFT files (exports.py), encrypted to
+        `age_recipients` if any; downloaded through signed URLs (Tinker's save_weights_external)."""
+        parsed: list = []
+
+        def check() -> None:  # malformed recipients are refused with the request, before any work
+            parsed[:] = exports.recipients(age_recipients)
+
+        return self._save(owner, run_id, seq, checkpoints.EXTERNAL, "external", name, options,
+                          lambda run_id, name: self._export(run_id, name, parsed),
+                          refusal_takes_number, digest, check)
+
+    def _export(self, run_id: str, name: str, encrypt_to: list) -> tuple[str, int]:
+        """On the worker: the run's sampler snapshot, written under a temporary name, rewritten as
+        the export and removed (either engine back end writes snapshots the same way)."""
+        files = self.engine.files
+        temporary = f"export-{uuid.uuid4().hex[:12]}"
+        snapshot = checkpoints.parse(self.engine.save_sampler_weights(run_id, temporary)[0])
+        try:
+            source = files.directory(snapshot)
+            meta = files.read_meta(snapshot) | {"name": name, "format": "external",
+                                                "encrypted": bool(encrypt_to)}
+            path = checkpoints.CheckpointPath(run_id, checkpoints.EXTERNAL, name)
+            size = files.write(path, meta, lambda staging: exports.fill(source, staging, meta["base_model"],
+                                                                         encrypt_to))
+        finally:
+            files.delete(snapshot)
+        return path.uri, size
+
     def _save(self, owner: str, run_id: str, seq: int, kind: str, prefix: str, name: str,
               options: SaveOptions, write: Callable[[str, str], tuple[str, int]],
-              refusal_takes_number: bool, digest: str) -> str:
+              refusal_takes_number: bool, digest: str, check: Callable[[], None] | None = None) -> str:
         """A numbered request that writes checkpoint `kind` with `write(run_id, name)` and records
         its row; a taken name is refused before anything is written, unless `overwrite`."""
         name = name or f"{prefix}-{seq:06d}-{uuid.uuid4().hex[:6]}"
@@ -456,6 +492,8 @@ class Service:
             path = checkpoints.CheckpointPath(run_id, kind, checkpoints.check_name(name))
             ttl = validate.ttl_seconds(options.ttl_seconds)
             metadata = validate.user_metadata(options.user_metadata)
+            if check is not None:
+                check()
             run = self.engine.get_run(run_id)
             taken = self.store.get_checkpoint(path.uri) is not None or self.engine.files.exists(path)
             if taken and not options.overwrite:
@@ -481,7 +519,7 @@ class Service:
                    refusal_takes_number: bool = False, digest: str = "") -> str:
         def prepare():
             self._refuse_if_session_ended(run_id)
-            parsed, _ = self.owned_checkpoint(path, owner)
+            parsed, _ = self.readable_checkpoint(path, owner)
             self.engine.validate_load_state(run_id, parsed.uri)
 
             def load():
@@ -498,8 +536,10 @@ class Service:
     async def open_sampler(self, owner: str, base_model: str | None = None,
                            model_path: str | None = None,
                            client_session: str | None = None) -> SamplerInfo:
+        borrowed = False
         if model_path:
-            path, _ = self.owned_checkpoint(model_path, owner, "model_path")
+            path, row = self.readable_checkpoint(model_path, owner, "model_path")
+            borrowed = row.owner != owner
             opened = await self.on_worker(lambda: self.engine.open_sampler(model_path=path.uri),
                                           "open_sampler")
         elif base_model:
@@ -514,7 +554,7 @@ class Service:
                            max_context_length=opened.max_context, vocab_size=opened.vocab_size)
         if client_session:  # still live after the load (a call naming it is a sign of life)
             self.sessions.get(owner, client_session).touch()
-        self._samplers[info.sampling_session_id] = _OpenSampler(owner, opened, info, client_session)
+        self._samplers[info.sampling_session_id] = _OpenSampler(owner, opened, info, client_session, borrowed)
         return info
 
     def _sampler(self, owner: str, session_id: str) -> Sampler:
@@ -526,6 +566,11 @@ class Service:
         if entry is None or entry.owner != owner:
             raise NotFound(f"sampling_session_id: session '{session_id[:80]}' does not exist "
                            "(sessions do not survive a server restart; make a new sampling client)")
+        if entry.borrowed:  # another owner's checkpoint: unpublishing it ends this use at once
+            row = self.store.get_checkpoint(entry.info.model_path)
+            if row is None or not row.published:
+                raise NotFound(f"model_path: checkpoint {entry.info.model_path} is no longer published "
+                               "by its owner")
         return entry.sampler
 
     def sampler_info(self, owner: str, session_id: str) -> SamplerInfo:
@@ -533,7 +578,7 @@ class Service:
         return self._samplers[session_id].info
 
     def _queue_batched(self, owner: str, kind: str, opened: Sampler, work: Any,
-                       encode: Callable[[Any], pb.FutureResult]) -> str:
+                       encode: Callable[[Any], pb.FutureResult], session_id: str | None = None) -> str:
         if self.scheduler.outstanding >= self.scheduler.max_outstanding:  # refuse, never drop
             raise ResourceExhausted(f"queue: {self.scheduler.outstanding} requests are waiting, the most "
                                     "this server queues; retry shortly", retryable=True,
@@ -544,18 +589,21 @@ class Service:
         self.hub.create(request_id, owner, kind)
         self.scheduler.submit(Job(
             kind=kind, run=None, lane=f"sampling:{owner}", batch_key=opened.key, payload=(opened, work),
+            trace=TraceLabel(request_id, session_id),
             done=lambda result, error: self.hub.complete(request_id, result, error, encode)))
         return request_id
 
     def sample(self, owner: str, session_id: str, work: SampleWork) -> str:
         opened = self._sampler(owner, session_id)
         self.engine.validate_sample(opened, work)
-        return self._queue_batched(owner, "sample", opened, work, results.sample)
+        return self._queue_batched(owner, "sample", opened, work, results.sample,
+                                   self._samplers[session_id].client_session)
 
     def compute_logprobs(self, owner: str, session_id: str, work: LogprobsWork) -> str:
         opened = self._sampler(owner, session_id)
         self.engine.validate_logprobs(opened, work)
-        return self._queue_batched(owner, "compute_logprobs", opened, work, results.compute_logprobs)
+        return self._queue_batched(owner, "compute_logprobs", opened, work, results.compute_logprobs,
+                                   self._samplers[session_id].client_session)
 
     # ---------------------------------------------------------------- futures
 
@@ -676,6 +724,51 @@ class Service:
         if row is None or row.owner != owner:
             raise NotFound(f"{field_name}: checkpoint {path.uri} does not exist")
         return path, row
+
+    def readable_checkpoint(self, uri: str, owner: str, field_name: str = "path"):
+        """The parsed path and row of a checkpoint the caller may read (sample, distill from, load):
+        their own, or one its owner published. Everything else about a checkpoint (delete, TTL,
+        publishing, downloads) is its owner's alone (`owned_checkpoint`)."""
+        path = checkpoints.parse(uri, field_name)
+        row = self.store.get_checkpoint(path.uri)
+        if row is None or (row.owner != owner and not row.published):
+            raise NotFound(f"{field_name}: checkpoint {path.uri} does not exist")
+        if path.kind not in checkpoints.MODEL_KINDS:
+            raise InvalidInput(f"{field_name}: {path.uri} is external weights, files to download; name "
+                               "the training state (weights/) or sampler weights it was exported from")
+        return path, row
+
+    def set_published(self, owner: str, uri: str, published: bool) -> CheckpointRow:
+        """Publish the owner's checkpoint to every owner of this server, or make it private again
+        (at once: the next call on it by anyone else is refused). Publishing twice, or unpublishing
+        a private checkpoint, is a conflict (Tinker's 409)."""
+        path, row = self.owned_checkpoint(uri, owner)
+        if path.kind not in checkpoints.MODEL_KINDS:
+            raise InvalidInput(f"path: {path.uri} is external weights, which only its owner downloads; "
+                               "publish the training state or sampler weights instead")
+        if row.published == published:
+            raise RequestConflict(f"path: checkpoint {path.uri} is "
+                                  f"{'already published' if published else 'not published'}")
+        updated = self.store.set_checkpoint_published(path.uri, published)
+        if updated is None:  # deleted between the check and the update
+            raise NotFound(f"path: checkpoint {path.uri} does not exist")
+        logger.info("checkpoint %s %s by its owner", path.uri, "published" if published else "unpublished")
+        return updated
+
+    def checkpoint_run_info(self, owner: str, uri: str, field_name: str = "tinker_path") -> RunInfo:
+        """The settings of the run that wrote a checkpoint the caller may read (Tinker's
+        weights_info, which create_training_client_from_state asks before it loads)."""
+        _, row = self.readable_checkpoint(uri, owner, field_name)
+        return self.run_info(row.owner, row.run_id)
+
+    def external_files(self, owner: str, uri: str):
+        """The path, row and files of the owner's external weights (NOT_FOUND for anything else)."""
+        path, row = self.owned_checkpoint(uri, owner)
+        if path.kind != checkpoints.EXTERNAL:
+            raise InvalidInput(f"path: {path.uri} is not external weights (save them with "
+                               "save_weights_external)")
+        self.engine.files.files_of(path)
+        return path, row, exports.files(self.engine.files.directory(path))
 
     def list_checkpoints(self, owner: str, run_id: str | None = None) -> list[CheckpointRow]:
         if run_id:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from stillroom_server.engine.checkpoints import CheckpointFiles
 from stillroom_server.engine.models import ModelHost
 from stillroom_server.engine.scheduler import Streams
+from stillroom_server.engine.stats import EngineStats
 from stillroom_server.engine.types import (
     ForwardBackwardResult,
     ForwardBackwardWork,
@@ -33,6 +34,9 @@ class EngineBackend(Protocol):
     models: ModelHost              # model facts: known_models, describe, resolve, get
     files: CheckpointFiles         # checkpoint paths <-> directories, written atomically
     run_memory_bytes: int
+    stats: EngineStats             # counts of decode steps and tokens, for metrics
+
+    def facts(self) -> dict[str, int]: ...   # runs in memory and on disk, bytes, loaded adapters
 
     # runs (the returned run has .base, .is_lora, .lora_rank, .num_trainable_params())
     def create_run(self, run_id: str, base_model: str, lora: Any, seed: int | None) -> Any: ...

@@ -92,6 +92,7 @@ class DecodeStream:
                 self._express_seconds = 0.0
                 self._main_age += 1
             if joining:
+                self.engine.stats.prefill_tokens += sum(row.prompt_T.shape[0] for row in joining)
                 started = time.perf_counter()
                 fresh = sampler.DecodeBatch.prefill(self._model(joining), joining, self.engine.device,
                                                     *self._stops())
@@ -110,6 +111,9 @@ class DecodeStream:
 
     def _decode(self, batch: sampler.DecodeBatch | None) -> None:
         assert batch is not None
+        stats = self.engine.stats
+        stats.decode_steps, stats.decode_rows = stats.decode_steps + 1, stats.decode_rows + len(batch.rows)
+        stats.last_batch_rows = len(batch.rows)
         batch.decode(self._model(batch.rows), *self._stops())
 
     def _stops(self) -> tuple[tuple[int, ...], Any]:

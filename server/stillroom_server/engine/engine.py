@@ -29,6 +29,7 @@ from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
 from stillroom_server.engine.losses import LOSSES, get_loss
 from stillroom_server.engine.models import BaseModel, ModelHost
 from stillroom_server.engine.scheduler import Job
+from stillroom_server.engine.stats import EngineStats
 from stillroom_server.engine.training import FullRun, TrainingRun
 from stillroom_server.engine.types import (
     ForwardBackwardResult,
@@ -77,7 +78,8 @@ class Engine:
                  local_models: dict[str, Path] | None = None, dtype: str = "auto",
                  run_memory_bytes: int | None = None, batch_invariant: bool = False) -> None:
         self.device = torch.device(device)
-        # sampling and scoring compute each row as it would alone (batch_invariant.py; fp32 on the CPU)
+        # sampling and scoring compute each row as it would alone (batch_invariant.py; fp32 on the CPU),
+        # and training runs split calls into micro-batches by tokens alone, not by the time they take
         self.batch_invariant = batch_invariant
         # weights: bf16 on cuda unless fp32 is asked; on cpu fp32, computed under bf16 autocast if asked:
         # everywhere (bf16) or in training passes only (bf16-train: bf16 logits round differently with
@@ -104,6 +106,17 @@ class Engine:
         self._adapters: collections.OrderedDict[str, Sampler] = collections.OrderedDict()  # loaded, LRU
         self._pins: collections.Counter[str] = collections.Counter()  # adapters with rows in flight
         self._lock = threading.Lock()
+        self.stats = EngineStats()
+
+    def facts(self) -> dict[str, int]:
+        """What the engine holds now, as counts and bytes (for metrics; read from any thread)."""
+        runs = list(self.runs.items())
+        spilled = set(self._spilled)
+        return {"runs_in_memory": sum(1 for i, _ in runs if i not in spilled), "runs_on_disk": len(spilled),
+                "run_memory_bytes_used": sum(r.memory_bytes() for i, r in runs if i not in spilled),
+                "run_memory_bytes_budget": self.run_memory_bytes,
+                "loaded_adapters": len(self._adapters), "open_samplers": len(self._samplers),
+                "loaded_full_snapshots": len(self._full_snapshots)}
 
     # ---------------------------------------------------------------- runs
 
@@ -115,6 +128,7 @@ class Engine:
         else:
             config = lora_config(base, lora.rank, lora.train_mlp, lora.train_attn, lora.train_unembed)
             run = LoraRun(run_id, base, self._lora_host(base), config, self.device, seed)
+        run.fixed_microbatches = self.batch_invariant   # a split by time would follow the load
         self.runs[run_id] = run
         self._make_room(run_id)
         logger.info("created %s run %s on %s (%d trainable parameters)",
@@ -197,6 +211,7 @@ class Engine:
 
     def forward_backward(self, run_id: str, work: ForwardBackwardWork) -> ForwardBackwardResult:
         run = self._resident(run_id)
+        self.stats.trained_tokens += sum(d.tokens_T.shape[0] for d in work.data)
         if not get_loss(work.loss_fn).needs_teacher:
             with self.precision(training=True):
                 return run.forward_backward(work, None)
@@ -389,6 +404,7 @@ class Engine:
 
     def compute_logprobs(self, opened: Sampler, works: list[LogprobsWork]) -> list[LogprobsResult]:
         module = self._module_for(opened)
+        self.stats.scored_tokens += sum(w.tokens_T.shape[0] for w in works)
         with self.precision():
             scored = compute.sequence_logprobs(module, [w.tokens_T for w in works], self.device,
                                                last_n=[w.last_n for w in works])
@@ -449,6 +465,7 @@ class Engine:
             run: TrainingRun = LoraRun(run_id, base, self._lora_host(base), config, self.device, None)
         else:
             run = FullRun(run_id, base, self.device)
+        run.fixed_microbatches = self.batch_invariant
         try:
             state.restore(run, directory, with_optimizer)
         except BaseException:

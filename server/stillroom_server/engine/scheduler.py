@@ -37,7 +37,9 @@ class Job:
     lane: str = ""                         # jobs of one lane run in order; lanes take turns
     batch_key: str | None = None           # batchable jobs with the same stream key run together
     payload: Any = None                    # a batchable job's input
+    trace: Any = None                      # the caller's label for it, handed back to the observer
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+    started_at: float | None = None        # when the executor first worked on it
 
 
 class Stream(Protocol):
@@ -124,6 +126,12 @@ class Policy:
             self._turns.setdefault(name, None)
         else:
             self._busy.discard(name)
+
+    def queued_by_kind(self) -> collections.Counter[str]:
+        """Jobs waiting to start or to join a stream, by kind."""
+        waiting = [job for queue in self._queues.values() for job in queue]
+        waiting += [job for jobs in self._joining.values() for job in jobs]
+        return collections.Counter(job.kind for job in waiting)
 
     def queued(self) -> int:
         return sum(len(q) for q in self._queues.values()) + sum(len(j) for j in self._joining.values())
@@ -234,7 +242,11 @@ class RunnerStreams:
 
 class Scheduler:
     def __init__(self, streams: Streams | dict[str, Callable[[str | None, list[Any]], list[Any]]],
-                 max_outstanding: int = 2048) -> None:
+                 max_outstanding: int = 2048,
+                 observer: Callable[[Job, float], None] | None = None) -> None:
+        """`observer(job, finished_at)` hears of every job as it ends (before its `done`), with
+        `enqueued_at` and `started_at` set: queue wait and compute, for metrics and traces."""
+        self.observer = observer
         self._streams_factory = RunnerStreams(streams) if isinstance(streams, dict) else streams
         self._policy = Policy(self._streams_factory.key)
         self._streams: dict[str, Stream] = {}
@@ -270,11 +282,21 @@ class Scheduler:
                 self._wakeup.wait()
             return decision
 
+    def queued_by_kind(self) -> collections.Counter[str]:
+        with self._wakeup:
+            return self._policy.queued_by_kind()
+
     def _report(self, update: Callable[[Policy], None], outcomes: list[Outcome]) -> None:
         with self._wakeup:
             update(self._policy)
             self.outstanding -= len(outcomes)
+        finished = time.monotonic()
         for job, result, error in outcomes:
+            if self.observer is not None:
+                try:
+                    self.observer(job, finished)
+                except Exception:  # an observer must not stop the executor
+                    logger.exception("the observer failed on a %s job", job.kind)
             try:
                 job.done(result, error)
             except Exception:  # a failing callback must not stop the executor
@@ -292,6 +314,7 @@ class Scheduler:
         if decision.action == "start":
             fiber = self._idle_fibers.pop() if self._idle_fibers else _Fiber()
             assert decision.job is not None
+            decision.job.started_at = time.monotonic()
             fiber.start(decision.job)
         else:
             fiber = self._fibers.pop(lane)
@@ -309,6 +332,9 @@ class Scheduler:
         stream = self._streams.get(key)
         if stream is None:
             stream = self._streams[key] = self._streams_factory.make(key)
+        joined_at = time.monotonic()
+        for job in joining:
+            job.started_at = joined_at
         try:
             stream.add(joining)
             outcomes = stream.step()

@@ -5,6 +5,7 @@ it names the caller's owner from `authorization: Bearer <key>` and answers error
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ def rpc(method: Callable[[Any, Any, Any, str], Awaitable[Any]]):
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        began, code = time.monotonic(), "OK"
         try:
             owner = self.auth.owner(secret_from(context))
             return await method(self, request, context, owner)
@@ -45,6 +47,8 @@ def rpc(method: Callable[[Any, Any, Any, str], Awaitable[Any]]):
         except Exception as error:  # noqa: BLE001 - mapped to a status code here, once
             code, message = code_for(error)
             await context.abort(getattr(grpc.StatusCode, code), message, trailing_metadata=retry_hint(error))
+        finally:
+            self.service.telemetry.observe_request("grpc", method.__name__, code, time.monotonic() - began)
 
     return wrapper
 
@@ -54,6 +58,7 @@ def rpc_stream(method: Callable[[Any, Any, Any, str], AsyncIterator[Any]]):
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        began, code = time.monotonic(), "OK"
         try:
             owner = self.auth.owner(secret_from(context))
             async for message in method(self, request, context, owner):
@@ -63,5 +68,7 @@ def rpc_stream(method: Callable[[Any, Any, Any, str], AsyncIterator[Any]]):
         except Exception as error:  # noqa: BLE001 - mapped to a status code here, once
             code, message = code_for(error)
             await context.abort(getattr(grpc.StatusCode, code), message, trailing_metadata=retry_hint(error))
+        finally:  # a stream's time is until its last message
+            self.service.telemetry.observe_request("grpc", method.__name__, code, time.monotonic() - began)
 
     return wrapper

@@ -3,7 +3,8 @@ over the core service, plus checkpoint downloads. A Starlette app, served by uvi
 
 Each handler authenticates (`X-API-Key`), decodes its body, calls the core and encodes the answer;
 errors become Tinker's statuses here, once. What a self-hosted server does not offer (billing,
-audit, projects, publishing, external weights) answers 404 naming it, which the SDK tolerates.
+audit, projects, copying weights) answers 404 naming it, which the SDK tolerates. External weights
+are fetched through signed URLs (weights_urls.py).
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ import functools
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from stillroom_server import __version__
+from stillroom_server.core import validate
 from stillroom_server.core.auth import Authenticator
 from stillroom_server.core.errors import (
     CLIENT_CODES,
@@ -32,8 +36,9 @@ from stillroom_server.core.errors import (
 )
 from stillroom_server.core.futures import result_of
 from stillroom_server.core.service import SaveOptions, Service, relay, request_digest, sample_sequence_ids
-from stillroom_server.http_api import schemas, views, wire
+from stillroom_server.http_api import schemas, views, weights_urls, wire
 from stillroom_server.http_api.archives import Archives
+from stillroom_server.http_api.weights_urls import SignedUrls
 
 logger = logging.getLogger("stillroom.http")
 PROTO = "application/x-protobuf"
@@ -57,11 +62,8 @@ NOT_OFFERED = {
     "billing": "billing (a self-hosted server meters nothing)",
     "audit": "the audit log",
     "projects": "projects",
-    "publishing": "publishing checkpoints",
-    "external_weights": "external weights (download a checkpoint with the stillroom SDK instead)",
     "custom_loss": "server-side custom losses (forward_backward_custom runs on the client)",
     "copy_weights": "copying weights between projects",
-    "traces": "session trace export",
 }
 
 
@@ -90,6 +92,7 @@ class TinkerApi:
         self.service = service
         self.auth = auth
         self.archives = archives
+        self.weights_urls = SignedUrls(service.store, service.engine.files, auth)
         # An unnamed sampler save's request -> its opener's, for the SDK's retries of that save;
         # the oldest are forgotten (a retry comes within minutes, not thousands of saves later).
         self._chained: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -153,6 +156,27 @@ class TinkerApi:
         return JSONResponse({"supported_models": [
             {"model_name": m["model_name"], "max_context_length": m["max_context_length"],
              "trainable": True, "sampleable": True} for m in self.service.supported_models()]})
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus' text format, without a key: it holds no owner's data (core/telemetry.py)."""
+        return Response(self.service.telemetry.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def trace_export(self, request: Request, owner: str) -> Response:
+        """Tinker's trace export: a link to the session's requests as a Perfetto-readable trace
+        (Chrome trace JSON), which works without a key for TRACE_URL_SECONDS."""
+        session = self.service.sessions.get(owner, validate.text(request.path_params["session_id"],
+                                                                 "session_id"), live=False)
+        token = self.service.telemetry.trace_url_token(owner, session.id)
+        return JSONResponse({"status": "ready", "url": f"{str(request.base_url).rstrip('/')}/traces/{token}"})
+
+    async def trace_download(self, request: Request) -> Response:
+        found = self.service.telemetry.trace_for_token(request.path_params["token"])
+        if found is None:
+            return JSONResponse({"error": "trace link: unknown or expired (export the trace again)",
+                                 "code": "NOT_FOUND"}, status_code=404)
+        _, session_id = found
+        return JSONResponse(self.service.telemetry.trace_json(session_id), headers={
+            "content-disposition": f'attachment; filename="{session_id}.trace.json"'})
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "server_version": __version__})
@@ -264,8 +288,8 @@ class TinkerApi:
         raw = await self.json_body(request)
         body = schemas.parse(schemas.LoadWeights, raw)
         if body.weights_access_token:
-            raise InvalidInput("weights_access_token: checkpoints of other accounts are not "
-                               "offered; every owner reads only their own")
+            raise InvalidInput("weights_access_token: not offered; another owner's checkpoint loads "
+                               "without one once its owner publishes it")
         if body.session_id is not None:  # create a training client from a state
             run_id = views.model_id(body.session_id, body.model_seq_id or 0)
             self.service.sessions.get(owner, body.session_id)
@@ -361,9 +385,31 @@ class TinkerApi:
 
     async def weights_info(self, request: Request, owner: str) -> Response:
         body = schemas.parse(schemas.WeightsInfo, await self.json_body(request))
-        _, row = self.service.owned_checkpoint(body.tinker_path, owner, "tinker_path")
-        info = self.service.run_info(owner, row.run_id)
-        return JSONResponse(views.weights_info(info))
+        return JSONResponse(views.weights_info(self.service.checkpoint_run_info(owner, body.tinker_path)))
+
+    async def publish_checkpoint(self, request: Request, owner: str) -> Response:
+        """POST publishes the owner's checkpoint to every owner of this server, DELETE unpublishes it."""
+        self.service.set_published(owner, views.checkpoint_path(request), request.method == "POST")
+        return JSONResponse({})
+
+    async def save_weights_external(self, request: Request, owner: str) -> Response:
+        raw = await self.json_body(request)
+        body = schemas.parse(schemas.SaveWeightsExternal, raw)
+        digest = digest_of("save_weights_external", raw)
+        options = SaveOptions(body.ttl_seconds, False, {})
+        request_id = self.numbered(owner, body.model_id, body.seq_id, "save_external_weights",
+                                   lambda: self.service.save_external_weights(
+                                       owner, body.model_id, body.seq_id, body.path, options,
+                                       body.age_encryption_recipients, refusal_takes_number=True,
+                                       digest=digest), digest)
+        return self.future(request_id, model_id=body.model_id)
+
+    async def external_weights_urls(self, request: Request, owner: str) -> Response:
+        """Signed URLs, one per file, for the owner's external weights (they expire together)."""
+        path, row, files = self.service.external_files(owner, views.checkpoint_path(request))
+        urls, expires = self.weights_urls.sign(str(request.base_url), row.owner, path,
+                                               [f.name for f in files])
+        return JSONResponse({"urls": urls, "expires": expires.isoformat()})
 
     async def list_sessions(self, request: Request, owner: str) -> Response:
         return JSONResponse({"sessions": [s.id for s in self.service.sessions.list(owner)]})
@@ -443,10 +489,14 @@ def endpoint(api: TinkerApi, handler: Callable[[Request, str], Awaitable[Respons
 
     @functools.wraps(handler)
     async def run(request: Request) -> Response:
+        began = time.monotonic()
         try:
-            return await handler(request, api.owner(request))
+            response = await handler(request, api.owner(request))
         except Exception as error:  # noqa: BLE001 - mapped to a status here, once
-            return error_response(error)
+            response = error_response(error)
+        api.service.telemetry.observe_request("http", handler.__name__, str(response.status_code),
+                                              time.monotonic() - began)
+        return response
 
     return run
 
@@ -486,19 +536,26 @@ def build_app(api: TinkerApi) -> Starlette:
              for path, name, methods in routes]
     checkpoint = f"{v1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}"
     table += [
-        Route(checkpoint + "/publish", not_offered("publishing"), methods=["POST", "DELETE"]),
+        Route(checkpoint + "/publish", endpoint(api, api.publish_checkpoint), methods=["POST", "DELETE"]),
         Route(checkpoint + "/ttl", endpoint(api, api.set_checkpoint_ttl), methods=["PUT"]),
-        Route(checkpoint + "/external_weights_urls", not_offered("external_weights"), methods=["GET"]),
+        Route(checkpoint + "/external_weights_urls", endpoint(api, api.external_weights_urls),
+              methods=["GET"]),
         Route(checkpoint, endpoint(api, api.delete_checkpoint), methods=["DELETE"]),
-        Route(f"{v1}/save_weights_external", not_offered("external_weights"), methods=["POST"]),
+        Route(f"{v1}/save_weights_external", endpoint(api, api.save_weights_external), methods=["POST"]),
         Route(f"{v1}/create_custom_loss", not_offered("custom_loss"), methods=["POST"]),
         Route(f"{v1}/copy_weights", not_offered("copy_weights"), methods=["POST"]),
         Route(f"{v1}/sessions/{{session_id}}/project", not_offered("projects"), methods=["PUT"]),
-        Route(f"{v1}/sessions/{{session_id}}/trace_export", not_offered("traces"), methods=["GET"]),
+        Route(f"{v1}/sessions/{{session_id}}/trace_export", endpoint(api, api.trace_export), methods=["GET"]),
+        Route("/traces/{token}", api.trace_download, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
         Route(f"{v1}/audit", not_offered("audit"), methods=["GET"]),
         Route(f"{v1}/billing/{{rest:path}}", not_offered("billing"), methods=["GET"]),
         Route(f"{v1}/healthz", api.healthz, methods=["GET"]),
         Route("/archives/{token}", api.archives.download, methods=["GET"]),
+        Route(weights_urls.PREFIX + "/{run_id}/{name}/{file}", api.weights_urls.download, methods=["GET"]),
     ]
+    from stillroom_server.http_api import openai_api  # it builds on this module
+
+    table += openai_api.routes(api)  # the OpenAI-compatible API under /oai/api/v1
     return Starlette(routes=table)
 
