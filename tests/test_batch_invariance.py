@@ -102,3 +102,17 @@ def test_compute_logprobs_gives_the_same_bits_alone_and_among_others(clients):
         assert together.result() == alone
         for future in company:
             future.result()
+
+
+def test_a_training_call_splits_by_tokens_not_by_the_time_it_took(tmp_path):
+    """A busy machine's slow micro-batch made the next calls split smaller, which changes the
+    gradient's float order; with --batch-invariant the split is by tokens alone."""
+    from stillroom_server.engine import training
+    from stillroom_server.engine.engine import Engine
+
+    for invariant in (False, True):
+        engine = Engine(tmp_path / str(invariant), batch_invariant=invariant)
+        run = engine.create_run(f"run-{invariant}", TINY, None, seed=0)
+        run._seconds_per_token = 1.0   # a pass that took a second a token
+        expected = training.MICROBATCH_TOKENS if invariant else training.MIN_MICROBATCH_TOKENS
+        assert run._microbatch_tokens() == expected

@@ -29,7 +29,9 @@ from stillroom_server.engine.types import AdamConfig, ForwardBackwardResult, For
 # It also bounds how long other work waits: the scheduler interleaves between micro-batches.
 MICROBATCH_TOKENS = 2048
 # ... and at most about this long on this machine, as the run last measured it (never below
-# MIN_MICROBATCH_TOKENS): on a busy machine a 2048-token pass can take seconds.
+# MIN_MICROBATCH_TOKENS): on a busy machine a 2048-token pass can take seconds. Not with
+# `fixed_microbatches` (--batch-invariant): the split changes the gradient's float order, so a split
+# that follows the machine's load made training runs part between two runs of the same script.
 STEP_SECONDS = 0.5
 MIN_MICROBATCH_TOKENS = 512
 
@@ -75,6 +77,7 @@ class TrainingRun(abc.ABC):
         self._staged_tokens = 0
         self._next_part = 0
         self._seconds_per_token = 0.0   # measured on this run's last micro-batch
+        self.fixed_microbatches = False  # micro-batches by tokens alone, never by the time they took
 
     # ---------------------------------------------------------------- what subclasses provide
 
@@ -153,7 +156,7 @@ class TrainingRun(abc.ABC):
         return ForwardBackwardResult(outputs, merge_metrics(parts))
 
     def _microbatch_tokens(self) -> int:
-        if not self._seconds_per_token:
+        if not self._seconds_per_token or self.fixed_microbatches:
             return MICROBATCH_TOKENS
         timely = int(STEP_SECONDS / self._seconds_per_token)
         return min(MICROBATCH_TOKENS, max(MIN_MICROBATCH_TOKENS, timely))
