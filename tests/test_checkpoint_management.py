@@ -189,6 +189,7 @@ def test_everything_saved_is_listed_loads_and_samples_the_same_after_a_restart(t
                 trainer.forward_backward(data, "cross_entropy")
                 trainer.optim_step(types.AdamParams(learning_rate=1e-2))
                 got = trainer.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
+                # one thread, the same weights, moments and batch: bit-equal; 1e-6 is two ulps of slack
                 assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-6
 
 

@@ -102,6 +102,11 @@ def test_builtin_losses_match_plain_torch_in_value_and_gradient(service, server,
 
     trainer = service.create_full_training_client(TINY, seed=0)
     out = trainer.forward_backward(data, loss, config).result()
+    # The server's batch vs a local pass a datum at a time: other summation orders. Logprobs, and so
+    # the loss, a few ulps apart (1e-5 is ~80; abs for losses near 0). The gradient norm: its large
+    # components sum without cancelling, ~L sqrt(K) u = 1.4e-5 apart at most; 1e-4. The probe step
+    # (lr 1, eps 1: g / (|g| + 1), about g) has g's relative error, up to L K u = 2.7e-4 where a sum
+    # cancels: rtol 1e-3, and atol 1e-6 for the components that cancel to near 0.
     assert out.metrics["loss:sum"] == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
     if loss in ("ppo", "cispo"):
         assert 0 < out.metrics["clip_fraction:mean"] < 1  # the clipping is exercised
@@ -158,6 +163,8 @@ def test_custom_cross_entropy_trains_exactly_like_the_builtin(service, server, t
     out = custom.forward_backward_custom(data, cross_entropy_loss)
     step = custom.optim_step(adam)  # pipelined: must still be numbered after both custom requests
     out = out.result()
+    # the same logprobs (bit-equal, below) summed here in another order: n same-sign terms, pairwise,
+    # about log2(n) u = 7e-7 apart at most
     assert out.metrics["loss:sum"] == pytest.approx(expected.metrics["loss:sum"], rel=1e-6)
     assert out.metrics["tokens:sum"] == sum(d.model_input.length for d in data)
     assert [o["logprobs"].data for o in out.loss_fn_outputs] == \
@@ -166,7 +173,7 @@ def test_custom_cross_entropy_trains_exactly_like_the_builtin(service, server, t
 
     a = checkpoint_tensors(server, builtin.save_weights_for_sampler("ce-builtin").result().path)
     b = checkpoint_tensors(server, custom.save_weights_for_sampler("ce-custom").result().path)
-    for name in a:
+    for name in a:   # one step from the same gradient (LR g/|g| at the first): equal to the weights' ulps
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 

@@ -142,6 +142,8 @@ def test_sampling_compute_logprobs_and_trainer_agree(real_service, renderer):
                          types.SamplingParams(max_tokens=24, temperature=1.0, seed=3)).result().sequences[0]
     tokens = prompt + list(seq.tokens)
     scored = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+    # decoding with a KV cache vs one forward, and the trainer's pass: the same weights, other summation
+    # orders in each of 30 layers; 1e-4 is ~200 ulps of these logprobs (a wrong weight moves them > 1e-3)
     assert _gap(scored[len(prompt):], seq.logprobs) < 1e-4
     datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
                         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
@@ -178,6 +180,8 @@ def test_peft_and_merged_exports_load_outside_the_server_with_its_logprobs(real_
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert _gap(expected, _local_logprobs(base, tokens)) > 1e-3      # the adapter matters
+    # PEFT's forward and the merged weights (W + BA, each rounded once) outside the server: other
+    # summation orders, as above (1e-4)
     peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
     assert _gap(expected, _local_logprobs(peft_model, tokens)) < 1e-4
     merged = AutoModelForCausalLM.from_pretrained(merge_lora_adapter(folder, tmp_path / "merged", model_dir),
@@ -190,6 +194,7 @@ def test_teacher_reverse_kl_between_two_checkpoints(real_service, renderer):
     before = trainer.save_weights_and_get_sampling_client("kl-before")
     datum = _chat_datum(renderer, CHAT[0]["content"], "Blue.")
     same = trainer.forward([datum], "teacher_reverse_kl", {"teacher": before.model_path}).result()
+    # a fresh adapter (B = 0) is the base: the KL of logprobs a few ulps apart is ~1e-7 a token
     assert abs(same.metrics["teacher_kl:mean"]) < 1e-5          # a fresh adapter is the base
     for _ in range(2):
         trainer.forward_backward([datum], "cross_entropy")
@@ -210,6 +215,8 @@ def test_bf16_autocast_stays_close_to_fp32(real_service, renderer, model_dir, tm
         with stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key) as client:
             bf16 = client.create_sampling_client(base_model=NAME).compute_logprobs(
                 types.ModelInput.from_ints(tokens)).result()[1:]
+    # bf16 rounds each operation to 8 bits (4e-3 relative): logprobs ~1e-2 apart; a wrong cast or a
+    # weight read in the wrong dtype moves them by whole nats
     diffs = [abs(a - b) for a, b in zip(fp32, bf16)]
     assert sum(diffs) / len(diffs) < 0.1 and max(diffs) < 1.0, diffs
 

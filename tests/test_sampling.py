@@ -73,6 +73,8 @@ def test_prompt_logprobs_match_compute_logprobs_and_a_local_forward(sampler, tok
                             include_prompt_logprobs=True, topk_prompt_logprobs=k).result()
     scored = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
     assert result.prompt_logprobs[0] is None and scored[0] is None
+    # here and below: the same weights in other batches and passes (other summation orders), a few
+    # ulps apart (~5e-7 each at |logprob| ~5); 1e-5 is 20 ulps
     assert max(abs(a - b) for a, b in zip(result.prompt_logprobs[1:], scored[1:])) < 1e-5
 
     with torch.no_grad():
@@ -103,7 +105,7 @@ def test_scoring_only_the_last_tokens_of_many_sequences_at_once_matches_a_local_
             local_T_V = torch.log_softmax(reference(input_ids=torch.tensor([tokens])).logits.float(), -1)[0]
         local = local_T_V[:-1].gather(-1, torch.tensor(tokens[1:])[:, None]).squeeze(-1).tolist()
         first = 1 if n is None else len(tokens) - n
-        assert scored[:first] == [None] * first
+        assert scored[:first] == [None] * first   # (then: other batches, a few ulps apart; 1e-5 is 20)
         assert max(abs(a - b) for a, b in zip(scored[first:], local[first - 1:])) < 1e-5
 
     # the same batch through the engine's forward directly: the head over positions 2.. only
@@ -115,6 +117,7 @@ def test_scoring_only_the_last_tokens_of_many_sequences_at_once_matches_a_local_
             full, tails, tail_lengths):
         assert ids_T_K is not None and tail_ids_T_K is not None and tail_values_T_K is not None
         assert torch.isnan(tail_T[:-n]).all() and torch.isnan(tail_values_T_K[:-n]).all()
+        # the head over fewer rows (another GEMM shape): allclose's rtol 1e-5 (~80 ulps) + atol 1e-6
         assert torch.allclose(tail_T[-n:], logprobs_T[-n:], atol=1e-6)
         assert torch.equal(tail_ids_T_K[-n:], ids_T_K[-n:])
 

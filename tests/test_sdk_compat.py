@@ -71,7 +71,8 @@ def test_sequence_ids_and_topk_sample_logprobs(trained, tokenizer):
         assert len(sequence.topk_logprobs) == len(sequence.tokens)
         for token, logprob, top in zip(sequence.tokens, sequence.logprobs, sequence.topk_logprobs):
             assert len(top) == 4 and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
-            assert top[0][0] == token and top[0][1] == pytest.approx(logprob, abs=1e-5)  # greedy
+            # greedy; the top-k values come from the same logits (1e-5: 20 ulps of slack)
+            assert top[0][0] == token and top[0][1] == pytest.approx(logprob, abs=1e-5)
     assert again.sequences[0].topk_logprobs is None
 
 
@@ -83,7 +84,7 @@ def test_prompt_logprobs_last_n(trained, tokenizer):
     full = sampler.sample(prompt, 1, GREEDY, include_prompt_logprobs=True, topk_prompt_logprobs=2).result()
     tail = sampler.sample(prompt, 1, GREEDY, include_prompt_logprobs=True, topk_prompt_logprobs=2,
                           prompt_logprobs_last_n=3).result()
-    n = len(tokens)
+    n = len(tokens)   # the head over fewer rows (another GEMM shape): a few ulps apart; 1e-5 is 20 ulps
     assert tail.prompt_logprobs[:n - 3] == [None] * (n - 3)
     assert tail.prompt_logprobs[n - 3:] == pytest.approx(full.prompt_logprobs[n - 3:], abs=1e-5)
     assert tail.topk_prompt_logprobs[:n - 3] == [None] * (n - 3)

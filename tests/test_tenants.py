@@ -89,6 +89,8 @@ def test_rows_joining_and_leaving_a_running_decode_keep_their_tokens_and_logprob
         for got, expected in zip(result.sequences, alone.sequences):
             assert got.tokens == expected.tokens  # the same seed gives the same sample in any batch
             prompt = work.prompt_T.tolist()
+            # token-by-token decoding with a KV cache vs one forward over the whole sequence: other
+            # kernels and summation orders in every layer (L sqrt(K) u ~1.4e-5 of |logprob| <= 7): 1e-4
             assert got.logprobs == pytest.approx(scored(engine, opened_, prompt, got.tokens), abs=1e-4)
 
 
@@ -119,6 +121,8 @@ def test_rows_of_different_lora_snapshots_share_a_forward_and_see_only_their_own
                 with _active(host, opened.adapter):
                     reference = compute.sequence_logprobs(host.model, [tokens], engine.device)
             expected = reference[0][0][len(prompt):].tolist()
+            # decoding with a KV cache and mixed adapters vs PEFT's whole-sequence forward: 1e-4 as above;
+            # another adapter's weights would move the logprobs by > 1e-3 (asserted below)
             assert sequence.logprobs == pytest.approx(expected, abs=1e-4)
             sequences.append(tokens)
     # the three weights differ, so a row that saw another's adapter would have failed above
@@ -239,6 +243,8 @@ def test_interleaved_training_keeps_each_runs_order_and_retries_apply_once(serve
         sampler.compute_logprobs(types.ModelInput.from_ints([1, 40 + i, 41])).result()
     for thread in threads:
         thread.join()
+    # the same micro-batches in the same order, other requests between them: bit-equal losses (1e-5 is
+    # below one ulp of these sums of ~100 logprobs)
     assert results["a"] == pytest.approx(reference, abs=1e-5)
     assert results["b"] == pytest.approx(reference, abs=1e-5)
 
@@ -276,6 +282,8 @@ def test_an_idle_run_moved_to_disk_comes_back_to_the_same_logprobs(server, servi
         server.engine.run_memory_bytes = budget
     expected = kept.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
     got = moved.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    # to disk and back is exact (safetensors of the fp32 weights and moments), so are the same steps after
+    # it: bit-equal; 1e-6 is two ulps of slack
     assert got == pytest.approx(expected, abs=1e-6)
     a = checkpoint_tensors(server, moved.save_weights_for_sampler("after-disk").result().path)
     b = checkpoint_tensors(server, kept.save_weights_for_sampler("never-moved").result().path)

@@ -53,6 +53,9 @@ def test_state_with_optimizer_continues_exactly_and_without_restarts_moments(ser
     assert path == f"stillroom://{trainer.training_run_id}/weights/{kind}-after-3"
     reference = _steps_logprobs(trainer, data)
 
+    # The resumed run does the same sums as the original, in the same process and batch: its logprobs are
+    # bit-equal (1e-6 is two ulps of slack at |logprob| ~5); fresh moments move a weight by LR (not by
+    # m/sqrt(v) of the old moments) and its logprobs by far more than 1e-3.
     resumed = service.create_training_client_from_state_with_optimizer(path)
     assert resumed.training_run_id != trainer.training_run_id
     assert resumed.get_info().is_lora == (kind == "lora")
@@ -88,7 +91,8 @@ def test_load_state_into_a_running_client_in_request_order(service, tokenizer):
         future = await other.load_state_with_optimizer_async(path)
         return (await future).path
 
-    # loaded before the next forward_backward because requests run in order
+    # loaded before the next forward_backward because requests run in order (the same sums as the
+    # saver's: bit-equal, 1e-6 two ulps of slack)
     assert asyncio.run(reload()) == path
     assert max(_max_gap(reference, _steps_logprobs(other, data, steps=2))) <= 1e-6
 
