@@ -247,3 +247,13 @@ def test_a_401_does_not_say_where_the_data_dir_is(server, http):
     answer = httpx.post(http.url + "/create_session", json={}, headers={"X-API-Key": "tml-wrong"})
     assert answer.status_code == 401 and "local_api_key" in answer.json()["error"]
     assert str(server.config.data_dir) not in answer.text
+
+
+def test_a_huge_model_name_is_refused_by_its_length_over_both_wires(server, http, service):
+    """A 100 kB base_model is refused naming the limit, not echoed back in a NOT_FOUND."""
+    session = http.post("/create_session", {}).json()["session_id"]
+    answer = http.post("/create_sampling_session", {"session_id": session, "base_model": "m" * 100_000})
+    assert answer.status_code == 400 and len(answer.text) < 500, answer.text[:300]
+    with pytest.raises(stillroom.BadRequestError, match="at most 512 characters") as raised:
+        service.create_lora_training_client("m" * 100_000, rank=4).result()
+    assert len(str(raised.value)) < 500

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 from stillroom_server.engine.errors import InvalidInput, NotFound
 
 logger = logging.getLogger("stillroom.engine")
+MAX_NAME_CHARS = 512   # a model's name or folder path, as a request gives it
 PEFT_NAME = re.compile(r"(?P<base>.+):peft:(?P<context>[0-9]{1,9})")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
@@ -80,6 +81,8 @@ class ModelHost:
     def canonical(self, name: str) -> str:
         """The model a name means. Tinker's cookbook writes `NAME:peft:<context>` (NAME served for
         LoRA with that context): that is NAME, if its context is at least as long."""
+        if len(name) > MAX_NAME_CHARS:
+            raise InvalidInput(f"base_model: at most {MAX_NAME_CHARS} characters, got {len(name)}")
         match = PEFT_NAME.fullmatch(name)
         if match is None:
             return name
