@@ -459,22 +459,34 @@ def parse_json(raw: bytes) -> Any:
         raise InvalidInput(f"body: not valid JSON ({error})") from None
     except ValueError as error:  # an integer past Python's digit limit
         raise InvalidInput(f"body: not valid JSON ({str(error)[:80]})") from None
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise InvalidInput(f"body: nested deeper than {MAX_JSON_DEPTH} levels")
+    _check_tree(value)
     return value
 
 
-def _depth(value: Any) -> int:
-    """How deeply `value` nests lists and objects (iteratively: a body cannot exhaust the stack)."""
-    deepest, stack = 0, [(value, 1)]
+def _check_tree(value: Any) -> None:
+    """Refuse nesting past MAX_JSON_DEPTH, and strings that are not text: JSON's \\u escapes can
+    spell a lone UTF-16 surrogate, which Python keeps in a str that no store, log or reply can
+    encode. Iterative, so a body cannot exhaust the stack."""
+    stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth)
+        if isinstance(item, str):
+            _text(item)
+        elif isinstance(item, dict | list):
             if depth > MAX_JSON_DEPTH:
-                break
+                raise InvalidInput(f"body: nested deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(item, dict):
+                for key in item:
+                    _text(key)
             stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
+
+
+def _text(string: str) -> None:
+    try:
+        string.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput("body: a string holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+                           "without its pair), which is not text") from None
 
 
 def digest_of(kind: str, body: Any) -> str:
@@ -558,4 +570,3 @@ def build_app(api: TinkerApi) -> Starlette:
 
     table += openai_api.routes(api)  # the OpenAI-compatible API under /oai/api/v1
     return Starlette(routes=table)
-
