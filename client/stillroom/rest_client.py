@@ -294,8 +294,10 @@ class RestClient:
         stillroom_checkpoint.json, which names the base model.
         """
         dest = Path(dest_dir)
-        target = dest / path.rstrip("/").rsplit("/", 1)[-1]   # the archive's one folder: the name
-        if target.exists():   # refused before anything is downloaded
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        target = dest / name   # the archive's one folder: the name
+        # refused before anything is downloaded (a malformed name is the server's to refuse)
+        if name not in ("", ".", "..") and target.exists():
             raise FileExistsError(f"{target} already exists; remove it or download elsewhere")
         url = self.get_checkpoint_archive_url(path).result()
         dest.mkdir(parents=True, exist_ok=True)
