@@ -159,6 +159,14 @@ def add_management_commands(commands) -> None:
                      help="delete it this many seconds from now, or 'never' to keep it (as ttl_seconds=None "
                      "in the SDK)")
     ttl.set_defaults(handler=_checkpoints_ttl)
+    publish = ckpts.add_parser("publish", parents=[common], help="let every owner of the server sample, "
+                               "distill from and load a checkpoint (read-only)")
+    publish.add_argument("path", help=path_help)
+    publish.set_defaults(handler=_checkpoints_publish, published=True)
+    unpublish = ckpts.add_parser("unpublish", parents=[common], help="make a published checkpoint private "
+                                 "again (others' next calls on it are refused)")
+    unpublish.add_argument("path", help=path_help)
+    unpublish.set_defaults(handler=_checkpoints_publish, published=False)
 
     sessions = commands.add_parser("sessions", help="client sessions (the tinker SDK makes one per "
                                    "ServiceClient)").add_subparsers(dest="action", required=True)
@@ -169,7 +177,6 @@ def add_management_commands(commands) -> None:
                               "training runs leave memory, their checkpoints stay")
     end.add_argument("ids", nargs="+", metavar="id", help="session id (sess-...)")
     end.set_defaults(handler=_sessions_end)
-
 
 
 def _ttl_seconds(text: str) -> int | None:
@@ -270,6 +277,13 @@ def _checkpoints_delete(rest, args) -> None:
     for path in args.paths:
         rest.delete_checkpoint(path).result()
         print(f"deleted {path}")
+
+
+def _checkpoints_publish(rest, args) -> None:
+    change = rest.publish_checkpoint_from_tinker_path if args.published else \
+        rest.unpublish_checkpoint_from_tinker_path
+    checkpoint = change(args.path).result()
+    print(f"{checkpoint.path} {'published' if checkpoint.public else 'private'}")
 
 
 def _checkpoints_ttl(rest, args) -> None:

@@ -23,7 +23,8 @@ from stillroom.futures import APIFuture, ValueFuture
 if TYPE_CHECKING:
     pass
 
-_CHECKPOINT_TYPES: dict[str, types.CheckpointType] = {"weights": "training", "sampler_weights": "sampler"}
+_CHECKPOINT_TYPES: dict[str, types.CheckpointType] = {"weights": "training", "sampler_weights": "sampler",
+                                                      "external_weights": "external"}
 CHUNK_BYTES = 1 << 20
 
 
@@ -36,7 +37,7 @@ def checkpoint_from_pb(info: pb.CheckpointInfo) -> types.Checkpoint:
         checkpoint_id=f"{info.kind}/{info.name}", checkpoint_type=_CHECKPOINT_TYPES[info.kind],
         time=datetime.fromisoformat(info.created_at), tinker_path=info.path, size_bytes=info.size_bytes,
         expires_at=_time(info.expires_at), training_run_id=info.training_run_id,
-        base_model=info.base_model, is_lora=info.is_lora,
+        base_model=info.base_model, is_lora=info.is_lora, public=info.published,
         user_metadata=dict(info.user_metadata) or None)
 
 
@@ -238,6 +239,26 @@ class RestClient:
     async def set_checkpoint_ttl_from_tinker_path_async(self, tinker_path: str,
                                                         ttl_seconds: int | None) -> types.Checkpoint:
         return await self._run_async(self._set_ttl(tinker_path, ttl_seconds))
+
+    async def _publish(self, path: str, published: bool) -> types.Checkpoint:
+        method = "PublishCheckpoint" if published else "UnpublishCheckpoint"
+        return checkpoint_from_pb(await self._connection.call(
+            method, pb.CheckpointPathRequest(path=_wire.checkpoint_path(path))))
+
+    def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[types.Checkpoint]:
+        """Let every owner of this server sample, distill from and load the caller's checkpoint
+        (read-only: only its owner deletes it, sets its TTL or unpublishes it)."""
+        return self._run(self._publish(tinker_path, True))
+
+    async def publish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> types.Checkpoint:
+        return await self._run_async(self._publish(tinker_path, True))
+
+    def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[types.Checkpoint]:
+        """Make a published checkpoint private again; other owners' next calls on it are refused."""
+        return self._run(self._publish(tinker_path, False))
+
+    async def unpublish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> types.Checkpoint:
+        return await self._run_async(self._publish(tinker_path, False))
 
     # ---------------------------------------------------------------- client sessions
 

@@ -300,7 +300,7 @@ class StillroomServicer:
     def PublishCheckpoint(self, request, context):
         """Publish the caller's checkpoint to every owner of the server (they may sample it, distill from
         it and load it; only its owner deletes it, sets its TTL or unpublishes it), or make it private
-        again, at once. Publishing a published checkpoint (or unpublishing a private one) is ALREADY_EXISTS.
+        again, at once. Both are idempotent (publishing a published checkpoint changes nothing).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -740,15 +740,12 @@ class Service:
 
     def set_published(self, owner: str, uri: str, published: bool) -> CheckpointRow:
         """Publish the owner's checkpoint to every owner of this server, or make it private again
-        (at once: the next call on it by anyone else is refused). Publishing twice, or unpublishing
-        a private checkpoint, is a conflict (Tinker's 409)."""
-        path, row = self.owned_checkpoint(uri, owner)
+        (at once: the next call on it by anyone else is refused). Either is idempotent: the tinker
+        SDK retries a 409 for five minutes, and a retried publish must not fail."""
+        path, _ = self.owned_checkpoint(uri, owner)
         if path.kind not in checkpoints.MODEL_KINDS:
             raise InvalidInput(f"path: {path.uri} is external weights, which only its owner downloads; "
                                "publish the training state or sampler weights instead")
-        if row.published == published:
-            raise RequestConflict(f"path: checkpoint {path.uri} is "
-                                  f"{'already published' if published else 'not published'}")
         updated = self.store.set_checkpoint_published(path.uri, published)
         if updated is None:  # deleted between the check and the update
             raise NotFound(f"path: checkpoint {path.uri} does not exist")

@@ -23,7 +23,9 @@ from stillroom_server.engine.errors import AlreadyExists, InvalidInput, NotFound
 SCHEME = "stillroom://"
 TINKER_SCHEME = "tinker://"  # the same checkpoints, named as the Tinker wire names them
 SCHEMES = (SCHEME, TINKER_SCHEME)
-KINDS = ("weights", "sampler_weights")
+EXTERNAL = "external_weights"  # Hugging Face / PEFT files for download (save_weights_external)
+MODEL_KINDS = ("weights", "sampler_weights")  # what samplers, teachers and loads read
+KINDS = (*MODEL_KINDS, EXTERNAL)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Run ids: `run-<hex>` from Stillroom's wire, `<session>:train:<n>` from Tinker's.
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:-]{0,63}$")
@@ -58,7 +60,7 @@ def is_path(name: str) -> bool:
 
 
 def parse(uri: str, field: str = "model_path") -> CheckpointPath:
-    """`stillroom://` or `tinker://` + `<run_id>/<weights|sampler_weights>/<name>`."""
+    """`stillroom://` or `tinker://` + `<run_id>/<weights|sampler_weights|external_weights>/<name>`."""
     scheme = next((s for s in SCHEMES if uri.startswith(s)), None)
     if scheme is None:
         raise InvalidInput(f"{field}: '{uri[:120]}' is not a checkpoint path "

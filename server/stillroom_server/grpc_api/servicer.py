@@ -191,6 +191,14 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         return checkpoint_to_pb(self.service.set_checkpoint_ttl(owner, request.path, ttl))
 
     @rpc
+    async def PublishCheckpoint(self, request, context, owner):
+        return checkpoint_to_pb(self.service.set_published(owner, request.path, True))
+
+    @rpc
+    async def UnpublishCheckpoint(self, request, context, owner):
+        return checkpoint_to_pb(self.service.set_published(owner, request.path, False))
+
+    @rpc
     async def GetCheckpointArchiveUrl(self, request, context, owner):
         if self.archives is None:
             raise FailedPrecondition("path: this server does not serve checkpoint downloads "
@@ -271,4 +279,5 @@ def checkpoint_to_pb(row) -> pb.CheckpointInfo:
                              base_model=row.base_model, is_lora=row.is_lora,
                              size_bytes=row.size_bytes, created_at=iso(row.created_at),
                              expires_at=iso(row.expires_at),
-                             user_metadata=json.loads(row.user_metadata_json or "{}"))
+                             user_metadata=json.loads(row.user_metadata_json or "{}"),
+                             published=bool(row.published))

@@ -21,7 +21,7 @@ from stillroom_server.engine.types import AdamConfig
 from stillroom_server.http_api import schemas, wire
 
 PROTO = "application/x-protobuf"
-CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
+CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 
 
 def model_id(session_id: str, model_seq_id: int) -> str:
@@ -60,7 +60,7 @@ def window(request: Request) -> tuple[int, int]:
 def checkpoint_path(request: Request) -> str:
     params = request.path_params
     if params["kind"] not in checkpoints.KINDS:
-        raise InvalidInput(f"checkpoint_id: must be weights/<name> or sampler_weights/<name>, "
+        raise InvalidInput(f"checkpoint_id: must be weights/, sampler_weights/ or external_weights/<name>, "
                            f"got {params['kind']}/{params['name']}")
     return f"{checkpoints.SCHEME}{params['run_id']}/{params['kind']}/{params['name']}"
 
@@ -78,7 +78,7 @@ def tinker_path(uri: str) -> str:
 def checkpoint(row) -> dict[str, Any]:
     return {"checkpoint_id": f"{row.kind}/{row.name}", "checkpoint_type": CHECKPOINT_TYPES[row.kind],
             "time": iso(row.created_at), "tinker_path": tinker_path(row.path),
-            "size_bytes": row.size_bytes, "public": False,
+            "size_bytes": row.size_bytes, "public": bool(row.published),
             "user_metadata": json.loads(row.user_metadata_json or "{}") or None,
             "expires_at": iso(row.expires_at)}
 

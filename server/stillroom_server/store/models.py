@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -59,6 +60,8 @@ class CheckpointRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     user_metadata_json: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+    # published: every owner may sample, distill from and load it; only its owner changes it
+    published: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class FutureRow(Base):

@@ -254,6 +254,14 @@ class Store:
                 row.expires_at = expires_at
             return row
 
+    def set_checkpoint_published(self, path: str, published: bool) -> CheckpointRow | None:
+        """Publish or unpublish a checkpoint; its row as it now is (None if it is gone)."""
+        with self.session() as session, session.begin():
+            row = session.scalar(select(CheckpointRow).where(CheckpointRow.path == path))
+            if row is not None:
+                row.published = published
+            return row
+
     def expired_checkpoints(self, now: datetime | None = None) -> list[CheckpointRow]:
         with self.session() as session:
             query = select(CheckpointRow).where(CheckpointRow.expires_at.is_not(None),
