@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from stillroom._proto import stillroom_pb2 as pb
 from wire_fuzz import Fuzzer, FuzzServer, Generators, stillroom_path, tinker_path
@@ -18,12 +18,12 @@ from wire_fuzz import Fuzzer, FuzzServer, Generators, stillroom_path, tinker_pat
 from conftest import SUMMARY_LINES
 
 pytestmark = pytest.mark.slow
-EXAMPLES = 300  # per wire: about 25 s for both on 2 cores
+EXAMPLES = 300  # per wire: about 25 s for both on 2 idle cores
+SEED = 25  # a fixed seed (no example database): the same requests in every run
 BOUNDED = settings(
     max_examples=EXAMPLES,
     deadline=None,
     database=None,
-    derandomize=True,
     phases=[Phase.generate],
     suppress_health_check=list(HealthCheck),  # pyright: ignore[reportArgumentType]
 )
@@ -52,6 +52,7 @@ def report(fuzzer: Fuzzer, wire: str, started: float, problems: list[str]) -> No
 def test_fuzzed_http_requests_are_answered_without_server_errors(fuzzer):
     started, before = time.monotonic(), len(fuzzer.problems)
 
+    @seed(SEED)
     @BOUNDED
     @given(case=Generators(fuzzer.world).http_cases())
     def send(case):
@@ -65,6 +66,7 @@ def test_fuzzed_http_requests_are_answered_without_server_errors(fuzzer):
 def test_fuzzed_grpc_calls_are_answered_without_server_errors(fuzzer):
     started, before = time.monotonic(), len(fuzzer.problems)
 
+    @seed(SEED)
     @BOUNDED
     @given(call=Generators(fuzzer.world).grpc_calls())
     def send(call):

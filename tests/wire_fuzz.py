@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -368,6 +369,12 @@ class Generators:
             )
         if name == "name":
             return mostly(st.from_regex(r"fz-[a-z0-9]{1,6}", fullmatch=True), garbage_strings(json_wire), 4)
+        if name == "model":  # the OpenAI API's: a base model or a sampler checkpoint
+            return mostly(
+                st.just(TINY) | st.sampled_from([p for p in self.paths if "sampler_weights" in p]),
+                garbage_strings(json_wire),
+                5,
+            )
         if name in ("base_model", "teacher"):
             return mostly(st.just(TINY), self.pick(self.paths, json_wire) | garbage_strings(json_wire), 4)
         if name == "loss_fn":
@@ -399,6 +406,10 @@ class Generators:
             "part": (0, 2),
             "num_parts": (0, 2),
             "prompt_alt_tokens_k": (0, 0),
+            "n": (1, 2),
+            "max_completion_tokens": (1, 6),
+            "top_logprobs": (0, 3),
+            "best_of": (1, 2),
         }
         if name in ("seq_id", "seq"):
             return st.sampled_from([SEQ] * 6 + [0, -1, 1, 2**31 - 1])
@@ -484,7 +495,7 @@ class Generators:
             items = schema.get("items", {})
             return st.lists(
                 self.json_value(items, defs, name, depth + 1),
-                min_size=1 if name == "chunks" else 0,
+                min_size=1 if name in ("chunks", "messages") else 0,
                 max_size=3 if depth < 4 else 1,
             )
         if kind == "object" or "properties" in schema:
@@ -600,13 +611,17 @@ class Generators:
                 lambda body: HttpCase("POST", "/api/v1/unload_model", _unload_target(body, w))
             ),
             self.forward_backward_http("/api/v1/forward_backward"),
+            self.forward_backward_http("/api/v1/forward_backward"),
+            self.forward_backward_http("/api/v1/forward_backward"),
             self.forward_backward_http("/api/v1/forward"),
+            post("/api/v1/optim_step", T.OptimStepRequest, S.OptimStep).map(_adam_params),
             post("/api/v1/optim_step", T.OptimStepRequest, S.OptimStep).map(_adam_params),
             post("/api/v1/save_weights", T.SaveWeightsRequest, S.SaveWeights),
             post("/api/v1/save_weights_for_sampler", T.SaveWeightsForSamplerRequest, S.SaveWeightsForSampler),
             post("/api/v1/load_weights", T.LoadWeightsRequest, S.LoadWeights),
             post("/api/v1/create_sampling_session", T.CreateSamplingSessionRequest, S.CreateSamplingSession),
             url("/api/v1/samplers/{}", self.pick(self.samplers, True)).map(lambda p: HttpCase("GET", p)),
+            post("/api/v1/asample", T.SampleRequest),
             post("/api/v1/asample", T.SampleRequest),
             post("/api/v1/asample", T.SampleRequest),
             post("/api/v1/retrieve_future", T.FutureRetrieveRequest, S.RetrieveFuture),
@@ -639,8 +654,57 @@ class Generators:
             case.key = key
             return case
 
+        try:  # the OpenAI-compatible API, where this server has one: bodies from its own models
+            from stillroom_server.http_api import openai_api as oai
+
+            routes += [
+                post("/oai/api/v1/completions", oai.CompletionBody),
+                post("/oai/api/v1/chat/completions", oai.ChatBody),
+            ]
+        except (ImportError, AttributeError):
+            pass
+        routes += [self.any_route(method, path) for method, path in uncovered_routes()]
         keys = st.sampled_from(["a"] * 30 + ["none", "wrong"])
         return st.tuples(st.one_of([labelled(r) for r in routes]), keys).map(auth)
+
+    def any_route(self, method: str, template: str) -> st.SearchStrategy[HttpCase]:
+        """A route of build_app with no generator of its own above: its path parameters from the
+        id pools, a JSON object of random and hostile values as its body, random query parameters."""
+        names = re.findall(r"{(\w+)(?::\w+)?}", template)
+        ids = {
+            "run_id": self.pick(self.runs_any, True, self.world.a_run),
+            "session_id": self.pick(self.sessions, True),
+            "sampler_id": self.pick(self.samplers, True),
+            "kind": st.sampled_from(["weights", "sampler_weights", "x"]),
+        }
+        params = st.fixed_dictionaries(
+            {n: ids.get(n, mostly(st.text(min_size=1, max_size=8), garbage_strings(True), 4)) for n in names}
+        )
+        body = (
+            st.none()
+            if method in ("GET", "DELETE")
+            else mostly(
+                st.dictionaries(
+                    st.text(max_size=8),
+                    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    max_size=4,
+                ),
+                st.sampled_from(JSON_WRONG_TYPES),
+                4,
+            )
+        )
+        query = st.none() | st.dictionaries(
+            st.sampled_from(["limit", "offset", "x"]),
+            st.sampled_from(["1", "-1", str(10**30), "NaN", ""]),
+            max_size=2,
+        )
+
+        def build(parts) -> HttpCase:
+            values, payload, query_params = parts
+            path = re.sub(r"{(\w+)(?::\w+)?}", lambda m: quote(values[m.group(1)]), template)
+            return HttpCase(method, path, payload, params=query_params, route=f"{method} {template}")
+
+        return st.tuples(params, body, query).map(build)
 
     # the Tinker ForwardBackwardRequest protobuf ---------------------------------------------
 
@@ -1008,6 +1072,79 @@ class Generators:
                 chunks=[pb.ModelInputChunk(encoded_text=pb.EncodedTextChunk(tokens=t)) for t in tensors]
             )
         )
+
+
+# The routes of build_app that http_cases has a generator of its own for: (method, path template).
+COVERED_ROUTES = {
+    ("POST", "/api/v1/client/config"),
+    ("POST", "/api/v1/client/dynamic_config"),
+    ("POST", "/api/v1/create_session"),
+    ("POST", "/api/v1/session_heartbeat"),
+    ("POST", "/api/v1/sessions/{session_id}/finish"),
+    ("POST", "/api/v1/telemetry"),
+    ("GET", "/api/v1/get_server_capabilities"),
+    ("POST", "/api/v1/create_model"),
+    ("POST", "/api/v1/get_info"),
+    ("POST", "/api/v1/unload_model"),
+    ("POST", "/api/v1/forward_backward"),
+    ("POST", "/api/v1/forward"),
+    ("POST", "/api/v1/optim_step"),
+    ("POST", "/api/v1/save_weights"),
+    ("POST", "/api/v1/save_weights_for_sampler"),
+    ("POST", "/api/v1/load_weights"),
+    ("POST", "/api/v1/create_sampling_session"),
+    ("GET", "/api/v1/samplers/{sampler_id}"),
+    ("POST", "/api/v1/asample"),
+    ("POST", "/api/v1/retrieve_future"),
+    ("GET", "/api/v1/training_runs"),
+    ("GET", "/api/v1/training_runs/{run_id}"),
+    ("GET", "/api/v1/training_runs/{run_id}/checkpoints"),
+    ("GET", "/api/v1/checkpoints"),
+    ("DELETE", "/api/v1/training_runs/{run_id}/checkpoints/{kind}/{name}"),
+    ("PUT", "/api/v1/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl"),
+    ("POST", "/api/v1/training_runs/{run_id}/checkpoints/{kind}/{name}/publish"),
+    ("GET", "/api/v1/training_runs/{run_id}/checkpoints/{kind}/{name}/external_weights_urls"),
+    ("POST", "/api/v1/weights_info"),
+    ("GET", "/api/v1/sessions"),
+    ("GET", "/api/v1/sessions/{session_id}"),
+    ("GET", "/api/v1/healthz"),
+    ("GET", "/api/v1/audit"),
+    ("GET", "/api/v1/billing/{rest:path}"),
+    ("POST", "/oai/api/v1/completions"),
+    ("POST", "/oai/api/v1/chat/completions"),
+}
+
+
+class _Anything:
+    """Stands in for TinkerApi (and its parts) so that build_app can be called to list its routes."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Anything()
+
+    def __call__(self, *args, **kwargs) -> Any:
+        return None
+
+
+def app_routes() -> list[tuple[str, str]]:
+    """Every (method, path template) the Tinker HTTP app serves, read from build_app itself."""
+    from stillroom_server.http_api.app import build_app
+
+    try:
+        app = build_app(_Anything())  # pyright: ignore[reportArgumentType]
+    except Exception:  # noqa: BLE001 - a part of the app that needs a real TinkerApi: fuzz the known routes
+        return sorted(COVERED_ROUTES)
+    found = []
+    for route in app.routes:
+        for method in sorted(getattr(route, "methods", None) or {"GET"}):
+            if method != "HEAD":
+                found.append((method, getattr(route, "path", "")))
+    return found
+
+
+def uncovered_routes() -> list[tuple[str, str]]:
+    return [route for route in app_routes() if route not in COVERED_ROUTES]
 
 
 def _template(path: str) -> str:
@@ -1383,6 +1520,8 @@ class Fuzzer:
             and case.path != "/api/v1/retrieve_future"
         ):
             request_id = answer.json().get("request_id")
+            if case.path == "/api/v1/optim_step" and isinstance(request_id, str):
+                self.replay(case, raw or b"", request_id)
             if isinstance(request_id, str) and self.settled(request_id):
                 result = self.wait_http(request_id, seconds=3)
                 self.counts["http polls"] += 1
@@ -1399,6 +1538,36 @@ class Fuzzer:
                 self.check_text(
                     "http", case.describe(), result.text, sent, error="error" in result.text[:100]
                 )
+
+    def replay(self, case: HttpCase, raw: bytes, request_id: str) -> None:
+        """An accepted optim_step sent again: the same bytes are a retry (the same future); with
+        another learning rate under the same seq_id it must be refused, not answered with the first."""
+        self.counts["http replays"] += 1
+        headers = {**self._headers(case.key), "content-type": "application/json"}
+        again = self.http.post(case.path, content=raw, headers=headers)
+        if again.status_code != 200 or again.json().get("request_id") != request_id:
+            self.problem(
+                "http", case.describe(), f"a retry of the same bytes: {again.status_code} {again.text[:300]}"
+            )
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return
+        params = body.get("adam_params") if isinstance(body, dict) else None
+        if not isinstance(params, dict):
+            return
+        body["adam_params"] = {**params, "learning_rate": 0.123456}
+        other = self.http.post(case.path, content=json_text(body), headers=headers)
+        if other.status_code == 200 and other.json().get("request_id") == request_id:
+            self.problem(
+                "http",
+                case.describe(),
+                "the same seq_id with another body was answered with the first request's future",
+            )
+        elif other.status_code >= 500:
+            self.problem(
+                "http", case.describe(), f"a replay with another body: {other.status_code} {other.text[:300]}"
+            )
 
     def settled(self, request_id: str) -> bool:
         """Whether A's future is done within 2 s (asked over gRPC, which waits no longer than told;
@@ -1574,7 +1743,8 @@ class Fuzzer:
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items()))
         return (
             f"{self.counts['http']} HTTP requests and {self.counts['grpc']} gRPC calls fuzzed "
-            f"(plus {self.counts['http polls']} + {self.counts['grpc polls']} future polls); {statuses}"
+            f"(plus {self.counts['http polls']} + {self.counts['grpc polls']} future polls and "
+            f"{self.counts['http replays']} seq replays); {statuses}"
         )
 
 
