@@ -118,6 +118,10 @@ class Engine:
                 "loaded_adapters": len(self._adapters), "open_samplers": len(self._samplers),
                 "loaded_full_snapshots": len(self._full_snapshots)}
 
+    def spilled_runs(self) -> set[str]:
+        """The runs whose state waits on disk to make room (read from any thread)."""
+        return set(self._spilled)
+
     # ---------------------------------------------------------------- runs
 
     def create_run(self, run_id: str, base_model: str, lora: LoraSpec | None,

@@ -569,4 +569,8 @@ def build_app(api: TinkerApi) -> Starlette:
     from stillroom_server.http_api import openai_api  # it builds on this module
 
     table += openai_api.routes(api)  # the OpenAI-compatible API under /oai/api/v1
+    from stillroom_server.http_api import console  # it builds on this module too
+
+    table += console.routes(api)  # the web console at /console/, its JSON routes under /api/v1/console
     return Starlette(routes=table)
+
