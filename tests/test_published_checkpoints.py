@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,6 +68,8 @@ def test_a_published_checkpoint_is_read_only_for_other_owners_over_grpc(service,
         result = student.forward_backward([datum], "teacher_reverse_kl", {"teacher": sampler_path}).result()
         assert math.isfinite(result.metrics["loss:sum"]) and result.metrics["loss:sum"] > 0
         copy = other.create_training_client_from_state(state_path)
+        info = other.create_rest_client().get_weights_info_by_tinker_path(state_path).result()
+        assert (info.base_model, info.is_lora, info.lora_rank) == (TINY, True, 4)
         assert copy.get_info().training_run_id != state_path.split("/")[2]
 
         # ... and nothing more: A's checkpoints are not B's to change, nor listed as B's
@@ -88,6 +93,8 @@ def test_a_published_checkpoint_is_read_only_for_other_owners_over_grpc(service,
             other.create_sampling_client(model_path=sampler_path)
         with pytest.raises(stillroom.NotFoundError):
             other.create_training_client_from_state(state_path)
+        with pytest.raises(stillroom.NotFoundError):
+            other.create_rest_client().get_weights_info_by_tinker_path(state_path).result()
         assert not rest.unpublish_checkpoint_from_tinker_path(sampler_path).result().public
     # A's own uses never depended on publishing
     own = service.create_sampling_client(model_path=sampler_path)
@@ -103,11 +110,15 @@ def test_owner_b_distills_from_a_published_teacher_over_http(server, tokenizer, 
     tinker_sampler, tinker_state = (p.replace("stillroom://", "tinker://") for p in teacher)
     rest_a = tinker.RestClient(base_url=server.http_url, api_key=server.local_api_key)
     rest_a.publish_checkpoint_from_tinker_path(tinker_sampler).result()
-    rest_a.publish_checkpoint_from_tinker_path(tinker_state).result()
+    env = os.environ | {"TINKER_BASE_URL": server.http_url, "TINKER_API_KEY": server.local_api_key}
+    cli = [str(Path(sys.executable).parent / "tinker"), "checkpoint", "publish", tinker_state]
+    done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)  # the official CLI
+    assert done.returncode == 0, done.stdout + done.stderr
     rest_a.publish_checkpoint_from_tinker_path(tinker_sampler).result()  # idempotent (the SDK retries 409s)
     run_a = sampler_path.split("/")[2]
     listed = rest_a.list_checkpoints(run_a).result().checkpoints
     assert {c.tinker_path: c.public for c in listed}[tinker_sampler]
+    assert {c.tinker_path: c.public for c in listed}[tinker_state]
 
     other = tinker.ServiceClient(base_url=server.http_url, api_key=bob)
     student = other.create_lora_training_client(TINY, rank=4, seed=3).result()

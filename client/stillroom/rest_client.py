@@ -157,11 +157,15 @@ class RestClient:
         parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
         return await self.get_training_run_async(parsed.training_run_id)
 
+    async def _weights_info(self, path: str) -> types.WeightsInfoResponse:
+        info = await self._connection.call("GetWeightsInfo",
+                                           pb.CheckpointPathRequest(path=_wire.checkpoint_path(path)))
+        return types.WeightsInfoResponse(base_model=info.base_model, is_lora=info.is_lora,
+                                         lora_rank=info.lora_rank if info.is_lora else None)
+
     def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[types.WeightsInfoResponse]:
-        """The base model and LoRA rank behind a checkpoint path."""
-        run = self.get_training_run_by_tinker_path(tinker_path).result()
-        return ValueFuture(types.WeightsInfoResponse(base_model=run.base_model, is_lora=run.is_lora,
-                                                     lora_rank=run.lora_rank))
+        """The base model and LoRA rank behind a checkpoint path: the caller's, or a published one."""
+        return self._run(self._weights_info(tinker_path))
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -619,6 +619,22 @@ class CheckpointInfo(_message.Message):
     published: bool
     def __init__(self, path: _Optional[str] = ..., training_run_id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., base_model: _Optional[str] = ..., is_lora: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[str] = ..., expires_at: _Optional[str] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., published: _Optional[bool] = ...) -> None: ...
 
+class WeightsInfo(_message.Message):
+    __slots__ = ("base_model", "is_lora", "lora_rank", "train_mlp", "train_attn", "train_unembed")
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    IS_LORA_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_MLP_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ATTN_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_UNEMBED_FIELD_NUMBER: _ClassVar[int]
+    base_model: str
+    is_lora: bool
+    lora_rank: int
+    train_mlp: bool
+    train_attn: bool
+    train_unembed: bool
+    def __init__(self, base_model: _Optional[str] = ..., is_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., train_mlp: _Optional[bool] = ..., train_attn: _Optional[bool] = ..., train_unembed: _Optional[bool] = ...) -> None: ...
+
 class ListCheckpointsResponse(_message.Message):
     __slots__ = ("checkpoints",)
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]

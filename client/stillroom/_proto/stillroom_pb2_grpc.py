@@ -150,6 +150,11 @@ class StillroomStub:
                 request_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
                 response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.FromString,
                 _registered_method=True)
+        self.GetWeightsInfo = channel.unary_unary(
+                '/stillroom.v1.Stillroom/GetWeightsInfo',
+                request_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
+                response_deserializer=stillroom_dot_v1_dot_stillroom__pb2.WeightsInfo.FromString,
+                _registered_method=True)
         self.ListClientSessions = channel.unary_unary(
                 '/stillroom.v1.Stillroom/ListClientSessions',
                 request_serializer=stillroom_dot_v1_dot_stillroom__pb2.ListClientSessionsRequest.SerializeToString,
@@ -312,6 +317,13 @@ class StillroomServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWeightsInfo(self, request, context):
+        """The settings of the run behind a checkpoint the caller may read (theirs, or a published one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListClientSessions(self, request, context):
         """Client sessions: the Tinker SDK makes one per ServiceClient over the HTTP API (Stillroom's own
         SDK makes none; its runs end with CloseTrainingRun or a restart). A session ends when its client
@@ -446,6 +458,11 @@ def add_StillroomServicer_to_server(servicer, server):
                     servicer.UnpublishCheckpoint,
                     request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.FromString,
                     response_serializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.SerializeToString,
+            ),
+            'GetWeightsInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWeightsInfo,
+                    request_deserializer=stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.FromString,
+                    response_serializer=stillroom_dot_v1_dot_stillroom__pb2.WeightsInfo.SerializeToString,
             ),
             'ListClientSessions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListClientSessions,
@@ -1079,6 +1096,33 @@ class Stillroom:
             '/stillroom.v1.Stillroom/UnpublishCheckpoint',
             stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
             stillroom_dot_v1_dot_stillroom__pb2.CheckpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWeightsInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stillroom.v1.Stillroom/GetWeightsInfo',
+            stillroom_dot_v1_dot_stillroom__pb2.CheckpointPathRequest.SerializeToString,
+            stillroom_dot_v1_dot_stillroom__pb2.WeightsInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -199,6 +199,15 @@ class StillroomServicer(pb_grpc.StillroomServicer):
         return checkpoint_to_pb(self.service.set_published(owner, request.path, False))
 
     @rpc
+    async def GetWeightsInfo(self, request, context, owner):
+        info = self.service.checkpoint_run_info(owner, request.path, "path")
+        lora = (info.config or {}).get("lora") or {}
+        return pb.WeightsInfo(base_model=info.base_model, is_lora=info.is_lora,
+                              lora_rank=info.lora_rank if info.is_lora else 0,
+                              train_mlp=bool(lora.get("train_mlp")), train_attn=bool(lora.get("train_attn")),
+                              train_unembed=bool(lora.get("train_unembed")))
+
+    @rpc
     async def GetCheckpointArchiveUrl(self, request, context, owner):
         if self.archives is None:
             raise FailedPrecondition("path: this server does not serve checkpoint downloads "
