@@ -64,6 +64,33 @@ def checkpoint(server, run_id: str, path: str) -> dict | None:
     return next((c for c in listed if c["tinker_path"] == path), None)
 
 
+# ---------------------------------------------------------------- steps, without a server
+
+def _result(kind: str, **metrics: float) -> bytes:
+    from stillroom._proto import stillroom_pb2 as pb
+
+    if kind == "optim_step":
+        return pb.FutureResult(optim_step=pb.OptimStepResult(metrics=metrics)).SerializeToString()
+    return pb.FutureResult(forward_backward=pb.ForwardBackwardResult(metrics=metrics)).SerializeToString()
+
+
+def test_a_steps_metrics_fold_its_requests_by_suffix():
+    from stillroom_server.core.console import _steps
+    from stillroom_server.store.history import RunResult
+
+    rows = [RunResult(5, "forward_backward", _result("fwd", **{"loss:sum": 2.0, "teacher_kl:mean": 1.0})),
+            RunResult(6, "forward_backward", _result("fwd", **{"loss:sum": 3.0, "teacher_kl:mean": 3.0})),
+            RunResult(7, "forward", _result("fwd", **{"loss:sum": 9.0})),
+            RunResult(8, "optim_step", _result("optim_step", **{"grad_norm:value": 0.5})),
+            RunResult(9, "forward_backward", _result("fwd", **{"loss:sum": 4.0, "clip_fraction:max": 0.25})),
+            RunResult(10, "forward_backward", _result("fwd", **{"loss:sum": float("nan")}))]
+    first, pending = _steps(rows, earlier_steps=2)   # two optim_steps held before these
+    assert first == {"step": 3, "first_seq": 5, "last_seq": 8, "done": True, "metrics": {
+        "loss:sum": 5.0, "teacher_kl:mean": 2.0, "forward/loss:sum": 9.0, "grad_norm:value": 0.5}}
+    assert pending["step"] == 4 and not pending["done"] and pending["first_seq"] == 9
+    assert pending["metrics"] == {"clip_fraction:max": 0.25}   # a NaN sum is left out (JSON has none)
+
+
 # ---------------------------------------------------------------- the routes, without a browser
 
 def test_the_metrics_route_gives_the_losses_the_sdk_got_by_step(server, trained):
@@ -81,11 +108,14 @@ def test_the_metrics_route_gives_the_losses_the_sdk_got_by_step(server, trained)
     assert one["truncated"] and one["requests_read"] == 2
 
 
-def test_runs_and_the_server_state_say_where_each_run_is(server, trained):
+def test_runs_and_the_server_state_say_where_each_run_is(server, service, trained):
     run_id = trained[0]
-    runs = http(server, "GET", "/api/v1/console/runs?limit=1000").json()["runs"]
-    mine = next(r for r in runs if r["training_run_id"] == run_id)
+    unloaded = service.create_lora_training_client(TINY, rank=2, seed=4)
+    unloaded.unload()
+    runs = {r["training_run_id"]: r for r in http(server, "GET", "/api/v1/console/runs?limit=1000").json()["runs"]}
+    mine = runs[run_id]
     assert mine["state"] == "in_memory" and mine["lora_rank"] == 4 and mine["base_model"] == TINY
+    assert runs[unloaded.training_run_id]["state"] == "unloaded"
     state = http(server, "GET", "/api/v1/console/server").json()
     assert state["runs_in_memory"] >= 1 and state["owner"]["live_runs"] >= 1
     assert state["owner"]["owner"] == "local" and isinstance(state["queued_by_kind"], dict)
@@ -198,8 +228,10 @@ class Console:
         return self.driver.find_elements(By.CSS_SELECTOR, css)
 
     def go(self, page: str) -> None:
+        from selenium.webdriver.common.keys import Keys
+
         before = self.ready()
-        self.find(f'#nav a[data-page="{page}"]').click()
+        self.find(f'#nav a[data-page="{page}"]').send_keys(Keys.ENTER)
         self.wait_page(page, before)
 
     def status(self, text: str) -> None:
@@ -234,6 +266,7 @@ def test_the_console_in_a_headless_browser(server, trained, browser, tmp_path):
     ui.find("#key").clear()
     ui.find("#key").send_keys(server.local_api_key, Keys.ENTER)
     ui.wait_page("runs")
+    assert browser.execute_script("return document.activeElement.tagName") == "H1"  # focus follows
     assert browser.execute_script("return sessionStorage.length") == 1
     assert browser.execute_script("return localStorage.length") == 0 and not browser.get_cookies()
 
@@ -261,7 +294,7 @@ def test_the_console_in_a_headless_browser(server, trained, browser, tmp_path):
     left = (datetime.fromisoformat(expires) - datetime.now(timezone.utc)).total_seconds()
     assert 7000 < left <= 7200
     assert "in 2.0 h" in ui.find(f"{row_css} td.expires").text
-    ui.find(f'{row_css} button[data-action="publish"]').click()
+    ui.find(f'{row_css} button[data-action="publish"]').send_keys(Keys.ENTER)   # the keyboard alone
     ui.status("sampler_weights/console-keep published.")
     assert (checkpoint(server, run_id, keep) or {})["public"] is True
     assert ui.find(f"{row_css} td.published").text == "yes"
