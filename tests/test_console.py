@@ -298,6 +298,7 @@ def test_the_console_in_a_headless_browser(server, trained, browser, tmp_path):
     ui.status("sampler_weights/console-keep published.")
     assert (checkpoint(server, run_id, keep) or {})["public"] is True
     assert ui.find(f"{row_css} td.published").text == "yes"
+    assert browser.switch_to.active_element.text == "Unpublish"   # focus stays on the button pressed
     ui.find(f'{row_css} button[data-action="download"]').click()
     archive = browser.downloads / "console-keep.tar"
     ui.wait(lambda d: archive.exists() and not list(browser.downloads.glob("*.crdownload")))

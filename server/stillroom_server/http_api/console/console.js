@@ -232,19 +232,23 @@ async function route(event) {
   if (heading) {
     document.title = heading.textContent + " · Stillroom console";
     heading.setAttribute("tabindex", "-1");
-    if (!view.contains(document.activeElement)) heading.focus({preventScroll: true});
+    // a new page takes focus to its heading; a redraw of the same page leaves focus where it was
+    if (!(event && event.type === "redraw")) heading.focus({preventScroll: true});
   }
   document.body.dataset.page = found[2];
   document.body.dataset.ready = String(mine);
 }
 
 async function redraw() {
-  const focused = document.activeElement && document.activeElement.id;
-  await route();
-  if (focused) {
-    const again = document.getElementById(focused);
-    if (again) again.focus({preventScroll: true});
-  }
+  const view = document.getElementById("view");
+  const inside = view.contains(document.activeElement);
+  const focused = inside && document.activeElement.id;
+  await route({type: "redraw"});
+  if (!inside) return;   // focus outside the page (the navigation) stays there
+  const again = focused && document.getElementById(focused);
+  const heading = view.querySelector("h1");
+  if (again) again.focus({preventScroll: true});
+  else if (heading) heading.focus({preventScroll: true});   // what had focus is gone (deleted)
 }
 
 // ---------------------------------------------------------------- runs
@@ -389,10 +393,11 @@ function checkpointRow(checkpoint, runId) {
   const actions = [
     h("form", {class: "ttl", onsubmit: setTtl}, ttlInput, h("button", {type: "submit"}, "Set TTL")),
     checkpoint.checkpoint_type === "external" ? null : h("button", {type: "button", "data-action": "publish",
+      id: "publish-" + slug,
       onclick: act(`${label} ${published ? "unpublished" : "published"}.`, async () => {
         await call(published ? "DELETE" : "POST", url + "/publish"); return true;
       })}, published ? "Unpublish" : "Publish"),
-    h("button", {type: "button", "data-action": "download", onclick: async () => {
+    h("button", {type: "button", "data-action": "download", id: "download-" + slug, onclick: async () => {
       const link = await guarded(() => call("POST", `${API}/console/training_runs/${checkpointUrl(checkpoint, run)}/archive_url`));
       if (!link) return;
       const anchor = h("a", {href: link.url, download: link.file_name, hidden: true});
@@ -403,7 +408,7 @@ function checkpointRow(checkpoint, runId) {
     }}, "Download"),
     checkpoint.checkpoint_type === "sampler" ? h("a", {class: "button",
       href: "#/playground?model=" + encodeURIComponent(checkpoint.tinker_path)}, "Chat") : null,
-    h("button", {type: "button", class: "danger", "data-action": "delete",
+    h("button", {type: "button", class: "danger", "data-action": "delete", id: "delete-" + slug,
       onclick: act(`${label} deleted.`, async () => {
         if (!confirm(`Delete ${checkpoint.tinker_path}? Its files are removed for good.`)) return undefined;
         await call("DELETE", url); return true;
