@@ -294,6 +294,11 @@ def hostile_json(kind: str) -> st.SearchStrategy[Any]:
     }.get(kind, wrong | floats | ints)
 
 
+def chance(draw, one_in: int) -> bool:
+    """True about one time in `one_in` (2, or 4 and more), inside a composite strategy."""
+    return draw(st.integers(0, 2**16)) % one_in == one_in // 2
+
+
 def mostly(valid: st.SearchStrategy, hostile: st.SearchStrategy, hostile_in: int = 8):
     """`valid`, or one time in `hostile_in` `hostile`."""
     # (integers(0, n - 1) == 0 would come up about twice as often: hypothesis favours the bounds)
@@ -346,8 +351,8 @@ class Generators:
     def pick(self, values: list[str], json_wire: bool, favour: str | None = None):
         choice = st.sampled_from([v for v in values if v])
         if favour:
-            choice = st.sampled_from([favour] * 3) | choice
-        return mostly(choice, garbage_strings(json_wire), 6)
+            choice = mostly(st.just(favour), choice, 3)  # the caller's own id two times in three
+        return mostly(choice, garbage_strings(json_wire), 8)
 
     def string_for(self, name: str, json_wire: bool) -> st.SearchStrategy[str] | None:
         w = self.world
@@ -736,7 +741,7 @@ class Generators:
                 loss_fn=draw(mostly(st.sampled_from(LOSSES), garbage_strings(False), 5)),
                 forward_only=draw(st.booleans()),
             )
-            for _ in range(draw(st.integers(0, 3) if draw(st.integers(0, 7)) == 0 else st.just(1))):
+            for _ in range(draw(st.integers(0, 3)) if chance(draw, 8) else 1):
                 request.data.append(draw(self.tinker_datum()))
             for key in draw(st.lists(st.sampled_from(CONFIG_KEYS), max_size=2, unique=True)):
                 valid = self.float_for(key)
@@ -956,27 +961,56 @@ class Generators:
             return self.pb_tensor()
         if descriptor.full_name == "stillroom.v1.ModelInput":
             return self.pb_model_input()
+        if descriptor.full_name == "stillroom.v1.Datum":
+            return mostly(self.pb_datum(), self._message(descriptor, cls, method, depth), 4)
+        return self._message(descriptor, cls, method, depth)
+
+    def pb_datum(self) -> st.SearchStrategy[pb.Datum]:
+        """A datum a loss can take (tokens, targets and weights of one length; an RL loss's inputs at
+        times), spoiled now and then by one hostile tensor."""
+
+        @st.composite
+        def datum(draw) -> pb.Datum:
+            n = draw(st.integers(1, 6))
+            tokens = draw(st.lists(st.integers(1, 100), min_size=n, max_size=n))
+            inputs = {
+                "target_tokens": pb_tensor(tokens[1:] + [2], pb.INT64),
+                "weights": pb_tensor([1.0] * n, pb.FLOAT32),
+            }
+            if draw(st.booleans()):
+                inputs["advantages"] = pb_tensor([1.0] * n, pb.FLOAT32)
+                inputs["logprobs"] = pb_tensor([-1.0] * n, pb.FLOAT32)
+            if draw(st.integers(0, 2**16)) % 3 == 1:
+                inputs[draw(st.sampled_from(FB_KEYS))] = draw(self.pb_tensor())
+            return pb.Datum(model_input=pb_prompt(tokens), loss_fn_inputs=inputs)
+
+        return datum()
+
+    def _message(self, descriptor, cls, method: str, depth: int) -> st.SearchStrategy:
         if depth > 4:
             return st.just(cls())
 
         @st.composite
         def build(draw):
             message = cls()
-            chosen_oneofs = {
-                o.name: draw(st.sampled_from([None, *[f.name for f in o.fields]]))
+            chosen_oneofs = {  # a member of each oneof, or (one time in eight) none
+                o.name: None if chance(draw, 8) else draw(st.sampled_from([f.name for f in o.fields]))
                 for o in descriptor.oneofs
                 if not o.name.startswith("_")
             }
-            if method == "CreateSamplingSession" and draw(st.integers(0, 3)) > 0:
-                chosen_oneofs["source"] = draw(st.sampled_from(["base_model", "model_path"]))
             for field in descriptor.fields:
                 oneof = field.containing_oneof
                 if oneof is not None and oneof.name.startswith("_"):
                     oneof = None  # proto3 `optional`: a synthetic oneof of one field
                 if oneof is not None and chosen_oneofs[oneof.name] != field.name:
                     continue
-                if not draw(st.integers(0, 9)) and oneof is None:
-                    continue  # leave a field out now and then
+                if oneof is None:  # leave a field out now and then; one that may be absent, often
+                    optional = field.containing_oneof is not None  # declared `optional` (synthetic oneof)
+                    tensor = field.message_type is not None and field.message_type.name == "Tensor"
+                    if optional and tensor and not chance(draw, 4):
+                        continue  # an optional tensor (target_prompt_logprobs) is rare and mostly wrong
+                    if chance(draw, 2 if optional else 10):
+                        continue
                 self._set_field(draw, message, field, method, depth)
             return message
 
@@ -1032,19 +1066,19 @@ class Generators:
         if kind in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
             valid = self.float_for(name)
             valid = valid if valid is not None else st.floats(-5, 5)
-            return mostly(valid, st.sampled_from(BAD_FLOATS + [1e30]), 6)
+            return mostly(valid, st.sampled_from(BAD_FLOATS + [1e30]), 10)
         bits = 32 if kind in (FD.TYPE_INT32, FD.TYPE_SINT32, FD.TYPE_SFIXED32) else 64
         low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         hostile = st.sampled_from([v for v in HUGE_INTS if low <= v <= high]) | st.integers(low, high)
         valid = self.int_for(name)
         valid = valid if valid is not None else st.integers(-3, 50)
-        return mostly(valid, hostile, 6).map(lambda v: v if low <= v <= high else v % (high + 1))
+        return mostly(valid, hostile, 10).map(lambda v: v if low <= v <= high else v % (high + 1))
 
     def pb_tensor(self) -> st.SearchStrategy[pb.Tensor]:
         @st.composite
         def tensor(draw) -> pb.Tensor:
             n = draw(st.integers(1, 6))
-            if draw(st.integers(0, 3)):
+            if not chance(draw, 4):
                 if draw(st.booleans()):
                     return pb_tensor(draw(st.lists(st.integers(1, 100), min_size=n, max_size=n)), pb.INT64)
                 return pb_tensor([1.0] * n, pb.FLOAT32)
@@ -1067,7 +1101,9 @@ class Generators:
         return tensor()
 
     def pb_model_input(self) -> st.SearchStrategy[pb.ModelInput]:
-        return st.lists(self.pb_tensor(), min_size=0, max_size=2).map(
+        tokens = st.lists(st.integers(1, 100), min_size=1, max_size=6).map(lambda t: pb_tensor(t, pb.INT64))
+        tensors = mostly(st.lists(tokens, min_size=1, max_size=2), st.lists(self.pb_tensor(), max_size=2), 6)
+        return tensors.map(
             lambda tensors: pb.ModelInput(
                 chunks=[pb.ModelInputChunk(encoded_text=pb.EncodedTextChunk(tokens=t)) for t in tensors]
             )
