@@ -91,6 +91,23 @@ def test_a_steps_metrics_fold_its_requests_by_suffix():
     assert pending["metrics"] == {"clip_fraction:max": 0.25}   # a NaN sum is left out (JSON has none)
 
 
+def test_a_run_is_in_memory_on_disk_or_unloaded():
+    from stillroom_server.core.console import run_state
+
+    class Engine:
+        def spilled_runs(self) -> set[str]:
+            return {"spilled"}
+
+    class Service:
+        engine = Engine()
+
+        def is_live(self, run_id: str) -> bool:
+            return run_id in ("resident", "spilled")
+
+    states = [run_state(Service(), r) for r in ("resident", "spilled", "gone")]  # pyright: ignore[reportArgumentType]
+    assert states == ["in_memory", "on_disk", "unloaded"]
+
+
 # ---------------------------------------------------------------- the routes, without a browser
 
 def test_the_metrics_route_gives_the_losses_the_sdk_got_by_step(server, trained):
