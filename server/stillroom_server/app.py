@@ -30,6 +30,7 @@ from stillroom_server.engine import resources
 from stillroom_server.engine.backend import make_engine
 from stillroom_server.engine.engine import MAX_LOADED_ADAPTERS, Engine
 from stillroom_server.engine.scheduler import Scheduler
+from stillroom_server.grpc_api.decoding import UndecodableRequests
 from stillroom_server.grpc_api.servicer import StillroomServicer
 from stillroom_server.http_api.app import TinkerApi, build_app
 from stillroom_server.http_api.archives import Archives
@@ -119,7 +120,7 @@ class StillroomServer:
     def _bind_grpc(self) -> grpc.aio.Server:
         """A gRPC server bound to the gRPC port (0: any free one); services are added before start."""
         config = self.config
-        server = grpc.aio.server(options=[
+        server = grpc.aio.server(interceptors=[UndecodableRequests()], options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
