@@ -381,7 +381,7 @@ function checkpointRow(checkpoint, runId) {
   const act = (what, fn) => async (event) => {
     if (event) event.preventDefault();
     const done = await guarded(fn);
-    if (done !== undefined) { say(what); await redraw(); }
+    if (done !== undefined) { await redraw(); say(what); }   // said once the page shows it
   };
   const setTtl = act(`TTL of ${label} set.`, async () => {
     const seconds = parseTtl(ttlInput.value);
