@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stillroom_server.engine import presets
+from stillroom_server.engine import packed_linear, presets
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -138,6 +138,7 @@ class ModelHost:
             raise InvalidInput(f"base_model: cannot load '{name}' from {directory}: {error}") from error
         module.to(self.device).eval()  # pyright: ignore[reportArgumentType] - transformers' stubs
         module.requires_grad_(False)
+        packed_linear.install(module)  # inference linears on prepacked weights (packed_linear.py)
         vocab_size = int(module.get_input_embeddings().weight.shape[0])  # pyright: ignore[reportIndexIssue]
         return BaseModel.of(name, directory, module, tokenizer, vocab_size)
 

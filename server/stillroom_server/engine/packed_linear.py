@@ -1,0 +1,77 @@
+"""Inference linears on prepacked weights: oneDNN's blocked layout, made once per frozen weight.
+
+A decode step of a small model is its linears (76% of a SmolLM2-135M step at 8 rows, docs/DESIGN.md),
+and at a few rows torch's `F.linear` (MKL sgemm) repacks every weight at every call: on the 2-core VM,
+one thread, the 211 linears of a SmolLM2 step took 112 ms at 8 rows where oneDNN on weights reordered
+once takes 70 ms (64 rows: 180 -> 159 ms; 1 row: 44 -> 54 ms, so one row keeps `F.linear`). The
+packed copy is a cache beside the weight (the same fp32 values in another layout, as much memory
+again), made at a weight's first inference call and remade if the weight changes in place.
+
+`install` turns a module's `nn.Linear`s into `PackedLinear`s (still `nn.Linear`: PEFT wraps them, state
+dicts and copies are unchanged). A call takes the packed path only when nothing could notice: no
+gradient is recorded, the weight is frozen fp32 on the CPU, no autocast, not inside the
+batch-invariant mode (whose torch function mode must see every `F.linear`), and 2..MAX_ROWS rows.
+Results differ from `F.linear`'s by rounding (another kernel's order of additions, ~1e-6 relative),
+as `F.linear`'s own kernel choice already differs between row counts.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from stillroom_server.engine import batch_invariant
+
+MIN_ROWS = 2         # one row: sgemv streams the weight at memory bandwidth; oneDNN is slower there
+MAX_ROWS = 512       # decode steps; prefills and scoring passes of more rows keep MKL's F.linear
+BATCH_HINT = 8       # the row count the layout is chosen for (8 and 64 give the same speeds at 8-64 rows)
+
+_enabled = threading.local()
+_packed = WeakIdKeyDictionary()   # weight -> (its _version when packed, the packed copy)
+_lock = threading.Lock()
+AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def enabled() -> bool:
+    return getattr(_enabled, "on", True)
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the packed path on or off in this thread (benchmarks compare the two)."""
+    _enabled.on = on
+
+
+class PackedLinear(torch.nn.Linear):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name
+        packed = _packed_for(self.weight, input)
+        if packed is None:
+            return F.linear(input, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(input.contiguous(), packed, self.bias, "none", [], "")
+
+
+def install(module: torch.nn.Module) -> None:
+    """Make every plain `nn.Linear` in `module` a `PackedLinear` (in place; no tensor is copied)."""
+    if not AVAILABLE:
+        return
+    for child in module.modules():
+        if type(child) is torch.nn.Linear:
+            child.__class__ = PackedLinear
+
+
+def _packed_for(weight: torch.Tensor, input: torch.Tensor) -> torch.Tensor | None:  # noqa: A002
+    if (torch.is_grad_enabled() or weight.requires_grad or weight.dtype != torch.float32
+            or input.dtype != torch.float32 or weight.device.type != "cpu" or not enabled()
+            or torch.is_autocast_enabled("cpu") or batch_invariant.active()):
+        return None
+    rows = input.numel() // max(input.shape[-1], 1)
+    if not MIN_ROWS <= rows <= MAX_ROWS:
+        return None
+    entry = _packed.get(weight)
+    if entry is None or entry[0] != weight._version:
+        with _lock:
+            entry = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT))
+            _packed[weight] = entry
+    return entry[1]
