@@ -19,12 +19,24 @@ from conftest import TINY
 pytestmark = pytest.mark.skipif(not packed_linear.AVAILABLE, reason="torch without oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def small_models_too(monkeypatch):
+    monkeypatch.setattr(packed_linear, "MIN_MODEL_BYTES", 0)   # the tests' models are small
+
+
 def linear(out_features: int = 48, in_features: int = 32) -> packed_linear.PackedLinear:
     module = torch.nn.Linear(in_features, out_features)
     packed_linear.install(module)
     module.requires_grad_(False)
     assert isinstance(module, packed_linear.PackedLinear)
     return module
+
+
+def test_a_small_model_keeps_its_linears(monkeypatch):
+    monkeypatch.setattr(packed_linear, "MIN_MODEL_BYTES", 1 << 26)
+    module = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    packed_linear.install(module)
+    assert type(module[0]) is torch.nn.Linear
 
 
 def test_the_packed_path_is_taken_only_where_nothing_can_notice():
