@@ -116,3 +116,27 @@ def test_a_training_call_splits_by_tokens_not_by_the_time_it_took(tmp_path):
         run._seconds_per_token = 1.0   # a pass that took a second a token
         expected = training.MICROBATCH_TOKENS if invariant else training.MIN_MICROBATCH_TOKENS
         assert run._microbatch_tokens() == expected
+
+
+def test_a_rows_matmul_bits_do_not_depend_on_its_place_or_company():
+    """The mode's `linear` on one thread: a row alone and the same row at every place among 2 to 60
+    others give the same bits (on MKL's AVX2 kernels, 32-row calls failed this for rows 30-31: run
+    the suite with MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 to check that path)."""
+    import torch
+
+    from stillroom_server.engine import batch_invariant
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(96, 64, generator=generator)
+        row = torch.randn(1, 64, generator=generator)
+        others = torch.randn(60, 64, generator=generator)
+        alone = batch_invariant.linear(row, weight)[0]
+        for company in (2, 7, 31, 47, 60):
+            for place in range(company + 1):
+                x = torch.cat([others[:place], row, others[place:company]])
+                assert torch.equal(batch_invariant.linear(x, weight)[place], alone), (company, place)
+    finally:
+        torch.set_num_threads(threads)

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-ROWS = 32                 # rows in every matmul call (measured: one kernel class at >= 16 rows on 1 thread)
+# Rows in every matmul call. A call's shape fixes MKL's kernel, but a row's bits can still depend on
+# its place in the call: MKL computes rows in micro-tiles, and a row in a partial last tile takes
+# another path. Measured (1 thread, scripts/bench_batch_invariance.py's shapes): with MKL's AVX2
+# kernels (MKL_ENABLE_INSTRUCTIONS=AVX2) tiles are 6 rows, so in 32-row calls rows 30-31 differed
+# from the rest; with AVX-512 every place agreed at 16, 24, 32 and 48. 48 is a multiple of 6, 8 and
+# 16: every row in a full tile on both.
+ROWS = 48
 ATTENTION_ELEMENTS = 1 << 24   # the largest [.., queries, keys, head_dim] product formed at once
 
 _state = threading.local()
