@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, StringConstraints, ValidationError
+from pydantic import Field, StringConstraints
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -148,19 +148,8 @@ FORMS = {"prompt": f"a string, a list of at most {MAX_PROMPTS} strings, a list o
 
 
 def parse(model: type[_Sampling], body: Any) -> Any:
-    """`schemas.parse`, with a refusal of a field of several forms (prompt, stop, a message's
-    content) naming the field and its forms rather than the last form pydantic tried."""
-    if not isinstance(body, dict):
-        raise InvalidInput("body: must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as error:
-        first = error.errors()[0]
-        path = [str(part) for part in first["loc"] if isinstance(part, int) or str(part).isidentifier()]
-        field = ".".join(path) or "body"
-        if len(path) < len(first["loc"]) and path[-1] in FORMS:
-            raise InvalidInput(f"{field}: must be {FORMS[path[-1]]}") from None
-        raise InvalidInput(f"{field}: {first['msg']}") from None
+    """`schemas.parse`, naming the forms of a field that takes several (prompt, stop, content)."""
+    return schemas.parse(model, body, FORMS)
 
 
 # ---------------------------------------------------------------- errors

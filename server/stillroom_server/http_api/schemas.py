@@ -31,14 +31,20 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
-def parse(model: type[_Body], body: Any) -> Any:
+def parse(model: type[BaseModel], body: Any, forms: dict[str, str] | None = None) -> Any:
+    """`body` as `model`, or InvalidInput naming the field. Pydantic names a field of several forms
+    by the last form it tried (`stop.constrained-str`); the path keeps only field names and indices,
+    and where `forms` describes the field the refusal lists its forms instead."""
     if not isinstance(body, dict):
         raise InvalidInput("body: must be a JSON object")
     try:
         return model.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "body"
+        path = [str(part) for part in first["loc"] if isinstance(part, int) or str(part).isidentifier()]
+        field = ".".join(path) or "body"
+        if forms and path and len(path) < len(first["loc"]) and path[-1] in forms:
+            raise InvalidInput(f"{field}: must be {forms[path[-1]]}") from None
         raise InvalidInput(f"{field}: {first['msg']}") from None
 
 
