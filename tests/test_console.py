@@ -129,7 +129,8 @@ def test_runs_and_the_server_state_say_where_each_run_is(server, service, traine
     run_id = trained[0]
     unloaded = service.create_lora_training_client(TINY, rank=2, seed=4)
     unloaded.unload()
-    runs = {r["training_run_id"]: r for r in http(server, "GET", "/api/v1/console/runs?limit=1000").json()["runs"]}
+    listed = http(server, "GET", "/api/v1/console/runs?limit=1000").json()["runs"]
+    runs = {r["training_run_id"]: r for r in listed}
     mine = runs[run_id]
     assert mine["state"] == "in_memory" and mine["lora_rank"] == 4 and mine["base_model"] == TINY
     assert runs[unloaded.training_run_id]["state"] == "unloaded"
