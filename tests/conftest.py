@@ -41,6 +41,16 @@ def tokenizer(service):
     return service._load_tokenizer(TINY)
 
 
+@pytest.fixture(scope="module")
+def tinker_client(server):
+    """An official `tinker` SDK client of the session server's HTTP API, for one test module."""
+    tinker = pytest.importorskip("tinker", reason="the official tinker SDK is a test dependency")
+    os.environ.setdefault("TINKER_TELEMETRY", "0")
+    client = tinker.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
+    yield client
+    client.close("success").result()
+
+
 @pytest.fixture
 def postgres_url():
     """STILLROOM_TEST_DATABASE_URL with its public schema dropped and made again: an empty database."""

@@ -26,13 +26,6 @@ T = tinker.types
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    client = tinker.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
-    yield client
-    client.close("success").result()
-
-
-@pytest.fixture(scope="module")
 def model(server):
     server.service.engine.models.resolve(TINY)
     return load_local_model(server, TINY)
@@ -54,17 +47,17 @@ def ce_loss(model, datum) -> float:
     return float(-(weights * lp.gather(-1, targets)).sum())
 
 
-def test_off_policy_top_k_distillation(client, model):
+def test_off_policy_top_k_distillation(tinker_client, model):
     from tinker_cookbook.distillation import train_off_policy
 
-    teacher = client.create_sampling_client(base_model=TINY)
+    teacher = tinker_client.create_sampling_client(base_model=TINY)
     tokens = [1, *range(40, 52)]
     sft = T.Datum(model_input=T.ModelInput.from_ints(tokens[:-1]),
                   loss_fn_inputs={"target_tokens": T.TensorData.from_torch(torch.tensor(tokens[1:])),
                                   "weights": T.TensorData.from_torch(torch.tensor([0.0] * 5 + [1.0] * 7))})
     datum = asyncio.run(train_off_policy._collect_topk_for_datum(teacher, sft, 5))
     assert list(datum.loss_fn_inputs["target_tokens"].to_torch().shape) == [len(tokens) - 1, 5]
-    trainer = client.create_lora_training_client(TINY, rank=4, seed=0)
+    trainer = tinker_client.create_lora_training_client(TINY, rank=4, seed=0)
     loss = trainer.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"]
     assert loss == pytest.approx(ce_loss(model, datum), abs=1e-5)
     assert trainer.optim_step(T.AdamParams(learning_rate=1e-3)).result().metrics["grad_norm:value"] > 0
@@ -79,13 +72,13 @@ def rollout_datum(prompt: list[int], completion: list[int]):
                                    "mask": T.TensorData.from_torch(torch.tensor(mask))})
 
 
-def test_self_distillation_in_both_directions(client, model):
+def test_self_distillation_in_both_directions(tinker_client, model):
     """SDFT: the teacher is the base model given a demonstration before the question; forward KL
     over its top-K by cross_entropy on [N, K] soft targets, reverse KL by the cookbook's custom loss
     over the student's logprobs at those [N, K] tokens."""
     from tinker_cookbook.distillation import sdft
 
-    teacher = client.create_sampling_client(base_model=TINY)
+    teacher = tinker_client.create_sampling_client(base_model=TINY)
     prompt, completion = [1, 40, 41, 42], [43, 44, 45, 46, 47, 48]
     data = [rollout_datum(prompt, completion), rollout_datum(prompt, completion[:4])]
     teacher_prompts = [T.ModelInput.from_ints([1, 60, 61, 62, 10, 40, 41, 42])]
@@ -93,7 +86,7 @@ def test_self_distillation_in_both_directions(client, model):
     forward, metrics = asyncio.run(sdft.build_topk_distillation_datums(
         data, metadata, teacher, teacher_prompts, topk=4, max_context_length=512, skip_first_n_tokens=1))
     assert metrics["sdft/topk"] == 4
-    trainer = client.create_lora_training_client(TINY, rank=4, seed=0)
+    trainer = tinker_client.create_lora_training_client(TINY, rank=4, seed=0)
     loss = trainer.forward_backward(forward, "cross_entropy").result().metrics["loss:sum"]
     assert loss == pytest.approx(sum(ce_loss(model, d) for d in forward), abs=1e-5)
     reverse, _ = asyncio.run(sdft.build_reverse_kl_datums(
@@ -106,7 +99,7 @@ def test_self_distillation_in_both_directions(client, model):
     assert trainer.optim_step(T.AdamParams(learning_rate=1e-3)).result().metrics["grad_norm:value"] > 0
 
 
-def test_the_decisions_recipe(client, model, server):
+def test_the_decisions_recipe(tinker_client, model, server):
     from tinker_cookbook import renderers
     from tinker_cookbook.recipes.decisions import decision as decisions
     from tinker_cookbook.recipes.decisions import train as decision_train
@@ -116,12 +109,12 @@ def test_the_decisions_recipe(client, model, server):
     renderer = decisions.DecisionRenderer(renderers.get_renderer("role_colon", tokenizer))
     question = decisions.Decision(text="Is 2 + 2 = 4?", choices=[("A", "yes"), ("B", "no")])
     rendering = renderer.render(question)
-    sampler = client.create_sampling_client(base_model=TINY)
+    sampler = tinker_client.create_sampling_client(base_model=TINY)
     probabilities = asyncio.run(decisions.sample_decision(sampler, rendering))
     lp = logprobs_of(model, rendering.tokens)[rendering.choice_pos - 1]
     expected = torch.softmax(lp[[rendering.label_tokens[label] for label in rendering.labels]], dim=0)
     assert [probabilities[label] for label in rendering.labels] == pytest.approx(expected.tolist(), abs=1e-5)
-    trainer = client.create_lora_training_client(TINY, rank=4, seed=0)
+    trainer = tinker_client.create_lora_training_client(TINY, rank=4, seed=0)
     choice = decision_train.decision_choice_datums(renderer, [(question, "A")])
     loss = trainer.forward_backward(choice, "cross_entropy").result().metrics["loss:sum"]
     assert loss == pytest.approx(ce_loss(model, choice[0]), abs=1e-5)

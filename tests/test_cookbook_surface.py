@@ -22,13 +22,6 @@ TOKENS = [1, 40, 41, 42, 43, 44, 45]
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    client = tinker.ServiceClient(base_url=server.http_url, api_key=server.local_api_key)
-    yield client
-    client.close("success").result()
-
-
-@pytest.fixture(scope="module")
 def reference(server):
     """log p(token | prefix) at every position of TOKENS, over the whole vocabulary, in fp32."""
     server.service.engine.models.resolve(TINY)  # the preset's folder, made on first use
@@ -48,11 +41,11 @@ def soft_targets() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, weights
 
 
-def test_cross_entropy_with_k_targets_per_position_matches_torch(client, reference):
+def test_cross_entropy_with_k_targets_per_position_matches_torch(tinker_client, reference):
     """(N, K) targets and weights, sent sparse by the SDK (mostly zero rows): the loss is
     -sum(w * log p) over every (position, target) and the logprobs come back [N, K]. Tolerance:
     the same fp32 forward on the same weights, summed over 6 terms of size ~5: 1e-5."""
-    trainer = client.create_lora_training_client(TINY, rank=4, seed=1)
+    trainer = tinker_client.create_lora_training_client(TINY, rank=4, seed=1)
     ids, weights = soft_targets()
     datum = T.Datum(model_input=T.ModelInput.from_ints(TOKENS),
                     loss_fn_inputs={"target_tokens": T.TensorData.from_torch_sparse(ids),
@@ -69,8 +62,8 @@ def test_cross_entropy_with_k_targets_per_position_matches_torch(client, referen
     assert trainer.optim_step(T.AdamParams(learning_rate=1e-2)).result().metrics["grad_norm:value"] > 0
 
 
-def test_k_targets_are_cross_entropys_only_and_share_k(client):
-    trainer = client.create_lora_training_client(TINY, rank=4, seed=1)
+def test_k_targets_are_cross_entropys_only_and_share_k(tinker_client):
+    trainer = tinker_client.create_lora_training_client(TINY, rank=4, seed=1)
     ids, weights = soft_targets()
     rl = T.Datum(model_input=T.ModelInput.from_ints(TOKENS),
                  loss_fn_inputs={"target_tokens": T.TensorData.from_torch(ids),
@@ -88,8 +81,8 @@ def test_k_targets_are_cross_entropys_only_and_share_k(client):
         trainer.forward([wide, narrow], "cross_entropy").result()
 
 
-def test_a_cross_entropy_datum_without_weights_weighs_every_target_once(client, reference):
-    trainer = client.create_lora_training_client(TINY, rank=4, seed=1)
+def test_a_cross_entropy_datum_without_weights_weighs_every_target_once(tinker_client, reference):
+    trainer = tinker_client.create_lora_training_client(TINY, rank=4, seed=1)
     targets = [*TOKENS[1:], 2]
     datum = T.Datum(model_input=T.ModelInput.from_ints(TOKENS),
                     loss_fn_inputs={"target_tokens": T.TensorData.from_torch(torch.tensor(targets))})
@@ -98,10 +91,10 @@ def test_a_cross_entropy_datum_without_weights_weighs_every_target_once(client, 
     assert loss == pytest.approx(float(expected), abs=1e-5)
 
 
-def test_target_prompt_logprobs_score_the_ids_asked_for(client, reference):
+def test_target_prompt_logprobs_score_the_ids_asked_for(tinker_client, reference):
     """The decisions recipe's call: [len(prompt) - 1, K] ids, -1 where nothing is asked, sent
     sparse with pad -1; the answer has the same shape, 0.0 where the id was -1."""
-    sampler = client.create_sampling_client(base_model=TINY)
+    sampler = tinker_client.create_sampling_client(base_model=TINY)
     ids = torch.full((len(TOKENS) - 1, 3), -1, dtype=torch.long)
     ids[4] = torch.tensor([40, 41, 77])
     ids[1, 0] = 50
@@ -120,19 +113,20 @@ def test_target_prompt_logprobs_score_the_ids_asked_for(client, reference):
                        target_prompt_logprobs=T.TensorData.from_torch(bad)).result()
 
 
-def test_peft_model_names_name_their_base_model(client, reference):
+def test_peft_model_names_name_their_base_model(tinker_client, reference):
     """`NAME:peft:<context>` (a cookbook default) is NAME when NAME's context is that long."""
-    trainer = client.create_lora_training_client(f"{TINY}:peft:512", rank=4, seed=1)
+    trainer = tinker_client.create_lora_training_client(f"{TINY}:peft:512", rank=4, seed=1)
     datum = T.Datum(model_input=T.ModelInput.from_ints(TOKENS),
                     loss_fn_inputs={"target_tokens": T.TensorData.from_torch(torch.tensor([*TOKENS[1:], 2])),
                                     "weights": T.TensorData.from_torch(torch.ones(len(TOKENS)))})
     loss = trainer.forward([datum], "cross_entropy").result().metrics["loss:sum"]
     assert loss == pytest.approx(float(-reference.gather(-1, torch.tensor([*TOKENS[1:], 2])[:, None]).sum()),
                                  abs=1e-5)
-    sampler = client.create_sampling_client(base_model=f"{TINY}:peft:256")
+    sampler = tinker_client.create_sampling_client(base_model=f"{TINY}:peft:256")
     assert sampler.compute_logprobs(T.ModelInput.from_ints(TOKENS)).result()[0] is None
     with pytest.raises(Exception, match="context of 4096 tokens"):  # the SDK raises at first use
-        client.create_lora_training_client(f"{TINY}:peft:4096", rank=4).forward([datum], "cross_entropy")
+        too_long = tinker_client.create_lora_training_client(f"{TINY}:peft:4096", rank=4)
+        too_long.forward([datum], "cross_entropy")
 
 
 def test_target_prompt_logprobs_over_grpc_with_stillrooms_sdk(service, reference):
