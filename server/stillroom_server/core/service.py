@@ -118,6 +118,7 @@ class Service:
         self.sessions = ClientSessions(session_timeout)  # lapse after this long without a heartbeat
         self.run_owners: dict[str, str] = {}  # runs live in this process, by owner
         self.run_bytes: dict[str, int] = {}   # their weights and AdamW moments, as measured at creation
+        self._run_sessions: dict[str, ClientSession] = {}  # live runs a client session made
         self._stated_budget = engine.run_memory_bytes  # the training-run memory stated at start
         self._samplers: dict[str, _OpenSampler] = {}
         self._turns: dict[str, asyncio.Event] = {}  # set when a run accepts its next request
@@ -209,6 +210,7 @@ class Service:
             await self._release(run_id)
             raise FailedPrecondition(f"session_id: {session.why}; make a new ServiceClient")
         session.run_ids.append(run_id)
+        self._run_sessions[run_id] = session
         session.touch()
 
     def _reserve_run(self, owner: str, run_id: str | None) -> str:
@@ -701,16 +703,18 @@ class Service:
         if self.run_owners.pop(run_id, None) is None:
             return False
         self.run_bytes.pop(run_id, None)
+        self._run_sessions.pop(run_id, None)
         # in the run's own lane: after its queued requests, never between a request's steps
         await self.on_worker(lambda: self.engine.close_run(run_id), "close_run", lane=run_id)
         return True
 
     def run_client_session(self, owner: str, run_id: str) -> str | None:
-        """The client session that made `run_id`, if one did and is still open."""
-        for session in self.sessions.list(owner):
-            if run_id in session.run_ids and session.finished is None:
-                return session.id
-        return None
+        """The client session that made `run_id`, if one did and is still open (a lookup: every
+        numbered request asks, for its trace)."""
+        session = self._run_sessions.get(run_id)
+        if session is None or session.owner != owner or session.finished is not None:
+            return None
+        return session.id
 
     def session_samplers(self, session_id: str) -> list[str]:
         return [k for k, v in self._samplers.items() if v.client_session == session_id]
