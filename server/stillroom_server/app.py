@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom._proto import stillroom_pb2_grpc as pb_grpc
 from stillroom_server.config import ServerConfig
+from stillroom_server.core.archives import Archives
 from stillroom_server.core.auth import LOCAL_KEY_FILE, LOCAL_OWNER, Authenticator
 from stillroom_server.core.futures import FutureHub
 from stillroom_server.core.service import Service
@@ -33,7 +34,6 @@ from stillroom_server.engine.scheduler import Scheduler
 from stillroom_server.grpc_api.decoding import UndecodableRequests
 from stillroom_server.grpc_api.servicer import StillroomServicer
 from stillroom_server.http_api.app import TinkerApi, build_app
-from stillroom_server.http_api.archives import Archives
 from stillroom_server.store import Store, keys
 
 logger = logging.getLogger("stillroom.server")

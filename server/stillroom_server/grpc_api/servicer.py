@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from stillroom._proto import stillroom_pb2 as pb
 from stillroom._proto import stillroom_pb2_grpc as pb_grpc
 from stillroom_server import __version__
+from stillroom_server.core.archives import Archives
 from stillroom_server.core.auth import Authenticator
 from stillroom_server.core.errors import FailedPrecondition, InvalidInput, code_for
 from stillroom_server.core.futures import FutureHub
@@ -17,7 +18,6 @@ from stillroom_server.core.sessions import ClientSession
 from stillroom_server.engine.engine import LoraSpec
 from stillroom_server.grpc_api import convert
 from stillroom_server.grpc_api.status import retry_after_ms, rpc, rpc_stream
-from stillroom_server.http_api.archives import Archives
 
 
 class StillroomServicer(pb_grpc.StillroomServicer):
@@ -214,7 +214,7 @@ class StillroomServicer(pb_grpc.StillroomServicer):
                                      "(it runs without its HTTP port)")
         path, row = self.service.checkpoint_files(owner, request.path)
         token, expires_at = self.archives.issue(path)
-        url_path = f"/archives/{token}"
+        url_path = self.archives.url_path(token)
         return pb.CheckpointArchiveUrl(url=self.archives.base_url + url_path,
                                        http_port=self.archives.port, url_path=url_path,
                                        expires_at=iso(expires_at), size_bytes=row.size_bytes)

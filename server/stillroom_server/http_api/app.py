@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from stillroom_server import __version__
 from stillroom_server.core import validate
+from stillroom_server.core.archives import Archives
 from stillroom_server.core.auth import Authenticator
 from stillroom_server.core.errors import (
     CLIENT_CODES,
@@ -36,8 +37,7 @@ from stillroom_server.core.errors import (
 )
 from stillroom_server.core.futures import result_of
 from stillroom_server.core.service import SaveOptions, Service, relay, request_digest, sample_sequence_ids
-from stillroom_server.http_api import schemas, views, weights_urls, wire
-from stillroom_server.http_api.archives import Archives
+from stillroom_server.http_api import archives, schemas, views, weights_urls, wire
 from stillroom_server.http_api.weights_urls import SignedUrls
 
 logger = logging.getLogger("stillroom.http")
@@ -563,7 +563,7 @@ def build_app(api: TinkerApi) -> Starlette:
         Route(f"{v1}/audit", not_offered("audit"), methods=["GET"]),
         Route(f"{v1}/billing/{{rest:path}}", not_offered("billing"), methods=["GET"]),
         Route(f"{v1}/healthz", api.healthz, methods=["GET"]),
-        Route("/archives/{token}", api.archives.download, methods=["GET"]),
+        archives.route(api.archives),
         Route(weights_urls.PREFIX + "/{run_id}/{name}/{file}", api.weights_urls.download, methods=["GET"]),
     ]
     from stillroom_server.http_api import openai_api  # it builds on this module

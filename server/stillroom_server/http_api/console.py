@@ -104,7 +104,7 @@ class ConsoleApi:
         query_ints(request, {})
         path, row = self.service.checkpoint_files(owner, views.checkpoint_path(request))
         token, expires_at = self.api.archives.issue(path)
-        return JSONResponse({"url": f"/archives/{token}", "expires_at": expires_at.isoformat(),
+        return JSONResponse({"url": self.api.archives.url_path(token), "expires_at": expires_at.isoformat(),
                              "size_bytes": row.size_bytes, "file_name": f"{path.name}.tar"})
 
 
