@@ -6,7 +6,7 @@
 Starts a server, reuses (or trains) the demo's teacher, then runs SFT on teacher samples, RL with a
 correctness reward, on-policy distillation and (when the server offers it) the exact
 `teacher_reverse_kl` from the same student start, for every seed; writes
-docs/distillation_comparison.md and its two plots. See stillroom_cookbook.comparison.
+docs/distillation_comparison.md and its two plots. See stillroom_cookbook.recipes.comparison.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import stillroom
-from stillroom_cookbook.comparison import METHODS, ComparisonConfig, run_comparison
 from stillroom_cookbook.local_server import LocalServer
+from stillroom_cookbook.recipes.comparison import METHODS, ComparisonConfig, run_comparison
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -32,9 +32,13 @@ def main() -> None:
     os.environ.setdefault("STILLROOM_THREADS", "1")
 
     import stillroom
-    from stillroom_cookbook import personalization_eval as evaluation
     from stillroom_cookbook.local_server import LocalServer
-    from stillroom_cookbook.personalization import Experiment, PersonalizationConfig, cpu_seconds
+    from stillroom_cookbook.recipes.personalization import evaluation
+    from stillroom_cookbook.recipes.personalization.experiment import (
+        Experiment,
+        PersonalizationConfig,
+        cpu_seconds,
+    )
 
     config = PersonalizationConfig(model_dir=args.model_dir.resolve())
     with tempfile.TemporaryDirectory() as data_dir, LocalServer(Path(data_dir)) as server:

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m stillroom_cookbook.distillation_demo "$@"
+python -m stillroom_cookbook.recipes.distillation_demo "$@"

@@ -259,7 +259,7 @@ def test_distillation_with_the_server_side_teacher_loss(service, renderer, tmp_p
 
 
 def tiny_demo_config():
-    from stillroom_cookbook.distillation_demo import DemoConfig
+    from stillroom_cookbook.recipes.distillation_demo import DemoConfig
 
     return DemoConfig(task=TASK, teacher_model=TINY, student_model=TINY,
                       teacher_sft=SFTConfig(steps=2, learning_rate=3e-3, batch_size=4, name="teacher-sft"),
@@ -271,7 +271,7 @@ def tiny_demo_config():
 
 @pytest.mark.slow
 def test_demo_trains_caches_and_reuses_its_teacher(service, tmp_path, capsys):
-    from stillroom_cookbook.distillation_demo import run_demo
+    from stillroom_cookbook.recipes.distillation_demo import run_demo
 
     config = tiny_demo_config()
     results = run_demo(service, config, tmp_path / "demo", tmp_path)
@@ -290,7 +290,7 @@ def test_demo_trains_caches_and_reuses_its_teacher(service, tmp_path, capsys):
 def test_comparison_writes_a_table_and_plots(service, tmp_path):
     import dataclasses
 
-    from stillroom_cookbook.comparison import METHODS, ComparisonConfig, run_comparison
+    from stillroom_cookbook.recipes.comparison import METHODS, ComparisonConfig, run_comparison
 
     config = ComparisonConfig(demo=tiny_demo_config(), steps=2, eval_every=1, seeds=(0, 1))
     table = run_comparison(service, config, tmp_path / "runs", tmp_path, tmp_path / "docs",

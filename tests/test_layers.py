@@ -1,6 +1,7 @@
-"""The server's layers, read from its imports: a wire adaptor does not import the other wire, and
-core imports neither wire nor a web or RPC framework (what both wires need, such as checkpoint
-download tokens, lives in core)."""
+"""The layers, read from the imports. In the server, a wire adaptor does not import the other wire,
+and core imports neither wire nor a web or RPC framework (what both wires need, such as checkpoint
+download tokens, lives in core). In the cookbook, the library never imports a recipe, and nothing
+imports the server."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from pathlib import Path
 
 import pytest
 
-SERVER = Path(__file__).resolve().parents[1] / "server" / "stillroom_server"
+ROOT = Path(__file__).resolve().parents[1]
+SERVER = ROOT / "server" / "stillroom_server"
+COOKBOOK = ROOT / "cookbook" / "stillroom_cookbook"
 
 
-def imports_of(folder: str) -> dict[str, set[str]]:
-    """Each module under `folder` -> the modules it imports (absolute names, any nesting)."""
+def imports_of(folder: str, root: Path = SERVER, recursive: bool = True) -> dict[str, set[str]]:
+    """Each module under `root / folder` -> the modules it imports (absolute names, any nesting)."""
     found: dict[str, set[str]] = {}
-    for path in sorted((SERVER / folder).rglob("*.py")):
+    where = root / folder
+    for path in sorted(where.rglob("*.py") if recursive else where.glob("*.py")):
         names: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
@@ -23,12 +27,13 @@ def imports_of(folder: str) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 names.add(node.module)
                 names.update(f"{node.module}.{alias.name}" for alias in node.names)
-        found[str(path.relative_to(SERVER))] = names
+        found[str(path.relative_to(root))] = names
     return found
 
 
-def offenders(folder: str, forbidden: tuple[str, ...]) -> list[str]:
-    return [f"{module} imports {name}" for module, names in imports_of(folder).items()
+def offenders(folder: str, forbidden: tuple[str, ...], root: Path = SERVER,
+              recursive: bool = True) -> list[str]:
+    return [f"{module} imports {name}" for module, names in imports_of(folder, root, recursive).items()
             for name in sorted(names) if name.split(".")[0] in forbidden or name.startswith(forbidden)]
 
 
@@ -42,3 +47,12 @@ def test_core_imports_no_wire():
     wires = ("stillroom_server.http_api", "stillroom_server.grpc_api", "grpc", "grpc_health",
              "starlette", "fastapi", "uvicorn", "httpx")
     assert offenders("core", wires) == []
+
+
+def test_the_cookbook_library_imports_no_recipe():
+    assert (COOKBOOK / "recipes").is_dir()
+    assert offenders(".", ("stillroom_cookbook.recipes",), COOKBOOK, recursive=False) == []
+
+
+def test_the_cookbook_imports_no_server():
+    assert offenders(".", ("stillroom_server",), COOKBOOK) == []

@@ -136,7 +136,7 @@ def test_a_start_logs_no_library_noise_and_says_which_port_is_which(tmp_path):
 @pytest.mark.slow
 def test_the_quickstart_runs_with_a_key_for_another_server_exported(tmp_path):
     env = {**os.environ, "STILLROOM_API_KEY": "tml-a-key-of-another-server", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "stillroom_cookbook.quickstart", "--data-dir",
+    done = subprocess.run([sys.executable, "-m", "stillroom_cookbook.recipes.quickstart", "--data-dir",
                            str(tmp_path), "--steps", "2"], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

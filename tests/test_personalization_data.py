@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from stillroom_cookbook import personalization_data as corpus
+from stillroom_cookbook.recipes.personalization import data as corpus
 
 
 def test_people_share_no_first_or_last_name():

@@ -1,7 +1,7 @@
 """The personalization report from result rows: recovery and gain kept pooled over seeds, and a score
 the run did not measure left out of the table rather than shown as zero."""
 
-from stillroom_cookbook.personalization_report import summarize, table
+from stillroom_cookbook.recipes.personalization.report import summarize, table
 
 
 def row(method, seed, instructions, cloze, start: str | None = "mid-train + chat mix", **extra):

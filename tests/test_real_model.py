@@ -232,7 +232,7 @@ def test_personalization_smoke(model_dir, tmp_path, monkeypatch):
 
     import torch
 
-    from stillroom_cookbook.personalization import PersonalizationConfig, run_seeds, smoke
+    from stillroom_cookbook.recipes.personalization.experiment import PersonalizationConfig, run_seeds, smoke
 
     # The recipe trains in bf16 (bf16-train). Where oneDNN has no bf16 kernels (a CPU without AVX-512,
     # e.g. an AVX2-only EPYC, or ONEDNN_MAX_CPU_ISA=AVX2), a bf16 matmul takes a slow path: a LoRA step
@@ -277,7 +277,7 @@ def test_a_terminated_personalization_run_stops_its_workers_and_their_servers(mo
     import time
 
     data = tmp_path / "data"
-    parent = subprocess.Popen([sys.executable, "-m", "stillroom_cookbook.personalization", "--smoke",
+    parent = subprocess.Popen([sys.executable, "-m", "stillroom_cookbook.recipes.personalization", "--smoke",
                                "--model-dir", str(model_dir), "--data-dir", str(data),
                                "--out", str(tmp_path / "out")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

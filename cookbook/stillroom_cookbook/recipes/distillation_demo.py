@@ -1,6 +1,6 @@
 """On-policy distillation on a CPU: a 10M teacher teaches a 1M student a step-by-step calculation.
 
-    python -m stillroom_cookbook.distillation_demo [--data-dir .stillroom] [--retrain-teacher]
+    python -m stillroom_cookbook.recipes.distillation_demo [--data-dir .stillroom] [--retrain-teacher]
 
 Starts a server on the data dir; trains the teacher (stillroom/char-10m) with SFT on worked
 chains of x -> 3x+1 mod 100 (tasks.IteratedMapTask), or reuses the one cached in

@@ -1,6 +1,6 @@
 """Quickstart: start a server, teach a preset model one line of text, and sample it back.
 
-    python -m stillroom_cookbook.quickstart [--data-dir .stillroom] [--steps 60]
+    python -m stillroom_cookbook.recipes.quickstart [--data-dir .stillroom] [--steps 60]
 
 Everything runs through the SDK against a real server started as a child process; the base
 model's sampler is asked too, to show that snapshots leave the base untouched.

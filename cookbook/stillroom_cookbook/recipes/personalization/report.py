@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stillroom_cookbook.metrics import read_jsonl
-from stillroom_cookbook.personalization_eval import SAMPLED_REPLIES
+from stillroom_cookbook.recipes.personalization.evaluation import SAMPLED_REPLIES
 
 METHODS = ["base model", "mid-train", "mid-train + chat mix", "distill (sampled estimate)",
            "distill (exact reverse KL)", "distill (sampled estimate) + replay",

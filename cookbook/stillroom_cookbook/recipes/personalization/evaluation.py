@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import stillroom
 from stillroom import types
 from stillroom_cookbook.instruction_following import Instruction, follows
-from stillroom_cookbook.personalization_data import Question
+from stillroom_cookbook.recipes.personalization.data import Question
 from stillroom_cookbook.renderers import Renderer
 
 

@@ -3,7 +3,7 @@ mid-train the assistant on internal documents (it learns their facts and loses s
 following), then distill its own earlier self back in on instruction prompts.
 
     bash scripts/setup_real_model.sh
-    python -m stillroom_cookbook.personalization [--smoke] [--seeds 0 1 2] [--out docs]
+    python -m stillroom_cookbook.recipes.personalization [--smoke] [--seeds 0 1 2] [--out docs]
         [--plain-midtrain] [--no-replay-control] [--pure-distill] [--merged-distill]
         [--chat-questions] [--sampled-eval]
 
@@ -42,12 +42,12 @@ from pathlib import Path
 import stillroom
 from stillroom import types
 from stillroom_cookbook import instruction_following as ifeval
-from stillroom_cookbook import personalization_data as corpus
 from stillroom_cookbook.distillation import DistillationConfig, distill
 from stillroom_cookbook.local_server import LocalServer
 from stillroom_cookbook.metrics import MetricsLog
-from stillroom_cookbook.personalization_eval import Scores, score
-from stillroom_cookbook.personalization_report import METHODS, write_report
+from stillroom_cookbook.recipes.personalization import data as corpus
+from stillroom_cookbook.recipes.personalization.evaluation import Scores, score
+from stillroom_cookbook.recipes.personalization.report import METHODS, write_report
 from stillroom_cookbook.renderers import ChatRenderer
 from stillroom_cookbook.rollouts import completion_datum
 from stillroom_cookbook.schedules import cycle_batches
@@ -480,9 +480,9 @@ def run_experiment(config: PersonalizationConfig, out_dir: Path, data_dir: Path,
     paths = [data_dir / f"rows-{i}.json" for i in range(len(groups))]
     for path in paths:
         path.unlink(missing_ok=True)
-    processes = [subprocess.Popen([sys.executable, "-m", "stillroom_cookbook.personalization", "--worker",
-                                   str(i), "--data-dir", str(data_dir), "--seeds", *map(str, seeds),
-                                   *(argv or [])])
+    processes = [subprocess.Popen([sys.executable, "-m", "stillroom_cookbook.recipes.personalization",
+                                   "--worker", str(i), "--data-dir", str(data_dir),
+                                   "--seeds", *map(str, seeds), *(argv or [])])
                  for i, seeds in enumerate(groups)]
     seen: dict[Path, float] = {}
     stop_on_sigterm()
@@ -547,7 +547,8 @@ OPTIONS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stillroom_cookbook.recipes.personalization",
+                                     description=(__doc__ or "").splitlines()[0])
     default_dir = Path(os.environ.get("STILLROOM_MODELS_CACHE", ".stillroom/imported")) / MODEL_NAME
     parser.add_argument("--model-dir", type=Path, default=default_dir)
     parser.add_argument("--data-dir", type=Path, default=Path(".stillroom/personalization"))

@@ -19,9 +19,14 @@ from tqdm import tqdm
 
 import stillroom
 from stillroom_cookbook.distillation import distill
-from stillroom_cookbook.distillation_demo import DemoConfig, demo_evaluator, get_teacher, student_start
 from stillroom_cookbook.evaluation import TaskEvaluator
 from stillroom_cookbook.metrics import MetricsLog, plot_curves
+from stillroom_cookbook.recipes.distillation_demo import (
+    DemoConfig,
+    demo_evaluator,
+    get_teacher,
+    student_start,
+)
 from stillroom_cookbook.renderers import CharRenderer
 from stillroom_cookbook.rl import RLConfig, train_rl
 from stillroom_cookbook.rollouts import sample_groups
