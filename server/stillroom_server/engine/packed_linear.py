@@ -34,6 +34,7 @@ BATCH_HINT = 8       # the row count the layout is chosen for (8 and 64 give the
 
 _enabled = threading.local()
 _packed = WeakIdKeyDictionary()   # weight -> (its _version when packed, the packed copy)
+_fused = WeakIdKeyDictionary()    # first weight -> (the weights' _versions, ids, their joined packed copy)
 _lock = threading.Lock()
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -65,7 +66,29 @@ def install(module: torch.nn.Module) -> None:
         child.__class__ = PackedLinear
 
 
-def _packed_for(weight: torch.Tensor, input: torch.Tensor) -> torch.Tensor | None:  # noqa: A002
+def fused(linears: tuple[torch.nn.Module, ...], input: torch.Tensor) -> torch.Tensor | None:  # noqa: A002
+    """The outputs of `linears` (PackedLinears without biases reading one input: q/k/v, gate/up)
+    side by side from one call on their weights packed together, or None where the packed path
+    does not apply (then call each). One call on the joined weight is 10% less time than the
+    separate calls at 8 rows of SmolLM2 (63 against 70 ms for a step's linears; 64 rows: 160 against
+    167): bigger blocks for oneDNN, fewer calls. Each output is the same dot product as alone."""
+    first = linears[0]
+    if any(type(m) is not PackedLinear or m.bias is not None for m in linears):
+        return None
+    if _packed_for(first.weight, input, pack=False) is None:
+        return None
+    versions = tuple(m.weight._version for m in linears)
+    weights = tuple(id(m.weight) for m in linears)
+    entry = _fused.get(first.weight)
+    if entry is None or entry[0] != versions or entry[1] != weights:
+        with _lock:
+            joined = torch.cat([m.weight.detach() for m in linears])
+            entry = (versions, weights, torch.ops.mkldnn._reorder_linear_weight(joined, BATCH_HINT))
+            _fused[first.weight] = entry
+    return torch.ops.mkldnn._linear_pointwise(input.contiguous(), entry[2], None, "none", [], "")
+
+
+def _packed_for(weight: torch.Tensor, input: torch.Tensor, pack: bool = True) -> torch.Tensor | None:  # noqa: A002
     if (torch.is_grad_enabled() or weight.requires_grad or weight.dtype != torch.float32
             or input.dtype != torch.float32 or weight.device.type != "cpu" or not enabled()
             or torch.is_autocast_enabled("cpu") or batch_invariant.active()):
@@ -73,6 +96,8 @@ def _packed_for(weight: torch.Tensor, input: torch.Tensor) -> torch.Tensor | Non
     rows = input.numel() // max(input.shape[-1], 1)
     if not MIN_ROWS <= rows <= MAX_ROWS:
         return None
+    if not pack:
+        return weight
     entry = _packed.get(weight)
     if entry is None or entry[0] != weight._version:
         with _lock:
