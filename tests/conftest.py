@@ -28,6 +28,43 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def inline_server(tmp_path_factory):
+    """A server whose engine runs in the test process (`engines` 0): for the white-box tests that
+    read the engine's memory or patch its module constants. Every other test drives `server`, whose
+    engine is a process of its own, as in production."""
+    from stillroom_server.app import StillroomServer
+    from stillroom_server.config import ServerConfig
+
+    config = ServerConfig(data_dir=tmp_path_factory.mktemp("stillroom-inline"), host="127.0.0.1", port=0,
+                          checkpoint_sweep_seconds=0.2, max_live_runs_per_owner=1000, engines=0)
+    with StillroomServer(config) as running:
+        yield running
+
+
+def inline_fixtures():
+    """`server`, `service` and `tokenizer` fixtures on the inline server, for a module to take
+    in place of the session ones: `server, service, tokenizer = inline_fixtures()`."""
+
+    @pytest.fixture(scope="module")
+    def server(inline_server):
+        return inline_server
+
+    @pytest.fixture(scope="module")
+    def service(server):
+        import stillroom
+
+        client = stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key)
+        yield client
+        client.close()
+
+    @pytest.fixture(scope="module")
+    def tokenizer(service):
+        return service._load_tokenizer(TINY)
+
+    return server, service, tokenizer
+
+
+@pytest.fixture(scope="session")
 def service(server):
     import stillroom
 

@@ -86,7 +86,7 @@ def test_delete_removes_files_row_and_loaded_weights(service, server, tokenizer)
         service.create_sampling_client(model_path=path)
     with pytest.raises(stillroom.NotFoundError):
         rest.delete_checkpoint(path)
-    assert f"path:{path}" not in server.engine._samplers
+    assert f"path:{path}" not in server.engines.samplers   # the engine unloaded it too (a broadcast)
 
     state = trainer.save_state("doomed-state").result().path
     asyncio.run(rest.delete_checkpoint_async(state))

@@ -9,8 +9,11 @@ import torch
 import stillroom
 from stillroom import types
 
-from conftest import TINY
+from conftest import TINY, inline_fixtures
 from helpers import checkpoint_tensors, encode_line, sft_datum
+
+# reads the engine's memory or patches its constants: the engine runs in the test process
+server, service, tokenizer = inline_fixtures()
 
 TEXTS = ["first line\n", "a somewhat longer second line\n", "3\n", "the fourth and last one\n"]
 

@@ -13,7 +13,10 @@ import stillroom
 from stillroom import _wire, types
 from stillroom._proto import stillroom_pb2 as pb
 
-from conftest import TINY
+from conftest import TINY, inline_fixtures
+
+# reads the engine's memory or patches its constants: the engine runs in the test process
+server, service, tokenizer = inline_fixtures()
 
 BAD, MISSING = "INVALID_ARGUMENT", "NOT_FOUND"
 

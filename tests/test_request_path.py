@@ -17,8 +17,11 @@ from stillroom._proto import stillroom_pb2 as pb
 from stillroom_server.engine import training
 from stillroom_server.engine.engine import LoraSpec
 
-from conftest import TINY
+from conftest import TINY, inline_fixtures
 from helpers import encode_line, sft_datum
+
+# reads the engine's memory or patches its constants: the engine runs in the test process
+server, service, tokenizer = inline_fixtures()
 
 PROMPT = types.ModelInput.from_ints([1, 40, 41, 42])
 

@@ -25,8 +25,11 @@ from stillroom_server.engine.types import (
     TrainDatum,
 )
 
-from conftest import SMALL, TINY
+from conftest import SMALL, TINY, inline_fixtures
 from helpers import checkpoint_tensors, encode_line, sft_datum
+
+# reads the engine's memory or patches its constants: the engine runs in the test process
+server, service, tokenizer = inline_fixtures()
 
 ADAM = dict(learning_rate=5e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
 
@@ -292,17 +295,17 @@ def test_an_idle_run_moved_to_disk_comes_back_to_the_same_logprobs(server, servi
 
 def test_a_burst_beyond_the_queue_is_refused_then_retried_by_the_sdk(server, service):
     sampler = service.create_sampling_client(base_model=TINY)
-    limit = server.scheduler.max_outstanding
-    server.scheduler.max_outstanding = 4
+    limit = server.engines.max_outstanding
+    server.engines.max_outstanding = 4
     try:
         futures = [sampler.sample(types.ModelInput.from_ints([1, 40]), 1,
                                   types.SamplingParams(max_tokens=2, seed=i)) for i in range(24)]
         results = [f.result() for f in futures]  # none failed: refusals were waited out and retried
     finally:
-        server.scheduler.max_outstanding = limit
+        server.engines.max_outstanding = limit
     assert all(len(r.sequences) == 1 for r in results)
     connection = sampler._connection
-    server.scheduler.max_outstanding = 0  # a full queue: the refusal names the limit and says when
+    server.engines.max_outstanding = 0  # a full queue: the refusal names the limit and says when
     try:
         stub_call = connection.stub.Sample
         request = pb.SampleRequest(sampling_session_id=sampler.sampling_session_id, num_samples=1,
@@ -314,7 +317,7 @@ def test_a_burst_beyond_the_queue_is_refused_then_retried_by_the_sdk(server, ser
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             connection.run(once())
     finally:
-        server.scheduler.max_outstanding = limit
+        server.engines.max_outstanding = limit
     error = refused.value
     assert error.code().name == "RESOURCE_EXHAUSTED" and "queue" in str(error.details())
     assert dict(error.trailing_metadata())["retry-after-ms"] == "500"

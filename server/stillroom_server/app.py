@@ -28,9 +28,9 @@ from stillroom_server.core.futures import FutureHub
 from stillroom_server.core.service import Service
 from stillroom_server.core.validate import Limits
 from stillroom_server.engine import resources
-from stillroom_server.engine.backend import make_engine
-from stillroom_server.engine.engine import MAX_LOADED_ADAPTERS, Engine
-from stillroom_server.engine.scheduler import Scheduler
+from stillroom_server.engine.engine import MAX_LOADED_ADAPTERS
+from stillroom_server.engine.inline import InlineEngine
+from stillroom_server.engine.process.engines import EngineProcesses
 from stillroom_server.grpc_api.decoding import UndecodableRequests
 from stillroom_server.grpc_api.servicer import StillroomServicer
 from stillroom_server.http_api.app import TinkerApi, build_app
@@ -80,27 +80,25 @@ class StillroomServer:
         if failed:
             logger.warning("marked %d unfinished requests from an earlier run as failed", failed)
         threads, how = resources.choose_threads(config.threads)
-        self.engine = make_engine(config.data_dir, config.workers, config.device, config.max_num_samples,
-                                  config.local_models, config.dtype, config.threads, config.log_level,
-                                  config.worker_listen, config.batch_invariant)
-        self.scheduler = Scheduler(batch_runners(self.engine))
+        self.engines = start_engines(config)
+        self.engine = getattr(self.engines, "engine", self.engines)  # inline: the engine itself
         total, available = resources.memory_budget()
-        runs = (f"training runs keep up to {self.engine.run_memory_bytes / 2**30:.1f} GiB in memory (idle "
-                "runs beyond it wait on disk)" if self.engine.run_memory_bytes > 0 else
+        runs = (f"training runs keep up to {self.engines.run_memory_bytes / 2**30:.1f} GiB in memory (idle "
+                "runs beyond it wait on disk)" if self.engines.run_memory_bytes > 0 else
                 f"training runs live in the {config.workers} worker processes, sharded (no bytes budget)")
         logger.info("memory: %.1f GiB total, %.1f GiB available at start; %s, at most %d LoRA snapshots "
                     "stay loaded, at most %d sample/logprob requests queue; torch threads: %d (%s); "
                     "batch-invariant sampling and scoring: %s",
                     total / 2**30, available / 2**30, runs, MAX_LOADED_ADAPTERS,
-                    self.scheduler.max_outstanding, threads, how,
+                    self.engines.max_outstanding, threads, how,
                     "on" if config.batch_invariant else "off (--batch-invariant)")
         self.hub = FutureHub(self.store, asyncio.get_running_loop())
         self.local_api_key = self._ensure_a_key() if config.auth == "keys" else None
-        self.service = Service(self.engine, self.scheduler, self.store, self.hub,
+        self.service = Service(self.engines, self.store, self.hub,
                                Limits(config.max_live_runs_per_owner, config.max_tokens_per_request),
                                session_timeout=config.session_timeout)
         auth = Authenticator(self.store, require_keys=config.auth == "keys", data_dir=config.data_dir)
-        self.archives = Archives(self.engine.files)
+        self.archives = Archives(self.engines.files)
         await self._start_http(TinkerApi(self.service, auth, self.archives), http_socket)
         self.servicer = StillroomServicer(self.service, auth, self.archives)
         pb_grpc.add_StillroomServicer_to_server(self.servicer, self.server)
@@ -237,8 +235,7 @@ class StillroomServer:
         self.http.should_exit = True
         await self.server.stop(grace)
         await self._http_task
-        await asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop)
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self.engines.stop)
         self.store.close()
         logger.info("stopped")
 
@@ -279,7 +276,38 @@ def serve(config: ServerConfig, ready_file: str | None = None) -> None:
     server.stop()
 
 
-def batch_runners(engine: Engine):
-    """How the scheduler runs sampling and logprob jobs: the back end says (in-process: continuous
-    batches over the weights they share, engine/batching.py; sharded: whole batches on the workers)."""
-    return engine.streams()
+def start_engines(config: ServerConfig) -> InlineEngine | EngineProcesses:
+    """The engine(s) the core drives: in this process (`engines` 0 and none remote), else engine
+    processes (`engines` of them started here, and the remote ones that connect to
+    `engine_listen`), each holding the base models placed on it."""
+    from stillroom_server.engine.backend import make_engine
+
+    if config.engines == 0 and not config.remote_engines:
+        engine = make_engine(config.data_dir, config.workers, config.device, config.max_num_samples,
+                             config.local_models, config.dtype, config.threads, config.log_level,
+                             config.worker_listen, config.batch_invariant)
+        return InlineEngine(engine)
+    threads, _ = resources.choose_threads(config.threads)
+    local = max(config.engines, 0)
+    _, available = resources.memory_budget()
+    settings = {"data_dir": str(config.data_dir), "device": config.device, "dtype": config.dtype,
+                "local_models": {k: str(v) for k, v in config.local_models.items()},
+                "threads": max(1, threads // max(local, 1)), "log_level": config.log_level,
+                "workers": config.workers, "worker_listen": config.worker_listen,
+                "batch_invariant": config.batch_invariant, "max_num_samples": config.max_num_samples,
+                # the machine's training-run memory, shared by the engines started on it
+                "run_memory_bytes": int(resources.MEMORY_FRACTION * available / max(local, 1)) or None}
+    return EngineProcesses(config.data_dir, settings, local, config.remote_engines, config.place,
+                           config.engine_listen, engine_token(config) if config.remote_engines else None)
+
+
+def engine_token(config: ServerConfig) -> str:
+    """The engines' shared secret, kept in <data_dir>/engine_token (made once, mode 0600)."""
+    path = config.engine_token_file
+    if not path.exists():
+        from stillroom_server.engine.process.link import new_token
+
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(new_token() + "\n")
+    return path.read_text().strip()

@@ -53,6 +53,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --workers W: wait for a group of W workers launched elsewhere (torchrun, "
              "STILLROOM_WORKER_AUTHKEY set on both sides) to connect here, instead of starting them "
              "(STILLROOM_WORKER_LISTEN)")
+    add("--engines", type=int,
+        help="engine processes to start, each holding the base models placed on it (default 1; 0: the "
+             "engine in the server process, so a crash in torch takes the server down; "
+             "STILLROOM_ENGINES)")
+    add("--place", action="append", default=[], metavar="MODEL=ENGINE",
+        help="hold base model MODEL on engine ENGINE (0, 1, ... or a --remote-engine name); models "
+             "placed nowhere are on the first engine (repeatable)")
+    add("--remote-engine", action="append", default=[], metavar="NAME",
+        help="an engine named NAME that connects from another machine with `stillroom engine --connect "
+             "HOST:PORT --name NAME` and the token in <data-dir>/engine_token (repeatable; needs "
+             "--engine-listen)")
+    add("--engine-listen", metavar="HOST:PORT",
+        help="where engines connect (default: a free loopback port; STILLROOM_ENGINE_LISTEN)")
     add("--max-tokens-per-request", type=int,
         help="tokens in one forward_backward request (default 4000000)")
     add("--tls-cert", type=Path,
@@ -80,7 +93,10 @@ def run_serve(args: argparse.Namespace) -> None:
         max_tokens_per_request=args.max_tokens_per_request, tls_cert=args.tls_cert,
         tls_key=args.tls_key, http_port=args.http_port, threads=args.threads,
         batch_invariant=args.batch_invariant,
-        workers=args.workers, worker_listen=args.worker_listen, session_timeout=args.session_timeout)
+        workers=args.workers, worker_listen=args.worker_listen, session_timeout=args.session_timeout,
+        engines=args.engines, engine_listen=args.engine_listen,
+        remote_engines=args.remote_engine or None,
+        place=_pairs(args.place, "--place", "MODEL=ENGINE") or None)
     config.local_models = local_models
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -151,3 +167,51 @@ def run_models(args: argparse.Namespace) -> None:
         models_import.run(args)
     except FileNotFoundError as error:
         raise SystemExit(f"stillroom models import: {error}") from error
+
+
+def _pairs(items: list[str], flag: str, form: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise SystemExit(f"{flag} expects {form}, got {item!r}")
+        pairs[name] = value
+    return pairs
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--connect", required=True, metavar="HOST:PORT", help="the server's --engine-listen address")
+    add("--name", required=True, help="this engine's name in the server's --remote-engine list")
+    add("--token-file", type=Path, required=True,
+        help="a copy of the server's <data-dir>/engine_token (the engine proves it knows it)")
+    add("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+
+
+def run_engine(args: argparse.Namespace) -> None:
+    """Run an engine for a server elsewhere, and start it again when it dies (backing off), until
+    stopped: the server fails what the dead engine held and brings its runs back when it returns."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from stillroom_server.engine.process.child import REFUSED, TOKEN_VARIABLE
+
+    token = args.token_file.read_text().strip()
+    env = os.environ | {TOKEN_VARIABLE: token}
+    command = [sys.executable, "-m", "stillroom_server.engine.process.child", "--connect", args.connect,
+               "--name", args.name, "--log-level", args.log_level]
+    backoff = 1.0
+    while True:
+        started = time.monotonic()
+        try:
+            code = subprocess.call(command, env=env)
+        except KeyboardInterrupt:
+            return
+        if code in (0, REFUSED):   # stopped by its server, or refused by it (the reason is printed)
+            sys.exit(code)
+        backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+        print(f"stillroom engine: the engine exited ({code}); starting it again in {backoff:.0f} s",
+              file=sys.stderr)
+        time.sleep(backoff)

@@ -35,6 +35,15 @@ class ServerConfig(BaseModel):
     workers: int = Field(default=1, ge=1)
     # HOST:PORT where a worker group launched elsewhere (torchrun) connects; None: start them here
     worker_listen: str | None = None
+    # engine processes started here, each holding the base models placed on it (0: the engine in the
+    # server process itself: no process boundary, a crash in torch is the server's)
+    engines: int = Field(default=1, ge=0, le=64)
+    # engines that connect from other machines (`stillroom engine --connect ... --name NAME`), by name
+    remote_engines: list[str] = Field(default_factory=list)
+    # base model -> engine name ("0", "1", ... or a remote one); a model placed nowhere is on the first
+    place: dict[str, str] = Field(default_factory=dict)
+    # HOST:PORT the engines dial (default: a free loopback port; needed for remote engines)
+    engine_listen: str | None = None
     log_level: str = "INFO"
     local_models: dict[str, Path] = Field(default_factory=dict)
     # The Tinker HTTP API and checkpoint downloads; None: the gRPC port + 1 (any free one if 0).
@@ -61,9 +70,27 @@ class ServerConfig(BaseModel):
     @model_validator(mode="after")
     def _batch_invariant_on_cpu_fp32(self) -> ServerConfig:
         if self.batch_invariant and (self.device != "cpu" or self.dtype == "bf16" or self.workers > 1):
-            raise ValueError("batch_invariant: for sampling and scoring in fp32 on the CPU in the server "
-                             "process only (device cpu, dtype auto, fp32 or bf16-train, one worker)")
+            raise ValueError("batch_invariant: for sampling and scoring in fp32 on the CPU in one engine "
+                             "process (device cpu, dtype auto, fp32 or bf16-train, one worker)")
         return self
+
+    @model_validator(mode="after")
+    def _some_engine(self) -> ServerConfig:
+        names = [str(i) for i in range(self.engines)] + list(self.remote_engines)
+        if len(set(names)) != len(names):
+            raise ValueError(f"remote_engines: names must be unique and not 0..{self.engines - 1}")
+        for model, engine in self.place.items():
+            if engine not in names and not (engine == "0" and self.engines == 0):
+                raise ValueError(f"place: {model} is placed on engine '{engine}', not one of "
+                                 f"{', '.join(names) or 'the in-process engine'}")
+        if self.remote_engines and self.engine_listen is None:
+            raise ValueError("engine_listen: remote engines need an address to connect to (HOST:PORT)")
+        return self
+
+    @property
+    def engine_token_file(self) -> Path:
+        """The secret engines prove they know (made at first start, readable by this user only)."""
+        return self.data_dir / "engine_token"
 
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> ServerConfig:
@@ -94,7 +121,7 @@ class ServerConfig(BaseModel):
         """Flags (None = not given) over STILLROOM_<NAME> variables over defaults."""
         values = {}
         for name in cls.model_fields:
-            if name == "local_models":
+            if name in ("local_models", "place", "remote_engines"):
                 continue
             env = os.environ.get(f"STILLROOM_{name.upper()}")
             if env is not None:

@@ -153,8 +153,8 @@ def server_state(service: Service, owner: str) -> dict[str, Any]:
     facts = service.engine.facts()
     mine = [r for r, o in service.run_owners.items() if o == owner]
     return {
-        "queued_by_kind": dict(sorted(service.scheduler.queued_by_kind().items())),
-        "outstanding_jobs": service.scheduler.outstanding,
+        "queued_by_kind": dict(sorted(service.engine.queued_by_kind().items())),
+        "outstanding_jobs": service.engine.outstanding,
         "runs_in_memory": facts.get("runs_in_memory", 0), "runs_on_disk": facts.get("runs_on_disk", 0),
         "live_runs": len(service.run_owners),
         "run_memory_bytes_used": facts.get("run_memory_bytes_used", 0),
@@ -164,4 +164,5 @@ def server_state(service: Service, owner: str) -> dict[str, Any]:
                   "live_bytes_budget": service.live_bytes_budget(),
                   "max_live_runs": service.limits.max_live_runs_per_owner},
         "models": service.supported_models(),
+        "engines": service.engine.engines(),
     }

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import logging
 
-from stillroom_server.engine.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from stillroom_server.engine.errors import (
+    AlreadyExists,
+    EngineUnavailable,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+)
 from stillroom_server.store import SequenceConflict
 
 logger = logging.getLogger("stillroom.core")
@@ -55,6 +61,7 @@ _CODES: list[tuple[type[BaseException], str]] = [
     (FailedPrecondition, "FAILED_PRECONDITION"),
     (Unauthenticated, "UNAUTHENTICATED"),
     (ResourceExhausted, "RESOURCE_EXHAUSTED"),
+    (EngineUnavailable, "UNAVAILABLE"),
 ]
 
 # Codes that say the caller's request was at fault (Tinker's error category "user").

@@ -1,10 +1,11 @@
 """The service: every call either wire can make, with owners, numbering, dedupe and validation.
 
 Transports decode their messages into engine types, name the caller's owner and call these
-methods; they never touch the engine, scheduler or store themselves. Model work is queued on the
-scheduler and answered with a request id at once; cheap calls answer directly. Every field is
-checked before a request is accepted, so a refused request changes nothing. This module knows no
-wire format: results are stored by core/results.py, errors carry core/errors.py's codes.
+methods; they never touch the engine or store themselves. Model work goes to the engine client as
+commands (engine/protocol.py) and is answered with a request id at once; cheap calls answer
+directly. Every field is checked before a request is accepted, so a refused request changes
+nothing. This module knows no wire format: results are stored by core/results.py, errors carry
+core/errors.py's codes.
 """
 
 from __future__ import annotations
@@ -35,9 +36,30 @@ from stillroom_server.core.futures import MAX_POLL_SECONDS, FutureHub, new_reque
 from stillroom_server.core.sessions import LAPSED, ClientSession, ClientSessions
 from stillroom_server.core.telemetry import Telemetry, TraceLabel
 from stillroom_server.engine import checkpoints, exports
-from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, known_losses
-from stillroom_server.engine.scheduler import Job, Scheduler
-from stillroom_server.engine.types import AdamConfig, ForwardBackwardWork, LogprobsWork, OptimWork, SampleWork
+from stillroom_server.engine.losses import LOSSES
+from stillroom_server.engine.protocol import (
+    CloseRun,
+    ComputeLogprobs,
+    CreateRun,
+    CreateRunFromState,
+    DeleteCheckpoint,
+    EngineClient,
+    ForwardBackward,
+    LoadModel,
+    LoadState,
+    OpenSampler,
+    OptimStep,
+    Sample,
+    SaveCheckpoint,
+)
+from stillroom_server.engine.types import (
+    AdamConfig,
+    ForwardBackwardWork,
+    LogprobsWork,
+    LoraSpec,
+    OptimWork,
+    SampleWork,
+)
 from stillroom_server.store import Store
 from stillroom_server.store.models import CheckpointRow
 from stillroom_server.store.repo import FutureRecord, utcnow
@@ -75,7 +97,7 @@ class SamplerInfo:
 @dataclass
 class _OpenSampler:
     owner: str
-    sampler: Sampler
+    sampler: Any               # the engine client's view: .key, .base, .vocab_size, .max_context
     info: SamplerInfo
     client_session: str | None = None
     borrowed: bool = False  # on another owner's published checkpoint: checked again on every call
@@ -108,10 +130,9 @@ def relay(record: FutureRecord) -> pb.FutureResult:
 
 
 class Service:
-    def __init__(self, engine: Engine, scheduler: Scheduler, store: Store, hub: FutureHub,
+    def __init__(self, engine: EngineClient, store: Store, hub: FutureHub,
                  limits: validate.Limits | None = None, session_timeout: float = 0.0) -> None:
         self.engine = engine
-        self.scheduler = scheduler
         self.store = store
         self.hub = hub
         self.limits = limits or validate.Limits()
@@ -124,10 +145,10 @@ class Service:
         self._turns: dict[str, asyncio.Event] = {}  # set when a run accepts its next request
         # numbered requests waiting for their turn: (run, seq) -> (request id, digest)
         self._held: dict[tuple[str, int], tuple[str, str]] = {}
-        self.telemetry = Telemetry(engine, scheduler, live_runs=lambda: len(self.run_owners))
+        self.telemetry = Telemetry(engine, live_runs=lambda: len(self.run_owners))
 
-    async def on_worker(self, fn: Callable[[], Any], kind: str, lane: str = "admin") -> Any:
-        """Run `fn` on the engine's worker thread after the work queued in `lane`; await its result."""
+    async def on_engine(self, command: Any, kind: str, lane: str = "admin") -> Any:
+        """Run an engine command after the work queued in `lane`; await its result."""
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future = loop.create_future()
 
@@ -137,7 +158,7 @@ class Service:
                     outcome.set_exception(error) if error else outcome.set_result(result)
             loop.call_soon_threadsafe(settle)
 
-        self.scheduler.submit(Job(kind=kind, run=fn, done=done, lane=lane))
+        self.engine.submit(command, kind, lane, done)
         return await outcome
 
     # ---------------------------------------------------------------- capabilities
@@ -153,11 +174,11 @@ class Service:
 
     @staticmethod
     def loss_fns() -> list[str]:
-        return known_losses()
+        return list(LOSSES)
 
     async def tokenizer_files(self, base_model: str) -> tuple[str, dict[str, bytes]]:
-        base = await self.on_worker(lambda: self.engine.models.get(base_model), "load_model")
-        return base.name, base.tokenizer_files()
+        name = await self.on_engine(LoadModel(base_model), "load_model")
+        return name, self.engine.models.get(name).tokenizer_files()
 
     def tokenizer_dir(self, base_model: str) -> str:
         """A local folder holding `base_model`'s tokenizer (for clients on this machine)."""
@@ -174,13 +195,12 @@ class Service:
         metadata = validate.user_metadata(user_metadata)
         session = self.sessions.get(owner, client_session) if client_session else None
         run_id = self._reserve_run(owner, run_id)
-        run = await self._create_on_worker(
-            owner, run_id, lambda: self.engine.create_run(run_id, base_model, lora, seed))
+        run = await self._create_on_engine(owner, run_id, CreateRun(run_id, base_model, lora, seed))
         if session is not None:
             await self._join_session(session, run_id)
         config = {"lora": vars(lora) if lora else None, "seed": seed}
         self.store.create_run(run_id, owner, base_model, run.is_lora, run.lora_rank, config, metadata,
-                              run.num_trainable_params())
+                              run.num_trainable_params)
         return self.run_info(owner, run_id)
 
     async def create_run_from_state(self, owner: str, path: str, with_optimizer: bool,
@@ -193,14 +213,14 @@ class Service:
         metadata = validate.user_metadata(user_metadata)
         session = self.sessions.get(owner, client_session) if client_session else None
         run_id = self._reserve_run(owner, run_id)
-        run = await self._create_on_worker(
-            owner, run_id, lambda: self.engine.create_run_from_state(run_id, parsed.uri, with_optimizer))
+        run = await self._create_on_engine(owner, run_id,
+                                           CreateRunFromState(run_id, parsed.uri, with_optimizer))
         if session is not None:
             await self._join_session(session, run_id)
         config = {"lora": meta["lora"], "seed": None, "from_state": parsed.uri,
                   "with_optimizer": with_optimizer}
         self.store.create_run(run_id, owner, meta["base_model"], run.is_lora, run.lora_rank, config,
-                              metadata, run.num_trainable_params())
+                              metadata, run.num_trainable_params)
         return self.run_info(owner, run_id)
 
     async def _join_session(self, session: ClientSession, run_id: str) -> None:
@@ -252,19 +272,19 @@ class Service:
             f"moments, against a budget of {budget / 2**20:.1f} MiB per owner (the memory this server "
             "keeps for training runs, stated at start); finish a session to release its runs")
 
-    async def _create_on_worker(self, owner: str, run_id: str, create: Callable[[], Any]):
-        """Make the run on the worker; one that would take its owner past their bytes budget is
+    async def _create_on_engine(self, owner: str, run_id: str, create: CreateRun | CreateRunFromState):
+        """Make the run on its engine; one that would take its owner past their bytes budget is
         taken out again at once and refused (nothing is recorded for it)."""
         try:
-            run = await self.on_worker(create, "create_run")
+            run = await self.on_engine(create, "create_run")
         except BaseException:
             self.run_owners.pop(run_id, None)
             raise
-        size = run.memory_bytes() if hasattr(run, "memory_bytes") else 0  # 0: held outside this process
+        size = run.memory_bytes  # 0: the engine states none (sharded runs)
         held, budget = self.live_bytes(owner), self.live_bytes_budget()
         if budget is not None and held + size > budget:
             self.run_owners.pop(run_id, None)
-            await self.on_worker(lambda: self.engine.close_run(run_id), "close_run")
+            await self.on_engine(CloseRun(run_id), "close_run")
             raise self._over_budget(held, size, budget)
         self.run_bytes[run_id] = size
         return run
@@ -320,7 +340,7 @@ class Service:
     # ---------------------------------------------------------------- numbered requests of a run
 
     def _sequenced(self, owner: str, run_id: str, seq: int, kind: str,
-                   prepare: Callable[[], Callable[[], Any]],
+                   prepare: Callable[[], Any | tuple[Any, Callable[[Any], Any]]],
                    encode: Callable[[Any], pb.FutureResult], refusal_takes_number: bool,
                    digest: str = "") -> str:
         """Accept request `seq` of a run: dedupe repeats, validate, record, queue in order.
@@ -330,25 +350,35 @@ class Service:
         `refusal_takes_number` (Tinker's SDK counts every call it makes) the number is used up by
         a request that fails at once with the same error, so the client's next number follows.
         `digest` (the transport's hash of the kind and body) tells a retry, answered by the first
-        request's future, from a different request reusing the number, refused as a conflict."""
+        request's future, from a different request reusing the number, refused as a conflict.
+        `prepare()` validates and returns the engine command, or (command, finish) where
+        `finish(result)` records what the command did (a checkpoint's row) and returns the result."""
         self.own_run(owner, run_id)
         validate.seq(seq)
         earlier = self.store.find_sequenced(run_id, seq)
         if earlier is not None:  # a retry: the first request's future answers it
             return self._retry_of(run_id, seq, earlier, digest)
         try:
-            work = prepare()
+            prepared = prepare()
         except CLIENT_ERRORS as error:
             if not refusal_takes_number:
                 raise
             request_id = self._accept(owner, kind, run_id, seq, digest)
             self.hub.complete(request_id, None, error)
             return request_id
+        command, finish = prepared if isinstance(prepared, tuple) else (prepared, None)
         request_id = self._accept(owner, kind, run_id, seq, digest)
-        self.scheduler.submit(Job(
-            kind=kind, run=work, lane=run_id,
-            trace=TraceLabel(request_id, self.run_client_session(owner, run_id)),
-            done=lambda result, error: self.hub.complete(request_id, result, error, encode)))
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if error is None and finish is not None:
+                try:
+                    result = finish(result)
+                except Exception as failure:  # noqa: BLE001 - the request's outcome
+                    result, error = None, failure
+            self.hub.complete(request_id, result, error, encode)
+
+        self.engine.submit(command, kind, run_id, done,
+                           TraceLabel(request_id, self.run_client_session(owner, run_id)))
         return request_id
 
     @staticmethod
@@ -421,7 +451,7 @@ class Service:
                 path, _ = self.readable_checkpoint(teacher, owner, "loss_fn_config.teacher")
                 work.loss_fn_config_strings["teacher"] = path.uri
             self.engine.validate_forward_backward(run_id, work)
-            return lambda: self.engine.forward_backward(run_id, work)
+            return ForwardBackward(run_id, work)
 
         kind = "forward" if work.forward_only else "forward_backward"
         return self._sequenced(owner, run_id, seq, kind, prepare, results.forward_backward,
@@ -433,7 +463,7 @@ class Service:
             self._refuse_if_session_ended(run_id)
             validate.adam(adam)
             self.engine.get_run(run_id)
-            return lambda: self.engine.optim_step(run_id, OptimWork(adam))
+            return OptimStep(run_id, OptimWork(adam))
 
         return self._sequenced(owner, run_id, seq, "optim_step", prepare, results.optim_step,
                                refusal_takes_number, digest)
@@ -442,13 +472,13 @@ class Service:
                    options: SaveOptions = SaveOptions(), refusal_takes_number: bool = False,
                    digest: str = "") -> str:
         return self._save(owner, run_id, seq, "weights", "state", name, options,
-                          self.engine.save_state, refusal_takes_number, digest)
+                          refusal_takes_number, digest)
 
     def save_sampler_weights(self, owner: str, run_id: str, seq: int, name: str = "",
                              options: SaveOptions = SaveOptions(),
                              refusal_takes_number: bool = False, digest: str = "") -> str:
         return self._save(owner, run_id, seq, "sampler_weights", "auto", name, options,
-                          self.engine.save_sampler_weights, refusal_takes_number, digest)
+                          refusal_takes_number, digest)
 
     def save_external_weights(self, owner: str, run_id: str, seq: int, name: str,
                               options: SaveOptions = SaveOptions(),
@@ -456,37 +486,17 @@ class Service:
                               refusal_takes_number: bool = False, digest: str = "") -> str:
         """Export the run's weights as Hugging Face / PEFT files (exports.py), encrypted to
         `age_recipients` if any; downloaded through signed URLs (Tinker's save_weights_external)."""
-        parsed: list = []
-
         def check() -> None:  # malformed recipients are refused with the request, before any work
-            parsed[:] = exports.recipients(age_recipients)
+            exports.recipients(age_recipients)
 
         return self._save(owner, run_id, seq, checkpoints.EXTERNAL, "external", name, options,
-                          lambda run_id, name: self._export(run_id, name, parsed),
-                          refusal_takes_number, digest, check)
-
-    def _export(self, run_id: str, name: str, encrypt_to: list) -> tuple[str, int]:
-        """On the worker: the run's sampler snapshot, written under a temporary name, rewritten as
-        the export and removed (either engine back end writes snapshots the same way)."""
-        files = self.engine.files
-        temporary = f"export-{uuid.uuid4().hex[:12]}"
-        snapshot = checkpoints.parse(self.engine.save_sampler_weights(run_id, temporary)[0])
-        try:
-            source = files.directory(snapshot)
-            meta = files.read_meta(snapshot) | {"name": name, "format": "external",
-                                                "encrypted": bool(encrypt_to)}
-            path = checkpoints.CheckpointPath(run_id, checkpoints.EXTERNAL, name)
-            size = files.write(path, meta, lambda staging: exports.fill(source, staging, meta["base_model"],
-                                                                         encrypt_to))
-        finally:
-            files.delete(snapshot)
-        return path.uri, size
+                          refusal_takes_number, digest, check, tuple(age_recipients or ()))
 
     def _save(self, owner: str, run_id: str, seq: int, kind: str, prefix: str, name: str,
-              options: SaveOptions, write: Callable[[str, str], tuple[str, int]],
-              refusal_takes_number: bool, digest: str, check: Callable[[], None] | None = None) -> str:
-        """A numbered request that writes checkpoint `kind` with `write(run_id, name)` and records
-        its row; a taken name is refused before anything is written, unless `overwrite`."""
+              options: SaveOptions, refusal_takes_number: bool, digest: str,
+              check: Callable[[], None] | None = None, age_recipients: tuple[str, ...] = ()) -> str:
+        """A numbered request that writes checkpoint `kind` and records its row; a taken name is
+        refused before anything is written, unless `overwrite`."""
         name = name or f"{prefix}-{seq:06d}-{uuid.uuid4().hex[:6]}"
 
         def prepare():
@@ -502,17 +512,16 @@ class Service:
                 raise AlreadyExists(f"name: checkpoint {path.uri} already exists (save with "
                                     "overwrite=True to replace it)")
 
-            def save():
+            def record(written: tuple[str, int]) -> str:  # the engine replaced the files of a taken name
+                uri, size = written
                 if taken:
-                    self._forget_checkpoint(path.uri)
-                    self.engine.delete_checkpoint(path.uri)
-                uri, size = write(run_id, name)
+                    self._forget_checkpoint(uri)
                 expires_at = utcnow() + timedelta(seconds=ttl) if ttl else None
                 self.store.add_checkpoint(owner, run_id, kind, name, uri, run.base.name, run.is_lora,
                                           size, expires_at, metadata)
                 return uri
 
-            return save
+            return SaveCheckpoint(run_id, kind, name, taken, age_recipients), record
 
         return self._sequenced(owner, run_id, seq, f"save_{kind}", prepare, results.saved,
                                refusal_takes_number, digest)
@@ -523,12 +532,7 @@ class Service:
             self._refuse_if_session_ended(run_id)
             parsed, _ = self.readable_checkpoint(path, owner)
             self.engine.validate_load_state(run_id, parsed.uri)
-
-            def load():
-                self.engine.load_state(run_id, parsed.uri, with_optimizer)
-                return parsed.uri
-
-            return load
+            return LoadState(run_id, parsed.uri, with_optimizer)
 
         return self._sequenced(owner, run_id, seq, "load_state", prepare, results.saved,
                                refusal_takes_number, digest)
@@ -542,14 +546,13 @@ class Service:
         if model_path:
             path, row = self.readable_checkpoint(model_path, owner, "model_path")
             borrowed = row.owner != owner
-            opened = await self.on_worker(lambda: self.engine.open_sampler(model_path=path.uri),
-                                          "open_sampler")
+            facts = await self.on_engine(OpenSampler(model_path=path.uri), "open_sampler")
         elif base_model:
             self.engine.models.resolve(base_model)
-            opened = await self.on_worker(lambda: self.engine.open_sampler(base_model=base_model),
-                                          "open_sampler")
+            facts = await self.on_engine(OpenSampler(base_model=base_model), "open_sampler")
         else:
             raise InvalidInput("source: give base_model or model_path")
+        opened = self.engine.sampler(facts)
         info = SamplerInfo(sampling_session_id="samp-" + uuid.uuid4().hex[:16],
                            base_model=opened.base.name,
                            model_path=path.uri if model_path else "",
@@ -559,7 +562,7 @@ class Service:
         self._samplers[info.sampling_session_id] = _OpenSampler(owner, opened, info, client_session, borrowed)
         return info
 
-    def _sampler(self, owner: str, session_id: str) -> Sampler:
+    def _sampler(self, owner: str, session_id: str) -> Any:
         entry = self._samplers.get(session_id)
         ended = self.sessions.ended_with(session_id) if entry is None else None
         if ended is not None and ended.owner == owner:
@@ -579,32 +582,32 @@ class Service:
         self._sampler(owner, session_id)
         return self._samplers[session_id].info
 
-    def _queue_batched(self, owner: str, kind: str, opened: Sampler, work: Any,
+    def _queue_batched(self, owner: str, kind: str, command: Sample | ComputeLogprobs,
                        encode: Callable[[Any], pb.FutureResult], session_id: str | None = None) -> str:
-        if self.scheduler.outstanding >= self.scheduler.max_outstanding:  # refuse, never drop
-            raise ResourceExhausted(f"queue: {self.scheduler.outstanding} requests are waiting, the most "
+        if self.engine.outstanding >= self.engine.max_outstanding:  # refuse, never drop
+            raise ResourceExhausted(f"queue: {self.engine.outstanding} requests are waiting, the most "
                                     "this server queues; retry shortly", retryable=True,
                                     retry_after_seconds=0.5)
         request_id = new_request_id()
-        if isinstance(work, SampleWork):  # both transports name a request's samples the same way
-            work.sequence_ids = tuple(sample_sequence_ids(request_id, work.num_samples))
+        if isinstance(command, Sample):  # both transports name a request's samples the same way
+            command.work.sequence_ids = tuple(sample_sequence_ids(request_id, command.work.num_samples))
         self.hub.create(request_id, owner, kind)
-        self.scheduler.submit(Job(
-            kind=kind, run=None, lane=f"sampling:{owner}", batch_key=opened.key, payload=(opened, work),
-            trace=TraceLabel(request_id, session_id),
-            done=lambda result, error: self.hub.complete(request_id, result, error, encode)))
+        self.engine.submit(command, kind, f"sampling:{owner}",
+                           lambda result, error: self.hub.complete(request_id, result, error, encode),
+                           TraceLabel(request_id, session_id))
         return request_id
 
     def sample(self, owner: str, session_id: str, work: SampleWork) -> str:
         opened = self._sampler(owner, session_id)
         self.engine.validate_sample(opened, work)
-        return self._queue_batched(owner, "sample", opened, work, results.sample,
+        return self._queue_batched(owner, "sample", Sample(opened.key, work), results.sample,
                                    self._samplers[session_id].client_session)
 
     def compute_logprobs(self, owner: str, session_id: str, work: LogprobsWork) -> str:
         opened = self._sampler(owner, session_id)
         self.engine.validate_logprobs(opened, work)
-        return self._queue_batched(owner, "compute_logprobs", opened, work, results.compute_logprobs,
+        return self._queue_batched(owner, "compute_logprobs", ComputeLogprobs(opened.key, work),
+                                   results.compute_logprobs,
                                    self._samplers[session_id].client_session)
 
     # ---------------------------------------------------------------- futures
@@ -705,7 +708,7 @@ class Service:
         self.run_bytes.pop(run_id, None)
         self._run_sessions.pop(run_id, None)
         # in the run's own lane: after its queued requests, never between a request's steps
-        await self.on_worker(lambda: self.engine.close_run(run_id), "close_run", lane=run_id)
+        await self.on_engine(CloseRun(run_id), "close_run", lane=run_id)
         return True
 
     def run_client_session(self, owner: str, run_id: str) -> str | None:
@@ -792,7 +795,7 @@ class Service:
     async def _delete(self, uri: str) -> None:
         """Forget the row, unload the weights (on the worker, after queued work) and remove the files."""
         self._forget_checkpoint(uri)
-        await self.on_worker(lambda: self.engine.delete_checkpoint(uri), "delete_checkpoint")
+        await self.on_engine(DeleteCheckpoint(uri), "delete_checkpoint")
         logger.info("deleted checkpoint %s", uri)
 
     async def sweep_expired_checkpoints(self) -> int:

@@ -27,8 +27,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from stillroom_server.engine.backend import EngineBackend
-from stillroom_server.engine.scheduler import Job, Scheduler
+from stillroom_server.engine.protocol import EngineClient
+from stillroom_server.engine.scheduler import Job
 
 MAX_SPANS = 10_000                 # requests a session's trace keeps (the oldest go first)
 MAX_TRACED_SESSIONS = 1_000        # sessions with a trace in memory (the least recent go first)
@@ -54,8 +54,7 @@ class TraceLabel:
 
 
 class Telemetry:
-    def __init__(self, engine: EngineBackend, scheduler: Scheduler,
-                 live_runs: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, engine: EngineClient, live_runs: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("stillroom_requests", "Requests answered, by transport, route and code",
                                 ["transport", "route", "code"], registry=self.registry)
@@ -65,11 +64,11 @@ class Telemetry:
                                     ["kind"], buckets=SECONDS, registry=self.registry)
         self.compute = Histogram("stillroom_compute_seconds", "From taken by the engine to finished",
                                  ["kind"], buckets=SECONDS, registry=self.registry)
-        self.registry.register(_EngineCollector(engine, scheduler, live_runs))
+        self.registry.register(_EngineCollector(engine, live_runs))
         self._traces: collections.OrderedDict[str, collections.deque[Span]] = collections.OrderedDict()
         self._trace_urls: dict[str, tuple[str, str, float]] = {}  # token -> (owner, session, expiry)
         self._lock = threading.Lock()
-        scheduler.observer = self.job_done
+        engine.observer = self.job_done
 
     # ---------------------------------------------------------------- metrics
 
@@ -145,17 +144,17 @@ class Telemetry:
 class _EngineCollector:
     """Gauges and counters read at scrape time from the engine, the scheduler and the process."""
 
-    def __init__(self, engine: EngineBackend, scheduler: Scheduler, live_runs: Callable[[], int]) -> None:
-        self.engine, self.scheduler, self.live_runs = engine, scheduler, live_runs
+    def __init__(self, engine: EngineClient, live_runs: Callable[[], int]) -> None:
+        self.engine, self.live_runs = engine, live_runs
 
     def collect(self) -> Iterator[Metric]:
         queued = GaugeMetricFamily("stillroom_queue_depth", "Jobs waiting for the engine, by kind",
                                    labels=["kind"])
-        for kind, count in sorted(self.scheduler.queued_by_kind().items()):
+        for kind, count in sorted(self.engine.queued_by_kind().items()):
             queued.add_metric([kind], count)
         yield queued
         yield GaugeMetricFamily("stillroom_outstanding_jobs", "Jobs accepted and not yet done",
-                                value=self.scheduler.outstanding)
+                                value=self.engine.outstanding)
         stats = self.engine.stats
         for name, value, text in [
                 ("decode_steps", stats.decode_steps, "Continuous-batching decode steps"),
@@ -174,6 +173,18 @@ class _EngineCollector:
                            ("loaded_adapters", "LoRA sampler snapshots loaded"),
                            ("open_samplers", "Samplers open (base models and snapshots)")]:
             yield GaugeMetricFamily(f"stillroom_{name}", text, value=facts.get(name, 0))
+        up = GaugeMetricFamily("stillroom_engine_up", "1 while an engine serves, 0 while it is down or "
+                               "restarting", labels=["engine"])
+        restarts = CounterMetricFamily("stillroom_engine_restarts", "Engine processes started again after "
+                                       "one died", labels=["engine"])
+        placed = GaugeMetricFamily("stillroom_model_engine", "1 for the engine each base model is placed on",
+                                   labels=["model", "engine"])
+        for engine in self.engine.engines():
+            up.add_metric([engine["engine"]], 1 if engine["state"] == "up" else 0)
+            restarts.add_metric([engine["engine"]], engine["restarts"])
+            for model in engine["models"]:
+                placed.add_metric([model, engine["engine"]], 1)
+        yield from (up, restarts, placed)
         yield GaugeMetricFamily("stillroom_live_runs", "Training runs live (owned by a client)",
                                 value=self.live_runs())
         yield GaugeMetricFamily("stillroom_resident_memory_bytes", "The server process's resident memory",

@@ -73,14 +73,16 @@ class EngineBackend(Protocol):
 
 def make_engine(data_dir: Path, workers: int, device: str, max_num_samples: int,
                 local_models: dict[str, Path], dtype: str, threads: int | None,
-                log_level: str, worker_listen: str | None = None, batch_invariant: bool = False) -> Engine:
+                log_level: str, worker_listen: str | None = None, batch_invariant: bool = False,
+                **options: Any) -> Engine:
     """The in-process engine for one worker, else the sharded back end over `workers` processes
-    (started here, or launched elsewhere and connecting to `worker_listen`)."""
+    (started here, or launched elsewhere and connecting to `worker_listen`). `options` go to the
+    in-process engine (its spill folder, memory budget, whether it owns the data directory)."""
     if workers <= 1:
         from stillroom_server.engine.engine import Engine
 
         return Engine(data_dir, device, max_num_samples, local_models, dtype=dtype,
-                      batch_invariant=batch_invariant)
+                      batch_invariant=batch_invariant, **options)
     from stillroom_server.engine.sharded.remote import ShardedEngine
 
     return ShardedEngine(data_dir, workers, device, max_num_samples, local_models, dtype, threads, log_level,

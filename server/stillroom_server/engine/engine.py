@@ -10,10 +10,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import json
 import logging
-import math
 import shutil
 import threading
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, cast
 import torch
 from peft import LoraConfig
 
-from stillroom_server.engine import batching, checkpoints, compute, resources, sampler, state
+from stillroom_server.engine import batching, checkpoints, compute, exports, resources, sampler, state
 from stillroom_server.engine.batch_invariant import BatchInvariant
 from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
 from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
@@ -41,19 +42,12 @@ from stillroom_server.engine.types import (
     SampleResult,
     SampleWork,
 )
+from stillroom_server.engine.types import LoraSpec as LoraSpec  # where callers have found it
+from stillroom_server.engine.validation import Validation, other_tokenizer, teacher_name
 
 logger = logging.getLogger("stillroom.engine")
 MAX_LOADED_FULL_SNAPSHOTS = 4
 MAX_LOADED_ADAPTERS = 16   # LoRA snapshots kept loaded; the least recently used unpinned go first
-MAX_TARGETS = 1024         # token ids scored at one prompt position (target_prompt_logprobs)
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    rank: int
-    train_mlp: bool = True
-    train_attn: bool = True
-    train_unembed: bool = True
 
 
 @dataclass
@@ -73,10 +67,17 @@ class Sampler:
         return self.base.max_context
 
 
-class Engine:
+class Engine(Validation):
     def __init__(self, data_dir: Path, device: str = "cpu", max_num_samples: int = 128,
                  local_models: dict[str, Path] | None = None, dtype: str = "auto",
-                 run_memory_bytes: int | None = None, batch_invariant: bool = False) -> None:
+                 run_memory_bytes: int | None = None, batch_invariant: bool = False,
+                 spill_dir: Path | None = None, adopt_spill: bool = False,
+                 owns_data_dir: bool = True) -> None:
+        """`spill_dir` holds idle runs moved to disk (default <data_dir>/spill); it is emptied at
+        start unless `adopt_spill` (an engine process restarted after a crash: the server brings
+        the runs spilled there back with `restore_run`). `owns_data_dir`: this engine alone writes
+        the data directory, so half-written checkpoints left there are its own crash's to remove
+        (an engine process shares it with others: the server removes them once, at its start)."""
         self.device = torch.device(device)
         # sampling and scoring compute each row as it would alone (batch_invariant.py; fp32 on the CPU),
         # and training runs split calls into micro-batches by tokens alone, not by the time they take
@@ -90,15 +91,19 @@ class Engine:
         weights_dtype = torch.bfloat16 if bf16_weights else torch.float32
         self.models = ModelHost(data_dir, self.device, weights_dtype, local_models)
         self.files = checkpoints.CheckpointFiles(data_dir)
-        if removed := self.files.remove_partial():
+        if owns_data_dir and (removed := self.files.remove_partial()):
             logger.warning("removed %d half-written checkpoint folders left by a crash", removed)
         self.max_num_samples = max_num_samples
         self.runs: collections.OrderedDict[str, TrainingRun] = collections.OrderedDict()  # least recent first
         # training runs' weights and moments kept in memory; idle runs beyond it wait on disk
         self.run_memory_bytes = run_memory_bytes if run_memory_bytes is not None else \
             int(resources.MEMORY_FRACTION * resources.memory_budget()[1]) or 1 << 34
-        self._spill_dir = data_dir / "spill"
-        shutil.rmtree(self._spill_dir, ignore_errors=True)  # a restart forgets the runs held there
+        self._spill_dir = spill_dir or data_dir / "spill"
+        if not adopt_spill:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)  # a restart forgets the runs held there
+        else:  # a spill cut short by the crash was never complete: it holds no run
+            for partial in self._spill_dir.glob(".*"):
+                shutil.rmtree(partial, ignore_errors=True)
         self._spilled: dict[str, Path] = {}
         self._lora_hosts: dict[str, LoraHost] = {}
         self._samplers: dict[str, Sampler] = {}
@@ -198,15 +203,22 @@ class Engine:
         call brings it back as it was."""
         run = self.runs[run_id]
         assert run.is_idle(), run_id
-        directory = self._spill_dir / hashlib.sha1(run_id.encode()).hexdigest()
+        directory = self.spill_directory(run_id)
+        staging = directory.with_name("." + directory.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        state.save_state(run, staging)  # a complete training state, meta included: restore_run reads it
+        (staging / checkpoints.META_FILE).write_text(json.dumps(self.checkpoint_meta(run, "spill", True)))
         shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
-        state.save_state(run, directory)
+        staging.rename(directory)
         with warnings.catch_warnings():  # PEFT warns when the live adapter goes
             warnings.simplefilter("ignore", UserWarning)
             run.release()
         self._spilled[run_id] = directory
         logger.info("moved idle run %s to disk", run_id)
+
+    def spill_directory(self, run_id: str) -> Path:
+        return self._spill_dir / hashlib.sha1(run_id.encode()).hexdigest()
 
     def _lora_host(self, base: BaseModel) -> LoraHost:
         if base.name not in self._lora_hosts:
@@ -241,7 +253,7 @@ class Engine:
 
     def _open_teacher(self, run: TrainingRun, strings: dict[str, str]) -> Sampler:
         """The sampler named by loss_fn_config.teacher, after checking it shares the tokenizer."""
-        name = _teacher_name(strings)
+        name = teacher_name(strings)
         if checkpoints.is_path(name):
             teacher = self.open_sampler(model_path=name)
         else:
@@ -249,7 +261,7 @@ class Engine:
         student, base = run.base, teacher.base
         if student.name != base.name and (base.vocab_size != student.vocab_size
                                           or base.tokenizer.get_vocab() != student.tokenizer.get_vocab()):
-            raise _other_tokenizer(name, base.vocab_size, student.vocab_size)
+            raise other_tokenizer(name, base.vocab_size, student.vocab_size)
         return teacher
 
     def optim_step(self, run_id: str, work: OptimWork) -> OptimResult:
@@ -277,6 +289,20 @@ class Engine:
             opened = self._open_snapshot(key, checkpoints.parse(model_path))
         with self._lock:
             return self._samplers.setdefault(key, opened)
+
+    def open_sampler_if_known(self, key: str) -> Sampler | None:
+        """The open sampler of `key`, if this engine has it open (from any thread)."""
+        with self._lock:
+            return self._samplers.get(key)
+
+    def sampler_by_key(self, key: str) -> Sampler:
+        """The sampler of `key` ("base:<model>" or "path:<uri>"), opened if it is not yet."""
+        kind, _, name = key.partition(":")
+        if kind == "base":
+            return self.open_sampler(base_model=name)
+        if kind == "path":
+            return self.open_sampler(model_path=name)
+        raise InvalidInput(f"sampler: {key[:80]} names no base model or checkpoint")
 
     def _open_snapshot(self, key: str, path: checkpoints.CheckpointPath) -> Sampler:
         if path.kind != "sampler_weights":
@@ -424,22 +450,36 @@ class Engine:
         size = self.files.write(path, meta, lambda directory: state.save_state(run, directory))
         return path.uri, size
 
-    def state_meta(self, uri: str, field: str = "path") -> dict:
-        """The meta of a saved training state; cheap (reads one JSON file)."""
-        path = checkpoints.parse(uri, field)
-        if path.kind != "weights":
-            raise InvalidInput(f"{field}: {path.uri} is sampler weights, not a training state "
-                               f"({checkpoints.SCHEME}<run_id>/weights/<name>, from save_state)")
-        return self.files.read_meta(path)
+    def save_checkpoint(self, run_id: str, kind: str, name: str, replace: bool = False,
+                        age_recipients: list[str] | None = None) -> tuple[str, int]:
+        """Write checkpoint `kind` of the run (a training state, sampler weights, or external files
+        encrypted to `age_recipients` if any), deleting one of that name first if `replace`."""
+        path = checkpoints.CheckpointPath(run_id, kind, checkpoints.check_name(name))
+        if replace:
+            self.delete_checkpoint(path.uri)
+        if kind == "weights":
+            return self.save_state(run_id, name)
+        if kind == "sampler_weights":
+            return self.save_sampler_weights(run_id, name)
+        if kind == checkpoints.EXTERNAL:
+            return self.export_weights(run_id, name, exports.recipients(age_recipients))
+        raise InvalidInput(f"kind: {kind} is not a checkpoint kind")
 
-    def validate_load_state(self, run_id: str, uri: str) -> None:
-        run, meta = self.get_run(run_id), self.state_meta(uri)
-        if meta["base_model"] != run.base.name or meta["is_lora"] != run.is_lora:
-            raise InvalidInput(f"path: {uri} is a {meta['kind']} state of {meta['base_model']}; this run "
-                               f"is a {'lora' if run.is_lora else 'full'} run of {run.base.name}")
-        settings = self.lora_meta(run)
-        if run.is_lora and meta["lora"] != settings:
-            raise InvalidInput(f"path: {uri} has LoRA settings {meta['lora']}, this run {settings}")
+    def export_weights(self, run_id: str, name: str, encrypt_to: list) -> tuple[str, int]:
+        """The run's weights as Hugging Face / PEFT files (exports.py): its sampler snapshot, written
+        under a temporary name, rewritten as the export and removed."""
+        temporary = f"export-{uuid.uuid4().hex[:12]}"
+        snapshot = checkpoints.parse(self.save_sampler_weights(run_id, temporary)[0])
+        try:
+            source = self.files.directory(snapshot)
+            meta = self.files.read_meta(snapshot) | {"name": name, "format": "external",
+                                                     "encrypted": bool(encrypt_to)}
+            path = checkpoints.CheckpointPath(run_id, checkpoints.EXTERNAL, name)
+            size = self.files.write(path, meta, lambda staging: exports.fill(
+                source, staging, meta["base_model"], encrypt_to))
+        finally:
+            self.files.delete(snapshot)
+        return path.uri, size
 
     def checkpoint_meta(self, run: Any, name: str, training_state: bool = False) -> dict:
         """What a checkpoint's meta.json says of the run that wrote it (a training state also
@@ -463,6 +503,26 @@ class Engine:
         """A new run holding a saved state's weights (and optimizer moments, if asked)."""
         meta = self.state_meta(uri)
         directory = self.files.directory(checkpoints.parse(uri))
+        run = self._run_from_folder(run_id, directory, meta, with_optimizer)
+        logger.info("created %s run %s from %s", meta["kind"], run_id, uri)
+        return run
+
+    def restore_run(self, run_id: str, source: str) -> TrainingRun:
+        """Bring back a run lost with a crashed engine process, as the run `run_id`: from its
+        spilled state (a folder of this engine's spill directory, exactly as it was) or from a
+        saved training state (a checkpoint path), with its AdamW moments either way."""
+        if checkpoints.is_path(source):
+            return self.create_run_from_state(run_id, source, with_optimizer=True)
+        directory = Path(source)
+        if directory.parent != self._spill_dir or not directory.is_dir():
+            raise InvalidInput(f"source: {source} is not a spilled run of this engine")
+        meta = json.loads((directory / checkpoints.META_FILE).read_text())
+        run = self._run_from_folder(run_id, directory, meta, with_optimizer=True)
+        shutil.rmtree(directory, ignore_errors=True)
+        logger.info("brought run %s back from the state it had spilled before a crash", run_id)
+        return run
+
+    def _run_from_folder(self, run_id: str, directory: Path, meta: dict, with_optimizer: bool) -> TrainingRun:
         base = self.models.get(meta["base_model"])
         if meta["is_lora"]:
             config: Any = LoraConfig.from_pretrained(str(directory))
@@ -478,7 +538,6 @@ class Engine:
             raise
         self.runs[run_id] = run
         self._make_room(run_id)
-        logger.info("created %s run %s from %s", meta["kind"], run_id, uri)
         return run
 
     def unload_checkpoint(self, uri: str) -> None:
@@ -495,155 +554,6 @@ class Engine:
     def delete_checkpoint(self, uri: str) -> None:
         self.unload_checkpoint(uri)
         self.files.delete(checkpoints.parse(uri))
-
-    # ---------------------------------------------------------------- validation
-
-    def validate_forward_backward(self, run_id: str, work: ForwardBackwardWork) -> None:
-        run = self.get_run(run_id)
-        spec = get_loss(work.loss_fn)
-        spec.resolve_config(work.loss_fn_config)
-        self._validate_strings(spec, run, work.loss_fn_config_strings)
-        unsplit = work.num_parts == 0 and work.part == 0
-        if work.num_parts < 0 or not (unsplit or 0 <= work.part < work.num_parts):
-            raise InvalidInput(f"part: need 0 <= part < num_parts, got part {work.part} of {work.num_parts}")
-        if not work.data:
-            raise InvalidInput("data: at least one datum is needed")
-        required = {"target_tokens", *spec.inputs}
-        allowed = required | set(spec.optional_inputs)
-        first_k: tuple[int, ...] = ()
-        for i, datum in enumerate(work.data):
-            field = f"data[{i}]"
-            self._check_tokens(datum.tokens_T, f"{field}.model_input", run.base)
-            missing = sorted(required - set(datum.inputs))
-            if missing:
-                raise InvalidInput(f"{field}.loss_fn_inputs: missing {missing} for loss '{work.loss_fn}'")
-            extra = sorted(set(datum.inputs) - allowed)
-            if extra:
-                raise InvalidInput(f"{field}.loss_fn_inputs: unexpected {extra} for loss "
-                                   f"'{work.loss_fn}' (expected {sorted(allowed)})")
-            length = datum.tokens_T.shape[0]
-            shape = _inputs_shape(spec, datum.inputs["target_tokens"], f"{field}.loss_fn_inputs", length)
-            first_k = shape[1:] if i == 0 else first_k
-            if shape[1:] != first_k:
-                raise InvalidInput(f"{field}.loss_fn_inputs.target_tokens: {shape[1:]} targets per position, "
-                                   f"data[0] has {first_k}: every datum of a call has the same K")
-            for key, tensor in sorted(datum.inputs.items()):
-                if tuple(tensor.shape) != shape:
-                    raise InvalidInput(f"{field}.loss_fn_inputs.{key}: shape {list(tensor.shape)} does "
-                                       f"not match model_input length {length}"
-                                       + (f" and K {shape[1]}" if len(shape) == 2 else ""))
-                if key == "target_tokens" and tensor.dim() == 2:
-                    self._check_tokens(tensor.flatten(), f"{field}.loss_fn_inputs.target_tokens", run.base,
-                                       limit=tensor.numel())
-                elif key == "target_tokens":
-                    self._check_tokens(tensor, f"{field}.loss_fn_inputs.target_tokens", run.base)
-                elif tensor.is_floating_point():
-                    if not torch.isfinite(tensor).all():
-                        raise InvalidInput(f"{field}.loss_fn_inputs.{key}: values must be finite "
-                                           "(found NaN or inf)")
-                else:
-                    raise InvalidInput(f"{field}.loss_fn_inputs.{key}: dtype must be float32")
-
-    def _validate_strings(self, spec, run: TrainingRun, strings: dict[str, str]) -> None:
-        allowed = {"teacher"} if spec.needs_teacher else set()
-        unknown = sorted(set(strings) - allowed)
-        if unknown:
-            raise InvalidInput(f"loss_fn_config: unknown key(s) {unknown} for loss '{spec.name}'")
-        if not spec.needs_teacher:
-            return
-        name = _teacher_name(strings)
-        if checkpoints.is_path(name):
-            path = checkpoints.parse(name, "loss_fn_config.teacher")
-            meta = self.files.read_meta(path)
-            teacher_vocab = self.models.describe(meta["base_model"])["vocab_size"]
-        else:
-            teacher_vocab = self.models.describe(name)["vocab_size"]
-        if teacher_vocab != run.base.vocab_size:  # the full vocabularies are compared when it runs
-            raise _other_tokenizer(name, teacher_vocab, run.base.vocab_size)
-
-    def validate_sample(self, opened: Sampler, work: SampleWork) -> None:
-        self._check_tokens(work.prompt_T, "prompt", opened.base, allow_full=False)
-        params = work.params
-        if not 1 <= work.num_samples <= self.max_num_samples:
-            raise InvalidInput(f"num_samples: must be between 1 and {self.max_num_samples}, "
-                               f"got {work.num_samples}")
-        if params.max_tokens < -1 or params.max_tokens == 0:
-            raise InvalidInput(f"sampling_params.max_tokens: must be >= 1 (or unset), "
-                               f"got {params.max_tokens}")
-        if not (math.isfinite(params.temperature) and params.temperature >= 0):
-            raise InvalidInput(f"sampling_params.temperature: must be >= 0, got {params.temperature}")
-        if not (0 < params.top_p <= 1):
-            raise InvalidInput(f"sampling_params.top_p: must be in (0, 1], got {params.top_p}")
-        if params.top_k == 0 or params.top_k < -1:
-            raise InvalidInput(f"sampling_params.top_k: must be -1 (no limit) or >= 1, got {params.top_k}")
-        for token in params.stop_tokens:
-            if not 0 <= token < opened.vocab_size:
-                raise InvalidInput(f"sampling_params.stop: token {token} is outside the vocabulary "
-                                   f"[0, {opened.vocab_size})")
-        if any(not text for text in params.stop_texts):
-            raise InvalidInput("sampling_params.stop: stop strings must not be empty")
-        if not 0 <= work.topk_prompt_logprobs <= 100:
-            raise InvalidInput(f"topk_prompt_logprobs: must be between 0 and 100, "
-                               f"got {work.topk_prompt_logprobs}")
-        if not 0 <= work.topk_sample_logprobs <= 100:
-            raise InvalidInput(f"topk_sample_logprobs: must be between 0 and 100, "
-                               f"got {work.topk_sample_logprobs}")
-        if work.target_prompt_ids_T_K is not None:
-            self._check_targets(work.target_prompt_ids_T_K, work.prompt_T, opened.vocab_size)
-        if work.prompt_logprobs_last_n is not None:
-            if not (work.include_prompt_logprobs or work.topk_prompt_logprobs):
-                raise InvalidInput("prompt_logprobs_last_n: needs include_prompt_logprobs or "
-                                   "topk_prompt_logprobs")
-            _check_last_n(work.prompt_logprobs_last_n, work.prompt_T, "prompt_logprobs_last_n")
-
-    def validate_logprobs(self, opened: Sampler, work: LogprobsWork) -> None:
-        self._check_tokens(work.tokens_T, "prompt", opened.base)
-        if work.last_n is not None:
-            _check_last_n(work.last_n, work.tokens_T, "prompt_logprobs_last_n")
-
-    @staticmethod
-    def _check_targets(ids_T_K: torch.Tensor, prompt_T: torch.Tensor, vocab_size: int) -> None:
-        field = "target_prompt_logprobs"
-        want = [prompt_T.shape[0] - 1, ids_T_K.shape[-1] if ids_T_K.dim() == 2 else 0]
-        if ids_T_K.dtype != torch.long or list(ids_T_K.shape) != want or not 1 <= want[1] <= MAX_TARGETS:
-            raise InvalidInput(f"{field}: must be int64 of shape [len(prompt) - 1, K] with 1 <= K <= "
-                               f"{MAX_TARGETS}, got {str(ids_T_K.dtype).removeprefix('torch.')} "
-                               f"{list(ids_T_K.shape)} for a prompt of {prompt_T.shape[0]} tokens")
-        if ids_T_K.numel() and (int(ids_T_K.min()) < -1 or int(ids_T_K.max()) >= vocab_size):
-            raise InvalidInput(f"{field}: ids must be -1 (nothing) or in the vocabulary [0, {vocab_size})")
-
-    @staticmethod
-    def _check_tokens(tokens_T: torch.Tensor, field: str, base: BaseModel, allow_full: bool = True,
-                      limit: int | None = None) -> None:
-        """Token ids: int64, 1-D, 1 to `limit` of them (the context), each in the vocabulary."""
-        if tokens_T.dtype != torch.long or tokens_T.dim() != 1:
-            raise InvalidInput(f"{field}: tokens must be a 1-D int64 tensor")
-        length = tokens_T.shape[0]
-        if length == 0:
-            raise InvalidInput(f"{field}: must hold at least one token")
-        if limit is None:
-            limit = base.max_context if allow_full else base.max_context - 1
-        if length > limit:
-            raise InvalidInput(f"{field}: {length} tokens is over the model's limit of {limit} "
-                               f"(context length {base.max_context})")
-        low, high = int(tokens_T.min()), int(tokens_T.max())
-        if low < 0 or high >= base.vocab_size:
-            bad = low if low < 0 else high
-            raise InvalidInput(f"{field}: token id {bad} is outside the vocabulary [0, {base.vocab_size})")
-
-
-def _inputs_shape(spec, targets: torch.Tensor, field: str, length: int) -> tuple[int, ...]:
-    """The shape every loss input of a datum must have: [T], or [T, K] where a loss that takes
-    soft targets gets K of them at each position."""
-    if targets.dim() != 2:
-        return (length,)
-    if not spec.soft_targets:
-        raise InvalidInput(f"{field}.target_tokens: shape {list(targets.shape)}: loss '{spec.name}' takes "
-                           "one target per position ([T]); [T, K] targets are cross_entropy's")
-    if not 1 <= targets.shape[1] <= MAX_TARGETS:
-        raise InvalidInput(f"{field}.target_tokens: K must be between 1 and {MAX_TARGETS}, "
-                           f"got shape {list(targets.shape)}")
-    return (length, targets.shape[1])
 
 
 class _AdapterView:
@@ -669,13 +579,6 @@ class _RowsView:
         return self.host.run_rows(adapter_names, **inputs)
 
 
-def _check_last_n(last_n: int, tokens_T: torch.Tensor, field: str) -> None:
-    if not 1 <= last_n <= tokens_T.shape[0] - 1:
-        raise InvalidInput(f"{field}: must be between 1 and len(prompt) - 1 = {tokens_T.shape[0] - 1}, "
-                           f"got {last_n}")
-
-
-
 def _lora_meta(run: TrainingRun) -> dict | None:
     if not isinstance(run, LoraRun):
         return None
@@ -686,18 +589,3 @@ def _lora_meta(run: TrainingRun) -> dict | None:
 
 def known_losses() -> list[str]:
     return list(LOSSES)
-
-
-def _teacher_name(strings: dict[str, str]) -> str:
-    name = strings.get("teacher", "")
-    if not name:
-        raise InvalidInput("loss_fn_config.teacher: name the teacher (a base model or a "
-                           "stillroom://.../sampler_weights/... path)")
-    return name
-
-
-def _other_tokenizer(name: str, teacher_vocab: int, student_vocab: int) -> InvalidInput:
-    return InvalidInput(
-        f"loss_fn_config.teacher: {name} does not share the student's tokenizer (teacher vocabulary "
-        f"{teacher_vocab} tokens, student {student_vocab}); teacher_reverse_kl compares next-token "
-        "distributions token by token, so both models must use the same tokenizer")

@@ -19,3 +19,8 @@ class AlreadyExists(EngineError):
 
 class FailedPrecondition(EngineError):
     """The request is well formed but the target is in the wrong state for it."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine holding the request's model is down (its process died, or it has not connected):
+    the service is not at fault of the caller; the message names the engine and the cause."""

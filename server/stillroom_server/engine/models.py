@@ -117,6 +117,11 @@ class ModelHost:
         return {"max_context": int(config.get("max_position_embeddings", 2048)),
                 "vocab_size": int(config["vocab_size"])}
 
+    def loaded(self) -> list[str]:
+        """The models whose weights (or facts, for a host of facts) are loaded."""
+        with self._lock:
+            return sorted(self._loaded)
+
     def get(self, name: str) -> BaseModel:
         name = self.canonical(name)
         with self._lock:
@@ -141,6 +146,20 @@ class ModelHost:
         packed_linear.install(module)  # inference linears on prepacked weights (packed_linear.py)
         vocab_size = int(module.get_input_embeddings().weight.shape[0])  # pyright: ignore[reportIndexIssue]
         return BaseModel.of(name, directory, module, tokenizer, vocab_size)
+
+
+class FactsHost(ModelHost):
+    """Base models as facts: config, tokenizer and a module on the meta device (no weights)."""
+
+    def _load(self, name: str) -> BaseModel:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        directory = self.resolve(name)
+        config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            module: Any = AutoModelForCausalLM.from_config(config)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return BaseModel.of(name, directory, module, tokenizer, int(config.vocab_size))
 
 
 def stop_token_ids(module: Any, tokenizer: Any) -> tuple[int, ...]:

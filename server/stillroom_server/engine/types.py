@@ -124,3 +124,12 @@ class SampleResult:
 @dataclasses.dataclass
 class LogprobsResult:
     logprobs_T: torch.Tensor              # float32 [T], entry 0 NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA run's settings: its rank and which layers get adapters."""
+    rank: int
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True

@@ -17,12 +17,10 @@ import secrets
 from pathlib import Path
 from typing import Any, cast
 
-import torch
-
 from stillroom_server.engine import checkpoints
 from stillroom_server.engine.engine import Engine, LoraSpec, Sampler
 from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
-from stillroom_server.engine.models import BaseModel, ModelHost
+from stillroom_server.engine.models import BaseModel, FactsHost
 from stillroom_server.engine.sharded.group import WorkerGroup, WorkersDied
 from stillroom_server.engine.sharded.wire import RunFacts
 from stillroom_server.engine.types import (
@@ -37,20 +35,6 @@ from stillroom_server.engine.types import (
 )
 
 logger = logging.getLogger("stillroom.engine")
-
-
-class FactsHost(ModelHost):
-    """Base models as facts: config, tokenizer and a module on the meta device (no weights)."""
-
-    def _load(self, name: str) -> BaseModel:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        directory = self.resolve(name)
-        config = AutoConfig.from_pretrained(directory)
-        with torch.device("meta"):
-            module: Any = AutoModelForCausalLM.from_config(config)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        return BaseModel.of(name, directory, module, tokenizer, int(config.vocab_size))
 
 
 @dataclasses.dataclass

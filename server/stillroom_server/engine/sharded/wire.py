@@ -1,4 +1,5 @@
-"""Commands and answers between the server and the workers, as bytes without pickles.
+"""Commands and answers between the server and its engine processes or sharded workers, as bytes
+without pickles.
 
 A message is JSON (numbers, strings, lists, tuples, string-keyed dicts, the engine's own
 dataclasses by name, engine errors by name) followed by its tensors in one safetensors blob. Only
@@ -16,28 +17,20 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from stillroom_server.engine import types
+from stillroom_server.engine import protocol, types
 from stillroom_server.engine.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
-
-
-@dataclasses.dataclass(frozen=True)
-class RunFacts:
-    """What the server keeps of a run the workers hold."""
-    is_lora: bool
-    lora_rank: int
-    num_trainable_params: int
-    lora_meta: dict | None
+from stillroom_server.engine.protocol import RunFacts, SamplerFacts
 
 
 def _registry() -> dict[str, type]:
     from stillroom_server.engine.engine import LoraSpec
 
     classes = [c for c in vars(types).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
-    return {c.__name__: c for c in [*classes, LoraSpec, RunFacts]}
+    return {c.__name__: c for c in [*classes, LoraSpec, RunFacts, SamplerFacts, *protocol.COMMANDS]}
 
 
 ERRORS: dict[str, type[BaseException]] = {c.__name__: c for c in (
-    InvalidInput, NotFound, AlreadyExists, FailedPrecondition, RuntimeError)}
+    InvalidInput, NotFound, AlreadyExists, FailedPrecondition, RuntimeError, MemoryError)}
 _CLASSES: dict[str, type] = {}
 
 
