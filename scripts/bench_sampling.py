@@ -11,14 +11,16 @@ beside it. Ranges are min-max over the rounds; ratios are taken within a round, 
 1. memory bandwidth (a 1 GiB fp32 sum) and fp32 matmul throughput, and from them the bound of an
    SmolLM2 decode step: its linears read every weight once per step (538 MB in fp32);
 2. SmolLM2-135M-Instruct, 8 x 64 and 64 x 64 from a chat prompt, and stillroom/char-10m 8 x 64:
-   returned tokens/s of Stillroom after (prepacked linears) and before (`packed_linear` off), and of
-   Hugging Face `generate` (do_sample, temperature 1, exactly 64 new tokens) on the same weights;
+   returned tokens/s of Stillroom after (decode_step.py's step, joined q/k/v and gate/up) and before
+   (the model's own forward per step; prepacked linears in both), and of Hugging Face `generate`
+   (do_sample, temperature 1, exactly 64 new tokens) on the same weights; for char-10m also
+   `generate` stopping at EOS as Stillroom's rows do (a random-weight model samples EOS often);
 3. teacher `compute_logprobs` over 64 x 256 tokens on SmolLM2 (the LogprobStream's batching),
    against a bare forward of the same sequences in the same 8192-token chunks;
 4. an on-policy distillation step: a SmolLM2 LoRA student samples 64 x 64 from its snapshot, the
    SmolLM2 teacher scores them (compute_logprobs), the student trains on them
    (importance_sampling with the teacher's logprobs as advantages, then optim_step): before and
-   after, with each part's share.
+   after (decode_step off / on), with each part's share.
 
 Prints numbers and PASS/BELOW per target; asserts nothing about time.
 """
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-from stillroom_server.engine import packed_linear
+from stillroom_server.engine import decode_step, packed_linear
 from stillroom_server.engine.batching import LogprobStream, run_to_end
 from stillroom_server.engine.engine import Engine, LoraSpec
 from stillroom_server.engine.scheduler import Job
@@ -102,30 +104,48 @@ def chat_prompt(tokenizer) -> list[int]:
     return list(ids if isinstance(ids, list) else ids["input_ids"])
 
 
-def stillroom_sampler(engine: Engine, opened, prompt: list[int], rows: int, tokens: int, packed: bool):
+def stillroom_sampler(engine: Engine, opened, prompt: list[int], rows: int, tokens: int, fast: bool):
+    """`fast`: the decode step of decode_step.py with joined q/k/v and gate/up (this round's change);
+    else the model's own forward per step (the path before it; packed linears on in both)."""
     seeds = iter(range(10**6))
 
     def run() -> tuple[int, int]:
-        packed_linear.set_enabled(packed)
+        decode_step.set_enabled(fast)
         try:
             work = SampleWork(torch.tensor(prompt), rows, SamplingConfig(max_tokens=tokens, seed=next(seeds)))
             lengths = [len(s.tokens) for s in engine.sample(opened, [work])[0].sequences]
             return sum(lengths), rows * max(lengths)
         finally:
-            packed_linear.set_enabled(True)
+            decode_step.set_enabled(True)
     return run
 
 
-def hf_sampler(directory: Path, prompt: list[int], rows: int, tokens: int, pad: int):
+def hf_sampler(directory: Path, prompt: list[int], rows: int, tokens: int, pad: int,
+               eos: tuple[int, ...] | None = None):
+    """HF `generate`, do_sample at temperature 1 over the whole vocabulary. `eos` None: exactly
+    `tokens` new tokens per row (min_new_tokens: EOS suppressed, every row returns `tokens`); else
+    rows stop at these ids as Stillroom's do, and a row returns its tokens up to its first EOS
+    (generate keeps decoding a finished row, padded, until every row is done)."""
     from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     input_ids = torch.tensor([prompt]).repeat(rows, 1)
     kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=1.0, top_k=0,
-                  top_p=1.0, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad)
+                  top_p=1.0, max_new_tokens=tokens, pad_token_id=pad)
+    if eos is None:
+        kwargs["min_new_tokens"] = tokens
+    else:
+        kwargs["eos_token_id"] = list(eos)
 
-    def run() -> int:
-        return int(model.generate(input_ids, **kwargs)[:, input_ids.shape[1]:].numel())
+    def run() -> tuple[int, int]:
+        new = model.generate(input_ids, **kwargs)[:, input_ids.shape[1]:]
+        if eos is None:
+            return int(new.numel()), int(new.numel())
+        returned = 0
+        for row in new.tolist():
+            ends = [i for i, token in enumerate(row) if token in eos]
+            returned += ends[0] + 1 if ends else len(row)
+        return returned, int(new.numel())
     return run
 
 
@@ -137,6 +157,7 @@ def compare_sampling(label: str, runs: dict[str, Callable[[], Any]], rounds: int
         for name, run in runs.items():
             timings[name].append(measured(run))
     hf = timings["HF generate"]
+    like = timings.get("HF generate, stops at EOS")
     print(f"\n{label}: returned tokens per CPU-second (wall tokens/s), median (min-max) of {rounds}")
     for name, values in timings.items():
         print(f"  {name:28s} {span([t.rate for t in values])} tokens/cpu-s   "
@@ -148,11 +169,14 @@ def compare_sampling(label: str, runs: dict[str, Callable[[], Any]], rounds: int
         positions = [(s.positions / s.cpu) / (h.positions / h.cpu) for s, h in zip(timings[name], hf)]
         print(f"  {name} / HF generate: {span(ratios, '.2f')} by CPU time, {span(wall, '.2f')} by wall; "
               f"rows x steps per CPU-second: {span(positions, '.2f')}")
+        if like is not None:
+            print(f"  {name} / HF generate stopping at EOS (the same samples' distribution): "
+                  f"{span([s.rate / h.rate for s, h in zip(timings[name], like)], '.2f')} by CPU time")
     return timings
 
 
-def ratios(timings: dict[str, list[Timing]]) -> list[float]:
-    return [s.rate / h.rate for s, h in zip(timings["Stillroom after"], timings["HF generate"])]
+def ratios(timings: dict[str, list[Timing]], baseline: str = "HF generate") -> list[float]:
+    return [s.rate / h.rate for s, h in zip(timings["Stillroom after"], timings[baseline])]
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -190,7 +214,8 @@ def scoring(engine: Engine, opened, rows: int, length: int, rounds: int) -> list
 
 def opd_step(engine: Engine, run_id: str, prompt: list[int], rows: int, tokens: int, step: int,
              packed: bool) -> dict[str, Timing]:
-    packed_linear.set_enabled(packed)
+    """`packed` (kept name): after = this round's decode step on; before = the model's forward."""
+    decode_step.set_enabled(packed)
     try:
         parts: dict[str, Timing] = {}
         uri, _ = engine.save_sampler_weights(run_id, f"opd-{step}-{int(packed)}")
@@ -233,7 +258,7 @@ def opd_step(engine: Engine, run_id: str, prompt: list[int], rows: int, tokens: 
         parts["training"] = measured(train)
         return parts
     finally:
-        packed_linear.set_enabled(True)
+        decode_step.set_enabled(True)
 
 
 # ------------------------------------------------------------------------------------ main
@@ -292,10 +317,13 @@ def main() -> None:
         char = engine.open_sampler(base_model=CHAR)
         char_prompt = char.base.tokenizer.encode("Once upon a time, ")
         runs = {"HF generate": hf_sampler(engine.models.resolve(CHAR), char_prompt, 8, args.tokens, 0),
+                "HF generate, stops at EOS": hf_sampler(engine.models.resolve(CHAR), char_prompt, 8,
+                                                        args.tokens, 0, char.base.eos_token_ids),
                 "Stillroom before": stillroom_sampler(engine, char, char_prompt, 8, args.tokens, False),
                 "Stillroom after": stillroom_sampler(engine, char, char_prompt, 8, args.tokens, True)}
         timings = compare_sampling(f"char-10m 8 x {args.tokens}", runs, args.rounds)
         results["char8"] = ratios(timings)
+        results["char8eos"] = ratios(timings, "HF generate, stops at EOS")
     if "scoring" not in args.skip:
         print(f"\nteacher compute_logprobs over {args.score_rows} x {args.score_length} on SmolLM2, "
               "x a bare forward (CPU time; same 8192-token chunks)")
@@ -324,7 +352,8 @@ def main() -> None:
     print("\n| target | measured (median, min-max) | verdict |\n|---|---|---|")
     for key, label, target in [("smol8", "SmolLM2 8 x 64, x HF generate", 1.5),
                                ("smol64", "SmolLM2 64 x 64, x HF generate", 1.5),
-                               ("char8", "char-10m 8 x 64, x HF generate", 1.5),
+                               ("char8", "char-10m 8 x 64, x HF generate (EOS suppressed)", 1.5),
+                               ("char8eos", "char-10m 8 x 64, x HF generate stopping at EOS", 1.5),
                                ("scoring", "compute_logprobs 64 x 256, x bare forward", 0.95)]:
         if key in results:
             print(f"| {label} >= {target} | {span(results[key], '.2f')} | "
