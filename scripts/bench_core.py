@@ -19,6 +19,12 @@ best round of each is kept, so drifting background load hits both alike):
    trivial call (get_server_capabilities) through the official `tinker` SDK over the HTTP API and through
    Stillroom's SDK over gRPC, each in ms, with their ratio (needs `pip install tinker`).
 
+With --boundary, instead: the same server shape twice in one process, the engine inside the server
+process (--engines 0, "before") and behind the process boundary in an engine process (--engines 1,
+"after"), alternating round by round: a LoRA training step (pipelined forward_backward +
+optim_step) and a trivial call (get_info) in ms, and sampling in returned tokens/s; the target is
+each within 5% of "before".
+
 Informational: prints PASS/BELOW per target and always exits 0.
 """
 
@@ -56,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5,
                         help="alternating baseline/SDK rounds per comparison (best kept)")
     parser.add_argument("--calls", type=int, default=200, help="round-trip calls")
+    parser.add_argument("--boundary", action="store_true",
+                        help="compare the engine in the server process with an engine process")
     return parser.parse_args()
 
 
@@ -225,12 +233,93 @@ def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
     return "PASS" if ok else "BELOW"
 
 
+# ------------------------------------------------------------------------------------ the boundary
+
+def boundary_comparison(args) -> None:
+    """The engine in the server process (before) against an engine process (after), alternating."""
+    with tempfile.TemporaryDirectory(prefix="stillroom-bench-") as tmp:
+        servers, clients, measures = {}, {}, {}
+        for label, engines in (("in-process", 0), ("engine process", 1)):
+            server = StillroomServer(ServerConfig(data_dir=Path(tmp) / label.replace(" ", "-"), port=0,
+                                                  log_level="WARNING", engines=engines)).start()
+            service = stillroom.ServiceClient(base_url=server.address, api_key=server.local_api_key)
+            servers[label], clients[label] = server, service
+            trainer = service.create_lora_training_client(MODEL, rank=16, seed=0)
+            sampler = service.create_sampling_client(base_model=MODEL)
+            prompt = sampler.get_tokenizer().encode(PROMPT, add_special_tokens=False)
+            measures[label] = _boundary_measures(trainer, sampler, prompt, args)
+        results: dict[str, dict[str, list[float]]] = {label: {} for label in servers}
+        try:
+            for _ in range(args.rounds):
+                for label, measure in measures.items():
+                    for name, value in measure().items():
+                        results[label].setdefault(name, []).append(value)
+        finally:
+            for label in servers:
+                clients[label].close()
+                servers[label].stop()
+    before, after = results["in-process"], results["engine process"]
+    rows = []
+    for name, higher in (("LoRA step ms", False), ("get_info ms (p50)", False),
+                         ("sample returned tokens/s", True)):
+        b = max(before[name]) if higher else min(before[name])
+        a = max(after[name]) if higher else min(after[name])
+        ratio = a / b
+        ok = ratio >= 0.95 if higher else ratio <= 1.05
+        rows.append((name, f"{b:.2f}", f"{a:.2f}", f"{ratio:.3f}", ">= 0.95" if higher else "<= 1.05",
+                     "PASS" if ok else "BELOW"))
+    header = ("metric", "in-process (before)", "engine process (after)", "after/before", "target",
+              "result")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n{MODEL}, torch threads {torch.get_num_threads()}, LoRA rank 16 step on "
+          f"{args.batch}x{args.seq_len}, sampling {args.samples}x{args.max_tokens}; best of {args.rounds} "
+          "alternating rounds")
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
+
+
+def _boundary_measures(trainer, sampler, prompt_ids: list[int], args):
+    data = [types.Datum(model_input=types.ModelInput.from_ints(s[:-1]),
+                        loss_fn_inputs={"target_tokens": s[1:], "weights": [1.0] * (len(s) - 1)})
+            for s in make_sequences(args.batch, args.seq_len)]
+    adam = types.AdamParams(learning_rate=LR)
+    prompt = types.ModelInput.from_ints(prompt_ids)
+    seeds = iter(range(10**6))
+
+    def step() -> None:
+        fb = trainer.forward_backward(data, "cross_entropy")
+        optim = trainer.optim_step(adam)
+        fb.result()
+        optim.result()
+
+    def sample() -> int:
+        params = types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=next(seeds))
+        result = sampler.sample(prompt, num_samples=args.samples, sampling_params=params).result()
+        return sum(len(seq.tokens) for seq in result.sequences)
+
+    timed(step, args.warmup)
+    sample()
+
+    def measure() -> dict[str, float]:
+        step_ms = 1000 * timed(step, args.steps) / args.steps
+        info_ms = median_ms(trainer.get_info, args.calls)
+        start = time.perf_counter()
+        tokens = sample()
+        return {"LoRA step ms": step_ms, "get_info ms (p50)": info_ms,
+                "sample returned tokens/s": tokens / (time.perf_counter() - start)}
+
+    return measure
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 
     args = parse_args()
     torch.set_num_threads(2)
     hf_logging.disable_progress_bar()
+    if args.boundary:
+        boundary_comparison(args)
+        return
     with tempfile.TemporaryDirectory(prefix="stillroom-bench-") as tmp:
         data_dir = args.data_dir or Path(tmp)
         server = StillroomServer(ServerConfig(data_dir=data_dir, port=0, log_level="WARNING")).start()

@@ -58,8 +58,9 @@ UPDATE = LAYERS * WIDEST * U
 def servers(tmp_path_factory):
     """(single, sharded): two servers over one data directory and SQLite store."""
     data_dir = tmp_path_factory.mktemp("sharded-data")
-    single = StillroomServer(ServerConfig(data_dir=data_dir, port=0)).start()
-    sharded = StillroomServer(ServerConfig(data_dir=data_dir, port=0, workers=2)).start()
+    # engines=0: the sharded back end in the server process, so a test can kill one of its workers
+    single = StillroomServer(ServerConfig(data_dir=data_dir, port=0, engines=0)).start()
+    sharded = StillroomServer(ServerConfig(data_dir=data_dir, port=0, workers=2, engines=0)).start()
     yield single, sharded
     sharded.stop()
     single.stop()

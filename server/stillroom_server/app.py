@@ -105,10 +105,13 @@ class StillroomServer:
         self.health = health.aio.HealthServicer()  # pyright: ignore[reportAttributeAccessIssue]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.server.start()
+        # the engines start meanwhile: calls that need one are answered UNAVAILABLE until it is up
+        await asyncio.get_running_loop().run_in_executor(None, self.engines.wait_ready)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_checkpoints())
         self._lapser = asyncio.get_running_loop().create_task(self._sweep_sessions())
+        self._engine_watch = asyncio.get_running_loop().create_task(self._watch_engines())
         logger.info("Stillroom serving on %s (gRPC: for Stillroom's SDK and `stillroom` commands, "
                     "STILLROOM_BASE_URL) and %s (HTTP: for the official tinker SDK, TINKER_BASE_URL, "
                     "and checkpoint downloads) (device %s, data %s, database %s)", self.address,
@@ -218,6 +221,18 @@ class StillroomServer:
             except Exception:  # noqa: BLE001 - the sweep must outlive one failure
                 logger.exception("session sweep failed")
 
+    async def _watch_engines(self) -> None:
+        """gRPC health: the Stillroom service is NOT_SERVING while an engine is down or restarting
+        (the server itself, service "", keeps SERVING: it answers, and other engines serve)."""
+        serving = True
+        while True:
+            await asyncio.sleep(0.5)
+            up = all(e["state"] == "up" for e in self.service.engine_health())
+            if up != serving:
+                serving = up
+                await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if up
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():
             return
@@ -232,6 +247,7 @@ class StillroomServer:
         await self.health.enter_graceful_shutdown()
         self._sweeper.cancel()
         self._lapser.cancel()
+        self._engine_watch.cancel()
         self.http.should_exit = True
         await self.server.stop(grace)
         await self._http_task

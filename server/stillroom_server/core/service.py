@@ -172,6 +172,11 @@ class Service:
                            "source": "preset" if name.startswith("stillroom/") else "local"})
         return models
 
+    def engine_health(self) -> list[dict[str, Any]]:
+        """Each engine's state (up, starting, down and why) and restarts: no owner's data."""
+        return [{k: e[k] for k in ("engine", "state", "restarts", "cause", "models") if k in e}
+                for e in self.engine.engines()]
+
     @staticmethod
     def loss_fns() -> list[str]:
         return list(LOSSES)

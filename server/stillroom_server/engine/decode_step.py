@@ -138,6 +138,8 @@ def _supported(causal_lm: Any) -> bool:
         return False
     if getattr(config, "use_sliding_window", False):
         return False
+    if any(type(p).__name__ == "DTensor" for p in causal_lm.parameters()):
+        return False   # sharded (FSDP2) weights: only the model's own forward gathers them
     inner = getattr(causal_lm, "model", None)
     if not (all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
             and hasattr(causal_lm, "lm_head")):

@@ -71,6 +71,9 @@ class InlineEngine:
     def validate_logprobs(self, opened: Any, work: Any) -> None:
         self.engine.validate_logprobs(opened, work)
 
+    def wait_ready(self) -> None:
+        """Ready at once: the engine was built in this process."""
+
     def stop(self) -> None:
         self.scheduler.stop()
         self.engine.shutdown()

@@ -15,7 +15,7 @@ from stillroom_server.core.errors import FailedPrecondition, InvalidInput, code_
 from stillroom_server.core.futures import FutureHub
 from stillroom_server.core.service import RunInfo, SamplerInfo, SaveOptions, Service, request_digest
 from stillroom_server.core.sessions import ClientSession
-from stillroom_server.engine.engine import LoraSpec
+from stillroom_server.engine.types import LoraSpec
 from stillroom_server.grpc_api import convert
 from stillroom_server.grpc_api.status import retry_after_ms, rpc, rpc_stream
 

@@ -179,7 +179,10 @@ class TinkerApi:
             "content-disposition": f'attachment; filename="{session_id}.trace.json"'})
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "server_version": __version__})
+        """200 while the server answers; "degraded" while an engine is down or restarting."""
+        engines = self.service.engine_health()
+        status = "ok" if all(e["state"] == "up" for e in engines) else "degraded"
+        return JSONResponse({"status": status, "server_version": __version__, "engines": engines})
 
     # ---------------------------------------------------------------- training
 

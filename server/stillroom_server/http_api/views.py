@@ -16,8 +16,7 @@ from stillroom_server.core import validate
 from stillroom_server.core.errors import InvalidInput
 from stillroom_server.core.service import RunInfo, SamplerInfo
 from stillroom_server.engine import checkpoints
-from stillroom_server.engine.engine import LoraSpec
-from stillroom_server.engine.types import AdamConfig
+from stillroom_server.engine.types import AdamConfig, LoraSpec
 from stillroom_server.http_api import schemas, wire
 
 PROTO = "application/x-protobuf"

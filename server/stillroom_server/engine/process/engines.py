@@ -28,8 +28,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from stillroom_server.engine import checkpoints, protocol
@@ -147,8 +147,9 @@ class EngineProcesses(Validation):
         for slot in self.slots.values():
             if not slot.remote:
                 self._launch(slot)
-        self._wait_ready([s for s in self.slots.values() if not s.remote])
-        self.run_memory_bytes = sum(s.run_memory_bytes for s in self.slots.values())
+        # the training-run memory the engines started here state (sharded runs state none)
+        each = settings.get("run_memory_bytes") or 0
+        self.run_memory_bytes = each * local if settings.get("workers", 1) <= 1 else 0
         for slot in self.slots.values():
             if slot.remote:
                 logger.info("engine %s: waiting for `stillroom engine --connect %s --name %s` (token in %s)",
@@ -466,9 +467,10 @@ class EngineProcesses(Validation):
         threading.Thread(target=self._watch, args=(slot, slot.process), daemon=True,
                          name=f"stillroom-engine-watch-{slot.name}").start()
 
-    def _wait_ready(self, slots: list[Slot]) -> None:
+    def wait_ready(self) -> None:
+        """Return once every engine started here is up (the remote ones come when they come)."""
         deadline = time.monotonic() + START_SECONDS
-        for slot in slots:
+        for slot in [s for s in self.slots.values() if not s.remote]:
             while not slot.ready.wait(0.2):
                 if slot.process is not None and slot.process.poll() is not None:
                     raise RuntimeError(f"engine {slot.name} exited while starting "

@@ -55,6 +55,9 @@ class RunHandle:
     def num_trainable_params(self) -> int:
         return self.facts.num_trainable_params
 
+    def memory_bytes(self) -> int:
+        return 0   # held by the workers, sharded: no budget in this process counts it
+
 
 class ShardedEngine(Engine):
     def __init__(self, data_dir: Path, workers: int, device: str = "cpu", max_num_samples: int = 128,
