@@ -39,10 +39,11 @@ from typing import Any
 
 import torch
 
-from stillroom_server.engine import decode_step, packed_linear
-from stillroom_server.engine.batching import LogprobStream, run_to_end
 from stillroom_server.engine.engine import Engine, LoraSpec
-from stillroom_server.engine.scheduler import Job
+from stillroom_server.engine.kernels import packed_linear
+from stillroom_server.engine.runtime.scheduler import Job
+from stillroom_server.engine.sampling import decode_step
+from stillroom_server.engine.sampling.batching import LogprobStream, run_to_end
 from stillroom_server.engine.types import (
     AdamConfig,
     ForwardBackwardWork,

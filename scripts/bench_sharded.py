@@ -49,7 +49,7 @@ def build_wide(directory: Path) -> Path:
     """A 58M-parameter Qwen3 model with the presets' character tokenizer, random weights."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from stillroom_server.engine.presets import CHARACTERS, SPECIAL_TOKENS, build_char_tokenizer
+    from stillroom_server.engine.models.presets import CHARACTERS, SPECIAL_TOKENS, build_char_tokenizer
 
     config = Qwen3Config(vocab_size=len(SPECIAL_TOKENS) + len(CHARACTERS), hidden_size=1024,
                          intermediate_size=2816, num_hidden_layers=6, num_attention_heads=8,

@@ -1,7 +1,7 @@
 """A server started with --batch-invariant samples and scores a request bitwise as it does alone,
 whatever other requests share its batch: other prompts of other lengths, more samples, greedy rows,
 rows of other LoRA snapshots, a batch that was already decoding when it arrived (fp32, CPU, one torch
-thread; engine/batch_invariant.py). Real server, through the SDK; no timing is asserted
+thread; engine/kernels/batch_invariant.py). Real server, through the SDK; no timing is asserted
 (scripts/bench_batch_invariance.py measures the cost)."""
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def test_a_rows_matmul_bits_do_not_depend_on_its_place_or_company():
     the suite with MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 to check that path)."""
     import torch
 
-    from stillroom_server.engine import batch_invariant
+    from stillroom_server.engine.kernels import batch_invariant
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -13,9 +13,10 @@ import contextlib
 import pytest
 import torch
 
-from stillroom_server.engine import batching, compute, kv_cache, sampler, segment_kernel
 from stillroom_server.engine.engine import Engine, LoraSpec
-from stillroom_server.engine.scheduler import Job
+from stillroom_server.engine.kernels import segment_kernel
+from stillroom_server.engine.runtime.scheduler import Job
+from stillroom_server.engine.sampling import batching, compute, kv_cache, sampler
 from stillroom_server.engine.types import (
     AdamConfig,
     ForwardBackwardWork,

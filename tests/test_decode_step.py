@@ -1,4 +1,4 @@
-"""The decode step without Hugging Face's glue (engine/decode_step.py) samples what the model's own
+"""The decode step without Hugging Face's glue (engine/sampling/decode_step.py) samples what the model's own
 forward does: base rows and LoRA rows of two snapshots, rows joining and leaving a running batch,
 prompts of different lengths (a left-padded cache); the packed linears joined (q/k/v, gate/up) give
 each linear's own outputs; the batch-invariant mode and autocast keep the model's forward.
@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stillroom_server.engine import batch_invariant, batching, decode_step, packed_linear
 from stillroom_server.engine.engine import Engine, LoraSpec
-from stillroom_server.engine.scheduler import Job
+from stillroom_server.engine.kernels import batch_invariant, packed_linear
+from stillroom_server.engine.runtime.scheduler import Job
+from stillroom_server.engine.sampling import batching, decode_step
 from stillroom_server.engine.types import (
     AdamConfig,
     ForwardBackwardWork,

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stillroom_server.engine import packed_linear
-from stillroom_server.engine.batch_invariant import BatchInvariant
 from stillroom_server.engine.engine import Engine
+from stillroom_server.engine.kernels import packed_linear
+from stillroom_server.engine.kernels.batch_invariant import BatchInvariant
 from stillroom_server.engine.types import SampleWork, SamplingConfig
 
 from conftest import TINY

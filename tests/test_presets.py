@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stillroom import types
-from stillroom_server.engine import presets
+from stillroom_server.engine.models import presets
 
 from conftest import TINY
 

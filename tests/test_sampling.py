@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stillroom import types
-from stillroom_server.engine import compute
+from stillroom_server.engine.sampling import compute
 
 from conftest import TINY
 from helpers import encode_line, load_local_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from stillroom_server.engine.scheduler import Decision, Job, Policy, Scheduler, pause
+from stillroom_server.engine.runtime.scheduler import Decision, Job, Policy, Scheduler, pause
 
 
 def run_jobs(submit_all):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stillroom_server.engine import segment_kernel
-from stillroom_server.engine.segment_kernel import Segments
+from stillroom_server.engine.kernels import segment_kernel
+from stillroom_server.engine.kernels.segment_kernel import Segments
 
 pytestmark = pytest.mark.skipif(not segment_kernel.available(), reason="no C compiler built the kernel")
 

@@ -23,7 +23,7 @@ import stillroom
 from stillroom import types
 from stillroom_server.app import StillroomServer
 from stillroom_server.config import ServerConfig
-from stillroom_server.engine.presets import build_char_tokenizer
+from stillroom_server.engine.models.presets import build_char_tokenizer
 
 from conftest import TINY
 from helpers import checkpoint_tensors, encode_line, sft_datum

@@ -13,9 +13,10 @@ import torch
 
 from stillroom import _wire, types
 from stillroom._proto import stillroom_pb2 as pb
-from stillroom_server.engine import batching, compute, training
+from stillroom_server.engine import training
 from stillroom_server.engine.engine import Engine, LoraSpec
-from stillroom_server.engine.scheduler import Job
+from stillroom_server.engine.runtime.scheduler import Job
+from stillroom_server.engine.sampling import batching, compute
 from stillroom_server.engine.types import (
     ForwardBackwardWork,
     LogprobsWork,

@@ -37,7 +37,7 @@ def cookbook_server(tmp_path_factory):
     """A server that also answers to ALIAS with the char-1m preset's folder."""
     from stillroom_server.app import StillroomServer
     from stillroom_server.config import ServerConfig
-    from stillroom_server.engine import presets
+    from stillroom_server.engine.models import presets
 
     data_dir = tmp_path_factory.mktemp("cookbook-server")
     char_1m = presets.ensure_preset(STUDENT, data_dir / "models")

@@ -1165,7 +1165,7 @@ class _Anything:
 
 def app_routes() -> list[tuple[str, str]]:
     """Every (method, path template) the Tinker HTTP app serves, read from build_app itself."""
-    from stillroom_server.http_api.app import build_app
+    from stillroom_server.http_api.routes import build_app
 
     try:
         app = build_app(_Anything())  # pyright: ignore[reportArgumentType]

@@ -27,13 +27,14 @@ from stillroom_server.core.auth import LOCAL_KEY_FILE, LOCAL_OWNER, Authenticato
 from stillroom_server.core.futures import FutureHub
 from stillroom_server.core.service import Service
 from stillroom_server.core.validate import Limits
-from stillroom_server.engine import resources
 from stillroom_server.engine.engine import MAX_LOADED_ADAPTERS
 from stillroom_server.engine.inline import InlineEngine
 from stillroom_server.engine.process.engines import EngineProcesses
+from stillroom_server.engine.runtime import resources
 from stillroom_server.grpc_api.decoding import UndecodableRequests
 from stillroom_server.grpc_api.servicer import StillroomServicer
-from stillroom_server.http_api.app import TinkerApi, build_app
+from stillroom_server.http_api.app import TinkerApi
+from stillroom_server.http_api.routes import build_app
 from stillroom_server.store import Store, keys
 
 logger = logging.getLogger("stillroom.server")

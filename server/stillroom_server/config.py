@@ -29,7 +29,7 @@ class ServerConfig(BaseModel):
     max_tokens_per_request: int = Field(default=4_000_000, ge=1)
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads; None: measured at start
     # sampling and scoring compute each row as it would alone, whatever shares its batch (CPU fp32;
-    # engine/batch_invariant.py): bitwise the same tokens and logprobs, at a cost in speed
+    # engine/kernels/batch_invariant.py): bitwise the same tokens and logprobs, at a cost in speed
     batch_invariant: bool = False
     # worker processes a training run is sharded over (FSDP2); 1: every model in the server process
     workers: int = Field(default=1, ge=1)

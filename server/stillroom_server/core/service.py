@@ -35,8 +35,8 @@ from stillroom_server.core.errors import (
 from stillroom_server.core.futures import MAX_POLL_SECONDS, FutureHub, new_request_id, result_of
 from stillroom_server.core.sessions import LAPSED, ClientSession, ClientSessions
 from stillroom_server.core.telemetry import Telemetry, TraceLabel
-from stillroom_server.engine import checkpoints, exports
-from stillroom_server.engine.losses import LOSSES
+from stillroom_server.engine import checkpoints
+from stillroom_server.engine.checkpoints import exports
 from stillroom_server.engine.protocol import (
     CloseRun,
     ComputeLogprobs,
@@ -51,6 +51,7 @@ from stillroom_server.engine.protocol import (
     OptimStep,
     Sample,
     SaveCheckpoint,
+    loss_names,
 )
 from stillroom_server.engine.types import (
     AdamConfig,
@@ -179,7 +180,7 @@ class Service:
 
     @staticmethod
     def loss_fns() -> list[str]:
-        return list(LOSSES)
+        return loss_names()
 
     async def tokenizer_files(self, base_model: str) -> tuple[str, dict[str, bytes]]:
         name = await self.on_engine(LoadModel(base_model), "load_model")

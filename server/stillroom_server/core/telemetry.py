@@ -27,8 +27,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from stillroom_server.engine.protocol import EngineClient
-from stillroom_server.engine.scheduler import Job
+from stillroom_server.engine.protocol import EngineClient, FinishedJob
 
 MAX_SPANS = 10_000                 # requests a session's trace keeps (the oldest go first)
 MAX_TRACED_SESSIONS = 1_000        # sessions with a trace in memory (the least recent go first)
@@ -80,7 +79,7 @@ class Telemetry:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def job_done(self, job: Job, finished: float) -> None:
+    def job_done(self, job: FinishedJob, finished: float) -> None:
         """The scheduler's observer: a job ended (on the engine's thread)."""
         started = job.started_at if job.started_at is not None else finished
         self.queue_wait.labels(job.kind).observe(started - job.enqueued_at)

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from stillroom_server.engine.checkpoints import CheckpointFiles
 from stillroom_server.engine.models import ModelHost
-from stillroom_server.engine.scheduler import Streams
-from stillroom_server.engine.stats import EngineStats
+from stillroom_server.engine.runtime.scheduler import Streams
+from stillroom_server.engine.runtime.stats import EngineStats
 from stillroom_server.engine.types import (
     ForwardBackwardResult,
     ForwardBackwardWork,

@@ -23,15 +23,18 @@ from typing import Any, cast
 import torch
 from peft import LoraConfig
 
-from stillroom_server.engine import batching, checkpoints, compute, exports, resources, sampler, state
-from stillroom_server.engine.batch_invariant import BatchInvariant
+from stillroom_server.engine import checkpoints
+from stillroom_server.engine.adapters.lora import LoraHost, LoraRun, lora_config
+from stillroom_server.engine.checkpoints import exports, state
 from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
-from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
-from stillroom_server.engine.losses import LOSSES, get_loss
+from stillroom_server.engine.kernels.batch_invariant import BatchInvariant
 from stillroom_server.engine.models import BaseModel, ModelHost
-from stillroom_server.engine.scheduler import Job
-from stillroom_server.engine.stats import EngineStats
+from stillroom_server.engine.runtime import resources
+from stillroom_server.engine.runtime.scheduler import Job
+from stillroom_server.engine.runtime.stats import EngineStats
+from stillroom_server.engine.sampling import batching, compute, sampler
 from stillroom_server.engine.training import FullRun, TrainingRun
+from stillroom_server.engine.training.losses import LOSSES, get_loss
 from stillroom_server.engine.types import (
     ForwardBackwardResult,
     ForwardBackwardWork,

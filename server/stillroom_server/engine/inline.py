@@ -14,7 +14,7 @@ from typing import Any
 from stillroom_server.engine import protocol
 from stillroom_server.engine.engine import Engine
 from stillroom_server.engine.protocol import SamplerFacts
-from stillroom_server.engine.scheduler import Job, Scheduler
+from stillroom_server.engine.runtime.scheduler import Job, Scheduler
 
 
 class InlineEngine:

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from stillroom_server.engine.checkpoints import CheckpointFiles
     from stillroom_server.engine.engine import Engine, LoraSpec
     from stillroom_server.engine.models import ModelHost
-    from stillroom_server.engine.scheduler import Job
-    from stillroom_server.engine.stats import EngineStats
+    from stillroom_server.engine.runtime.scheduler import Job
+    from stillroom_server.engine.runtime.stats import EngineStats
 
 VERSION = 1
 
@@ -146,6 +146,21 @@ BATCHED = (Sample, ComputeLogprobs)
 MUTATES_RUN = (OptimStep, LoadState)  # after these a run's state differs from what was saved
 
 
+def loss_names() -> list[str]:
+    """The built-in losses a forward_backward may name."""
+    from stillroom_server.engine.training.losses import LOSSES
+
+    return list(LOSSES)
+
+
+class FinishedJob(Protocol):
+    """What an observer hears of a job as it ends (the scheduler's Job has it)."""
+    kind: str
+    trace: Any
+    enqueued_at: float
+    started_at: float | None
+
+
 def run_facts(engine: Engine, run: Any) -> RunFacts:
     memory = run.memory_bytes() if hasattr(run, "memory_bytes") else 0
     return RunFacts(run.is_lora, run.lora_rank, run.num_trainable_params(), engine.lora_meta(run), memory)
@@ -192,7 +207,7 @@ def engine_job(engine: Engine, command: Any, kind: str, lane: str,
                done: Callable[[Any, BaseException | None], None], trace: Any = None) -> Job:
     """The scheduler job that runs `command` on `engine`: a batchable job joins its sampler's
     stream; one whose sampler is not open on this engine (a restarted one) runs alone and opens it."""
-    from stillroom_server.engine.scheduler import Job
+    from stillroom_server.engine.runtime.scheduler import Job
 
     if isinstance(command, BATCHED):
         opened = engine.open_sampler_if_known(command.sampler_key)
@@ -217,7 +232,7 @@ class EngineClient(Protocol):
     max_num_samples: int
     run_memory_bytes: int          # training-run memory stated at start; 0: none stated
     max_outstanding: int
-    observer: Callable[[Job, float], None] | None   # hears of every job as it ends
+    observer: Callable[[FinishedJob, float], None] | None   # hears of every job as it ends
 
     @property
     def stats(self) -> EngineStats: ...          # counts of decode steps and tokens, for metrics

@@ -16,7 +16,7 @@ import torch
 
 from stillroom_server.engine import checkpoints
 from stillroom_server.engine.errors import InvalidInput
-from stillroom_server.engine.losses import get_loss
+from stillroom_server.engine.training.losses import get_loss
 from stillroom_server.engine.types import ForwardBackwardWork, LogprobsWork, SampleWork
 
 MAX_TARGETS = 1024         # token ids scored at one prompt position (target_prompt_logprobs)

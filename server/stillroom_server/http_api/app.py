@@ -19,10 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from stillroom_server import __version__
 from stillroom_server.core import validate
@@ -37,7 +35,7 @@ from stillroom_server.core.errors import (
 )
 from stillroom_server.core.futures import result_of
 from stillroom_server.core.service import SaveOptions, Service, relay, request_digest, sample_sequence_ids
-from stillroom_server.http_api import archives, schemas, views, weights_urls, wire
+from stillroom_server.http_api import schemas, views, wire
 from stillroom_server.http_api.weights_urls import SignedUrls
 
 logger = logging.getLogger("stillroom.http")
@@ -514,66 +512,3 @@ def endpoint(api: TinkerApi, handler: Callable[[Request, str], Awaitable[Respons
         return response
 
     return run
-
-
-def build_app(api: TinkerApi) -> Starlette:
-    v1 = "/api/v1"
-    routes = [(f"{v1}/{path}", name, methods) for path, name, methods in [
-        ("client/config", "client_config", ["POST"]),
-        ("client/dynamic_config", "dynamic_config", ["POST"]),
-        ("create_session", "create_session", ["POST"]),
-        ("session_heartbeat", "heartbeat", ["POST"]),
-        ("sessions/{session_id}/finish", "finish_session", ["POST"]),
-        ("telemetry", "telemetry", ["POST"]),
-        ("get_server_capabilities", "capabilities", ["GET"]),
-        ("create_model", "create_model", ["POST"]),
-        ("get_info", "get_info", ["POST"]),
-        ("unload_model", "unload_model", ["POST"]),
-        ("forward_backward", "forward_backward", ["POST"]),
-        ("forward", "forward_backward", ["POST"]),
-        ("optim_step", "optim_step", ["POST"]),
-        ("save_weights", "save_weights", ["POST"]),
-        ("save_weights_for_sampler", "save_weights_for_sampler", ["POST"]),
-        ("load_weights", "load_weights", ["POST"]),
-        ("create_sampling_session", "create_sampling_session", ["POST"]),
-        ("samplers/{sampler_id}", "get_sampler", ["GET"]),
-        ("asample", "asample", ["POST"]),
-        ("retrieve_future", "retrieve_future", ["POST"]),
-        ("training_runs", "list_training_runs", ["GET"]),
-        ("training_runs/{run_id}", "get_training_run", ["GET"]),
-        ("training_runs/{run_id}/checkpoints", "list_checkpoints", ["GET"]),
-        ("checkpoints", "list_checkpoints", ["GET"]),
-        ("weights_info", "weights_info", ["POST"]),
-        ("sessions", "list_sessions", ["GET"]),
-        ("sessions/{session_id}", "get_session", ["GET"]),
-    ]]
-    table = [Route(path, endpoint(api, getattr(api, name)), methods=methods)
-             for path, name, methods in routes]
-    checkpoint = f"{v1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}"
-    table += [
-        Route(checkpoint + "/publish", endpoint(api, api.publish_checkpoint), methods=["POST", "DELETE"]),
-        Route(checkpoint + "/ttl", endpoint(api, api.set_checkpoint_ttl), methods=["PUT"]),
-        Route(checkpoint + "/external_weights_urls", endpoint(api, api.external_weights_urls),
-              methods=["GET"]),
-        Route(checkpoint, endpoint(api, api.delete_checkpoint), methods=["DELETE"]),
-        Route(f"{v1}/save_weights_external", endpoint(api, api.save_weights_external), methods=["POST"]),
-        Route(f"{v1}/create_custom_loss", not_offered("custom_loss"), methods=["POST"]),
-        Route(f"{v1}/copy_weights", not_offered("copy_weights"), methods=["POST"]),
-        Route(f"{v1}/sessions/{{session_id}}/project", not_offered("projects"), methods=["PUT"]),
-        Route(f"{v1}/sessions/{{session_id}}/trace_export", endpoint(api, api.trace_export), methods=["GET"]),
-        Route("/traces/{token}", api.trace_download, methods=["GET"]),
-        Route("/metrics", api.metrics, methods=["GET"]),
-        Route(f"{v1}/audit", not_offered("audit"), methods=["GET"]),
-        Route(f"{v1}/billing/{{rest:path}}", not_offered("billing"), methods=["GET"]),
-        Route(f"{v1}/healthz", api.healthz, methods=["GET"]),
-        archives.route(api.archives),
-        Route(weights_urls.PREFIX + "/{run_id}/{name}/{file}", api.weights_urls.download, methods=["GET"]),
-    ]
-    from stillroom_server.http_api import openai_api  # it builds on this module
-
-    table += openai_api.routes(api)  # the OpenAI-compatible API under /oai/api/v1
-    from stillroom_server.http_api import console  # it builds on this module too
-
-    table += console.routes(api)  # the web console at /console/, its JSON routes under /api/v1/console
-    return Starlette(routes=table)
-

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from stillroom import types
 from stillroom_server.core import validate
 from stillroom_server.core.errors import InvalidInput
-from stillroom_server.engine import exports
+from stillroom_server.engine.checkpoints import exports
 
 Int64 = Annotated[int, Field(ge=validate.INT64_MIN, le=validate.INT64_MAX)]
 Seq = Annotated[int, Field(ge=0, le=validate.INT64_MAX)]     # numbers a client counts (0: the first)

@@ -24,7 +24,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 
 from stillroom_server.core.auth import Authenticator
-from stillroom_server.engine import checkpoints, exports
+from stillroom_server.engine import checkpoints
+from stillroom_server.engine.checkpoints import exports
 from stillroom_server.engine.errors import InvalidInput
 from stillroom_server.store import Store
 

@@ -53,9 +53,9 @@ def connect(address: str, name: str, token: str, timeout: float = 30.0) -> tuple
 
 def build(settings: dict[str, Any]):
     """The engine the settings describe, and the scheduler that runs its jobs."""
-    from stillroom_server.engine import resources
     from stillroom_server.engine.backend import make_engine
-    from stillroom_server.engine.scheduler import Scheduler
+    from stillroom_server.engine.runtime import resources
+    from stillroom_server.engine.runtime.scheduler import Scheduler
 
     resources.choose_threads(settings.get("threads"))
     engine = make_engine(

@@ -39,8 +39,8 @@ from stillroom_server.engine.models import BaseModel, FactsHost
 from stillroom_server.engine.process import link as links
 from stillroom_server.engine.process.child import TOKEN_VARIABLE
 from stillroom_server.engine.protocol import RunFacts, SamplerFacts
-from stillroom_server.engine.scheduler import Job
-from stillroom_server.engine.stats import EngineStats
+from stillroom_server.engine.runtime.scheduler import Job
+from stillroom_server.engine.runtime.stats import EngineStats
 from stillroom_server.engine.validation import Validation
 
 logger = logging.getLogger("stillroom.engines")

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from stillroom_server.engine.lora import LoraHost, draw_adapter
+from stillroom_server.engine.adapters.lora import LoraHost, draw_adapter
 from stillroom_server.engine.models import BaseModel
 from stillroom_server.engine.sharded.split import SplitBatch
 from stillroom_server.engine.training import FullRun, TrainingRun

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from stillroom._metrics import merge_metrics
-from stillroom_server.engine.lora import LoraRun
-from stillroom_server.engine.losses import get_loss
+from stillroom_server.engine.adapters.lora import LoraRun
 from stillroom_server.engine.training import MICROBATCH_TOKENS, TrainingRun, microbatches
+from stillroom_server.engine.training.losses import get_loss
 from stillroom_server.engine.types import ForwardBackwardResult, ForwardBackwardWork
 
 

@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig
 
-from stillroom_server.engine import checkpoints, state
+from stillroom_server.engine import checkpoints
+from stillroom_server.engine.adapters.lora import LoraHost, LoraRun, lora_config
+from stillroom_server.engine.checkpoints import state
 from stillroom_server.engine.engine import Engine, LoraSpec, Sampler, _AdapterView
 from stillroom_server.engine.errors import InvalidInput
-from stillroom_server.engine.lora import LoraHost, LoraRun, lora_config
 from stillroom_server.engine.models import BaseModel, ModelHost
-from stillroom_server.engine.sampler import BASE_ADAPTER
+from stillroom_server.engine.sampling.sampler import BASE_ADAPTER
 from stillroom_server.engine.sharded import fsdp, wire
 from stillroom_server.engine.sharded.split import ShardedLoraRun
 from stillroom_server.engine.sharded.wire import RunFacts
@@ -193,7 +194,7 @@ def facts(run: TrainingRun) -> RunFacts:
 
 
 def save_optimizer(run: fsdp.ShardedFullRun, directory: Path) -> None:
-    """AdamW's state gathered to rank 0 and written in engine/state.py's format."""
+    """AdamW's state gathered to rank 0 and written in engine/checkpoints/state.py's format."""
     from safetensors.torch import save_file
 
     full = run.optimizer_state() if run.optimizer is not None else {"state": {}, "param_groups": []}
@@ -213,7 +214,8 @@ def save_optimizer(run: fsdp.ShardedFullRun, directory: Path) -> None:
 
 
 def restore_optimizer(run: fsdp.ShardedFullRun, directory: Path) -> None:
-    """The saved AdamW state (engine/state.py's format), read by rank 0 and scattered to shards."""
+    """The saved AdamW state (engine/checkpoints/state.py's format), read by rank 0 and scattered
+    to shards."""
     saved = json.loads((directory / state.OPTIMIZER_JSON).read_text())
     if saved["param_group"] is None:
         run.optimizer = None

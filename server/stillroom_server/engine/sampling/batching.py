@@ -18,20 +18,36 @@ share one batch. Knows the engine's samplers, not the scheduler's policy or the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from stillroom_server.engine import sampler
 from stillroom_server.engine.errors import NotFound
-from stillroom_server.engine.scheduler import Job, Outcome
+from stillroom_server.engine.runtime.scheduler import Job, Outcome
+from stillroom_server.engine.runtime.stats import EngineStats
+from stillroom_server.engine.sampling import sampler
 from stillroom_server.engine.types import LogprobsResult, SampleResult
 
-if TYPE_CHECKING:
-    from stillroom_server.engine.engine import Engine
+
+class Engine(Protocol):
+    """What a decode or logprob stream needs of the engine (engine.py's facade has it): the weights
+    a batch runs on, pinning a snapshot while its rows decode, precision, counters, and scoring."""
+
+    device: torch.device
+    stats: EngineStats
+
+    def batch_group(self, opened: Any) -> str: ...
+    def batch_model(self, opened: Any, lora: bool) -> torch.nn.Module: ...
+    def pin(self, opened: Any) -> str: ...
+    def unpin(self, opened: Any) -> None: ...
+    def precision(self, training: bool = False) -> contextlib.AbstractContextManager: ...
+    def prompt_logprobs(self, opened: Any, work: Any, result: SampleResult) -> None: ...
+    def target_prompt_logprobs(self, opened: Any, work: Any, result: SampleResult) -> None: ...
+    def compute_logprobs(self, opened: Any, works: list[Any]) -> list[LogprobsResult]: ...
 
 PREFILL_TOKENS = 4096      # prompt tokens admitted into a running decode per step
 MAX_ROWS = 256             # rows decoding together

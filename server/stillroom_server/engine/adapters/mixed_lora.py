@@ -27,8 +27,8 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
-from stillroom_server.engine import batch_invariant, segment_kernel
-from stillroom_server.engine.segment_kernel import Segments
+from stillroom_server.engine.kernels import batch_invariant, segment_kernel
+from stillroom_server.engine.kernels.segment_kernel import Segments
 
 BASE = "__base__"
 KEPT_SETS = 2   # sets of adapters whose stacks stay built: the adapters seen lately, and one other

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from stillroom_server.engine import batch_invariant
+from stillroom_server.engine.kernels import batch_invariant
 
 MIN_ROWS = 2         # one row: sgemv streams the weight at memory bandwidth; oneDNN is slower there
 MAX_ROWS = 512       # decode steps; prefills and scoring passes of more rows keep MKL's F.linear

@@ -66,7 +66,7 @@ def load_weights(run: TrainingRun, directory: Path) -> None:
         return
     from peft import set_peft_model_state_dict
 
-    from stillroom_server.engine.lora import ADAPTER_WEIGHTS
+    from stillroom_server.engine.adapters.lora import ADAPTER_WEIGHTS
 
     state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(run.device))
     with torch.no_grad():

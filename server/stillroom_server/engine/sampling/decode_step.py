@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from stillroom_server.engine import batch_invariant, packed_linear
+from stillroom_server.engine.kernels import batch_invariant, packed_linear
 
 SUPPORTED = ("llama", "qwen3")
 _enabled = True

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stillroom_server.engine import packed_linear, presets
+from stillroom_server.engine.kernels import packed_linear
+from stillroom_server.engine.models import presets
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from stillroom._metrics import merge_metrics  # the SDK's pure-python rule, shared with its split calls
-from stillroom_server.engine import compute
 from stillroom_server.engine.errors import FailedPrecondition
-from stillroom_server.engine.losses import get_loss
 from stillroom_server.engine.models import BaseModel
-from stillroom_server.engine.scheduler import pause
+from stillroom_server.engine.runtime.scheduler import pause
+from stillroom_server.engine.sampling import compute
+from stillroom_server.engine.training.losses import get_loss
 from stillroom_server.engine.types import AdamConfig, ForwardBackwardResult, ForwardBackwardWork, OptimResult
 
 # Padded tokens in one forward pass. Measured (scripts/bench_microbatch.py, char-10m, 32x512, 1 thread,

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from stillroom_server.engine import decode_step
-from stillroom_server.engine.kv_cache import GrowingCache
+from stillroom_server.engine.sampling import decode_step
+from stillroom_server.engine.sampling.kv_cache import GrowingCache
 from stillroom_server.engine.types import SampledSequence, SampleWork, SamplingConfig, new_sequence_id
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch

@@ -19,8 +19,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from stillroom_server.engine.adapters.mixed_lora import MixedAdapters
 from stillroom_server.engine.errors import InvalidInput
-from stillroom_server.engine.mixed_lora import MixedAdapters
 from stillroom_server.engine.models import BaseModel
 from stillroom_server.engine.training import TrainingRun
 
