@@ -133,6 +133,30 @@ def test_a_segfaulting_engine_costs_its_requests_in_flight_and_nothing_else(two_
         client.close()
 
 
+def test_a_run_that_waited_on_disk_comes_back_exactly_and_an_unsaved_one_says_so(tmp_path):
+    # room for one small LoRA run's weights and moments (~0.7 MB): the idle one moves to disk
+    server = start(tmp_path, engines=1, run_memory_bytes=1_000_000)
+    try:
+        ann, ben = client_of(server, "ann"), client_of(server, "ben")
+        idle = ann.create_lora_training_client(base_model=TINY, rank=4, seed=1)
+        steps(idle, DATA, 2)
+        before = logprobs(idle, DATA)
+        busy = ben.create_lora_training_client(base_model=TINY, rank=4, seed=2)
+        steps(busy, DATA, 1)   # makes room for itself: the idle run is written to disk
+        victim = engine(server, "0")["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_up(server, "0", old_pid=victim)
+        assert logprobs(idle, DATA) == pytest.approx(before, abs=1e-6)   # as it was: no notice either
+        with pytest.raises(stillroom.TinkerError) as lost:
+            busy.forward(DATA, "cross_entropy").result()
+        assert lost.value.code == "FAILED_PRECONDITION"
+        assert "SIGKILL" in str(lost.value) and "saved no training state" in str(lost.value)
+        ann.close()
+        ben.close()
+    finally:
+        server.stop()
+
+
 def test_two_engines_serve_two_models_behind_one_endpoint(two_engines):
     server = two_engines
     client = client_of(server, "una")

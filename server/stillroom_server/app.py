@@ -300,9 +300,10 @@ def start_engines(config: ServerConfig) -> InlineEngine | EngineProcesses:
     from stillroom_server.engine.backend import make_engine
 
     if config.engines == 0 and not config.remote_engines:
+        options = {"run_memory_bytes": config.run_memory_bytes} if config.workers <= 1 else {}
         engine = make_engine(config.data_dir, config.workers, config.device, config.max_num_samples,
                              config.local_models, config.dtype, config.threads, config.log_level,
-                             config.worker_listen, config.batch_invariant)
+                             config.worker_listen, config.batch_invariant, **options)
         return InlineEngine(engine)
     threads, _ = resources.choose_threads(config.threads)
     local = max(config.engines, 0)
@@ -313,7 +314,8 @@ def start_engines(config: ServerConfig) -> InlineEngine | EngineProcesses:
                 "workers": config.workers, "worker_listen": config.worker_listen,
                 "batch_invariant": config.batch_invariant, "max_num_samples": config.max_num_samples,
                 # the machine's training-run memory, shared by the engines started on it
-                "run_memory_bytes": int(resources.MEMORY_FRACTION * available / max(local, 1)) or None}
+                "run_memory_bytes": config.run_memory_bytes or
+                int(resources.MEMORY_FRACTION * available / max(local, 1)) or None}
     return EngineProcesses(config.data_dir, settings, local, config.remote_engines, config.place,
                            config.engine_listen, engine_token(config) if config.remote_engines else None)
 

@@ -66,6 +66,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
              "--engine-listen)")
     add("--engine-listen", metavar="HOST:PORT",
         help="where engines connect (default: a free loopback port; STILLROOM_ENGINE_LISTEN)")
+    add("--run-memory-bytes", type=int,
+        help="bytes of training-run weights and AdamW moments each engine keeps in memory; idle runs "
+             "beyond it wait on disk (default: a share of the memory available at start; "
+             "STILLROOM_RUN_MEMORY_BYTES)")
     add("--max-tokens-per-request", type=int,
         help="tokens in one forward_backward request (default 4000000)")
     add("--tls-cert", type=Path,
@@ -94,7 +98,7 @@ def run_serve(args: argparse.Namespace) -> None:
         tls_key=args.tls_key, http_port=args.http_port, threads=args.threads,
         batch_invariant=args.batch_invariant,
         workers=args.workers, worker_listen=args.worker_listen, session_timeout=args.session_timeout,
-        engines=args.engines, engine_listen=args.engine_listen,
+        engines=args.engines, engine_listen=args.engine_listen, run_memory_bytes=args.run_memory_bytes,
         remote_engines=args.remote_engine or None,
         place=_pairs(args.place, "--place", "MODEL=ENGINE") or None)
     config.local_models = local_models

@@ -44,6 +44,9 @@ class ServerConfig(BaseModel):
     place: dict[str, str] = Field(default_factory=dict)
     # HOST:PORT the engines dial (default: a free loopback port; needed for remote engines)
     engine_listen: str | None = None
+    # bytes of training-run weights and AdamW moments the engines keep in memory (idle runs beyond it
+    # wait on disk); None: a share of the memory available at start
+    run_memory_bytes: int | None = Field(default=None, ge=1)
     log_level: str = "INFO"
     local_models: dict[str, Path] = Field(default_factory=dict)
     # The Tinker HTTP API and checkpoint downloads; None: the gRPC port + 1 (any free one if 0).
