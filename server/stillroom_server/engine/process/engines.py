@@ -458,7 +458,7 @@ class EngineProcesses(Validation):
         return ""
 
     def _launch(self, slot: Slot) -> None:
-        env = os.environ | {TOKEN_VARIABLE: self.token}
+        env = os.environ | {TOKEN_VARIABLE: self.token} | self._device_of(slot)
         command = [sys.executable, "-m", "stillroom_server.engine.process.child", "--connect", self.address,
                    "--name", slot.name, "--log-level", self.settings.get("log_level", "INFO")]
         slot.state, slot.ready = "starting", threading.Event()
@@ -466,6 +466,20 @@ class EngineProcesses(Validation):
         slot.pid = slot.process.pid
         threading.Thread(target=self._watch, args=(slot, slot.process), daemon=True,
                          name=f"stillroom-engine-watch-{slot.name}").start()
+
+    def _device_of(self, slot: Slot) -> dict[str, str]:
+        """On CUDA with several engines here (and no sharding), one GPU each: the slot's index in
+        CUDA_VISIBLE_DEVICES (or in every GPU), round robin."""
+        local = [s.name for s in self.slots.values() if not s.remote]
+        if self.settings.get("device") != "cuda" or len(local) < 2 or self.settings.get("workers", 1) > 1:
+            return {}
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is None:
+            import torch
+
+            visible = ",".join(str(i) for i in range(torch.cuda.device_count()))
+        gpus = [g for g in visible.split(",") if g.strip()]
+        return {"CUDA_VISIBLE_DEVICES": gpus[local.index(slot.name) % len(gpus)]} if gpus else {}
 
     def wait_ready(self) -> None:
         """Return once every engine started here is up (the remote ones come when they come)."""
