@@ -22,7 +22,8 @@ best round of each is kept, so drifting background load hits both alike):
 With --boundary, instead: the same server shape twice in one process, the engine inside the server
 process (--engines 0, "before") and behind the process boundary in an engine process (--engines 1,
 "after"), alternating round by round: a LoRA training step (pipelined forward_backward +
-optim_step) and a trivial call (get_info) in ms, and sampling in returned tokens/s; the target is
+optim_step), a trivial call (get_info, answered by the server alone) and the smallest call that
+crosses to the engine (a 1-token forward) in ms, and sampling in returned tokens/s; the target is
 each within 5% of "before".
 
 Informational: prints PASS/BELOW per target and always exits 0.
@@ -261,7 +262,7 @@ def boundary_comparison(args) -> None:
     before, after = results["in-process"], results["engine process"]
     rows = []
     for name, higher in (("LoRA step ms", False), ("get_info ms (p50)", False),
-                         ("sample returned tokens/s", True)):
+                         ("1-token forward ms (p50)", False), ("sample returned tokens/s", True)):
         b = max(before[name]) if higher else min(before[name])
         a = max(after[name]) if higher else min(after[name])
         ratio = a / b
@@ -300,12 +301,19 @@ def _boundary_measures(trainer, sampler, prompt_ids: list[int], args):
     timed(step, args.warmup)
     sample()
 
+    tiny = [types.Datum(model_input=types.ModelInput.from_ints([1]),
+                        loss_fn_inputs={"target_tokens": [2], "weights": [1.0]})]
+
+    def forward_one() -> None:   # the smallest call that crosses to the engine and back
+        trainer.forward(tiny, "cross_entropy").result()
+
     def measure() -> dict[str, float]:
         step_ms = 1000 * timed(step, args.steps) / args.steps
         info_ms = median_ms(trainer.get_info, args.calls)
+        one_ms = median_ms(forward_one, max(20, args.calls // 4))
         start = time.perf_counter()
         tokens = sample()
-        return {"LoRA step ms": step_ms, "get_info ms (p50)": info_ms,
+        return {"LoRA step ms": step_ms, "get_info ms (p50)": info_ms, "1-token forward ms (p50)": one_ms,
                 "sample returned tokens/s": tokens / (time.perf_counter() - start)}
 
     return measure
