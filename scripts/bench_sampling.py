@@ -105,19 +105,23 @@ def chat_prompt(tokenizer) -> list[int]:
     return list(ids if isinstance(ids, list) else ids["input_ids"])
 
 
-def stillroom_sampler(engine: Engine, opened, prompt: list[int], rows: int, tokens: int, fast: bool):
-    """`fast`: the decode step of decode_step.py with joined q/k/v and gate/up (this round's change);
-    else the model's own forward per step (the path before it; packed linears on in both)."""
+def stillroom_sampler(engine: Engine, opened, prompt: list[int], rows: int, tokens: int, fast: bool,
+                      compiled: bool = False):
+    """`fast`: the decode step of decode_step.py with joined q/k/v and gate/up (round 2); else the
+    model's own forward per step (packed linears on in both). `compiled`: that step as one
+    `torch.compile`d graph where it applies (small models, round 3; STILLROOM_COMPILE_DECODE=1)."""
     seeds = iter(range(10**6))
 
     def run() -> tuple[int, int]:
         decode_step.set_enabled(fast)
+        before = decode_step.set_compiled(compiled)
         try:
             work = SampleWork(torch.tensor(prompt), rows, SamplingConfig(max_tokens=tokens, seed=next(seeds)))
             lengths = [len(s.tokens) for s in engine.sample(opened, [work])[0].sequences]
             return sum(lengths), rows * max(lengths)
         finally:
             decode_step.set_enabled(True)
+            decode_step.set_compiled(before)
     return run
 
 
@@ -131,7 +135,7 @@ def hf_sampler(directory: Path, prompt: list[int], rows: int, tokens: int, pad: 
 
     model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     input_ids = torch.tensor([prompt]).repeat(rows, 1)
-    kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=1.0, top_k=0,
+    kwargs: dict[str, Any] = dict(attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=1.0, top_k=0,
                   top_p=1.0, max_new_tokens=tokens, pad_token_id=pad)
     if eos is None:
         kwargs["min_new_tokens"] = tokens
@@ -151,8 +155,13 @@ def hf_sampler(directory: Path, prompt: list[int], rows: int, tokens: int, pad: 
 
 
 def compare_sampling(label: str, runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[Timing]]:
-    for run in runs.values():   # warm-up (weights packed, allocator, HF's first call)
-        run()
+    for name, run in runs.items():   # warm-up (weights packed, allocator, HF's first call, compiling)
+        warm = measured(run)
+        for _ in range(2 if "compiled" in name else 0):   # rows leaving down to one: every graph made
+            warm.cpu += measured(run).cpu
+        if "compiled" in name:
+            print(f"  {name}: warm-up with compiling {warm.cpu:.1f} cpu-s ({warm.wall:.1f} s wall), once per "
+                  "process (inductor's cache on disk makes a later process's shorter)")
     timings: dict[str, list[Timing]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
@@ -164,7 +173,7 @@ def compare_sampling(label: str, runs: dict[str, Callable[[], Any]], rounds: int
         print(f"  {name:28s} {span([t.rate for t in values])} tokens/cpu-s   "
               f"wall {span([t.tokens / t.wall for t in values])} tokens/s   "
               f"returned {span([t.tokens / t.positions for t in values], '.0%')} of rows x steps")
-    for name in ("Stillroom before", "Stillroom after"):
+    for name in [name for name in timings if name.startswith("Stillroom")]:
         ratios = [s.rate / h.rate for s, h in zip(timings[name], hf)]
         wall = [(s.tokens / s.wall) / (h.tokens / h.wall) for s, h in zip(timings[name], hf)]
         positions = [(s.positions / s.cpu) / (h.positions / h.cpu) for s, h in zip(timings[name], hf)]
@@ -176,8 +185,9 @@ def compare_sampling(label: str, runs: dict[str, Callable[[], Any]], rounds: int
     return timings
 
 
-def ratios(timings: dict[str, list[Timing]], baseline: str = "HF generate") -> list[float]:
-    return [s.rate / h.rate for s, h in zip(timings["Stillroom after"], timings[baseline])]
+def ratios(timings: dict[str, list[Timing]], baseline: str = "HF generate",
+           name: str = "Stillroom after") -> list[float]:
+    return [s.rate / h.rate for s, h in zip(timings[name], timings[baseline])]
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -321,10 +331,15 @@ def main() -> None:
                 "HF generate, stops at EOS": hf_sampler(engine.models.resolve(CHAR), char_prompt, 8,
                                                         args.tokens, 0, char.base.eos_token_ids),
                 "Stillroom before": stillroom_sampler(engine, char, char_prompt, 8, args.tokens, False),
-                "Stillroom after": stillroom_sampler(engine, char, char_prompt, 8, args.tokens, True)}
+                "Stillroom after": stillroom_sampler(engine, char, char_prompt, 8, args.tokens, True),
+                "Stillroom after, compiled": stillroom_sampler(engine, char, char_prompt, 8, args.tokens, True,
+                                                               compiled=True)}
         timings = compare_sampling(f"char-10m 8 x {args.tokens}", runs, args.rounds)
         results["char8"] = ratios(timings)
         results["char8eos"] = ratios(timings, "HF generate, stops at EOS")
+        results["char8eos_compiled"] = ratios(timings, "HF generate, stops at EOS", "Stillroom after, compiled")
+        print(f"  compiled / eager step (returned tokens per CPU-second): "
+              f"{span(ratios(timings, 'Stillroom after', 'Stillroom after, compiled'), '.2f')}")
     if "scoring" not in args.skip:
         print(f"\nteacher compute_logprobs over {args.score_rows} x {args.score_length} on SmolLM2, "
               "x a bare forward (CPU time; same 8192-token chunks)")
@@ -355,6 +370,8 @@ def main() -> None:
                                ("smol64", "SmolLM2 64 x 64, x HF generate", 1.5),
                                ("char8", "char-10m 8 x 64, x HF generate (EOS suppressed)", 1.5),
                                ("char8eos", "char-10m 8 x 64, x HF generate stopping at EOS", 1.5),
+                               ("char8eos_compiled", "char-10m 8 x 64 compiled step, x HF generate stopping "
+                                                     "at EOS", 1.5),
                                ("scoring", "compute_logprobs 64 x 256, x bare forward", 0.95)]:
         if key in results:
             print(f"| {label} >= {target} | {span(results[key], '.2f')} | "

@@ -13,7 +13,7 @@ from typing import Any
 
 from stillroom_server.engine import protocol
 from stillroom_server.engine.engine import Engine
-from stillroom_server.engine.protocol import SamplerFacts
+from stillroom_server.engine.protocol import FinishedJob, SamplerFacts
 from stillroom_server.engine.runtime.scheduler import Job, Scheduler
 
 
@@ -26,7 +26,7 @@ class InlineEngine:
         self.max_num_samples = engine.max_num_samples
         self.run_memory_bytes = engine.run_memory_bytes
         self.max_outstanding = self.scheduler.max_outstanding
-        self.observer: Callable[[Job, float], None] | None = None   # hears of every job as it ends
+        self.observer: Callable[[FinishedJob, float], None] | None = None   # hears of every job as it ends
         self.scheduler.observer = self._observe
 
     def _observe(self, job: Job, finished: float) -> None:

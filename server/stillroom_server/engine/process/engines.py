@@ -38,7 +38,7 @@ from stillroom_server.engine.errors import EngineUnavailable, FailedPrecondition
 from stillroom_server.engine.models import BaseModel, FactsHost
 from stillroom_server.engine.process import link as links
 from stillroom_server.engine.process.child import TOKEN_VARIABLE
-from stillroom_server.engine.protocol import RunFacts, SamplerFacts
+from stillroom_server.engine.protocol import FinishedJob, RunFacts, SamplerFacts
 from stillroom_server.engine.runtime.scheduler import Job
 from stillroom_server.engine.runtime.stats import EngineStats
 from stillroom_server.engine.validation import Validation
@@ -117,7 +117,7 @@ class EngineProcesses(Validation):
             logger.warning("removed %d half-written checkpoint folders left by a crash", removed)
         self.max_num_samples = settings.get("max_num_samples", 128)
         self.max_outstanding = max_outstanding
-        self.observer: Callable[[Job, float], None] | None = None
+        self.observer: Callable[[FinishedJob, float], None] | None = None
         self.token = token or links.new_token()
         self.slots: dict[str, Slot] = {str(i): Slot(str(i), remote=False) for i in range(local)}
         for name in remote or []:
