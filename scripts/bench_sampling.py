@@ -135,8 +135,8 @@ def hf_sampler(directory: Path, prompt: list[int], rows: int, tokens: int, pad: 
 
     model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     input_ids = torch.tensor([prompt]).repeat(rows, 1)
-    kwargs: dict[str, Any] = dict(attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=1.0, top_k=0,
-                  top_p=1.0, max_new_tokens=tokens, pad_token_id=pad)
+    kwargs: dict[str, Any] = dict(attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=1.0,
+                                  top_k=0, top_p=1.0, max_new_tokens=tokens, pad_token_id=pad)
     if eos is None:
         kwargs["min_new_tokens"] = tokens
     else:
@@ -157,11 +157,12 @@ def hf_sampler(directory: Path, prompt: list[int], rows: int, tokens: int, pad: 
 def compare_sampling(label: str, runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[Timing]]:
     for name, run in runs.items():   # warm-up (weights packed, allocator, HF's first call, compiling)
         warm = measured(run)
-        for _ in range(2 if "compiled" in name else 0):   # rows leaving down to one: every graph made
+        for _ in range(2 if name.startswith("Stillroom") else 0):   # compiling: rows down to one (the
+            # same count for every Stillroom run, so round r samples with the same seed in each)
             warm.cpu += measured(run).cpu
         if "compiled" in name:
-            print(f"  {name}: warm-up with compiling {warm.cpu:.1f} cpu-s ({warm.wall:.1f} s wall), once per "
-                  "process (inductor's cache on disk makes a later process's shorter)")
+            print(f"  {name}: warm-up with compiling {warm.cpu:.1f} cpu-s ({warm.wall:.1f} s wall), "
+                  "once per process (inductor's cache on disk makes a later process's shorter)")
     timings: dict[str, list[Timing]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
@@ -332,12 +333,13 @@ def main() -> None:
                                                         args.tokens, 0, char.base.eos_token_ids),
                 "Stillroom before": stillroom_sampler(engine, char, char_prompt, 8, args.tokens, False),
                 "Stillroom after": stillroom_sampler(engine, char, char_prompt, 8, args.tokens, True),
-                "Stillroom after, compiled": stillroom_sampler(engine, char, char_prompt, 8, args.tokens, True,
-                                                               compiled=True)}
+                "Stillroom after, compiled": stillroom_sampler(engine, char, char_prompt, 8, args.tokens,
+                                                               True, compiled=True)}
         timings = compare_sampling(f"char-10m 8 x {args.tokens}", runs, args.rounds)
         results["char8"] = ratios(timings)
         results["char8eos"] = ratios(timings, "HF generate, stops at EOS")
-        results["char8eos_compiled"] = ratios(timings, "HF generate, stops at EOS", "Stillroom after, compiled")
+        results["char8eos_compiled"] = ratios(timings, "HF generate, stops at EOS",
+                                              "Stillroom after, compiled")
         print(f"  compiled / eager step (returned tokens per CPU-second): "
               f"{span(ratios(timings, 'Stillroom after', 'Stillroom after, compiled'), '.2f')}")
     if "scoring" not in args.skip:

@@ -35,6 +35,7 @@ BATCH_HINT = 8       # the row count the layout is chosen for (8 and 64 give the
 _enabled = threading.local()
 _packed = WeakIdKeyDictionary()   # weight -> (its _version when packed, the packed copy)
 _fused = WeakIdKeyDictionary()    # first weight -> (the weights' _versions, ids, their joined packed copy)
+_transposed = WeakIdKeyDictionary()   # first weight -> (_versions, ids, joined transposed copy)
 _lock = threading.Lock()
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -66,7 +67,7 @@ def install(module: torch.nn.Module) -> None:
         child.__class__ = PackedLinear
 
 
-def fused(linears: tuple[torch.nn.Module, ...], input: torch.Tensor) -> torch.Tensor | None:  # noqa: A002
+def fused(linears: tuple[torch.nn.Linear, ...], input: torch.Tensor) -> torch.Tensor | None:  # noqa: A002
     """The outputs of `linears` (PackedLinears without biases reading one input: q/k/v, gate/up)
     side by side from one call on their weights packed together, or None where the packed path
     does not apply (then call each). One call on the joined weight is 10% less time than the
@@ -104,3 +105,31 @@ def _packed_for(weight: torch.Tensor, input: torch.Tensor, pack: bool = True) ->
             entry = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT))
             _packed[weight] = entry
     return entry[1]
+
+
+def transposed(linears: tuple[torch.nn.Linear, ...]) -> torch.Tensor | None:
+    """The weights of plain `nn.Linear`s without biases (a small model's, which `install` leaves
+    unpacked) joined along their outputs and transposed, contiguous [in, sum(out)], made once (remade
+    if any changes in place); None where the inference path does not apply (gradients, autocast,
+    the batch-invariant mode, not fp32 CPU, wrapped or packed linears: then call each).
+
+    `torch.mm(x, joined)` gives each linear's outputs side by side. At a few rows MKL's sgemm on a
+    [in, out] row-major operand is faster than `F.linear`'s transposed one, and one call replaces
+    several: a char-10m step's linears at 8 rows took 2.4-2.6 ms against 3.2-3.3 for `F.linear`
+    per linear (one thread; 1-2 rows the same, 64 rows 9.4 against 10.9)."""
+    first = linears[0]
+    weight = first.weight
+    if (any(type(m) is not torch.nn.Linear or m.bias is not None for m in linears)
+            or torch.is_grad_enabled() or weight.requires_grad or weight.dtype != torch.float32
+            or weight.device.type != "cpu" or not enabled() or torch.is_autocast_enabled("cpu")
+            or batch_invariant.active()):
+        return None
+    versions = tuple(m.weight._version for m in linears)
+    weights = tuple(id(m.weight) for m in linears)
+    entry = _transposed.get(weight)
+    if entry is None or entry[0] != versions or entry[1] != weights:
+        with _lock:
+            joined = torch.cat([m.weight.detach() for m in linears]).t().contiguous()
+            entry = (versions, weights, joined)
+            _transposed[weight] = entry
+    return entry[2]
