@@ -17,7 +17,14 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from stillroom_server.engine.types import ForwardBackwardWork, LogprobsWork, OptimWork, SampleWork
+from stillroom_server.engine.types import (
+    ForwardBackwardWork,
+    LogprobsWork,
+    OptimWork,
+    RunFacts,
+    SamplerFacts,
+    SampleWork,
+)
 
 if TYPE_CHECKING:
     from stillroom_server.engine.checkpoints import CheckpointFiles
@@ -27,26 +34,6 @@ if TYPE_CHECKING:
     from stillroom_server.engine.runtime.stats import EngineStats
 
 VERSION = 1
-
-
-# ------------------------------------------------------------------------------ results
-
-@dataclasses.dataclass(frozen=True)
-class RunFacts:
-    """What the server keeps of a run an engine holds."""
-    is_lora: bool
-    lora_rank: int
-    num_trainable_params: int
-    lora_meta: dict | None
-    memory_bytes: int = 0      # weights and AdamW moments; 0 where the engine states none (sharded)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerFacts:
-    """What the server keeps of a sampler an engine opened (its weights stay in the engine)."""
-    key: str                   # "base:<model>" or "path:<uri>": samplers with one key share weights
-    base_model: str
-    adapter: str | None        # a LoRA snapshot's adapter name in the base's host
 
 
 # ------------------------------------------------------------------------------ commands

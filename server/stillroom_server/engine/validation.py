@@ -9,6 +9,7 @@ request is refused the same way wherever its model lives. Knows no wire, owners 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -17,9 +18,32 @@ import torch
 from stillroom_server.engine import checkpoints
 from stillroom_server.engine.errors import InvalidInput
 from stillroom_server.engine.training.losses import get_loss
-from stillroom_server.engine.types import ForwardBackwardWork, LogprobsWork, SampleWork
+from stillroom_server.engine.types import ForwardBackwardWork, LogprobsWork, RunFacts, SampleWork
 
 MAX_TARGETS = 1024         # token ids scored at one prompt position (target_prompt_logprobs)
+
+
+@dataclasses.dataclass
+class RunView:
+    """A run whose weights are held elsewhere (by sharded workers, or an engine process): what
+    validation and the core read of it, from its base model's facts and the engine's `RunFacts`."""
+    run_id: str
+    base: Any
+    facts: RunFacts
+
+    @property
+    def is_lora(self) -> bool:
+        return self.facts.is_lora
+
+    @property
+    def lora_rank(self) -> int:
+        return self.facts.lora_rank
+
+    def num_trainable_params(self) -> int:
+        return self.facts.num_trainable_params
+
+    def memory_bytes(self) -> int:
+        return self.facts.memory_bytes
 
 
 class Validation:

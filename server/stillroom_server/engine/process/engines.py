@@ -35,13 +35,13 @@ from typing import Any
 from stillroom_server.engine import checkpoints, protocol
 from stillroom_server.engine.engine import Sampler
 from stillroom_server.engine.errors import EngineUnavailable, FailedPrecondition, InvalidInput, NotFound
-from stillroom_server.engine.models import BaseModel, FactsHost
+from stillroom_server.engine.models import FactsHost
 from stillroom_server.engine.process import link as links
 from stillroom_server.engine.process.child import TOKEN_VARIABLE
-from stillroom_server.engine.protocol import FinishedJob, RunFacts, SamplerFacts
+from stillroom_server.engine.protocol import FinishedJob, SamplerFacts
 from stillroom_server.engine.runtime.scheduler import Job
 from stillroom_server.engine.runtime.stats import EngineStats
-from stillroom_server.engine.validation import Validation
+from stillroom_server.engine.validation import RunView, Validation
 
 logger = logging.getLogger("stillroom.engines")
 START_SECONDS = 300.0          # how long a local engine may take to start and say it is ready
@@ -51,27 +51,13 @@ CRASH_WINDOW_SECONDS = 300.0   # crashes within this long of each other back off
 
 
 @dataclasses.dataclass
-class RunHandle:
-    """A run an engine holds: what validation and the core read of it, and how to bring it back."""
-    run_id: str
-    base: BaseModel
-    facts: RunFacts
-    slot: str
+class RunHandle(RunView):
+    """A run an engine holds, and how to bring it back if that engine dies."""
+    slot: str = ""
     changed: bool = False              # its state differs from its last saved training state
     restoring: bool = False            # lost with its engine; its state is being brought back
     notice: str | None = None          # said once, on its next call: what a crash cost it
     lost: str | None = None            # it could not be brought back: why
-
-    @property
-    def is_lora(self) -> bool:
-        return self.facts.is_lora
-
-    @property
-    def lora_rank(self) -> int:
-        return self.facts.lora_rank
-
-    def num_trainable_params(self) -> int:
-        return self.facts.num_trainable_params
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ from typing import Any, cast
 from stillroom_server.engine import checkpoints
 from stillroom_server.engine.engine import Engine, LoraSpec, Sampler
 from stillroom_server.engine.errors import FailedPrecondition, InvalidInput, NotFound
-from stillroom_server.engine.models import BaseModel, FactsHost
+from stillroom_server.engine.models import FactsHost
 from stillroom_server.engine.sharded.group import WorkerGroup, WorkersDied
 from stillroom_server.engine.sharded.wire import RunFacts
 from stillroom_server.engine.types import (
@@ -33,30 +33,13 @@ from stillroom_server.engine.types import (
     SampleResult,
     SampleWork,
 )
+from stillroom_server.engine.validation import RunView
 
 logger = logging.getLogger("stillroom.engine")
 
 
-@dataclasses.dataclass
-class RunHandle:
-    """A run held by the workers: what validation and the core read of it."""
-    run_id: str
-    base: BaseModel
-    facts: RunFacts
-
-    @property
-    def is_lora(self) -> bool:
-        return self.facts.is_lora
-
-    @property
-    def lora_rank(self) -> int:
-        return self.facts.lora_rank
-
-    def num_trainable_params(self) -> int:
-        return self.facts.num_trainable_params
-
-    def memory_bytes(self) -> int:
-        return 0   # held by the workers, sharded: no budget in this process counts it
+class RunHandle(RunView):
+    """A run held by the workers (sharded: no budget in this process counts its bytes)."""
 
 
 class ShardedEngine(Engine):
