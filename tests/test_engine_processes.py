@@ -157,6 +157,30 @@ def test_a_run_that_waited_on_disk_comes_back_exactly_and_an_unsaved_one_says_so
         server.stop()
 
 
+def test_a_hung_engine_is_killed_and_started_again(tmp_path, monkeypatch):
+    from stillroom_server.engine.process import engines
+
+    monkeypatch.setattr(engines, "SILENT_SECONDS", 8.0)   # its facts come every second
+    server = start(tmp_path, engines=1)
+    try:
+        client = client_of(server, "hugo")
+        trainer = client.create_lora_training_client(base_model=TINY, rank=4, seed=1)
+        steps(trainer, DATA, 1)
+        trainer.save_state("saved").result()
+        saved = logprobs(trainer, DATA)
+        victim = engine(server, "0")["pid"]
+        os.kill(victim, signal.SIGSTOP)   # alive, and silent
+        with pytest.raises(stillroom.TinkerError) as failed:
+            trainer.forward(DATA, "cross_entropy").result(timeout=120)
+        assert failed.value.code == "UNAVAILABLE"
+        assert "stopped answering for 8 s and was killed" in str(failed.value)
+        wait_up(server, "0", old_pid=victim)
+        assert logprobs(trainer, DATA) == pytest.approx(saved, abs=1e-6)
+        client.close()
+    finally:
+        server.stop()
+
+
 def test_two_engines_serve_two_models_behind_one_endpoint(two_engines):
     server = two_engines
     client = client_of(server, "una")

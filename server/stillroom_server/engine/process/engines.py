@@ -48,6 +48,7 @@ START_SECONDS = 300.0          # how long a local engine may take to start and s
 HANDSHAKE_SECONDS = 30.0
 MAX_BACKOFF_SECONDS = 30.0     # the longest wait before starting a crashed engine again
 CRASH_WINDOW_SECONDS = 300.0   # crashes within this long of each other back off
+SILENT_SECONDS = 60.0          # an engine says something every second: this long silent, it is hung
 
 
 @dataclasses.dataclass
@@ -328,7 +329,9 @@ class EngineProcesses(Validation):
                     slot.facts, slot.stats = message["facts"], message["stats"]
                     slot.queued = message["queued"]
         except links.LinkClosed as closed:
-            self._lost(slot, f"closed its link ({closed})", link=link)
+            hung = "timed out" in str(closed)
+            self._lost(slot, f"stopped answering for {SILENT_SECONDS:.0f} s" if hung else
+                       f"closed its link ({closed})", link=link, hung=hung)
 
     def _finish(self, message: dict[str, Any]) -> None:
         with self._lock:
@@ -410,7 +413,7 @@ class EngineProcesses(Validation):
             link.send({"op": "welcome", "settings": settings})
             sock.settimeout(START_SECONDS)
             ready = link.recv()
-            sock.settimeout(None)
+            sock.settimeout(SILENT_SECONDS)   # its facts come every second: silence this long is a hang
         except (links.LinkClosed, OSError, KeyError, ValueError) as error:
             logger.warning("an engine's handshake failed: %s", error)
             link.close()
@@ -484,7 +487,7 @@ class EngineProcesses(Validation):
         self._lost(slot, _exit_cause(code), process=process)
 
     def _lost(self, slot: Slot, cause: str, link: links.Link | None = None,
-              process: subprocess.Popen | None = None) -> None:
+              process: subprocess.Popen | None = None, hung: bool = False) -> None:
         """The engine is gone: fail its requests in flight, take stock of its runs, start it again.
         Called by its link's reader and by its process's watcher, whichever sees it first; `link`
         or `process` says which engine they saw go (an older one's news is old)."""
@@ -505,12 +508,16 @@ class EngineProcesses(Validation):
             while slot.crashes and now - slot.crashes[0] > CRASH_WINDOW_SECONDS:
                 slot.crashes.popleft()
             dying = slot.process
-        if dying is not None:
+        if dying is not None and hung:   # alive but stuck: it is killed, and said to have hung
+            dying.kill()
+            dying.wait()
+            cause += " and was killed"
+        elif dying is not None:
             try:  # the link may close before the process is reaped: give its exit status a moment
                 cause = _exit_cause(dying.wait(timeout=5))
             except subprocess.TimeoutExpired:
                 dying.kill()
-                cause = "stopped answering (killed)"
+                cause = "closed its link without exiting, and was killed"
         what = f"engine {slot.name} (pid {slot.pid}{' on ' + slot.host if slot.remote else ''}) {cause}"
         slot.cause = what
         if slot.pid:
