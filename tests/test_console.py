@@ -138,6 +138,7 @@ def test_runs_and_the_server_state_say_where_each_run_is(server, service, traine
     assert state["runs_in_memory"] >= 1 and state["owner"]["live_runs"] >= 1
     assert state["owner"]["owner"] == "local" and isinstance(state["queued_by_kind"], dict)
     assert TINY in {m["model_name"] for m in state["models"]}
+    assert [(e["engine"], e["state"], e["models"]) for e in state["engines"]] == [("0", "up", ["*"])]
 
 
 def test_console_routes_are_keyed_owner_scoped_and_strict(server, trained):

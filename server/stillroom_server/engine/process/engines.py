@@ -324,6 +324,8 @@ class EngineProcesses(Validation):
             while True:
                 message = link.recv()
                 if message["op"] == "done":
+                    if "facts" in message:   # as of this result (a run came, went or moved)
+                        slot.facts = message["facts"]
                     self._finish(message)
                 elif message["op"] == "facts":
                     slot.facts, slot.stats = message["facts"], message["stats"]
