@@ -21,6 +21,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow   # waits out a server start with its engine process
 def test_safe_calls_are_retried_until_the_server_is_back_and_creates_are_not(tmp_path):
     port = free_port()
     config = ServerConfig(data_dir=tmp_path, host="127.0.0.1", port=port, auth="off")

@@ -26,6 +26,7 @@ from stillroom_server.store import keys
 from conftest import SMALL, TINY
 from helpers import sft_datum
 
+pytestmark = pytest.mark.slow   # each test starts engine processes and waits for restarts
 RESTART_SECONDS = 120   # a restarted engine is up in ~5 s on a quiet machine (a fresh python + torch)
 
 

@@ -16,6 +16,7 @@ from conftest import TINY
 from helpers import sft_datum
 
 
+@pytest.mark.slow   # three server starts, each with its engine process
 def test_saved_weights_survive_a_restart_and_lost_runs_say_so(tmp_path):
     config = ServerConfig(data_dir=tmp_path, host="127.0.0.1", port=0)
     tokens = [1, 40, 41, 42, 43, 2]

@@ -27,6 +27,7 @@ def certificate(tmp_path_factory):
     return folder / "cert.pem", folder / "key.pem"
 
 
+@pytest.mark.slow   # a server start with its engine process
 def test_a_tls_server_serves_trusting_clients_only(tmp_path, certificate):
     cert, key = certificate
     config = ServerConfig(data_dir=tmp_path / "data", host="127.0.0.1", port=0, tls_cert=cert, tls_key=key)
