@@ -132,6 +132,7 @@ class Step:
         (base rows or a full snapshot, not LoRA-wrapped), its MLP is SiLU-gated and every layer's
         cache is still concatenated per step (kv_cache.CONTIGUOUS_BYTES); else None."""
         if (not (_compiled and self.silu and self.eps is not None) or not torch.is_inference_mode_enabled()
+                or _ISA_PINNED
                 or not _small_cache(cache, tokens_B.shape[0])):
             return None   # (the streams decode in inference mode: one kind of tensor, one graph)
         weights = self._graph_weights()
@@ -222,6 +223,10 @@ def _graph_step(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask
 
 
 _compiled_fn: Any = None
+# Under ATEN_CPU_CAPABILITY=avx2 with inductor's on-disk cache filled by a default (AVX-512) process, the
+# compiled step sampled wrong tokens (a repeated id; with a fresh cache directory it was right): not
+# understood, so a process with the ISA pinned keeps the eager step.
+_ISA_PINNED = bool(os.environ.get("ATEN_CPU_CAPABILITY"))
 
 
 def _compiled_step() -> Any:
