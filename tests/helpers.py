@@ -3,6 +3,11 @@ builders (so the tests send what the recipes send)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 from stillroom import types
 from stillroom_cookbook.rollouts import Rollout, completion_datum, importance_datum
 
@@ -49,3 +54,18 @@ def train_steps(trainer, data: list[types.Datum], steps: int, learning_rate: flo
         trainer.optim_step(types.AdamParams(learning_rate=learning_rate))
         losses.append(forward.result().metrics["loss:sum"])
     return losses
+
+
+def official_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the official `tinker` command (an idempotent one: publish, download, export-trace). The
+    tinker 0.38 CLI sometimes aborts at interpreter shutdown after its work is done: SIGABRT,
+    "Fatal Python error: Aborted" with no Python frame, in 2 of 30 runs of `checkpoint publish` here
+    (torch, which it imports, tearing down). That is its process, not the server: such a run is
+    repeated, up to three times; any other failure is returned as it is."""
+    cli = [str(Path(sys.executable).parent / "tinker"), *args]
+    for _ in range(3):
+        done = subprocess.run(cli, env=env | {"PYTHONFAULTHANDLER": "1"}, capture_output=True, text=True,
+                              timeout=timeout)
+        if done.returncode != -signal.SIGABRT or "<no Python frame>" not in done.stderr:
+            return done
+    return done

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -17,6 +15,7 @@ import stillroom
 from stillroom_server.store import keys
 
 from conftest import TINY
+from helpers import official_cli
 
 tinker = pytest.importorskip("tinker", reason="the official tinker SDK is a test dependency")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -90,8 +89,7 @@ def test_the_official_cli_downloads_the_trace(server, session_work, tmp_path):
     session_id, _ = session_work
     out = tmp_path / "session.pftrace"
     env = {**os.environ, "TINKER_BASE_URL": server.http_url, "TINKER_API_KEY": server.local_api_key}
-    done = subprocess.run([sys.executable, "-m", "tinker.cli", "session", "export-trace", session_id,
-                           "--output", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    done = official_cli(["session", "export-trace", session_id, "--output", str(out)], env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len([e for e in json.loads(out.read_text())["traceEvents"] if e["ph"] == "X"]) == 6
 

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +14,7 @@ from stillroom import types
 from stillroom_server.store import keys
 
 from conftest import TINY
-from helpers import encode_line, sft_datum, train_steps
+from helpers import encode_line, official_cli, sft_datum, train_steps
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
@@ -111,8 +108,7 @@ def test_owner_b_distills_from_a_published_teacher_over_http(server, tokenizer, 
     rest_a = tinker.RestClient(base_url=server.http_url, api_key=server.local_api_key)
     rest_a.publish_checkpoint_from_tinker_path(tinker_sampler).result()
     env = os.environ | {"TINKER_BASE_URL": server.http_url, "TINKER_API_KEY": server.local_api_key}
-    cli = [str(Path(sys.executable).parent / "tinker"), "checkpoint", "publish", tinker_state]
-    done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)  # the official CLI
+    done = official_cli(["checkpoint", "publish", tinker_state], env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     rest_a.publish_checkpoint_from_tinker_path(tinker_sampler).result()  # idempotent (the SDK retries 409s)
     run_a = sampler_path.split("/")[2]

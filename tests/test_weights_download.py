@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import torch
 from stillroom_server.store import keys
 
 from conftest import TINY
-from helpers import encode_line
+from helpers import encode_line, official_cli
 
 tinker = pytest.importorskip("tinker", reason="the official tinker SDK is a test dependency")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -106,9 +104,7 @@ def test_the_official_cli_downloads_a_stillroom_checkpoint(server, trained, tmp_
     _, state, tokens, expected = trained
     env = os.environ | {"TINKER_BASE_URL": server.http_url, "TINKER_API_KEY": server.local_api_key,
                         "TINKER_TELEMETRY": "0"}
-    cli = Path(sys.executable).parent / "tinker"
-    done = subprocess.run([str(cli), "checkpoint", "download", state, "--output", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = official_cli(["checkpoint", "download", state, "--output", str(tmp_path)], env)
     assert done.returncode == 0, done.stdout + done.stderr
     folder = tmp_path / state.replace("tinker://", "").replace("/", "_")
     assert {f.name for f in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
