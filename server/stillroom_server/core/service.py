@@ -675,12 +675,13 @@ class Service:
             del self._samplers[sampler_id]
         if first:
             self.sessions.remember(session, session.run_ids + samplers)
-        released = 0
-        for run_id in session.run_ids:
-            released += await self._release(run_id)
+        # every run stops counting at once (a listing meanwhile says none is live); their memory is
+        # freed on their engines after
+        released = [run_id for run_id in session.run_ids if self._forget_live(run_id)]
+        await asyncio.gather(*(self._close_on_engine(run_id) for run_id in released))
         if first and reason != LAPSED:
-            logger.info("session %s finished (%s): released %d runs", session.id, reason, released)
-        return released
+            logger.info("session %s finished (%s): released %d runs", session.id, reason, len(released))
+        return len(released)
 
     def live_runs_of(self, session: ClientSession) -> int:
         return sum(1 for run_id in session.run_ids if run_id in self.run_owners)
@@ -709,13 +710,22 @@ class Service:
 
     async def _release(self, run_id: str) -> bool:
         """Free a live run's memory (False if it was not live)."""
+        if not self._forget_live(run_id):
+            return False
+        await self._close_on_engine(run_id)
+        return True
+
+    def _forget_live(self, run_id: str) -> bool:
+        """Stop counting a run as live (False if it was not)."""
         if self.run_owners.pop(run_id, None) is None:
             return False
         self.run_bytes.pop(run_id, None)
         self._run_sessions.pop(run_id, None)
+        return True
+
+    async def _close_on_engine(self, run_id: str) -> None:
         # in the run's own lane: after its queued requests, never between a request's steps
         await self.on_engine(CloseRun(run_id), "close_run", lane=run_id)
-        return True
 
     def run_client_session(self, owner: str, run_id: str) -> str | None:
         """The client session that made `run_id`, if one did and is still open (a lookup: every

@@ -207,6 +207,9 @@ class EngineProcesses(Validation):
         return EngineStats(**{f.name: total.get(f.name, 0) for f in dataclasses.fields(EngineStats)})
 
     def submit(self, command: Any, kind: str, lane: str, done: protocol.Done, trace: Any = None) -> None:
+        if isinstance(command, protocol.CloseRun) and self._closed_while_down(command.run_id):
+            done(None, None)
+            return
         try:
             target = self._slot_for(command)
         except Exception as error:  # noqa: BLE001 - the request's outcome
@@ -235,6 +238,16 @@ class EngineProcesses(Validation):
             slot.link.send({"op": "submit", "job": job, "kind": kind, "lane": lane, "command": command})
         except links.LinkClosed:
             pass   # the reader sees the link close and fails every job in flight, this one too
+
+    def _closed_while_down(self, run_id: str) -> bool:
+        """A run closed while its engine is down holds no memory anywhere: it is only forgotten (and
+        not brought back when the engine returns)."""
+        with self._lock:
+            run = self.runs.get(run_id)
+            if run is None or self.slots[run.slot].state == "up":
+                return False
+            del self.runs[run_id]
+            return True
 
     def _broadcast(self, command: Any, kind: str, lane: str, done: protocol.Done) -> None:
         targets = [s.name for s in self.slots.values() if s.state == "up"]
