@@ -106,6 +106,7 @@ def _submit(link: Link, engine, scheduler, message: dict[str, Any]) -> None:
         reply = {"op": "done", "job": job_id, "queued": started - job.enqueued_at,
                  "compute": finished - started}
         reply |= {"error": error} if error is not None else {"result": result}
+        reply["stats"] = dataclasses.asdict(engine.stats)   # the counters as of this result
         if not isinstance(command, protocol.BATCHED):   # runs came or went: the server's facts follow
             reply["facts"] = engine.facts()
         try:

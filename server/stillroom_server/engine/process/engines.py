@@ -339,6 +339,8 @@ class EngineProcesses(Validation):
                 if message["op"] == "done":
                     if "facts" in message:   # as of this result (a run came, went or moved)
                         slot.facts = message["facts"]
+                    if "stats" in message:
+                        slot.stats = message["stats"]
                     self._finish(message)
                 elif message["op"] == "facts":
                     slot.facts, slot.stats = message["facts"], message["stats"]
