@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -213,6 +215,14 @@ def test_an_engine_on_another_machine_connects_with_the_token_and_serves(tmp_pat
     assert refused.returncode != 0 and "wrong engine token" in refused.stderr
     assert engine(server, "far")["state"] != "up"
 
+    host, _, port = server.engines.address.rpartition(":")
+    for hostile in (struct.pack("<Q", 1 << 40), struct.pack("<Q", 20) + b"\x00" * 20,
+                    struct.pack("<Q", 4) + b"\xff" * 4):   # a vast frame, garbage, a bad length
+        with socket.create_connection((host, int(port)), timeout=30) as peer:
+            peer.recv(1 << 16)                       # the challenge
+            peer.sendall(hostile)
+            assert peer.recv(1 << 16) == b""         # the server hung up, allocating nothing
+    assert engine(server, "far")["state"] != "up"
     process = subprocess.Popen(_engine_command(server, token_file))
     try:
         wait_up(server, "far")

@@ -410,7 +410,7 @@ class EngineProcesses(Validation):
     def _greet(self, sock: socket.socket) -> None:
         """An engine dialing in: check its proof and name, hand it its settings, wait for ready."""
         sock.settimeout(HANDSHAKE_SECONDS)
-        link = links.Link(sock)
+        link = links.Link(sock, trusted=False)   # anyone may dial: small frames until it proves itself
         nonce = links.new_token()
         try:
             link.send({"op": "challenge", "nonce": nonce})
@@ -421,6 +421,7 @@ class EngineProcesses(Validation):
                 link.send({"op": "refused", "why": refusal})
                 link.close()
                 return
+            link.trusted = True
             slot = self.slots[hello["name"]]
             local = not slot.remote
             spill = self.data_dir / "spill" / f"engine-{slot.name}"
@@ -431,7 +432,7 @@ class EngineProcesses(Validation):
             sock.settimeout(START_SECONDS)
             ready = link.recv()
             sock.settimeout(SILENT_SECONDS)   # its facts come every second: silence this long is a hang
-        except (links.LinkClosed, OSError, KeyError, ValueError) as error:
+        except Exception as error:  # noqa: BLE001 - a failed handshake ends its connection only
             logger.warning("an engine's handshake failed: %s", error)
             link.close()
             return

@@ -35,6 +35,7 @@ import torch
 from stillroom_server.engine.sharded import wire
 
 MAX_FRAME_BYTES = 1 << 34
+MAX_UNTRUSTED_FRAME_BYTES = 1 << 16   # before a peer has proved it knows the token: a hello at most
 SHARED_BYTES = 1 << 20
 SHM = Path("/dev/shm")
 _HEADER = struct.Struct("<Q")
@@ -53,7 +54,10 @@ def new_token() -> str:
 
 
 class Link:
-    def __init__(self, sock: socket.socket, local: bool = False) -> None:
+    def __init__(self, sock: socket.socket, local: bool = False, trusted: bool = True) -> None:
+        """`trusted`: the peer has proved it knows the token (a link the server accepts starts
+        untrusted: small frames only, none through shared memory, until the handshake says so)."""
+        self.trusted = trusted
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
@@ -74,12 +78,18 @@ class Link:
 
     def recv(self) -> dict[str, Any]:
         (length,) = _HEADER.unpack(self._read(_HEADER.size))
-        if length > MAX_FRAME_BYTES:
+        if length > (MAX_FRAME_BYTES if self.trusted else MAX_UNTRUSTED_FRAME_BYTES):
             raise LinkClosed(f"a frame of {length} bytes is over the limit")
-        message = wire.decode(self._read(length))
+        body = self._read(length)
+        try:
+            message = wire.decode(body)
+        except Exception as error:  # noqa: BLE001 - whatever the bytes were, the link ends, named
+            raise LinkClosed(f"a frame that could not be read ({type(error).__name__})") from None
         if not isinstance(message, dict) or "op" not in message:
             raise LinkClosed("a frame that is not a message")
         if "shared" in message:
+            if not (self.trusted and self.local):
+                raise LinkClosed("a shared-memory frame on a link that takes none")
             message = _read_shared(message)
         return message
 
