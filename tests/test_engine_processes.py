@@ -215,6 +215,7 @@ def test_an_engine_on_another_machine_connects_with_the_token_and_serves(tmp_pat
     assert refused.returncode != 0 and "wrong engine token" in refused.stderr
     assert engine(server, "far")["state"] != "up"
 
+    assert isinstance(server.engines, EngineProcesses)
     host, _, port = server.engines.address.rpartition(":")
     for hostile in (struct.pack("<Q", 1 << 40), struct.pack("<Q", 20) + b"\x00" * 20,
                     struct.pack("<Q", 4) + b"\xff" * 4):   # a vast frame, garbage, a bad length
