@@ -221,7 +221,7 @@ class Engine(Validation):
         logger.info("moved idle run %s to disk", run_id)
 
     def spill_directory(self, run_id: str) -> Path:
-        return self._spill_dir / hashlib.sha1(run_id.encode()).hexdigest()
+        return checkpoints.spill_folder(self._spill_dir, run_id)
 
     def _lora_host(self, base: BaseModel) -> LoraHost:
         if base.name not in self._lora_hosts:

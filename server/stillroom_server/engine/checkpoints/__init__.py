@@ -7,6 +7,7 @@ module knows the file layout, not who owns what (that is the store's).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -52,6 +53,12 @@ def check_name(name: str, field: str = "name") -> str:
         raise InvalidInput(f"{field}: {name[:80]!r} is not a valid checkpoint name (1-128 characters "
                            "of letters, digits, '.', '_' and '-', not starting with a symbol, no '..')")
     return name
+
+
+def spill_folder(spill_dir: Path, run_id: str) -> Path:
+    """Where an engine writes a run it moved to disk (read back by the engine that restarts after a
+    crash; the server looks there too, to know whether a lost run can come back exactly)."""
+    return spill_dir / hashlib.sha1(run_id.encode()).hexdigest()
 
 
 def is_path(name: str) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hmac
 import itertools
 import logging
 import os
@@ -34,7 +35,7 @@ from typing import Any
 
 from stillroom_server.engine import checkpoints, protocol
 from stillroom_server.engine.engine import Sampler
-from stillroom_server.engine.errors import EngineUnavailable, FailedPrecondition, InvalidInput, NotFound
+from stillroom_server.engine.errors import EngineUnavailable, FailedPrecondition
 from stillroom_server.engine.models import FactsHost
 from stillroom_server.engine.process import link as links
 from stillroom_server.engine.process.child import TOKEN_VARIABLE
@@ -424,8 +425,8 @@ class EngineProcesses(Validation):
             link.trusted = True
             slot = self.slots[hello["name"]]
             local = not slot.remote
-            spill = self.data_dir / "spill" / f"engine-{slot.name}"
-            settings = self.settings | {"name": slot.name, "local": local, "spill_dir": str(spill),
+            settings = self.settings | {"name": slot.name, "local": local,
+                                        "spill_dir": str(self._spill_dir(slot)),
                                         "adopt_spill": slot.restarts > 0, "models": self.models_of(slot.name),
                                         "run_memory_bytes": self.settings.get("run_memory_bytes")}
             link.send({"op": "welcome", "settings": settings})
@@ -449,8 +450,6 @@ class EngineProcesses(Validation):
         slot.ready.set()
 
     def _check_hello(self, hello: dict[str, Any], nonce: str) -> str:
-        import hmac
-
         if hello.get("op") != "hello":
             return "no hello"
         if not hmac.compare_digest(str(hello.get("proof", "")), links.proof(self.token, nonce)):
@@ -563,11 +562,14 @@ class EngineProcesses(Validation):
         slot.restarts += 1
         self._launch(slot)
 
+    def _spill_dir(self, slot: Slot) -> Path:
+        return self.data_dir / "spill" / f"engine-{slot.name}"
+
     def _restore_runs(self, slot: Slot, crash: str) -> None:
         """Bring back the runs a crashed engine held, each in its own lane (before its next call)."""
         runs = [r for r in list(self.runs.values()) if r.slot == slot.name and r.restoring]
         for run in runs:
-            spilled = self.data_dir / "spill" / f"engine-{slot.name}" / _spill_name(run.run_id)
+            spilled = checkpoints.spill_folder(self._spill_dir(slot), run.run_id)
             saved = self.files.latest(run.run_id, "weights")
             if spilled.is_dir():
                 source, run.notice = str(spilled), None
@@ -597,12 +599,6 @@ class EngineProcesses(Validation):
                        restored)
 
 
-def _spill_name(run_id: str) -> str:
-    import hashlib
-
-    return hashlib.sha1(run_id.encode()).hexdigest()
-
-
 def _exit_cause(code: int | None) -> str:
     if code is None:
         return "stopped answering"
@@ -626,5 +622,3 @@ def _dtype(settings: dict[str, Any]):
     cuda, dtype = settings.get("device") == "cuda", settings.get("dtype", "auto")
     return torch.bfloat16 if cuda and dtype != "fp32" else torch.float32
 
-
-__all__ = ["EngineProcesses", "InvalidInput", "NotFound"]

@@ -18,6 +18,7 @@ copies once). Knows the framing, not what the commands do.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -190,8 +191,6 @@ def _read_shared(frame: dict[str, Any]) -> dict[str, Any]:
 
 def _replace(value: Any, swap, slots: bool = False) -> Any:
     """`value` with each tensor (or, with `slots`, each {"slot": i} dict) swapped by `swap`."""
-    import dataclasses
-
     if slots and isinstance(value, dict) and set(value) == {"slot"}:
         return swap(value)
     if not slots and isinstance(value, torch.Tensor):
